@@ -1,0 +1,3 @@
+from omnigen.cli import main
+
+raise SystemExit(main())

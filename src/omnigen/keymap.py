@@ -1,0 +1,92 @@
+"""Explicit key maps between our state dict (= the official OmniGen-v1 key names) and diffusers'
+``OmniGenTransformer2DModel``. One table plus one loop each way; diffusers splits the fused qkv.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from omnigen.config import OmniGenConfig
+
+# (our name, diffusers name) for every tensor that is a plain rename; "{i}" is the layer index.
+RENAMES: tuple[tuple[str, str], ...] = (
+    ("x_embedder.proj.weight", "patch_embedding.output_image_proj.weight"),
+    ("x_embedder.proj.bias", "patch_embedding.output_image_proj.bias"),
+    ("input_x_embedder.proj.weight", "patch_embedding.input_image_proj.weight"),
+    ("input_x_embedder.proj.bias", "patch_embedding.input_image_proj.bias"),
+    ("pos_embed", "patch_embedding.pos_embed"),
+    ("time_token.mlp.0.weight", "time_token.linear_1.weight"),
+    ("time_token.mlp.0.bias", "time_token.linear_1.bias"),
+    ("time_token.mlp.2.weight", "time_token.linear_2.weight"),
+    ("time_token.mlp.2.bias", "time_token.linear_2.bias"),
+    ("t_embedder.mlp.0.weight", "t_embedder.linear_1.weight"),
+    ("t_embedder.mlp.0.bias", "t_embedder.linear_1.bias"),
+    ("t_embedder.mlp.2.weight", "t_embedder.linear_2.weight"),
+    ("t_embedder.mlp.2.bias", "t_embedder.linear_2.bias"),
+    ("final_layer.adaLN_modulation.1.weight", "norm_out.linear.weight"),
+    ("final_layer.adaLN_modulation.1.bias", "norm_out.linear.bias"),
+    ("final_layer.linear.weight", "proj_out.weight"),
+    ("final_layer.linear.bias", "proj_out.bias"),
+    ("llm.embed_tokens.weight", "embed_tokens.weight"),
+    ("llm.norm.weight", "norm.weight"),
+    ("llm.layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.weight"),
+    ("llm.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.weight"),
+    ("llm.layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.to_out.0.weight"),
+    ("llm.layers.{i}.mlp.gate_up_proj.weight", "layers.{i}.mlp.gate_up_proj.weight"),
+    ("llm.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
+)
+QKV = "llm.layers.{i}.self_attn.qkv_proj.weight"
+SPLIT_QKV = tuple(f"layers.{{i}}.self_attn.to_{name}.weight" for name in "qkv")
+
+
+def _expand(template: str, num_layers: int) -> list[tuple[int | None, str]]:
+    if "{i}" not in template:
+        return [(None, template)]
+    return [(i, template.format(i=i)) for i in range(num_layers)]
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers transformer state dict to ours, fusing to_q/to_k/to_v into qkv_proj.
+
+    Keys the table does not know are kept under their own name, so the strict load that follows reports
+    them as unexpected instead of dropping them silently.
+    """
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    layers = config.transformer.num_layers
+    for ours, theirs in RENAMES:
+        for i, name in _expand(theirs, layers):
+            if name in state:
+                out[ours.format(i=i) if i is not None else ours] = state.pop(name)
+    for i in range(layers):
+        names = [t.format(i=i) for t in SPLIT_QKV]
+        if all(n in state for n in names):
+            out[QKV.format(i=i)] = torch.cat([state.pop(n) for n in names], dim=0)
+    out.update(state)  # leftovers: reported by the strict load
+    return out
+
+
+def ours_to_diffusers(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
+    """The inverse map (used to export to diffusers and by the equivalence tests)."""
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    t = config.transformer
+    layers = t.num_layers
+    for ours, theirs in RENAMES:
+        for i, name in _expand(ours, layers):
+            if name in state:
+                out[theirs.format(i=i) if i is not None else theirs] = state.pop(name)
+    sizes = [t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim]
+    for i in range(layers):
+        name = QKV.format(i=i)
+        if name in state:
+            for part, key in zip(state.pop(name).split(sizes, dim=0), SPLIT_QKV, strict=True):
+                out[key.format(i=i)] = part
+    out.update(state)
+    return out
+
+
+def looks_like_diffusers(keys: list[str]) -> bool:
+    return any(re.match(r"(patch_embedding|proj_out|norm_out)\.", k) for k in keys)

@@ -1,0 +1,161 @@
+"""The Phi-3 decoder block written natively: RMSNorm, su-scaled rotary, fused-qkv attention, gated MLP.
+
+Legend: B batch, L query length, S key length, D hidden, H heads, K kv heads, E head dim.
+Attention goes through ``F.scaled_dot_product_attention`` with a boolean mask (True = may attend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnigen.config import TransformerConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Phi-3 rotary embedding with optional "su"/longrope scaling.
+
+    The long factors are used for a row whose largest position + 1 exceeds
+    ``original_max_position_embeddings``; the choice is made per row, so left-padded CFG rows of
+    different lengths each get the positions they would get alone. cos/sin are scaled by
+    sqrt(1 + ln(max / original) / ln(original)) when scaling is on.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.original_max = config.original_max_position_embeddings
+        for name, value in self._tables(torch.device("cpu")).items():
+            self.register_buffer(name, value, persistent=False)
+        ratio = config.max_position_embeddings / config.original_max_position_embeddings
+        scaling = config.rope_scaling
+        self.magnitude = 1.0
+        if scaling is not None and ratio > 1.0:
+            self.magnitude = math.sqrt(
+                1 + math.log(ratio) / math.log(config.original_max_position_embeddings)
+            )
+
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        dim, scaling = self.config.head_dim, self.config.rope_scaling
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        ones = torch.ones(dim // 2, device=device)
+        short = (
+            ones
+            if scaling is None
+            else torch.tensor(scaling.short_factor, dtype=torch.float32, device=device)
+        )
+        long = (
+            ones if scaling is None else torch.tensor(scaling.long_factor, dtype=torch.float32, device=device)
+        )
+        return {"base_freq": self.config.rope_theta**exponent, "short_factor": short, "long_factor": long}
+
+    def materialize(self, device: torch.device) -> None:
+        """Recompute the (non-persistent) tables, e.g. after building on the meta device."""
+        for name, value in self._tables(device).items():
+            setattr(self, name, value)
+
+    def forward(self, position_ids: torch.Tensor, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids (B, L); row_max (B,) the largest position of each full row. Returns cos, sin (B, L, E)."""
+        use_long = (row_max + 1 > self.original_max)[:, None]  # (B, 1)
+        factors = torch.where(use_long, self.long_factor, self.short_factor)  # (B, E/2)
+        inv_freq = 1.0 / (factors * self.base_freq)  # (B, E/2)
+        freqs = position_ids.float()[:, :, None] * inv_freq[:, None, :]  # (B, L, E/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (B, L, E)
+        return emb.cos() * self.magnitude, emb.sin() * self.magnitude
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, E); cos/sin (B, L, E). Rotate-half convention (Phi-3 / Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = x.float() * cos[:, None] + rotated.float() * sin[:, None]
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)  # rows [q; k; v]
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        past: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x (B, L, D); mask (B, L, S) bool with S = past length + L. Returns output and this call's (k, v)."""
+        batch, length, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, E)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, L, E)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        new_kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)  # (B, K, S, E)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, L, E)
+        out = out.transpose(1, 2).reshape(batch, length, q_size)
+        return self.o_proj(out), new_kv
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate) * up) with fused [gate; up] rows."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        past: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        attn, kv = self.self_attn(self.input_layernorm(x), rope, mask, past)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv

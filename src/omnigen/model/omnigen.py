@@ -1,0 +1,176 @@
+"""OmniGenModel: one transformer over [condition | time token | noisy output-image tokens].
+
+The condition is text with input-image latents scattered into their placeholder spans. The model
+returns the velocity for the output latents. Two ways to run it, with equal results:
+- ``forward(x, t, condition)``: the whole sequence in one pass (training, reference);
+- ``prefill(condition, n)`` once, then ``forward(x, t, cache=cache)`` every sampling step.
+
+Legend: B batch, C latent channels, H/W latent size, P patch, N output tokens, Lc condition length,
+D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnigen import masks
+from omnigen.config import OmniGenConfig
+from omnigen.model.cache import ConditionCache
+from omnigen.model.embeddings import (
+    FinalLayer,
+    PatchEmbed,
+    TimestepEmbedder,
+    cropped_pos_embed,
+    sincos_2d,
+    unpatchify,
+)
+from omnigen.model.transformer import Transformer
+from omnigen.types import Condition
+
+
+class OmniGenModel(nn.Module):
+    def __init__(self, config: OmniGenConfig) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.transformer.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, hidden)
+        self.input_x_embedder = PatchEmbed(config.patch_size, config.in_channels, hidden)
+        self.time_token = TimestepEmbedder(hidden, config.time_embed_dim)
+        self.t_embedder = TimestepEmbedder(hidden, config.time_embed_dim)
+        table = sincos_2d(hidden, config.pos_embed_max_size, config.pos_embed_base_size)
+        self.register_buffer("pos_embed", table[None], persistent=True)  # (1, max**2, D)
+        self.final_layer = FinalLayer(hidden, config.patch_size, config.in_channels)
+        self.llm = Transformer(config.transformer)
+
+    # ------------------------------------------------------------------ initialisation
+    def initialize_weights(self, std: float = 0.02) -> None:
+        """From-scratch init (DiT/OmniGen): xavier linears, patch convs like linears, N(0, 0.02) time MLPs
+        and embeddings, zeroed adaLN and output head so the initial velocity is 0."""
+
+        def basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        nn.init.normal_(self.llm.embed_tokens.weight, std=std)
+        for embed in (self.x_embedder, self.input_x_embedder):
+            weight = embed.proj.weight.data
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            nn.init.zeros_(embed.proj.bias)
+        for embedder in (self.t_embedder, self.time_token):
+            nn.init.normal_(embedder.mlp[0].weight, std=std)
+            nn.init.normal_(embedder.mlp[2].weight, std=std)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def materialize_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Recompute non-persistent buffers after a meta-device build."""
+        self.llm.rotary.materialize(torch.device(device))
+
+    # ------------------------------------------------------------------ embeddings
+    def _patch_tokens(self, embedder: PatchEmbed, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) with the cropped 2-D position table added."""
+        p = self.config.patch_size
+        pos = cropped_pos_embed(
+            self.pos_embed, self.config.pos_embed_max_size, latents.shape[-2] // p, latents.shape[-1] // p
+        )
+        return embedder(latents) + pos.to(latents.dtype)
+
+    def embed_condition(self, condition: Condition) -> torch.Tensor:
+        """Token embeddings with each input image's tokens written into its span. (B, Lc, D)"""
+        embeds = self.llm.embed_tokens(condition.input_ids)
+        if not any(condition.image_spans):
+            return embeds
+        embeds = embeds.clone()
+        for row, (spans, latents) in enumerate(
+            zip(condition.image_spans, condition.image_latents, strict=True)
+        ):
+            for (start, end), latent in zip(spans, latents, strict=True):
+                tokens = self._patch_tokens(self.input_x_embedder, latent[None].to(embeds.dtype))[0]
+                if tokens.shape[0] != end - start:
+                    raise ValueError(
+                        f"row {row}: image span [{start}, {end}) holds {end - start} tokens but its latent "
+                        f"{tuple(latent.shape)} makes {tokens.shape[0]}"
+                    )
+                embeds[row, start:end] = tokens
+        return embeds
+
+    def _step_embeddings(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.x_embedder.proj.weight.dtype
+        x_tokens = self._patch_tokens(self.x_embedder, x.to(dtype))  # (B, N, D)
+        time_token = self.time_token(t, dtype)[:, None]  # (B, 1, D)
+        return torch.cat([time_token, x_tokens], dim=1), self.t_embedder(t, dtype)
+
+    def _velocity(self, hidden: torch.Tensor, t_emb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        n = (height // self.config.patch_size) * (width // self.config.patch_size)
+        out = self.final_layer(hidden[:, -n:], t_emb)  # (B, N, P*P*C)
+        return unpatchify(out, height, width, self.config.patch_size)  # (B, C, H, W)
+
+    # ------------------------------------------------------------------ passes
+    def prefill(
+        self,
+        condition: Condition,
+        num_output_tokens: int,
+        offload_cache: bool = False,
+        offload_layers: bool = False,
+    ) -> ConditionCache:
+        """Run the condition alone and keep its keys/values. ``num_output_tokens`` is needed because the
+        rotary long/short choice depends on the length of the whole row."""
+        token_mask = condition.token_mask
+        cache = ConditionCache(token_mask=token_mask, offload=offload_cache)
+        positions = masks.condition_positions(token_mask)
+        row_max = token_mask.long().sum(dim=1) + num_output_tokens
+        self.llm(
+            self.embed_condition(condition),
+            positions,
+            row_max,
+            masks.condition_mask(token_mask, condition.image_spans),
+            collect=cache,
+            offload_layers=offload_layers,
+        )
+        return cache
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: Condition | None = None,
+        cache: ConditionCache | None = None,
+        offload_layers: bool = False,
+    ) -> torch.Tensor:
+        """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] -> velocity (B, C, H, W).
+
+        Give exactly one of ``condition`` (full pass) or ``cache`` (a prefilled condition).
+        """
+        if (condition is None) == (cache is None):
+            raise ValueError("give exactly one of `condition` or `cache`")
+        height, width = x.shape[-2:]
+        step, t_emb = self._step_embeddings(x, t)  # (B, 1 + N, D)
+        n = step.shape[1] - 1
+        if cache is not None:
+            token_mask = cache.token_mask
+            positions = masks.step_positions(token_mask, n)
+            hidden = self.llm(
+                step,
+                positions,
+                positions[:, -1],
+                masks.step_mask(token_mask, n),
+                past=cache,
+                offload_layers=offload_layers,
+            )
+        else:
+            token_mask = condition.token_mask
+            sequence = torch.cat([self.embed_condition(condition), step], dim=1)  # (B, Lc + 1 + N, D)
+            positions = masks.full_positions(token_mask, n)
+            mask = masks.full_mask(token_mask, condition.image_spans, n)
+            hidden = self.llm(sequence, positions, positions[:, -1], mask, offload_layers=offload_layers)
+        return self._velocity(hidden, t_emb, height, width)
+
+    def num_parameters(self) -> int:
+        """Parameter count (the stored ``pos_embed`` table is a buffer and not counted)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,347 @@
+"""OmniGenPipeline: prompt (+ images) -> images. process -> collate -> encode inputs -> sample -> decode.
+
+Every CFG branch is a row of the condition batch: [cond rows | uncond rows | img_cond rows] (the
+reference's order). With ``separate_cfg_infer`` each branch runs as its own batch; otherwise all rows
+run together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
+output tokens run at each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from omnigen.checkpoint import load_model, resolve_model_path
+from omnigen.collate import collate
+from omnigen.guidance import combine
+from omnigen.model import ConditionCache, OmniGenModel
+from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
+from omnigen.sampling import euler_sample, make_noise
+from omnigen.tokenizer import Tokenizer
+from omnigen.types import Condition, ProcessedPrompt
+from omnigen.vae import AutoencoderKLCodec, LatentCodec, load_codec, to_uint8
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG = "generation_config.json"
+StepEndCallback = Callable[["OmniGenPipeline", int, float, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Per-model defaults for the call's arguments (the reference's defaults for OmniGen-v1)."""
+
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 50
+    guidance_scale: float = 3.0
+    img_guidance_scale: float = 1.6
+    max_input_image_size: int = 1024
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+
+    @classmethod
+    def load(cls, folder: Path) -> GenerationDefaults:
+        path = folder / GENERATION_CONFIG
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        return cls(**data)
+
+    def save(self, folder: str | Path) -> None:
+        (Path(folder) / GENERATION_CONFIG).write_text(json.dumps(asdict(self), indent=1))
+
+
+def default_model_path() -> Path:
+    """The miniature model shipped inside the package."""
+    return Path(__file__).parent / "assets" / "miniworld"
+
+
+class OmniGenPipeline:
+    def __init__(
+        self,
+        model: OmniGenModel,
+        codec: LatentCodec,
+        tokenizer: Tokenizer,
+        defaults: GenerationDefaults | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if codec.channels != model.config.in_channels:
+            raise ValueError(
+                f"codec has {codec.channels} channels but the model expects {model.config.in_channels}"
+            )
+        if codec.downsample != model.config.latent_downsample:
+            raise ValueError(
+                f"codec downsamples by {codec.downsample} but the model config says {model.config.latent_downsample}"
+            )
+        self.model = model.eval()
+        self.codec = codec
+        self.tokenizer = tokenizer
+        self.defaults = defaults or GenerationDefaults()
+        self.device = torch.device(device)
+        self.processor = OmniGenProcessor(tokenizer, model.config, self.defaults.max_input_image_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        vae_path: str | Path | None = None,
+    ) -> OmniGenPipeline:
+        """A local folder (official, diffusers or ours), a hub id, or None for the shipped model."""
+        folder = default_model_path() if name_or_path is None else resolve_model_path(name_or_path)
+        model, layout = load_model(folder, device=device, dtype=dtype)
+        codec = (
+            AutoencoderKLCodec.from_pretrained(vae_path) if vae_path is not None else load_codec(layout.root)
+        )
+        if codec is None:
+            raise ValueError(
+                f"{folder} has no vae/ folder or codec.json; pass vae_path= (e.g. a local copy of stabilityai/sdxl-vae)"
+            )
+        tokenizer = Tokenizer.from_file(layout.tokenizer_dir)
+        return cls(model, codec.to(device), tokenizer, GenerationDefaults.load(layout.root), device)
+
+    # ------------------------------------------------------------------ inputs
+    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:  # noqa: ANN001
+        if isinstance(prompt, str):
+            prompts = [prompt]
+            if input_images is not None and not isinstance(input_images, (list, tuple)):
+                input_images = [input_images]
+            images = [list(input_images or [])]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+            if input_images is None:
+                images = [[] for _ in prompts]
+            elif not isinstance(input_images, (list, tuple)) or len(input_images) != len(prompts):
+                raise ValueError(
+                    f"with {len(prompts)} prompts, input_images must be a list of {len(prompts)} lists (or None)"
+                )
+            else:
+                images = [list(x or []) for x in input_images]
+        else:
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
+        return prompts, images
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        input_images: Sequence | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        img_guidance_scale: float | None = None,
+        use_img_guidance: bool = True,
+        negative_prompt: str | None = None,
+        seed: int | None = None,
+        use_kv_cache: bool = True,
+        offload_kv_cache: bool = True,
+        offload_model: bool = False,
+        separate_cfg_infer: bool = True,
+        use_input_image_size_as_output: bool = False,
+        max_input_image_size: int | None = None,
+        num_images_per_prompt: int = 1,
+        callback_on_step_end: StepEndCallback | None = None,
+        progress: bool = True,
+        output_type: str = "pil",
+    ) -> list[Image.Image] | torch.Tensor:
+        """Generate one image per prompt (times ``num_images_per_prompt``).
+
+        ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
+        Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
+        prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
+        """
+        d = self.defaults
+        prompts, images = self._normalise(prompt, input_images)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        height, width = pick(height, d.height), pick(width, d.width)
+        steps = pick(num_inference_steps, d.num_inference_steps)
+        scale, img_scale = (
+            pick(guidance_scale, d.guidance_scale),
+            pick(img_guidance_scale, d.img_guidance_scale),
+        )
+        negative = pick(negative_prompt, d.negative_prompt)
+        max_input = pick(max_input_image_size, d.max_input_image_size)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        if use_input_image_size_as_output and any(len(x) != 1 for x in images):
+            raise ValueError("use_input_image_size_as_output needs exactly one input image per prompt")
+        if not use_input_image_size_as_output:
+            self.model.config.check_image_size(height, width, "output")
+        if seed is None:
+            seed = random.randrange(2**31)
+        elif not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+        # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
+        pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
+        processed = [self.processor(p, imgs) for p, imgs in zip(prompts, pixels, strict=True)]
+        use_img_cfg = use_img_guidance and any(images)
+        branches = [cfg_prompts(p, imgs, negative, use_img_cfg) for p, imgs in zip(prompts, pixels)]
+        sizes = [
+            tuple(proc.pixel_values[0].shape[-2:]) if use_input_image_size_as_output else (height, width)
+            for proc in processed
+        ]
+        outputs: list = [None] * len(prompts)
+        for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
+            rows = [i for i, s in enumerate(sizes) if s == size]
+            result = self._generate(
+                [processed[i] for i in rows],
+                [branches[i] for i in rows],
+                size,
+                steps,
+                scale,
+                img_scale,
+                [seed + i * num_images_per_prompt for i in rows],
+                num_images_per_prompt,
+                use_kv_cache,
+                offload_kv_cache,
+                offload_model,
+                separate_cfg_infer,
+                callback_on_step_end,
+                progress,
+                decode=output_type != "latent",
+            )
+            for i, images_of_prompt in zip(rows, result):
+                outputs[i] = images_of_prompt
+        flat = [img for group in outputs for img in group]
+        if output_type != "pil":
+            return torch.stack(flat)
+        pil = []
+        for k, pixels in enumerate(flat):
+            image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
+            image.info["seed"] = seed + k
+            pil.append(image)
+        return pil
+
+    def _encode_images(self, conditions: list[ProcessedPrompt]) -> list[list[torch.Tensor]]:
+        """Latents of every input image, each distinct tensor encoded once."""
+        encoded: dict[int, torch.Tensor] = {}
+        out = []
+        for prompt in conditions:
+            row = []
+            for pixels in prompt.pixel_values:
+                if id(pixels) not in encoded:
+                    encoded[id(pixels)] = self.codec.encode(pixels[None].to(self.device))[0]
+                row.append(encoded[id(pixels)])
+            out.append(row)
+        return out
+
+    def _generate(
+        self,
+        processed,
+        branches,
+        size,
+        steps,
+        scale,
+        img_scale,
+        seeds,
+        per_prompt,
+        use_kv_cache,  # noqa: ANN001
+        offload_kv_cache,
+        offload_model,
+        separate_cfg_infer,
+        callback,
+        progress,
+        decode=True,  # noqa: ANN001
+    ) -> list[list[torch.Tensor]]:
+        config = self.model.config
+        names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
+        # Each branch: the prompts of all samples, repeated per image of a prompt.
+        branch_prompts = []
+        for name in names:
+            texts = [getattr(b, name) for b in branches]
+            procs = [
+                processed[i] if name == "cond" else self.processor(text, imgs, template=True)
+                for i, (text, imgs) in enumerate(texts)
+            ]
+            branch_prompts.append([p for p in procs for _ in range(per_prompt)])
+        all_prompts = [p for group in branch_prompts for p in group]
+        latents = self._encode_images(all_prompts)
+        dtype = next(self.model.parameters()).dtype
+        conditions = [
+            collate(group, latents[k * len(group) : (k + 1) * len(group)], config.transformer.pad_token_id)
+            for k, group in enumerate(branch_prompts)
+        ]
+        if not separate_cfg_infer:
+            conditions = [collate(all_prompts, latents, config.transformer.pad_token_id)]
+        conditions = [c.to(self.device, dtype) for c in conditions]
+
+        h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
+        all_seeds = [s + j for s in seeds for j in range(per_prompt)]
+        z = make_noise((config.in_channels, h, w), all_seeds, self.device)
+        velocity = self._velocity_fn(
+            conditions,
+            len(names),
+            config.num_image_tokens(*size),
+            scale,
+            img_scale,
+            use_kv_cache,
+            offload_kv_cache,
+            offload_model,
+        )
+        step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
+        z = euler_sample(velocity, z, steps, callback=step_callback, progress=progress)
+        pixels = (self.codec.decode(z) if decode else z).float().cpu()
+        return [list(pixels[i * per_prompt : (i + 1) * per_prompt]) for i in range(len(processed))]
+
+    def _velocity_fn(
+        self,
+        conditions: list[Condition],
+        num_branches: int,
+        n: int,
+        scale: float,
+        img_scale: float,
+        use_kv_cache: bool,
+        offload_kv_cache: bool,
+        offload_model: bool,
+    ):  # noqa: ANN202
+        model = self.model
+        caches: list[ConditionCache | None] = [
+            model.prefill(c, n, offload_cache=offload_kv_cache, offload_layers=offload_model)
+            if use_kv_cache
+            else None
+            for c in conditions
+        ]
+
+        def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cond = None if caches[index] is not None else conditions[index]
+            return model(z, t, condition=cond, cache=caches[index], offload_layers=offload_model).float()
+
+        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if len(conditions) == 1:  # all branches in one batch
+                out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
+                return combine(list(out.chunk(num_branches)), scale, img_scale)
+            return combine([run(k, z, t) for k in range(num_branches)], scale, img_scale)
+
+        return velocity
+
+    def to(self, device: torch.device | str) -> OmniGenPipeline:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.model.materialize_buffers(self.device)
+        self.codec.to(self.device)
+        return self
+
+    def with_defaults(self, **changes) -> OmniGenPipeline:  # noqa: ANN003
+        """A pipeline sharing this one's model with some defaults changed."""
+        return OmniGenPipeline(
+            self.model, self.codec, self.tokenizer, replace(self.defaults, **changes), self.device
+        )

@@ -1,0 +1,196 @@
+"""Prompt processing: the chat template, ``<img><|image_k|></img>`` parsing, image resize/crop, and the
+expansion of each image into its number of latent tokens. One prompt in, one ``ProcessedPrompt`` out;
+no padding or batching here (that is ``collate``). Also builds the three CFG branches.
+
+Follows the original OmniGen processor's semantics (VectorSpaceLab/OmniGen ``processor.py``):
+the text is split at the image tags, each chunk tokenised separately and its BOS dropped for every
+chunk but the first, images ordered as their tags appear.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from omnigen.config import OmniGenConfig
+from omnigen.tokenizer import TextTokenizer
+from omnigen.types import ProcessedPrompt
+
+USER = "<|user|>\n"
+PREAMBLE = "Generate an image according to the following instructions\n"
+END = "<|end|>\n"
+ASSISTANT = "<|assistant|>\n<|diffusion|>"
+DEFAULT_NEGATIVE_PROMPT = (
+    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
+    "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
+    "bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, "
+    "missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers."
+)
+PLACEHOLDER_ID = 0  # ids inside an image span are never embedded; the value is irrelevant
+
+TAG = re.compile(r"<img><\|image_(\d+)\|></img>")
+BARE_TAG = re.compile(r"<\|image_(\d+)\|>")
+
+
+def apply_template(prompt: str) -> str:
+    return f"{USER}{PREAMBLE}{prompt}{END}{ASSISTANT}"
+
+
+def image_tag(k: int) -> str:
+    return f"<img><|image_{k}|></img>"
+
+
+def parse_image_tags(text: str, num_images: int) -> list[int]:
+    """The image numbers in order of appearance; checks they are exactly 1..num_images, each once.
+
+    Raises ValueError naming what was found and what is allowed.
+    """
+    tags = [int(k) for k in TAG.findall(text)]
+    bare = [int(k) for k in BARE_TAG.findall(text)]
+    if len(bare) != len(tags):
+        raise ValueError(
+            f"image tags must be written <img><|image_k|></img>; found {len(bare) - len(tags)} unwrapped "
+            f"<|image_k|> in {text!r}"
+        )
+    expected = list(range(1, num_images + 1))
+    if sorted(tags) != expected:
+        duplicates = sorted({k for k in tags if tags.count(k) > 1})
+        detail = f" (referenced more than once: {duplicates})" if duplicates else ""
+        raise ValueError(
+            f"the prompt references images {tags}{detail} but {num_images} image(s) were given; "
+            f"each of {expected} must appear exactly once"
+        )
+    return tags
+
+
+def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, raw bytes or an HxWx3 uint8 array."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise TypeError(f"array images must be HxW or HxWx3 uint8, got {image.dtype} {image.shape}")
+        return Image.fromarray(image).convert("RGB")
+    if isinstance(image, bytes):
+        source: io.BytesIO | Path = io.BytesIO(image)
+        name = "<bytes>"
+    elif isinstance(image, (str, Path)):
+        source = Path(image)
+        name = str(image)
+        if not source.is_file():
+            raise ValueError(f"input image not found: {name}")
+    else:
+        raise TypeError(
+            f"input images must be PIL images, paths, bytes or uint8 arrays, got {type(image).__name__}"
+        )
+    try:
+        with Image.open(source) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read input image {name}: {err}") from err
+
+
+def resize_and_crop(image: Image.Image, max_size: int, multiple: int) -> Image.Image:
+    """Halve with a box filter while the short side is ≥ 2·max_size, scale (bicubic) so the long side is
+    at most max_size, then centre-crop each side down to a multiple of ``multiple``."""
+    while min(image.size) >= 2 * max_size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    if max(image.size) > max_size:
+        scale = max_size / max(image.size)
+        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    width, height = image.size
+    if width < multiple or height < multiple:
+        raise ValueError(f"input image of {width}x{height} is smaller than the minimum {multiple}x{multiple}")
+    left, top = (width % multiple) // 2, (height % multiple) // 2
+    return image.crop((left, top, left + width - width % multiple, top + height - height % multiple))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float in [-1, 1]."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return array * 2.0 - 1.0
+
+
+@dataclass(frozen=True)
+class CfgPrompts:
+    """The (instruction, images) of each CFG branch for one sample."""
+
+    cond: tuple[str, list]
+    uncond: tuple[str, list]
+    img_cond: tuple[str, list] | None
+
+
+def cfg_prompts(instruction: str, images: list, negative_prompt: str, use_img_cfg: bool) -> CfgPrompts:
+    """Condition, unconditional (the negative prompt, no images) and image-only condition (just the tags)
+    — the last is the negative prompt for a sample without images, as in the reference."""
+    uncond = (negative_prompt, [])
+    img_cond = None
+    if use_img_cfg:
+        img_cond = (" ".join(image_tag(k + 1) for k in range(len(images))), images) if images else uncond
+    return CfgPrompts(cond=(instruction, images), uncond=uncond, img_cond=img_cond)
+
+
+class OmniGenProcessor:
+    def __init__(
+        self, tokenizer: TextTokenizer, config: OmniGenConfig, max_input_image_size: int = 1024
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_input_image_size = self.check_max_input_image_size(max_input_image_size)
+
+    def check_max_input_image_size(self, value: int) -> int:
+        if (
+            not isinstance(value, int)
+            or value < self.config.image_multiple
+            or value > self.config.max_image_size
+        ):
+            raise ValueError(
+                f"max_input_image_size must be an int in [{self.config.image_multiple}, "
+                f"{self.config.max_image_size}], got {value!r}"
+            )
+        return value
+
+    def prepare_image(
+        self, image: Image.Image | str | Path | np.ndarray, max_size: int | None = None
+    ) -> torch.Tensor:
+        max_size = self.check_max_input_image_size(max_size or self.max_input_image_size)
+        return to_tensor(resize_and_crop(load_image(image), max_size, self.config.image_multiple))
+
+    def __call__(
+        self,
+        instruction: str,
+        images: Sequence = (),
+        max_input_image_size: int | None = None,
+        template: bool = True,
+    ) -> ProcessedPrompt:
+        if not isinstance(instruction, str):
+            raise TypeError(f"prompt must be a str, got {type(instruction).__name__}")
+        images = list(images or [])
+        order = parse_image_tags(instruction, len(images))
+        pixels = [
+            img if isinstance(img, torch.Tensor) else self.prepare_image(img, max_input_image_size)
+            for img in images
+        ]
+        pixels = [pixels[k - 1] for k in order]
+        text = apply_template(instruction) if template else instruction
+        chunks = BARE_TAG.split(text)[::2]  # split() also returns the captured numbers; drop them
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        bos = self.tokenizer.bos_token_id
+        for index, chunk in enumerate(chunks):
+            chunk_ids = self.tokenizer.encode(chunk)
+            if index > 0 and chunk_ids and chunk_ids[0] == bos:
+                chunk_ids = chunk_ids[1:]
+            ids.extend(chunk_ids)
+            if index < len(pixels):
+                size = self.config.num_image_tokens(*pixels[index].shape[-2:])
+                spans.append((len(ids), len(ids) + size))
+                ids.extend([PLACEHOLDER_ID] * size)
+        return ProcessedPrompt(tuple(ids), tuple(spans), tuple(pixels))

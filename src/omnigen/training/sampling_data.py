@@ -1,0 +1,313 @@
+"""Sampling-side data policy for training: condition dropout, aspect-ratio buckets, sharded batches.
+
+Owns: which condition branch a training sample gets (for classifier-free guidance), which resolution
+bucket an image goes to, and which sample indices each rank sees per epoch. Does not open images,
+tokenise or touch tensors of pixels. All randomness comes from an explicit torch.Generator or seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+
+from omnigen.training.x2i import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
+
+logger = logging.getLogger(__name__)
+
+DropChoice = Literal["keep", "drop_text", "drop_images", "drop_both"]
+DROP_CHOICES: tuple[DropChoice, ...] = ("keep", "drop_text", "drop_images", "drop_both")
+DEFAULT_RATIOS: tuple[float, ...] = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)  # width / height
+
+_T = TypeVar("_T")
+
+
+# --------------------------------------------------------------------------------------------------
+# Condition dropout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConditionDropout:
+    """Drop the text, the input images or both with fixed probabilities (the rest is "keep").
+
+    The three branches are what OmniGen's guidance needs at inference: the unconditional branch
+    (drop_both) and the image-only branch (drop_text, where the prompt is just the image tags).
+    """
+
+    p_drop_text: float
+    p_drop_images: float
+    p_drop_both: float
+
+    def __post_init__(self) -> None:
+        for name in ("p_drop_text", "p_drop_images", "p_drop_both"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        total = self.p_drop_text + self.p_drop_images + self.p_drop_both
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"p_drop_text + p_drop_images + p_drop_both must be <= 1, got {total!r} "
+                f"({self.p_drop_text!r} + {self.p_drop_images!r} + {self.p_drop_both!r})"
+            )
+
+    def sample(self, generator: torch.Generator) -> DropChoice:
+        """Draw one choice from a (CPU) generator: one uniform number per call."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        draw = float(torch.rand((), generator=generator))
+        threshold = 0.0
+        for choice, probability in (
+            ("drop_text", self.p_drop_text),
+            ("drop_images", self.p_drop_images),
+            ("drop_both", self.p_drop_both),
+        ):
+            threshold += probability
+            if draw < threshold:
+                return choice
+        return "keep"
+
+    @staticmethod
+    def apply(instruction: str, images: Sequence[_T], choice: DropChoice) -> tuple[str, list[_T]]:
+        """Apply `choice` to one sample; tag k of `instruction` refers to images[k-1].
+
+        keep: unchanged. drop_text: the text becomes the image tags 1..n joined by spaces (OmniGen's
+        image-only CFG prompt), images kept. drop_images: images and their tags removed, the rest of the
+        text kept with whitespace tidied. drop_both: ("", []). Returns a new list; inputs not mutated.
+        """
+        if choice not in DROP_CHOICES:
+            raise ValueError(f"choice must be one of {DROP_CHOICES}, got {choice!r}")
+        validate_image_tags(instruction, len(images))
+        if choice == "keep":
+            return instruction, list(images)
+        if choice == "drop_text":
+            return " ".join(image_tag(k) for k in range(1, len(images) + 1)), list(images)
+        if choice == "drop_images":
+            return _remove_image_tags(instruction), []
+        return "", []
+
+
+def _remove_image_tags(text: str) -> str:
+    text = IMAGE_TAG_PATTERN.sub(" ", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" ?\n ?", "\n", text)
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets; a bucket is (height, width)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_buckets(
+    max_pixels: int, multiple: int = 16, ratios: Sequence[float] = DEFAULT_RATIOS
+) -> list[tuple[int, int]]:
+    """(height, width) buckets, one per ratio (width / height), sides multiples of `multiple`.
+
+    Each bucket is the largest one with height * width <= max_pixels, sides rounded down. Returned
+    sorted by ratio, duplicates removed.
+    """
+    _check_positive_int(max_pixels, "max_pixels")
+    _check_positive_int(multiple, "multiple")
+    if max_pixels < multiple * multiple:
+        raise ValueError(f"max_pixels must be >= multiple**2 = {multiple * multiple}, got {max_pixels}")
+    if len(ratios) == 0:
+        raise ValueError("ratios must not be empty")
+    buckets: set[tuple[int, int]] = set()
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise ValueError(f"ratios must be positive finite numbers, got {ratio!r}")
+        buckets.add(_bucket_for_ratio(max_pixels, multiple, ratio))
+    return sorted(buckets, key=lambda bucket: (bucket[1] / bucket[0], bucket[0]))
+
+
+def _bucket_for_ratio(max_pixels: int, multiple: int, ratio: float) -> tuple[int, int]:
+    height = math.sqrt(max_pixels / ratio)
+    height_units = max(1, math.floor(height / multiple + 1e-9))
+    width_units = max(1, math.floor(height * ratio / multiple + 1e-9))
+    while height_units * width_units * multiple * multiple > max_pixels:  # float rounding guard
+        if height_units >= width_units and height_units > 1:
+            height_units -= 1
+        elif width_units > 1:
+            width_units -= 1
+        else:
+            break
+    if height_units * width_units * multiple * multiple > max_pixels:
+        raise ValueError(f"ratio {ratio!r} is too extreme for max_pixels={max_pixels}, multiple={multiple}")
+    return height_units * multiple, width_units * multiple
+
+
+def bucket_for(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket whose aspect ratio is closest (in log space); ties -> larger area."""
+    _check_positive_int(height, "height")
+    _check_positive_int(width, "width")
+    if len(buckets) == 0:
+        raise ValueError("buckets must not be empty")
+    for bucket in buckets:
+        if len(bucket) != 2 or bucket[0] <= 0 or bucket[1] <= 0:
+            raise ValueError(f"each bucket must be a (height, width) pair of positive ints, got {bucket!r}")
+    log_ratio = math.log(width / height)
+
+    def key(bucket: tuple[int, int]) -> tuple[float, int]:
+        distance = abs(math.log(bucket[1] / bucket[0]) - log_ratio)
+        return round(distance, 9), -bucket[0] * bucket[1]
+
+    return tuple(min(buckets, key=key))  # type: ignore[return-value]
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded, bucketed batch sampler
+# --------------------------------------------------------------------------------------------------
+
+
+class ShardedBucketSampler:
+    """Yields this rank's batches of sample indices; every batch holds one bucket key.
+
+    Per epoch (seed, epoch) fix one global order: indices are shuffled within each bucket, cut into
+    batches of `batch_size` (a bucket's last batch may be smaller), and the batches are shuffled. Batch
+    i goes to rank i % num_replicas, so ranks never share a sample. If the batch count is not a multiple
+    of num_replicas: with drop_last=False, batches from the start of the order are repeated to pad it
+    (those samples are then seen twice that epoch); with drop_last=True the last batches are dropped,
+    and so are the smaller per-bucket remainders. Every rank yields len(self) batches.
+
+    Resume: `position` counts batches already handed out in `epoch`; state_dict()/load_state_dict()
+    carry both. set_epoch(e) resets position to 0 only when e differs from the current epoch, so the
+    usual `for e in range(start, n): sampler.set_epoch(e)` continues a loaded state. With DataLoader
+    workers, batches are prefetched, so save the count of batches actually trained on instead.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(num_replicas, "num_replicas")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, {num_replicas - 1}], got {rank!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.num_samples = len(sizes)
+        self._buckets = _group_by_key(sizes)
+        self._length = self._count_rank_batches()
+        self.epoch = 0
+        self.position = 0
+        if self._length == 0:
+            logger.warning(
+                "ShardedBucketSampler gives rank %d no batches (%d samples, batch_size=%d, drop_last=%s)",
+                rank,
+                self.num_samples,
+                batch_size,
+                self.drop_last,
+            )
+
+    def __len__(self) -> int:
+        return self._length
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.position = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield list(batch)
+
+    def epoch_batches(self) -> list[list[int]]:
+        """All of this rank's batches for the current epoch, ignoring `position`."""
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        batches: list[list[int]] = []
+        for indices in self._buckets:
+            order = torch.randperm(len(indices), generator=generator).tolist()
+            shuffled = [indices[i] for i in order]
+            for start in range(0, len(shuffled), self.batch_size):
+                batch = shuffled[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        batches = _fit_to_replicas([batches[i] for i in order], self.num_replicas, self.drop_last)
+        return batches[self.rank :: self.num_replicas]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_replicas": self.num_replicas,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore (epoch, position); other keys, if present, must match this sampler's settings."""
+        for key in ("epoch", "position"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+        for key in ("seed", "num_replicas", "batch_size", "num_samples"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"state[{key!r}] is {state[key]!r} but this sampler has {getattr(self, key)!r}"
+                )
+        if state["position"] > self._length:
+            raise ValueError(f"state['position'] must be <= {self._length} batches, got {state['position']}")
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+
+    def _count_rank_batches(self) -> int:
+        total = 0
+        for indices in self._buckets:
+            full, remainder = divmod(len(indices), self.batch_size)
+            total += full + (1 if remainder and not self.drop_last else 0)
+        if self.drop_last:
+            return total // self.num_replicas
+        return math.ceil(total / self.num_replicas) if total else 0
+
+
+def _group_by_key(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, key in enumerate(sizes):
+        if (
+            not isinstance(key, (tuple, list))
+            or len(key) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) for side in key)
+        ):
+            raise ValueError(f"sizes[{index}] must be a (height, width) pair of ints, got {key!r}")
+        groups.setdefault((key[0], key[1]), []).append(index)
+    return [groups[key] for key in sorted(groups)]
+
+
+def _fit_to_replicas(batches: list[list[int]], num_replicas: int, drop_last: bool) -> list[list[int]]:
+    remainder = len(batches) % num_replicas
+    if remainder == 0 or not batches:
+        return batches
+    if drop_last:
+        return batches[: len(batches) - remainder]
+    padding = num_replicas - remainder
+    return batches + [batches[i % len(batches)] for i in range(padding)]

@@ -1,0 +1,116 @@
+"""Latent codecs: pixels in [-1, 1] <-> the latents the transformer sees (scaling and shift included).
+
+- ``AutoencoderKLCodec`` wraps diffusers' ``AutoencoderKL`` (the SDXL VAE for OmniGen-v1).
+  Input images are encoded to the posterior *mean*, not a sample: the result is then a function of the
+  image alone (the same for every CFG branch, every batch composition and every device), while the
+  reference draws a separate sample from the global RNG for each CFG row. The SDXL posterior's std is
+  tiny next to its mean, so the difference is far below what the model resolves.
+- ``IdentityCodec`` is pixel space (downsample 1), used by the shipped miniature model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+class LatentCodec(Protocol):
+    downsample: int
+    channels: int
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def to(self, device: torch.device | str) -> LatentCodec: ...
+
+
+class IdentityCodec:
+    """Pixel space: latents are the pixels themselves, optionally scaled."""
+
+    def __init__(self, channels: int = 3, scale: float = 1.0) -> None:
+        self.channels = channels
+        self.downsample = 1
+        self.scale = scale
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scale
+
+    def to(self, device: torch.device | str) -> IdentityCodec:
+        return self
+
+    def save(self, folder: str | Path) -> None:
+        spec = {"type": "identity", "channels": self.channels, "scale": self.scale}
+        (Path(folder) / "codec.json").write_text(json.dumps(spec))
+
+
+class AutoencoderKLCodec:
+    def __init__(self, vae) -> None:  # noqa: ANN001 - diffusers.AutoencoderKL, imported lazily
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.scaling = float(config.scaling_factor)
+        self.shift = None if getattr(config, "shift_factor", None) is None else float(config.shift_factor)
+        self.channels = int(config.latent_channels)
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> AutoencoderKLCodec:  # noqa: ANN003
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError as err:
+            raise ImportError("the VAE needs diffusers: pip install 'omnigen-unified[hf]'") from err
+        return cls(AutoencoderKL.from_pretrained(str(path), **kwargs))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mode()
+        if self.shift is not None:
+            latents = latents - self.shift
+        return latents * self.scaling
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.device, self.dtype) / self.scaling
+        if self.shift is not None:
+            latents = latents + self.shift
+        return self.vae.decode(latents).sample
+
+    def to(self, device: torch.device | str) -> AutoencoderKLCodec:
+        self.vae.to(device)
+        return self
+
+    def save(self, folder: str | Path) -> None:
+        self.vae.save_pretrained(str(Path(folder) / "vae"))
+
+
+def load_codec(folder: str | Path) -> LatentCodec | None:
+    """The codec saved in a model folder: ``codec.json`` (identity) or a ``vae/`` subfolder; else None."""
+    folder = Path(folder)
+    spec_path = folder / "codec.json"
+    if spec_path.is_file():
+        spec = json.loads(spec_path.read_text())
+        if spec.get("type") != "identity":
+            raise ValueError(f"{spec_path}: unknown codec type {spec.get('type')!r}; allowed: 'identity'")
+        return IdentityCodec(channels=int(spec.get("channels", 3)), scale=float(spec.get("scale", 1.0)))
+    if (folder / "vae" / "config.json").is_file():
+        return AutoencoderKLCodec.from_pretrained(folder / "vae")
+    return None
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like the reference's ``.to(uint8)``."""
+    return ((pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

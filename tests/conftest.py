@@ -1,0 +1,152 @@
+"""Tiny fixtures: a word-level tokenizer, a 2-layer OmniGen, a 4-channel AutoencoderKL, model folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMNIGEN_TEST_THREADS", "2")))
+
+WORDS = (
+    "generate an image according to the following instructions a red blue green circle square cat dog "
+    "photo of make it in the style put on left right low quality blurry , . < > img / | image _ 1 2 3"
+).split()
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|end|>", "<|assistant|>", "<|diffusion|>"]
+
+
+def make_tokenizer_backend():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    backend.add_special_tokens(SPECIALS)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return backend
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from omnigen.tokenizer import Tokenizer
+
+    return Tokenizer(make_tokenizer_backend())
+
+
+def tiny_config(long_rope: bool = True, **overrides):
+    from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
+
+    head_dim = 8
+    g = torch.Generator().manual_seed(1)
+    scaling = RopeScaling(
+        tuple((1 + torch.rand(head_dim // 2, generator=g)).tolist()),
+        tuple((1 + 8 * torch.rand(head_dim // 2, generator=g)).tolist()),
+    )
+    transformer = TransformerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        vocab_size=len(SPECIALS) + len(set(WORDS)),
+        pad_token_id=3,
+        # a short "original" context so real prompts cross it and exercise the long factors
+        original_max_position_embeddings=64 if long_rope else 4096,
+        max_position_embeddings=4096,
+        rope_scaling=scaling,
+    )
+    fields = dict(
+        transformer=transformer, in_channels=4, patch_size=2, latent_downsample=2, pos_embed_max_size=16
+    )
+    fields.update(overrides)
+    return OmniGenConfig(**fields)
+
+
+def random_model(config, seed: int = 0, scale: float = 0.2):
+    """A model whose weights are all random (non-zero head), so every part influences the output."""
+    from omnigen.model import OmniGenModel
+
+    torch.manual_seed(seed)
+    model = OmniGenModel(config)
+    model.initialize_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0, scale)
+    return model.eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 8],
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def model(config):
+    return random_model(config)
+
+
+@pytest.fixture(scope="session")
+def pipeline(model, tokenizer):
+    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.vae import AutoencoderKLCodec
+
+    defaults = GenerationDefaults(
+        height=32,
+        width=32,
+        num_inference_steps=3,
+        max_input_image_size=32,
+        negative_prompt="low quality , blurry",
+    )
+    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+
+
+@pytest.fixture
+def rgb_image():
+    def make(width: int = 32, height: int = 32, seed: int = 0):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory, model, tokenizer):
+    """An official-layout folder (config.json, model.safetensors, tokenizer.json, vae/)."""
+    from omnigen.checkpoint import save_model
+    from omnigen.pipeline import GenerationDefaults
+
+    folder = tmp_path_factory.mktemp("tiny-omnigen")
+    save_model(model, folder)
+    tokenizer.save(folder)
+    tiny_vae().save_pretrained(str(folder / "vae"))
+    GenerationDefaults(
+        height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
+    ).save(folder)
+    return folder
