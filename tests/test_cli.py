@@ -55,4 +55,4 @@ def test_generate_reports_bad_input_without_traceback(model_folder, tmp_path):
         text=True,
     )
     assert proc.returncode == 2
-    assert "0 image(s) were given" in proc.stderr and "Traceback" not in proc.stderr
+    assert "do not match 0 input image" in proc.stderr and "Traceback" not in proc.stderr

@@ -114,11 +114,11 @@ def test_offload_paths_give_same_result(pipeline):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(prompt="a <img><|image_1|></img> cat"), "0 image"),
-        (dict(prompt="a cat", images=["x"]), "exactly once"),
-        (dict(prompt="<img><|image_1|></img> <img><|image_1|></img>", images=["a", "b"]), "more than once"),
-        (dict(prompt="<img><|image_2|></img>", images=["a"]), "exactly once"),
-        (dict(prompt="a <|image_1|> cat", images=["a"]), "unwrapped"),
+        (dict(prompt="a <img><|image_1|></img> cat"), "do not match 0 input image"),
+        (dict(prompt="a cat", images=["x"]), "missing"),
+        (dict(prompt="<img><|image_1|></img> <img><|image_1|></img>", images=["a", "b"]), "duplicated"),
+        (dict(prompt="<img><|image_2|></img>", images=["a"]), "out of range"),
+        (dict(prompt="a <|image_1|> cat", images=["a"]), "without the <img>"),
         (dict(prompt="a cat", height=30), "multiple of 4"),
         (dict(prompt="a cat", width=4096), "at most"),
         (dict(prompt="a cat", num_inference_steps=0), "num_inference_steps"),

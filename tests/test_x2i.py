@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from omnigen.tags import image_tag, validate_image_tags
 from omnigen.training.sampling_data import (
     ConditionDropout,
     ShardedBucketSampler,
@@ -22,9 +23,7 @@ from omnigen.training.x2i import (
     X2IFormatError,
     X2ISample,
     compose_instruction,
-    image_tag,
     read_x2i,
-    validate_image_tags,
 )
 
 TAG1, TAG2, TAG3 = image_tag(1), image_tag(2), image_tag(3)

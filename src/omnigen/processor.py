@@ -10,7 +10,6 @@ chunk but the first, images ordered as their tags appear.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from omnigen.config import OmniGenConfig
+from omnigen.tags import BARE_TAG_PATTERN, image_tag, validate_image_tags
 from omnigen.tokenizer import TextTokenizer
 from omnigen.types import ProcessedPrompt
 
@@ -35,39 +35,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 PLACEHOLDER_ID = 0  # ids inside an image span are never embedded; the value is irrelevant
 
-TAG = re.compile(r"<img><\|image_(\d+)\|></img>")
-BARE_TAG = re.compile(r"<\|image_(\d+)\|>")
-
 
 def apply_template(prompt: str) -> str:
     return f"{USER}{PREAMBLE}{prompt}{END}{ASSISTANT}"
-
-
-def image_tag(k: int) -> str:
-    return f"<img><|image_{k}|></img>"
-
-
-def parse_image_tags(text: str, num_images: int) -> list[int]:
-    """The image numbers in order of appearance; checks they are exactly 1..num_images, each once.
-
-    Raises ValueError naming what was found and what is allowed.
-    """
-    tags = [int(k) for k in TAG.findall(text)]
-    bare = [int(k) for k in BARE_TAG.findall(text)]
-    if len(bare) != len(tags):
-        raise ValueError(
-            f"image tags must be written <img><|image_k|></img>; found {len(bare) - len(tags)} unwrapped "
-            f"<|image_k|> in {text!r}"
-        )
-    expected = list(range(1, num_images + 1))
-    if sorted(tags) != expected:
-        duplicates = sorted({k for k in tags if tags.count(k) > 1})
-        detail = f" (referenced more than once: {duplicates})" if duplicates else ""
-        raise ValueError(
-            f"the prompt references images {tags}{detail} but {num_images} image(s) were given; "
-            f"each of {expected} must appear exactly once"
-        )
-    return tags
 
 
 def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
@@ -173,14 +143,14 @@ class OmniGenProcessor:
         if not isinstance(instruction, str):
             raise TypeError(f"prompt must be a str, got {type(instruction).__name__}")
         images = list(images or [])
-        order = parse_image_tags(instruction, len(images))
+        order = validate_image_tags(instruction, len(images))
         pixels = [
             img if isinstance(img, torch.Tensor) else self.prepare_image(img, max_input_image_size)
             for img in images
         ]
         pixels = [pixels[k - 1] for k in order]
         text = apply_template(instruction) if template else instruction
-        chunks = BARE_TAG.split(text)[::2]  # split() also returns the captured numbers; drop them
+        chunks = BARE_TAG_PATTERN.split(text)[::2]  # split() also returns the captured numbers; drop them
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
         bos = self.tokenizer.bos_token_id

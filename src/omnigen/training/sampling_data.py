@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from omnigen.training.x2i import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
+from omnigen.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
 
 logger = logging.getLogger(__name__)
 

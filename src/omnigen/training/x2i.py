@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
+
 logger = logging.getLogger(__name__)
 
-IMAGE_TAG_PATTERN = re.compile(r"<img><\|image_(\d+)\|></img>")
-BARE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
 
 REQUIRED_KEYS = ("instruction", "input_images", "output_image")
 OPTIONAL_KEYS = ("task_type", "id", "weight", "few_shot", "meta")
@@ -51,77 +51,6 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 # --------------------------------------------------------------------------------------------------
 # Image tags
-# --------------------------------------------------------------------------------------------------
-
-
-def image_tag(number: int) -> str:
-    """The wrapped tag for image `number` (1-based): `<img><|image_k|></img>`."""
-    return f"<img><|image_{number}|></img>"
-
-
-def validate_image_tags(text: str, num_images: int) -> list[int]:
-    """Check that `text` holds exactly the tags `<img><|image_1|></img>`..`<|image_n|>`, n = num_images.
-
-    Each tag must appear exactly once, in any order, wrapped in `<img>`..`</img>`, written without
-    leading zeros. Returns the tag numbers in order of appearance. Raises ValueError naming the tags
-    found and the tags allowed.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
-    raw_numbers = IMAGE_TAG_PATTERN.findall(text)
-    stray = BARE_TAG_PATTERN.findall(IMAGE_TAG_PATTERN.sub(" ", text))
-    allowed = _allowed_tags_text(num_images)
-    if stray:
-        labels = ", ".join(f"<|image_{s}|>" for s in stray)
-        raise ValueError(
-            f"image tag(s) {labels} without the <img>...</img> wrapper; write each as "
-            f"<img><|image_k|></img> ({allowed})"
-        )
-    problems = _tag_problems(raw_numbers, num_images)
-    if problems:
-        found = ", ".join(f"<|image_{s}|>" for s in raw_numbers) or "none"
-        raise ValueError(
-            f"image tags do not match {num_images} input image(s): {'; '.join(problems)}; "
-            f"found [{found}]; {allowed}"
-        )
-    return [int(s) for s in raw_numbers]
-
-
-def _allowed_tags_text(num_images: int) -> str:
-    if num_images == 0:
-        return "allowed: no image tags (no input images)"
-    if num_images == 1:
-        return "allowed: <|image_1|> exactly once"
-    return f"allowed: each of <|image_1|>..<|image_{num_images}|> exactly once"
-
-
-def _tag_problems(raw_numbers: list[str], num_images: int) -> list[str]:
-    problems = []
-    malformed = [s for s in raw_numbers if str(int(s)) != s]
-    if malformed:
-        problems.append(f"leading zeros in {sorted(set(malformed))}")
-    numbers = [int(s) for s in raw_numbers]
-    out_of_range = sorted({n for n in numbers if not 1 <= n <= num_images})
-    if out_of_range:
-        problems.append(f"out of range {out_of_range}")
-    duplicated = sorted({n for n in numbers if numbers.count(n) > 1})
-    if duplicated:
-        problems.append(f"duplicated {duplicated}")
-    missing = sorted(set(range(1, num_images + 1)) - set(numbers))
-    if missing:
-        problems.append(f"missing {missing}")
-    return problems
-
-
-def renumber_image_tags(text: str, offset: int) -> str:
-    """Shift every wrapped tag `<|image_k|>` in `text` to `<|image_{k+offset}|>`."""
-    return IMAGE_TAG_PATTERN.sub(lambda match: image_tag(int(match.group(1)) + offset), text)
-
-
-# --------------------------------------------------------------------------------------------------
-# Records
 # --------------------------------------------------------------------------------------------------
 
 
