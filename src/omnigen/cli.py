@@ -71,21 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Subcommands defined next to the code they run (imported lazily only when they exist)."""
-    commands = []
-    try:
-        from omnigen.training.cli import register as register_train
+    """Subcommands defined next to the code they run (their heavy imports happen only when run)."""
+    from omnigen.data.cli import register as register_data
+    from omnigen.training.cli import register as register_train
 
-        commands.append(register_train)
-    except ImportError:
-        pass
-    try:
-        from omnigen.data.cli import register as register_data
-
-        commands.append(register_data)
-    except ImportError:
-        pass
-    return commands
+    return [register_train, register_data]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""Training configuration: a validated dataclass read from YAML or TOML; unknown keys are rejected."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One progressive-resolution stage (paper Table 1): square output images of ``resolution`` pixels."""
+
+    resolution: int
+    steps: int
+    batch_size: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"stage {name} must be a positive int, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"stage lr must be positive, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every field of ``omnigen train --config FILE``; ``omnigen train --help`` prints them."""
+
+    data: list[str] = field(metadata={"help": "X2I JSONL file(s) or globs"})
+    out_dir: str = field(metadata={"help": "run folder: checkpoints/, final/ and train.log"})
+    stages: list[Stage] = field(metadata={"help": "list of {resolution, steps, batch_size, lr}"})
+    model: dict = field(
+        default_factory=dict, metadata={"help": "OmniGenConfig as a Phi-3 style dict (new model)"}
+    )
+    init_from: str | None = field(
+        default=None, metadata={"help": "model folder to fine-tune instead of `model`"}
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json (default: init_from's)"})
+    codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
+    image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
+    on_bad_row: str = field(default="error", metadata={"help": "'error' or 'skip' bad JSONL rows"})
+    seed: int = field(default=0, metadata={"help": "seed of init, data order, noise, t and dropout"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (only on >= 2-D weights)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps"})
+    schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warm-up"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
+    precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' autocast"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
+    t_distribution: str = field(default="logit_normal", metadata={"help": "'uniform' or 'logit_normal'"})
+    drop_text: float = field(default=0.05, metadata={"help": "P(drop the text, keep images) for CFG"})
+    drop_images: float = field(default=0.05, metadata={"help": "P(drop the images, keep text)"})
+    drop_both: float = field(default=0.05, metadata={"help": "P(drop everything)"})
+    edit_weight: float = field(default=1.0, metadata={"help": "loss weight where an edit changes the input"})
+    edit_threshold: float = field(default=0.1, metadata={"help": "latent difference counted as changed"})
+    log_every: int = field(default=50, metadata={"help": "steps between log lines"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    distributed: str = field(default="ddp", metadata={"help": "'ddp' or 'fsdp' under torchrun"})
+    generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
+
+    def __post_init__(self) -> None:
+        choices = {
+            "on_bad_row": ("error", "skip"),
+            "schedule": ("constant", "cosine"),
+            "precision": ("fp32", "bf16", "fp16"),
+            "t_distribution": ("uniform", "logit_normal"),
+            "distributed": ("ddp", "fsdp"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.stages:
+            raise ValueError("stages must list at least one {resolution, steps, batch_size, lr}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.model and not self.init_from:
+            raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; allowed: {sorted(known)}")
+        missing = [
+            n
+            for n, f in known.items()
+            if f.default is MISSING and f.default_factory is MISSING and n not in data
+        ]
+        if missing:
+            raise ValueError(f"training config is missing {missing}")
+        values = dict(data)
+        if isinstance(values.get("data"), str):
+            values["data"] = [values["data"]]
+        stages = []
+        for index, stage in enumerate(values.get("stages") or []):
+            if not isinstance(stage, dict) or set(stage) != {"resolution", "steps", "batch_size", "lr"}:
+                raise ValueError(
+                    f"stages[{index}] must have exactly resolution, steps, batch_size, lr; got {stage!r}"
+                )
+            stages.append(Stage(**stage))
+        values["stages"] = stages
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        """YAML (.yaml/.yml) or TOML (.toml); ``overrides`` are ``key=value`` with JSON/YAML values."""
+        import yaml
+
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        else:
+            raise ValueError(f"config file must end in .yaml, .yml or .toml, got {path.name}")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping at the top level")
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like key=value")
+            data[key.strip()] = yaml.safe_load(value)
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def describe_fields() -> str:
+    """The help text listing every field."""
+    lines = []
+    for f in fields(TrainConfig):
+        default = (
+            "required"
+            if f.default is MISSING and f.default_factory is MISSING
+            else (f"default {f.default!r}" if f.default is not MISSING else "default empty")
+        )
+        lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Training checkpoints: safetensors for every tensor (model, EMA, optimizer, RNG) and JSON for the
+rest; each checkpoint is a folder written under a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    folder: Path,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    optimizer: dict[str, Any],
+    generators: dict[str, torch.Tensor],
+    info: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Writes ``folder/step_XXXXXXXX`` atomically and points ``folder/latest`` at it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step_{info['step']:08d}"
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cpu = lambda d: {k: v.detach().contiguous().cpu() for k, v in d.items()}  # noqa: E731
+    save_file(cpu(model), str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file(cpu(ema), str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_file(cpu(generators), str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_meta}, indent=1))
+    final = folder / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = folder / f".{LATEST}.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, folder / LATEST)
+    old = sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The latest checkpoint under ``folder`` or None."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    path = folder / pointer.read_text().strip()
+    info = json.loads((path / "state.json").read_text())
+    meta = info.pop("optimizer")
+    return {
+        "path": path,
+        "model": load_file(str(path / "model.safetensors")),
+        "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
+        "optimizer": _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta),
+        "generators": load_file(str(path / "rng.safetensors")),
+        "info": info,
+    }

@@ -1,0 +1,309 @@
+"""Miniature X2I world: determinism, task coverage, splits, exact maps, writer, tokenizer and scorer."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnigen.data import miniworld as mw
+from omnigen.data import miniworld_tasks as tasks
+from omnigen.eval import miniworld_score as ms
+
+TAG = re.compile(r"<img><\|image_(\d+)\|></img>")
+MAP_TASKS = ("cv/edges", "cv/segmentation", "cv/depth", "cv/referring")
+
+
+@pytest.fixture(scope="module")
+def train_200() -> list[mw.Sample]:
+    return mw.generate(200, seed=0, split="train")
+
+
+def _fingerprint(samples: list[mw.Sample]) -> list[bytes]:
+    out = []
+    for s in samples:
+        images = [*s.input_images, s.output_image]
+        if s.few_shot is not None:
+            images += [*s.few_shot["input_images"], s.few_shot["output_image"]]
+            out.append(s.few_shot["instruction"].encode())
+        out += [s.id.encode(), s.task_type.encode(), s.instruction.encode(), json.dumps(s.meta).encode()]
+        out += [image.tobytes() for image in images]
+    return out
+
+
+def _scene_output_samples(samples: list[mw.Sample]) -> list[mw.Sample]:
+    """Samples whose output image is exactly render_scene(meta["scene"])."""
+    return [s for s in samples if s.meta["task"] not in MAP_TASKS and "output_transform" not in s.meta]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_bytes_and_different_seed_differs() -> None:
+    first, again = mw.generate(60, seed=11), mw.generate(60, seed=11)
+    assert _fingerprint(first) == _fingerprint(again)
+    assert _fingerprint(mw.generate(20, seed=11)) == _fingerprint(first[:20])  # prefixes agree
+    other = mw.generate(60, seed=12)
+    assert [s.instruction for s in other] != [s.instruction for s in first]
+    heldout = mw.generate(60, seed=11, split="heldout")
+    assert [s.instruction for s in heldout] != [s.instruction for s in first]
+
+
+def test_every_task_kind_appears(train_200: list[mw.Sample]) -> None:
+    kinds = {s.meta["task"] for s in train_200}
+    assert kinds == set(tasks.TASK_KINDS)
+    assert {s.task_type for s in train_200} == {"t2i", "edit", "subject", "condition", "cv", "few_shot"}
+    for s in train_200:
+        assert s.meta["few_shot"] == (s.task_type == "few_shot") == (s.few_shot is not None)
+        if s.meta["task"] in tasks.FEW_SHOT_ONLY_TASKS:
+            assert s.task_type == "few_shot"
+        elif s.task_type != "few_shot":
+            assert s.meta["task"].split("/")[0] == s.task_type
+    wrapped = {s.meta["task"] for s in train_200 if s.few_shot} - set(tasks.FEW_SHOT_ONLY_TASKS)
+    assert wrapped, "few-shot samples of regular kinds are expected too"
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_tags_match_input_images_and_shapes(size: int) -> None:
+    for s in mw.generate(80, seed=3, size=size):
+        rows = [(s.instruction, s.input_images, s.output_image)]
+        if s.few_shot is not None:
+            rows.append((s.few_shot["instruction"], s.few_shot["input_images"], s.few_shot["output_image"]))
+        for text, inputs, output in rows:
+            assert sorted(int(k) for k in TAG.findall(text)) == list(range(1, len(inputs) + 1)), text
+            assert text.count("<|image_") == len(inputs)
+            for image in [*inputs, output]:
+                assert image.dtype == np.uint8 and image.shape == (size, size, 3)
+        json.dumps(s.meta)
+
+
+def test_withheld_pairs_only_in_compositional(train_200: list[mw.Sample]) -> None:
+    for s in [*train_200, *mw.generate(200, seed=0, split="heldout")]:
+        assert not mw.meta_pairs(s.meta) & mw.WITHHELD_PAIRS, (s.id, s.instruction)
+    compositional = mw.generate(120, seed=0, split="compositional")
+    assert all(mw.meta_pairs(s.meta) & mw.WITHHELD_PAIRS for s in compositional)
+    seen = set().union(*(mw.meta_pairs(s.meta) for s in compositional))
+    assert mw.WITHHELD_PAIRS <= seen
+    phrases = [f"{colour} {shape}" for colour, shape in mw.WITHHELD_PAIRS]
+    assert not any(p in s.instruction for s in train_200 for p in phrases)
+    assert any(p in s.instruction for s in compositional for p in phrases)
+
+
+def test_tasks_filter_and_bad_arguments() -> None:
+    assert {s.meta["task"].split("/")[0] for s in mw.generate(30, 1, tasks=["edit"])} == {"edit"}
+    assert {s.meta["task"] for s in mw.generate(5, 1, tasks="cv/edges")} == {"cv/edges"}
+    assert all(s.task_type == "few_shot" for s in mw.generate(10, 1, tasks=["few_shot"]))
+    with pytest.raises(ValueError, match="split"):
+        mw.generate(1, 0, split="test")
+    with pytest.raises(ValueError, match="image size"):
+        mw.generate(1, 0, size=8)
+    with pytest.raises(ValueError, match="unknown task"):
+        mw.generate(1, 0, tasks=["paint"])
+    with pytest.raises(ValueError, match="no task kinds"):
+        mw.generate(1, 0, tasks=[])
+    with pytest.raises(ValueError, match="seed"):
+        mw.generate(1, -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering and maps
+# --------------------------------------------------------------------------------------------------
+
+
+def _ring(top: int, left: int, side: int) -> np.ndarray:
+    out = np.zeros((16, 16), dtype=bool)
+    out[top : top + side, left : left + side] = True
+    out[top + 1 : top + side - 1, left + 1 : left + side - 1] = False
+    return out
+
+
+def test_edge_map_exact_on_hand_made_scene() -> None:
+    scene = mw.Scene(
+        "white",
+        (
+            mw.SceneObject("square", "red", "large", 0),  # touches the image border
+            mw.SceneObject("square", "red", "large", 1),  # touches the first square, same colour
+            mw.SceneObject("square", "blue", "small", 4),
+            mw.SceneObject("circle", "green", "large", 8, dot="yellow"),  # dots draw no edges
+        ),
+    )
+    circle = ".###.", "#...#", "#...#", "#...#", ".###."
+    expected = _ring(0, 0, 5) | _ring(0, 5, 5) | _ring(6, 6, 3)
+    expected[10:15, 10:15] = np.array([[ch == "#" for ch in row] for row in circle])
+    assert np.array_equal(mw.edge_mask(scene, 16), expected)
+    edges = mw.edge_map(scene, 16)
+    assert np.array_equal(edges[expected], np.full((expected.sum(), 3), 255))
+    assert not edges[~expected].any()
+    image = mw.render_scene(scene, 16)
+    assert tuple(image[12, 12]) == mw.OBJECT_COLOURS["yellow"] and tuple(image[15, 15]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_every_sprite_decodes_to_itself(size: int) -> None:
+    for shape in mw.SHAPES:
+        for obj_size in mw.SIZES:
+            obj = mw.SceneObject(shape, "purple", obj_size, 4, dot="yellow")
+            _, cells = ms.decode_scene(mw.render_scene(mw.Scene("beige", (obj,)), size))
+            assert cells == {4: ms.DecodedObject(shape, "purple", obj_size, "yellow")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer and tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_writer_round_trip(tmp_path) -> None:
+    path = mw.write_dataset(tmp_path / "mini", n=40, seed=2, split="heldout", size=16)
+    assert path == tmp_path / "mini" / "heldout.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    samples = mw.generate(40, seed=2, split="heldout")
+    assert len(rows) == 40 and any("few_shot" in row for row in rows)
+    base = {"id", "task_type", "instruction", "input_images", "output_image", "meta"}
+    for row, sample in zip(rows, samples):
+        assert set(row) in (base, base | {"few_shot"})
+        assert row["id"] == sample.id and row["meta"] == sample.meta
+        loaded = np.asarray(Image.open(path.parent / row["output_image"]).convert("RGB"))
+        assert np.array_equal(loaded, sample.output_image)
+        paths = [*row["input_images"], row["output_image"]]
+        if "few_shot" in row:
+            assert set(row["few_shot"]) == {"instruction", "input_images", "output_image"}
+            paths += [*row["few_shot"]["input_images"], row["few_shot"]["output_image"]]
+        assert all(not p.startswith("/") and (path.parent / p).is_file() for p in paths)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["heldout.jsonl", "images"]
+
+
+def test_tokenizer_covers_every_instruction(tmp_path, train_200: list[mw.Sample]) -> None:
+    tokenizer = mw.build_tokenizer()
+    for index, token in enumerate(("<unk>", "<s>", "</s>", "<pad>")):
+        assert tokenizer.token_to_id(token) == index
+    for token in mw.SPECIAL_TOKENS:
+        assert tokenizer.encode(token, add_special_tokens=False).tokens == [token]
+    assert tokenizer.encode("a red circle").tokens == ["<s>", "a", "red", "circle"]
+    assert tokenizer.encode("zebra").ids == [1, 0]
+    samples = [*train_200, *mw.generate(100, 5, "compositional"), *mw.generate(60, 6, size=32)]
+    texts = [s.instruction for s in samples] + [s.few_shot["instruction"] for s in samples if s.few_shot]
+    texts += list(tasks.WRAPPER_TEXTS)
+    for text in texts:
+        for piece in re.split(r"<\|image_\d+\|>", text):
+            assert 0 not in tokenizer.encode(piece).ids, piece
+    from tokenizers import Tokenizer
+
+    saved = Tokenizer.from_file(str(mw.save_tokenizer(tmp_path)))
+    assert saved.encode(texts[0]).ids == tokenizer.encode(texts[0]).ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorer
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many_samples(train_200: list[mw.Sample]) -> list[mw.Sample]:
+    samples = [*train_200, *mw.generate(150, 1, "heldout"), *mw.generate(150, 2, "compositional")]
+    return samples + mw.generate(60, 3, size=32) + mw.generate(60, 4, size=64)
+
+
+def _blank(sample: mw.Sample) -> np.ndarray:
+    task = sample.meta["task"]
+    colour = (
+        mw.MAP_BACKGROUND if task in MAP_TASKS else mw.BACKGROUND_COLOURS[sample.meta["scene"]["background"]]
+    )
+    return np.full_like(sample.output_image, colour)
+
+
+def test_ground_truth_scores_correct_and_blank_incorrect(many_samples: list[mw.Sample]) -> None:
+    for s in many_samples:
+        truth = ms.score_sample(s.meta, s.output_image, s.output_image)
+        assert truth["correct"] is True, (s.meta["task"], truth)
+        assert ms.score_sample(s.meta, _blank(s), s.output_image)["correct"] is False, s.meta["task"]
+
+
+def _recoloured(scene: mw.Scene) -> mw.Scene:
+    obj = scene.objects[0]
+    used = {o.colour for o in scene.objects} | {obj.dot}
+    colour = next(c for c in mw.OBJECT_COLOURS if c not in used)
+    return mw.Scene(scene.background, (replace(obj, colour=colour), *scene.objects[1:]))
+
+
+def test_wrong_colour_scores_incorrect(many_samples: list[mw.Sample]) -> None:
+    for s in _scene_output_samples(many_samples):
+        size, scene = s.meta["image_size"], mw.Scene.from_dict(s.meta["scene"])
+        wrong = mw.render_scene(_recoloured(scene), size)
+        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False, s.meta["task"]
+    for s in [x for x in many_samples if x.meta["task"] == "cv/segmentation"]:
+        wrong = mw.segmentation_map(_recoloured(mw.Scene.from_dict(s.meta["scene"])), s.meta["image_size"])
+        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False
+    for s in [
+        x for x in many_samples if x.meta["task"] == "cv/referring" and len(x.meta["scene"]["objects"]) > 1
+    ]:
+        other = 1 - min(s.meta["target_index"], 1)
+        wrong = mw.highlight_map(mw.Scene.from_dict(s.meta["scene"]), other, s.meta["image_size"])
+        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False
+
+
+def test_extra_object_scores_incorrect(many_samples: list[mw.Sample]) -> None:
+    for s in _scene_output_samples(many_samples):
+        scene = mw.Scene.from_dict(s.meta["scene"])
+        free = next(cell for cell in range(9) if cell not in {o.cell for o in scene.objects})
+        colour = next(c for c in mw.OBJECT_COLOURS if c not in {o.colour for o in scene.objects})
+        extra = mw.SceneObject("square", colour, "large", free)
+        crowded = mw.render_scene(mw.Scene(scene.background, (*scene.objects, extra)), s.meta["image_size"])
+        result = ms.score_sample(s.meta, crowded, s.output_image)
+        assert result["extra_objects"] == 1 and result["correct"] is False, s.meta["task"]
+
+
+def test_shifted_objects_fail_position(many_samples: list[mw.Sample]) -> None:
+    checked = 0
+    for s in many_samples:
+        task = s.meta["task"]
+        if task == "t2i/relation" or not task.startswith(
+            ("t2i/", "edit/", "subject/", "condition/", "cv/edges")
+        ):
+            continue
+        shifted = np.roll(s.output_image, mw.cell_size(s.meta["image_size"]), axis=1)
+        result = ms.score_sample(s.meta, shifted, s.output_image)
+        assert result["correct"] is False, (task, result)
+        checked += 1
+    assert checked > 100
+
+
+def test_edit_preservation_and_relation_metrics() -> None:
+    source = mw.Scene(
+        "white", (mw.SceneObject("square", "red", "large", 0), mw.SceneObject("circle", "red", "small", 8))
+    )
+    target = mw.Scene("white", (replace(source.objects[0], colour="purple"), source.objects[1]))
+    meta = {"task": "edit/recolour", "few_shot": False, "image_size": 16, "scene": target.to_dict(),
+            "input_scenes": [source.to_dict()]}  # fmt: skip
+    truth = mw.render_scene(target, 16)
+    smeared = truth.copy()
+    smeared[5:, :8] = mw.OBJECT_COLOURS["orange"]  # untouched background painted over
+    result = ms.score_sample(meta, smeared, truth)
+    assert result["preserve_acc"] < ms.PRESERVE_THRESHOLD and result["correct"] is False
+    relation = {**meta, "task": "t2i/relation", "relation": "left of", "input_scenes": []}
+    assert ms.score_sample(relation, truth, truth)["correct"] is True
+    swapped = mw.Scene("white", (replace(target.objects[0], cell=2), replace(target.objects[1], cell=6)))
+    result = ms.score_sample(relation, mw.render_scene(swapped, 16), truth)
+    assert result["object_acc"] == 1.0 and result["relation_ok"] is False and result["correct"] is False
+    with pytest.raises(ValueError, match="output"):
+        ms.score_sample(meta, truth[:8], truth)
+
+
+def test_summarize_groups_by_family_and_task() -> None:
+    samples = mw.generate(60, 9)
+    records = [ms.score_sample(s.meta, s.output_image, s.output_image) for s in samples]
+    records += [ms.score_sample(s.meta, _blank(s), s.output_image) for s in samples]
+    summary = ms.summarize(records)
+    assert set(summary) == {"t2i", "edit", "subject", "condition", "cv", "few_shot"}
+    assert sum(group["n"] for group in summary.values()) == 120
+    assert all(group["accuracy"] == 0.5 for group in summary.values())
+    assert 0.0 <= summary["t2i"]["background_ok"] <= 1.0
+    by_task = ms.summarize(records, by="task")
+    assert set(by_task) == {s.meta["task"] for s in samples}
+    with pytest.raises(ValueError, match="by"):
+        ms.summarize(records, by="colour")
