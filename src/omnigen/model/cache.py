@@ -22,6 +22,8 @@ class ConditionCache:
     token_mask: torch.Tensor  # (B, Lc) bool, True for real tokens
     offload: bool = False
     layers: list[KV] = field(default_factory=list)  # per layer: k, v (B, K, Lc, E)
+    # per output-token count: (position ids, step mask, rotary cos/sin), built at the first step only
+    step_inputs: dict = field(default_factory=dict, repr=False)
 
     def append(self, kv: KV) -> None:
         k, v = kv

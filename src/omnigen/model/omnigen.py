@@ -153,15 +153,16 @@ class OmniGenModel(nn.Module):
         step, t_emb = self._step_embeddings(x, t)  # (B, 1 + N, D)
         n = step.shape[1] - 1
         if cache is not None:
-            token_mask = cache.token_mask
-            positions = masks.step_positions(token_mask, n)
+            if n not in cache.step_inputs:  # the same at every step: build once per cache
+                positions = masks.step_positions(cache.token_mask, n)
+                cache.step_inputs[n] = (
+                    positions,
+                    masks.step_mask(cache.token_mask, n),
+                    self.llm.rotary(positions, positions[:, -1]),
+                )
+            positions, mask, rope = cache.step_inputs[n]
             hidden = self.llm(
-                step,
-                positions,
-                positions[:, -1],
-                masks.step_mask(token_mask, n),
-                past=cache,
-                offload_layers=offload_layers,
+                step, positions, positions[:, -1], mask, past=cache, offload_layers=offload_layers, rope=rope
             )
         else:
             token_mask = condition.token_mask

@@ -33,15 +33,18 @@ class Transformer(nn.Module):
         past: ConditionCache | None = None,
         collect: ConditionCache | None = None,
         offload_layers: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (B, L, D); position_ids (B, L); mask (B, L, Lc + L) bool.
 
         ``past``: a filled cache whose keys/values are prepended at every layer.
         ``collect``: an empty cache that receives this call's keys/values (a prefill).
         ``offload_layers``: layers live on the CPU and visit ``x.device`` one at a time.
+        ``rope``: precomputed rotary cos/sin for ``position_ids`` (skips recomputing them).
         Returns the final-normed hidden states (B, L, D).
         """
-        rope = self.rotary(position_ids, row_max_position)
+        if rope is None:
+            rope = self.rotary(position_ids, row_max_position)
         for index, layer in enumerate(self.layers):
             if offload_layers:
                 layer.to(x.device)
