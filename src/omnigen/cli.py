@@ -72,10 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Subcommands defined next to the code they run (their heavy imports happen only when run)."""
+    from omnigen.batch.cli import register as register_batch
     from omnigen.data.cli import register as register_data
+    from omnigen.demo import register as register_demo
+    from omnigen.eval.cli import register as register_eval
+    from omnigen.serve.cli import register as register_serve
     from omnigen.training.cli import register as register_train
 
-    return [register_train, register_data]
+    return [register_train, register_data, register_demo, register_serve, register_batch, register_eval]
 
 
 def main(argv: list[str] | None = None) -> int:

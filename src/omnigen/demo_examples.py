@@ -1,0 +1,144 @@
+"""The demo's example gallery: one or more prompts per task family, with their input images.
+
+This module owns the example list (``EXAMPLE_KINDS``), how it is drawn from the miniature world's
+"heldout" split (``write_examples``, run at development time: ``python -m omnigen.demo_examples``) and
+how the shipped copy in ``assets/examples/`` is read back (``load_examples``). It must not import
+gradio or load a model: ``omnigen.demo`` turns these records into clickable examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
+
+EXAMPLES_FILE = "examples.json"
+MAX_INPUT_IMAGES = 3  # the demo's image slots (the original OmniGen app offers three)
+FAMILIES = ("text-to-image", "editing", "subject-driven", "visual condition", "cv task", "few-shot")
+# (family, miniworld task kind); "few_shot/wrapped" = an in-context example of another kind + its query.
+EXAMPLE_KINDS: tuple[tuple[str, str], ...] = (
+    ("text-to-image", "t2i/objects"),
+    ("text-to-image", "t2i/relation"),
+    ("editing", "edit/recolour"),
+    ("editing", "edit/move"),
+    ("editing", "edit/compose"),
+    ("subject-driven", "subject/place"),
+    ("subject-driven", "subject/pair"),
+    ("visual condition", "condition/edges"),
+    ("visual condition", "condition/depth"),
+    ("visual condition", "condition/boxes"),
+    ("cv task", "cv/segmentation"),
+    ("cv task", "cv/denoise"),
+    ("cv task", "cv/inpaint"),
+    ("cv task", "cv/referring"),
+    ("few-shot", "few_shot/invert"),
+    ("few-shot", "few_shot/wrapped"),
+)
+# Same as omnigen.training.x2i.FEW_SHOT_TEMPLATE (kept equal by tests/test_demo.py).
+FEW_SHOT_TEMPLATE = (
+    "Here is an example. Instruction: {example_instruction} Output: {example_output} "
+    "Now do the same for a new input. Instruction: {query_instruction}"
+)
+
+
+@dataclass(frozen=True)
+class DemoExample:
+    family: str  # one of FAMILIES
+    task: str  # miniworld task kind
+    prompt: str
+    images: tuple[Path, ...]  # tag k <-> images[k - 1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}: {self.task.split('/', 1)[1].replace('_', ' ')}"
+
+
+def default_examples_dir() -> Path:
+    return Path(__file__).parent / "assets" / "examples"
+
+
+def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
+    """The examples of `folder` (default: the shipped ones), image paths resolved and tags checked."""
+    folder = default_examples_dir() if folder is None else Path(folder)
+    path = folder / EXAMPLES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {EXAMPLES_FILE} in {folder}; run python -m omnigen.demo_examples")
+    examples = []
+    for index, row in enumerate(json.loads(path.read_text())):
+        images = tuple(folder / name for name in row["images"])
+        if len(images) > MAX_INPUT_IMAGES:
+            raise ValueError(f"{path}: example {index} has {len(images)} images (max {MAX_INPUT_IMAGES})")
+        validate_image_tags(row["prompt"], len(images))
+        examples.append(DemoExample(row["family"], row["task"], row["prompt"], images))
+    return examples
+
+
+def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
+    """The first heldout sample of `kind` whose prompt needs at most MAX_INPUT_IMAGES images."""
+    from omnigen.data import miniworld, miniworld_tasks
+
+    tasks = "few_shot" if kind == "few_shot/wrapped" else kind
+    for sample in miniworld.generate(40, seed, split="heldout", size=size, tasks=tasks):
+        only = sample.meta["task"] in miniworld_tasks.FEW_SHOT_ONLY_TASKS
+        if kind == "few_shot/wrapped" and (sample.few_shot is None or only):
+            continue
+        count = len(sample.input_images) + (
+            0 if sample.few_shot is None else 1 + len(sample.few_shot["input_images"])
+        )
+        if count <= MAX_INPUT_IMAGES:
+            return sample
+    raise ValueError(f"no heldout sample of {kind!r} with at most {MAX_INPUT_IMAGES} images")
+
+
+def _compose(sample) -> tuple[str, list]:  # noqa: ANN001
+    """Prompt and images of a sample; few-shot samples get the training wrapper (example first)."""
+    if sample.few_shot is None:
+        return sample.instruction, list(sample.input_images)
+    shot = sample.few_shot
+    offset = len(shot["input_images"]) + 1
+    text = FEW_SHOT_TEMPLATE.format(
+        example_instruction=shot["instruction"],
+        example_output=image_tag(offset),
+        query_instruction=renumber_image_tags(sample.instruction, offset),
+    )
+    return text, [*shot["input_images"], shot["output_image"], *sample.input_images]
+
+
+def write_examples(folder: str | Path, seed: int = 7, size: int = 16) -> list[DemoExample]:
+    """Draw EXAMPLE_KINDS from the miniature world's heldout split; write PNGs and examples.json."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for number, (family, kind) in enumerate(EXAMPLE_KINDS):
+        sample = _sample_for(kind, seed + number, size)
+        prompt, arrays = _compose(sample)
+        stem = f"{number:02d}_{kind.replace('/', '_')}"
+        names = []
+        for k, array in enumerate(arrays, start=1):
+            names.append(f"{stem}_{k}.png")
+            Image.fromarray(array).save(folder / names[-1], optimize=True)
+        task = f"few_shot/{sample.meta['task']}" if kind == "few_shot/wrapped" else kind
+        rows.append({"family": family, "task": task, "prompt": prompt, "images": names})
+    (folder / EXAMPLES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
+    return load_examples(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Regenerate the demo's example gallery.")
+    parser.add_argument(
+        "--out", default=str(default_examples_dir()), help="folder (default: the shipped one)"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    for example in write_examples(args.out, args.seed):
+        print(f"{example.label:32s} {len(example.images)} image(s)  {example.prompt}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

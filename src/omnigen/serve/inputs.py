@@ -1,0 +1,319 @@
+"""Request side of the HTTP service: the request/response models, the error type and parsing.
+
+This module owns the body formats of POST /v1/images/generations (JSON with base64 images, multipart or
+url-encoded forms with image uploads), the request limits of ``ServeSettings`` and the error format
+``{"error": {"type", "message", "limit", "field"}}``. ``parse_request`` + ``pipeline_kwargs`` check a
+request completely, so that a bad one never takes a queue slot. No routes here (``app``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from omnigen.serve.settings import ServeSettings
+from omnigen.tags import validate_image_tags
+
+MAX_SEED = 2**53  # exact in JSON numbers
+
+
+class GenerationRequest(BaseModel):
+    """Body of POST /v1/images/generations. Unset fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="instruction; input image k is referenced as <img><|image_k|></img>")
+    images: list[str] = Field(
+        default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
+    )
+    model: str | None = Field(None, description="must name the served model when given")
+    negative_prompt: str | None = None
+    height: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    img_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
+    use_img_guidance: bool = True
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when unset; returned either way")
+    use_kv_cache: bool = True
+    offload_kv_cache: bool = True
+    offload_model: bool = False
+    separate_cfg_infer: bool = True
+    use_input_image_size_as_output: bool = False
+    max_input_image_size: int | None = Field(None, ge=1)
+    num_images_per_prompt: int = Field(1, ge=1)
+    response_format: Literal["png", "b64_json"] = Field(
+        "png", description="png: the image itself (one image only); b64_json: JSON with base64 PNGs"
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    width: int
+    height: int
+
+
+class GenerationResponse(BaseModel):
+    created: int
+    model: str
+    data: list[ImageData]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    limit: str | None = None
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """A client-facing error: HTTP status + the JSON error body (+ headers, e.g. Retry-After)."""
+
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        *,
+        limit: str | None = None,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.detail = ErrorDetail(type=type, message=message, limit=limit, field=field)
+
+    def response(self) -> JSONResponse:
+        body = {"error": self.detail.model_dump(exclude_none=True)}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refusing (413) more than ``max_bytes`` without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise _too_large(f"request body of {declared} bytes exceeds {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(f"request body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(what: str, field: str | None = None) -> ApiError:
+    return ApiError(
+        413, "limit_exceeded", f"{what} (limit max_upload_bytes)", limit="max_upload_bytes", field=field
+    )
+
+
+def decode_base64(text: str, field: str, settings: ServeSettings) -> bytes:
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(400, "invalid_base64", f"{field}: a data URL must be base64 encoded", field=field)
+    text = "".join(text.split())
+    if len(text) * 3 // 4 > settings.max_upload_bytes + 2:
+        raise _too_large(f"{field} decodes to more than {settings.max_upload_bytes} bytes", field)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ApiError(400, "invalid_base64", f"{field} is not valid base64: {err}", field=field) from err
+
+
+def decode_image(data: bytes, field: str, settings: ServeSettings) -> Image.Image:
+    """RGB image from uploaded bytes; size limits are checked before pixels are decoded."""
+    if len(data) > settings.max_upload_bytes:
+        raise _too_large(f"{field} is {len(data)} bytes, more than {settings.max_upload_bytes}", field)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise _pixels_error(field, settings) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ApiError(
+            400, "invalid_image", f"{field} is not a readable image (PNG, JPEG, WebP, ...)", field=field
+        ) from err
+    if image.width * image.height > settings.max_input_pixels:
+        raise _pixels_error(field, settings)
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ApiError(
+            400, "invalid_image", f"{field} is a truncated or corrupt image: {err}", field=field
+        ) from err
+
+
+def _pixels_error(field: str, settings: ServeSettings) -> ApiError:
+    message = f"{field} has more than {settings.max_input_pixels} pixels (limit max_input_pixels)"
+    return ApiError(400, "limit_exceeded", message, limit="max_input_pixels", field=field)
+
+
+def _validation_error(err: ValidationError) -> ApiError:
+    problems, first = [], None
+    for item in err.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        first = first or where
+        if item["type"] == "extra_forbidden":
+            allowed = ", ".join(GenerationRequest.model_fields)
+            problems.append(f"unknown field {where!r} (allowed: {allowed})")
+        else:
+            problems.append(f"{where}: {item['msg']}")
+    return ApiError(422, "invalid_request", "; ".join(problems), field=first)
+
+
+def _check_image_count(count: int, settings: ServeSettings) -> None:
+    if count > settings.max_images:
+        message = f"{count} input images given; at most {settings.max_images} allowed (limit max_images)"
+        raise ApiError(400, "limit_exceeded", message, limit="max_images", field="images")
+
+
+async def parse_request(
+    request: Request, settings: ServeSettings
+) -> tuple[GenerationRequest, list[Image.Image]]:
+    """JSON or multipart body -> validated request + decoded input images (all limits but queueing)."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    per_image = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
+    body = await read_body(request, settings.max_images * per_image + settings.max_prompt_chars * 4 + 65536)
+    if media_type == "application/json":
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        if isinstance(data.get("images"), list):
+            _check_image_count(len(data["images"]), settings)
+        req = _validate(data)
+        blobs = [
+            (f"images[{k}]", decode_base64(text, f"images[{k}]", settings))
+            for k, text in enumerate(req.images)
+        ]
+    elif media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        req, blobs = await _parse_multipart(request, body, settings, per_image)
+    else:
+        message = (
+            f"unsupported content type {media_type or 'none'!r}: send application/json or multipart/form-data"
+        )
+        raise ApiError(415, "unsupported_media_type", message)
+    return req, [decode_image(data, name, settings) for name, data in blobs]
+
+
+async def _parse_multipart(
+    request: Request, body: bytes, settings: ServeSettings, per_image: int
+) -> tuple[GenerationRequest, list[tuple[str, bytes]]]:
+    request._body = body  # the bounded read above; Starlette's form parser streams from it
+    try:
+        form = await request.form(max_files=settings.max_images + 8, max_fields=64, max_part_size=per_image)
+    except StarletteHTTPException as err:
+        raise ApiError(400, "invalid_multipart", str(err.detail)) from err
+    fields: dict[str, Any] = {}
+    images: list[UploadFile | str] = []
+    for key, value in form.multi_items():
+        if key == "images":
+            images.append(value)
+        elif key in fields:
+            raise ApiError(422, "invalid_request", f"field {key!r} given twice", field=key)
+        elif isinstance(value, UploadFile):
+            raise ApiError(
+                422, "invalid_request", f"unexpected file field {key!r}; upload images as 'images'", field=key
+            )
+        else:
+            fields[key] = value
+    _check_image_count(len(images), settings)
+    req = _validate(fields)
+    blobs = []
+    for k, item in enumerate(images):
+        name = f"images[{k}]"
+        if isinstance(item, UploadFile):
+            data = await item.read(settings.max_upload_bytes + 1)
+            blobs.append((f"{name} ({item.filename})" if item.filename else name, data))
+        else:
+            blobs.append((name, decode_base64(item, name, settings)))
+    await form.close()
+    return req, blobs
+
+
+def _validate(data: dict[str, Any]) -> GenerationRequest:
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as err:
+        raise _validation_error(err) from err
+
+
+def pipeline_kwargs(
+    req: GenerationRequest, images: list[Image.Image], pipe: Any, settings: ServeSettings
+) -> dict[str, Any]:
+    """Keyword arguments of OmniGenPipeline.__call__, after every limit and model constraint."""
+    if not req.prompt.strip():
+        raise ApiError(400, "invalid_request", "prompt is empty", field="prompt")
+    if len(req.prompt) > settings.max_prompt_chars:
+        message = (
+            f"prompt has {len(req.prompt)} characters; limit max_prompt_chars is {settings.max_prompt_chars}"
+        )
+        raise ApiError(400, "limit_exceeded", message, limit="max_prompt_chars", field="prompt")
+    if req.model is not None and req.model != settings.model_name:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {req.model!r} is not served; use {settings.model_name!r}",
+            field="model",
+        )
+    d = pipe.defaults
+    steps = req.num_inference_steps or d.num_inference_steps
+    if steps > settings.max_steps:
+        message = f"num_inference_steps={steps} exceeds the limit max_steps={settings.max_steps}"
+        raise ApiError(400, "limit_exceeded", message, limit="max_steps", field="num_inference_steps")
+    if req.num_images_per_prompt > settings.max_outputs:
+        message = f"num_images_per_prompt={req.num_images_per_prompt} exceeds the limit max_outputs={settings.max_outputs}"
+        raise ApiError(400, "limit_exceeded", message, limit="max_outputs", field="num_images_per_prompt")
+    if req.response_format == "png" and req.num_images_per_prompt > 1:
+        message = "response_format 'png' returns one image; use 'b64_json' for num_images_per_prompt > 1"
+        raise ApiError(400, "invalid_request", message, field="response_format")
+    try:
+        validate_image_tags(req.prompt, len(images))
+    except ValueError as err:
+        raise ApiError(400, "invalid_request", str(err), field="prompt") from err
+    if req.use_input_image_size_as_output:
+        if len(images) != 1:
+            raise ApiError(
+                400,
+                "invalid_request",
+                "use_input_image_size_as_output needs exactly one input image",
+                field="images",
+            )
+        longest = req.max_input_image_size or d.max_input_image_size
+        scale = min(1.0, longest / max(images[0].size))
+        pixels = images[0].width * images[0].height * scale * scale
+    else:
+        height, width = req.height or d.height, req.width or d.width
+        try:
+            pipe.model.config.check_image_size(height, width, "output")
+        except (ValueError, TypeError) as err:
+            raise ApiError(
+                400, "invalid_request", str(err), field="height" if "height" in str(err) else "width"
+            ) from err
+        pixels = height * width
+    if pixels > settings.max_pixels:
+        message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
+        raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
+    kwargs = req.model_dump(exclude={"images", "model", "response_format"})
+    kwargs.update(prompt=req.prompt, input_images=images or None, num_inference_steps=steps)
+    return kwargs

@@ -1,0 +1,269 @@
+"""The demo without a browser: building, the handler's logic and messages, the example gallery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+gr = pytest.importorskip("gradio")
+
+from omnigen import demo as demo_module  # noqa: E402
+from omnigen.demo_examples import FAMILIES, MAX_INPUT_IMAGES, load_examples, write_examples  # noqa: E402
+
+
+def ui_values(pipe, **changes):
+    """The values the UI sends for its initial state, with changes."""
+    d = pipe.defaults
+    values = dict(
+        prompt="a red circle",
+        image_1=None,
+        image_2=None,
+        image_3=None,
+        height=float(d.height),  # sliders send floats
+        width=float(d.width),
+        guidance_scale=d.guidance_scale,
+        img_guidance_scale=d.img_guidance_scale,
+        num_inference_steps=float(d.num_inference_steps),
+        seed=7,
+        randomize_seed=False,
+        negative_prompt=d.negative_prompt,
+        max_input_image_size=float(d.max_input_image_size),
+        use_input_image_size_as_output=False,
+        separate_cfg_infer=True,
+        use_kv_cache=True,
+        offload_kv_cache=True,
+        offload_model=False,
+    )
+    values.update(changes)
+    return values
+
+
+def test_import_is_light_and_subcommands_parse():
+    code = "import sys, omnigen.demo, omnigen.serve.cli; print(sorted({'gradio', 'fastapi', 'uvicorn'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import argparse
+
+    from omnigen.serve import cli as serve_cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo_module.register(sub)
+    serve_cli.register(sub)
+    args = parser.parse_args(["demo", "--port", "1234", "--model", "x"])
+    assert (args.func.__module__, args.port, args.host, args.model) == (
+        "omnigen.demo",
+        1234,
+        "127.0.0.1",
+        "x",
+    )
+    args = parser.parse_args(["serve", "--queue-size", "3", "--api-key", "k", "--max-steps", "9"])
+    settings = serve_cli.settings_from_args(args)
+    assert (settings.queue_size, settings.api_key, settings.max_steps, args.host) == (3, "k", 9, "127.0.0.1")
+
+
+def test_build_demo_without_launching(pipeline):
+    demo = demo_module.build_demo(pipeline)
+    assert isinstance(demo, gr.Blocks)
+    assert not demo.is_running
+    config = demo.get_config_file()
+    by_id = {c["props"].get("elem_id"): c for c in config["components"]}
+    for elem in (
+        demo_module.ELEM_PROMPT,
+        demo_module.ELEM_GENERATE,
+        demo_module.ELEM_OUTPUT,
+        demo_module.ELEM_RESULT,
+    ):
+        assert elem in by_id, elem
+    labels = {c["props"].get("label") for c in config["components"]}
+    for label in ("Height", "Width", "Guidance scale", "Image guidance scale", "Inference steps", "Seed"):
+        assert label in labels
+    for label in ("Randomize seed", "KV cache", "Offload KV cache to CPU", "Offload model to CPU"):
+        assert label in labels
+    assert sum(1 for c in config["components"] if c["type"] == "image") == MAX_INPUT_IMAGES + 1
+    height = next(c for c in config["components"] if c["props"].get("label") == "Height")["props"]
+    assert (height["value"], height["step"]) == (
+        pipeline.defaults.height,
+        pipeline.model.config.image_multiple,
+    )
+    dataset = next(c for c in config["components"] if c["type"] == "dataset")
+    assert len(dataset["props"]["samples"]) == len(load_examples())
+    generate = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    assert len(generate) == 1 and generate[0].inputs_as_dict and generate[0].tracks_progress
+
+
+def test_run_generation_reports_progress_and_seed(pipeline):
+    steps = []
+    result = demo_module.run_generation(
+        pipeline, ui_values(pipeline, seed=11), lambda i, n: steps.append((i, n))
+    )
+    n = pipeline.defaults.num_inference_steps
+    assert steps == [(i, n) for i in range(1, n + 1)]
+    assert result.seed == 11 and "Seed used: 11" in result.caption
+    assert result.image.size == (pipeline.defaults.width, pipeline.defaults.height)
+    (direct,) = pipeline("a red circle", seed=11, progress=False)
+    assert result.image.tobytes() == direct.tobytes()
+
+
+def test_random_seed_is_the_seed_used(pipeline):
+    values = ui_values(pipeline, randomize_seed=True, seed=None, height=16.0, width=24.0)
+    result = demo_module.run_generation(pipeline, values)
+    assert result.image.size == (24, 16)
+    again = demo_module.run_generation(
+        pipeline, {**values, "randomize_seed": False, "seed": float(result.seed)}
+    )
+    assert again.image.tobytes() == result.image.tobytes()
+
+
+def test_input_images_and_input_size_as_output(pipeline, rgb_image):
+    values = ui_values(
+        pipeline,
+        prompt="put <img><|image_2|></img> on <img><|image_1|></img>",
+        image_1=rgb_image(24, 20, seed=1),
+        image_2=rgb_image(16, 16, seed=2).convert("RGBA"),
+        use_input_image_size_as_output=False,
+    )
+    assert demo_module.run_generation(pipeline, values).image.size == (32, 32)
+    one = ui_values(pipeline, prompt="make it blue <img><|image_1|></img>", image_1=rgb_image(24, 20, seed=1))
+    assert demo_module.run_generation(
+        pipeline, {**one, "use_input_image_size_as_output": True}
+    ).image.size == (24, 20)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"prompt": "   "}, "Enter a prompt"),
+        ({"prompt": "make it blue <img><|image_1|></img>"}, "image tags do not match 0 input image(s)"),
+        ({"image_2": "IMG"}, "image 2 is set but image 1 is empty"),
+        ({"height": 30.0}, "output height must be a positive multiple of 4, got 30"),
+        ({"width": 33.5}, "width must be a whole number"),
+        ({"seed": None}, "Enter a seed"),
+        ({"seed": -1}, "seed must be between 0 and"),
+        ({"num_inference_steps": 0.0}, "inference steps must be between 1 and"),
+        ({"guidance_scale": None}, "guidance scale must be a number"),
+        ({"use_input_image_size_as_output": True}, "needs an input image"),
+    ],
+)
+def test_bad_inputs_give_clear_messages(pipeline, rgb_image, changes, message):
+    if changes.get("image_2") == "IMG":
+        changes = {**changes, "image_2": rgb_image()}
+    with pytest.raises((ValueError, TypeError)) as info:
+        demo_module.run_generation(pipeline, ui_values(pipeline, **changes))
+    assert message in str(info.value)
+
+
+def test_gradio_handler_turns_bad_input_into_gr_error(pipeline):
+    demo = demo_module.build_demo(pipeline, examples=[])
+    (fn,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    names = {block: demo_module.control_name(block.elem_id) for block in fn.inputs}
+    good = ui_values(pipeline)
+    assert sorted(names.values()) == sorted(good)
+    values = {block: good[name] for block, name in names.items()}
+    calls = []
+    image, caption = fn.fn(values, progress=lambda *a, **k: calls.append(a))
+    assert image.size == (32, 32) and caption.startswith("Seed used: 7 ")
+    assert calls[-1][0] == (pipeline.defaults.num_inference_steps,) * 2
+    values[next(b for b, name in names.items() if name == "prompt")] = "<img><|image_1|></img> blue"
+    with pytest.raises(gr.Error, match="image tags do not match"):
+        fn.fn(values, progress=lambda *a, **k: None)
+
+
+def test_examples_cover_every_family_and_match_the_generator(tmp_path):
+    examples = load_examples()
+    assert {ex.family for ex in examples} == set(FAMILIES)
+    assert all(len(ex.images) <= MAX_INPUT_IMAGES and all(p.is_file() for p in ex.images) for ex in examples)
+    assert any(len(ex.images) == 2 for ex in examples) and any(len(ex.images) == 3 for ex in examples)
+    # The shipped copy is what write_examples draws (same prompts, same pixels).
+    fresh = write_examples(tmp_path)
+    assert [(e.prompt, e.task) for e in fresh] == [(e.prompt, e.task) for e in examples]
+    for new, old in zip(fresh, examples):
+        assert [p.read_bytes() for p in new.images] == [p.read_bytes() for p in old.images]
+    assert json.loads((tmp_path / "examples.json").read_text())[0]["family"] == "text-to-image"
+
+
+def test_few_shot_template_matches_training():
+    from omnigen.demo_examples import FEW_SHOT_TEMPLATE
+    from omnigen.training.x2i import FEW_SHOT_TEMPLATE as TRAINING_TEMPLATE
+
+    assert FEW_SHOT_TEMPLATE == TRAINING_TEMPLATE
+
+
+def test_every_example_runs(pipeline):
+    from PIL import Image
+
+    for ex in load_examples():
+        slots = {f"image_{k}": Image.open(p) for k, p in enumerate(ex.images, start=1)}
+        values = ui_values(pipeline, prompt=ex.prompt, num_inference_steps=1.0, **slots)
+        result = demo_module.run_generation(pipeline, values)
+        assert result.image.size == (32, 32), ex.label
+
+
+def test_examples_with_the_shipped_model():
+    from omnigen.pipeline import OmniGenPipeline, default_model_path
+
+    if not (default_model_path() / "config.json").is_file():
+        pytest.skip("the shipped miniature model is not there yet")
+    from PIL import Image
+
+    pipe = OmniGenPipeline.from_pretrained(None)
+    for ex in load_examples():
+        slots = {f"image_{k}": Image.open(p) for k, p in enumerate(ex.images, start=1)}
+        result = demo_module.run_generation(pipe, ui_values(pipe, prompt=ex.prompt, **slots))
+        assert result.image.size == (pipe.defaults.width, pipe.defaults.height), ex.label
+
+
+def test_demo_subcommand_wiring(model_folder, monkeypatch):
+    import argparse
+
+    seen = {}
+    monkeypatch.setattr(demo_module, "launch_demo", lambda demo, **kwargs: seen.update(demo=demo, **kwargs))
+    parser = argparse.ArgumentParser()
+    demo_module.register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--model", str(model_folder), "--port", "7999", "--host", "0.0.0.0"])
+    assert args.func(args) == 0
+    assert isinstance(seen["demo"], gr.Blocks) and (seen["host"], seen["port"]) == ("0.0.0.0", 7999)
+    steps = next(
+        c
+        for c in seen["demo"].get_config_file()["components"]
+        if c["props"].get("label") == "Inference steps"
+    )
+    assert steps["props"]["value"] == 2  # the model folder's generation_config.json
+
+
+@pytest.mark.slow
+def test_omnigen_demo_command_serves_the_page(model_folder, tmp_path):
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "demo.log").open("w")
+    command = ["omnigen", "demo", "--model", str(model_folder), "--port", str(port)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "demo.log").read_text()
+            assert time.monotonic() < deadline, "omnigen demo did not come up"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+                    config = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert config["title"] == "OmniGen"
+        assert any(c["props"].get("elem_id") == demo_module.ELEM_GENERATE for c in config["components"])
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()

@@ -1,0 +1,441 @@
+"""The HTTP service: schema, generation, every bad input, auth, queueing, cancellation and a load test.
+
+Single requests go through FastAPI's TestClient; everything concurrent runs against a real uvicorn
+server on 127.0.0.1 (a free port) with bounded waits everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import inspect
+import io
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from omnigen.serve.app import create_app  # noqa: E402
+from omnigen.serve.settings import ServeSettings  # noqa: E402
+from omnigen.serve.worker import JobQueue, QueueFull, Worker, WorkerStopped  # noqa: E402
+
+URL = "/v1/images/generations"
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "load_serve.py"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@contextmanager
+def client_for(pipe, **settings):
+    with TestClient(create_app(pipe, ServeSettings(**settings))) as client:
+        yield client
+
+
+class GatedPipeline:
+    """The pipeline, but the first call waits until `gate` is set (bounded); counts calls."""
+
+    def __init__(self, pipe) -> None:
+        self._pipe, self.gate, self.started, self.calls = pipe, threading.Event(), threading.Event(), 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.started.set()
+        assert self.gate.wait(30), "gate never opened"
+        return self._pipe(*args, **kwargs)
+
+
+@contextmanager
+def serving(app):
+    """A real uvicorn server for `app` on 127.0.0.1:<free port>, in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        assert not thread.is_alive(), "server did not stop"
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------------------ schema
+
+
+def test_openapi_schema_documents_every_parameter(pipeline):
+    from omnigen.pipeline import OmniGenPipeline
+
+    with client_for(pipeline) as client:
+        schema = client.get("/openapi.json").json()
+        assert client.get("/docs").status_code == 200
+    assert {"/health", "/v1/models", URL} <= set(schema["paths"])
+    post = schema["paths"][URL]["post"]
+    content = post["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+    properties = set(content["application/json"]["schema"]["properties"])
+    internal = {"self", "input_images", "callback_on_step_end", "progress", "output_type"}
+    parameters = set(inspect.signature(OmniGenPipeline.__call__).parameters) - internal
+    assert parameters <= properties, parameters - properties
+    assert {"images", "response_format"} <= properties
+    assert content["multipart/form-data"]["schema"]["properties"]["images"]["items"]["format"] == "binary"
+    assert "image/png" in post["responses"]["200"]["content"]
+    assert {"400", "401", "413", "422", "429", "504"} <= set(post["responses"])
+    assert "ErrorResponse" in schema["components"]["schemas"]
+
+
+def test_health_and_models(pipeline):
+    with client_for(pipeline, model_name="tiny", max_steps=7) as client:
+        health = client.get("/health").json()
+        models = client.get("/v1/models").json()
+    assert health["status"] == "ok" and health["queue_size"] == 8 and health["jobs"]["accepted"] == 0
+    (card,) = models["data"]
+    assert card["id"] == "tiny" and card["defaults"]["height"] == pipeline.defaults.height
+    assert card["limits"]["max_steps"] == 7 and card["image_multiple"] == 4
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_png_response_equals_the_pipeline(pipeline):
+    with client_for(pipeline) as client:
+        response = client.post(URL, json={"prompt": "a red circle", "seed": 5, "width": 24})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.headers["x-seed"] == "5"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (24, 32)
+    (expected,) = pipeline("a red circle", seed=5, width=24, progress=False)
+    assert image.tobytes() == expected.tobytes()
+
+
+def test_json_base64_and_multipart_uploads_agree(pipeline, rgb_image):
+    source = png_bytes(rgb_image(20, 24, seed=3))
+    fields = {
+        "prompt": "make it blue <img><|image_1|></img>",
+        "seed": 3,
+        "num_images_per_prompt": 2,
+        "response_format": "b64_json",
+        "guidance_scale": 2.5,
+        "use_input_image_size_as_output": True,
+    }
+    with client_for(pipeline) as client:
+        as_json = client.post(URL, json={**fields, "images": ["data:image/png;base64," + b64(source)]})
+        form = {key: str(value) for key, value in fields.items()}
+        as_form = client.post(URL, data=form, files=[("images", ("in.png", source, "image/png"))])
+    assert as_json.status_code == 200 and as_form.status_code == 200, (as_json.text, as_form.text)
+    body = as_json.json()
+    assert [item["seed"] for item in body["data"]] == [3, 4]
+    assert body["data"] == as_form.json()["data"]
+    images = [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in body["data"]]
+    expected = pipeline(
+        fields["prompt"],
+        input_images=[rgb_image(20, 24, seed=3)],
+        seed=3,
+        num_images_per_prompt=2,
+        guidance_scale=2.5,
+        use_input_image_size_as_output=True,
+        progress=False,
+    )
+    assert [i.size for i in images] == [(20, 24)] * 2
+    assert [i.tobytes() for i in images] == [e.tobytes() for e in expected]
+
+
+def test_unset_seed_is_random_and_reported(pipeline):
+    with client_for(pipeline) as client:
+        first = client.post(URL, json={"prompt": "a cat"})
+        seed = int(first.headers["x-seed"])
+        again = client.post(URL, json={"prompt": "a cat", "seed": seed})
+    assert first.content == again.content
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+NOISE = Image.frombytes("RGB", (64, 64), __import__("random").Random(0).randbytes(64 * 64 * 3))  # ~12 kB PNG
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "settings", "status", "error_type", "limit", "message"),
+    [
+        ({"json": {"prompt": "<img><|image_1|></img>", "images": ["%%%not base64"]}}, {}, 400, "invalid_base64", None, "images[0] is not valid base64"),
+        ({"json": {"prompt": "<img><|image_1|></img>", "images": [b64(b"hello, not an image")]}}, {}, 400, "invalid_image", None, "images[0] is not a readable image"),
+        ({"data": {"prompt": "<img><|image_1|></img>"}, "files": [("images", ("notes.txt", b"plain text", "text/plain"))]}, {}, 400, "invalid_image", None, "(notes.txt) is not a readable image"),
+        ({"data": {"prompt": "<img><|image_1|></img>"}, "files": [("images", ("big.png", png_bytes(NOISE), "image/png"))]}, {"max_upload_bytes": 2000}, 413, "limit_exceeded", "max_upload_bytes", "more than 2000"),
+        ({"json": {"prompt": "<img><|image_1|></img>", "images": [b64(png_bytes(NOISE))]}}, {"max_upload_bytes": 2000}, 413, "limit_exceeded", "max_upload_bytes", "images[0] decodes to more than 2000"),
+        ({"content": b"{" + b" " * 300_000 + b"}", "headers": {"content-type": "application/json"}}, {"max_upload_bytes": 1000, "max_images": 1}, 413, "limit_exceeded", "max_upload_bytes", "request body"),
+        ({"json": {"prompt": "x", "images": [b64(png_bytes(NOISE))] * 4}}, {}, 400, "limit_exceeded", "max_images", "4 input images given; at most 3"),
+        ({"data": {"prompt": "x"}, "files": [("images", ("a.png", png_bytes(NOISE), "image/png"))] * 4}, {}, 400, "limit_exceeded", "max_images", "at most 3"),
+        ({"json": {"prompt": "<img><|image_1|></img>", "images": [b64(png_bytes(NOISE))]}}, {"max_input_pixels": 1000}, 400, "limit_exceeded", "max_input_pixels", "more than 1000 pixels"),
+        ({"json": {"prompt": "a cat", "colour": "red"}}, {}, 422, "invalid_request", None, "unknown field 'colour'"),
+        ({"data": {"prompt": "a cat", "colour": "red"}}, {}, 422, "invalid_request", None, "unknown field 'colour'"),
+        ({"json": {"height": 32}}, {}, 422, "invalid_request", None, "prompt: Field required"),
+        ({"json": {"prompt": "a cat", "height": "tall"}}, {}, 422, "invalid_request", None, "height:"),
+        ({"json": {"prompt": "a cat", "height": 30}}, {}, 400, "invalid_request", None, "must be a positive multiple of 4"),
+        ({"json": {"prompt": "a cat", "num_inference_steps": 8}}, {"max_steps": 7}, 400, "limit_exceeded", "max_steps", "max_steps=7"),
+        ({"json": {"prompt": "a cat", "height": 64, "width": 64}}, {"max_pixels": 32 * 32}, 400, "limit_exceeded", "max_pixels", "max_pixels=1024"),
+        ({"json": {"prompt": "a cat", "num_images_per_prompt": 5, "response_format": "b64_json"}}, {}, 400, "limit_exceeded", "max_outputs", "max_outputs=4"),
+        ({"json": {"prompt": "a cat", "num_images_per_prompt": 2}}, {}, 400, "invalid_request", None, "use 'b64_json'"),
+        ({"json": {"prompt": "make <img><|image_1|></img> blue"}}, {}, 400, "invalid_request", None, "image tags do not match 0 input image(s)"),
+        ({"json": {"prompt": "a" * 50}}, {"max_prompt_chars": 10}, 400, "limit_exceeded", "max_prompt_chars", "max_prompt_chars is 10"),
+        ({"json": {"prompt": "a cat", "model": "other"}}, {}, 404, "model_not_found", None, "'other' is not served"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, {}, 400, "invalid_json", None, "not valid JSON"),
+        ({"content": b"prompt=a cat", "headers": {"content-type": "text/plain"}}, {}, 415, "unsupported_media_type", None, "multipart/form-data"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_rejected_with_a_named_error(
+    pipeline, request_kwargs, settings, status, error_type, limit, message
+):
+    with client_for(pipeline, **settings) as client:
+        response = client.post(URL, **request_kwargs)
+        stats = client.get("/health").json()
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert error["type"] == error_type and error.get("limit") == limit
+    assert message in error["message"]
+    assert stats["jobs"]["accepted"] == 0  # rejected before taking a queue slot
+
+
+def test_api_key_is_required_everywhere_but_health(pipeline):
+    with client_for(pipeline, api_key="s3cret") as client:
+        assert client.get("/health").status_code == 200
+        for method, path in (("get", "/v1/models"), ("get", "/openapi.json"), ("post", URL)):
+            missing = getattr(client, method)(path)
+            assert missing.status_code == 401 and missing.json()["error"]["type"] == "unauthorized"
+            assert missing.headers["www-authenticate"] == "Bearer"
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        ok = client.post(URL, json={"prompt": "a cat", "seed": 1}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
+
+
+def test_settings_and_queue_units():
+    with pytest.raises(ValueError, match="queue_size must be an int >= 1"):
+        ServeSettings(queue_size=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        ServeSettings(timeout_s=0)
+    worker = Worker(lambda **kwargs: [], 2)
+    jobs = [worker.submit({"k": k}) for k in range(2)]
+    with pytest.raises(QueueFull):
+        worker.submit({"k": 2})
+    jobs[0].cancel()
+    assert len(worker.queue) == 1 and jobs[0].future.cancelled() and worker.counts["cancelled"] == 1
+    worker.stop()
+    assert isinstance(jobs[1].future.exception(timeout=1), WorkerStopped)
+    assert len(worker.queue) == 0 and worker.counts["rejected"] == 1
+    queue = JobQueue(1)
+    assert queue.get(timeout=0.01) is None and not queue.remove(jobs[1])
+
+
+# ------------------------------------------------------------------------------------------ concurrency
+
+
+def test_queue_full_gets_429_with_retry_after(pipeline):
+    gated = GatedPipeline(pipeline)
+    app = create_app(gated, ServeSettings(queue_size=1))
+    with serving(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+        results: list = []
+
+        def send(seed: int) -> None:
+            results.append(client.post(URL, json={"prompt": "a cat", "seed": seed}))
+
+        pool = [threading.Thread(target=send, args=(seed,)) for seed in (1, 2)]
+        pool[0].start()
+        assert gated.started.wait(10)
+        pool[1].start()
+        wait_until(lambda: client.get("/health").json()["waiting"] == 1, what="a waiting job")
+        full = client.post(URL, json={"prompt": "a cat"})
+        gated.gate.set()
+        for thread in pool:
+            thread.join(30)
+    assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+    assert full.json()["error"] == {**full.json()["error"], "type": "queue_full", "limit": "queue_size"}
+    assert sorted(r.status_code for r in results) == [200, 200]
+
+
+def test_client_disconnect_cancels_queued_work(pipeline):
+    gated = GatedPipeline(pipeline)
+    app = create_app(gated, ServeSettings(queue_size=2))
+    with serving(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+        results: list = []
+        first = threading.Thread(
+            target=lambda: results.append(client.post(URL, json={"prompt": "a cat", "seed": 1}))
+        )
+        first.start()
+        assert gated.started.wait(10)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(base + URL, json={"prompt": "a dog", "seed": 2}, timeout=httpx.Timeout(30, read=0.5))
+        wait_until(lambda: client.get("/health").json()["jobs"]["cancelled"] == 1, what="the cancellation")
+        assert client.get("/health").json()["waiting"] == 0
+        gated.gate.set()
+        first.join(30)
+        stats = client.get("/health").json()["jobs"]
+    assert [r.status_code for r in results] == [200]
+    assert gated.calls == 1  # the abandoned job never ran
+    assert stats == {**stats, "accepted": 2, "completed": 1, "cancelled": 1, "failed": 0}
+
+
+def test_timeout_answers_504_and_stops_the_job(pipeline):
+    gated = GatedPipeline(pipeline)
+    with client_for(gated, timeout_s=0.5) as client:
+        response = client.post(URL, json={"prompt": "a cat"})
+        gated.gate.set()
+        wait_until(lambda: client.get("/health").json()["jobs"]["cancelled"] == 1, what="the cancellation")
+        stats = client.get("/health").json()
+    assert response.status_code == 504
+    assert response.json()["error"]["limit"] == "timeout_s"
+    assert stats["jobs"]["completed"] == 0 and not stats["running"]
+
+
+def test_load_50_clients_against_a_queue_of_8(pipeline):
+    """Every request is answered (200 or 429), none hangs or is lost, every image is correct."""
+    prompts = ["a red circle", "a blue square"]
+    expected = {
+        (p, s): png_bytes(pipeline(p, seed=s, num_inference_steps=2, progress=False)[0])
+        for p in prompts
+        for s in range(3)
+    }
+    gated = GatedPipeline(pipeline)  # holds the first job until all 50 requests are in
+    app = create_app(gated, ServeSettings(queue_size=8, timeout_s=60))
+
+    async def run(base: str) -> list:
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+
+            async def one(i: int):
+                body = {"prompt": prompts[i % 2], "seed": i % 3, "num_inference_steps": 2}
+                return i, await client.post(URL, json=body)
+
+            async def release_when_all_arrived() -> None:
+                while True:
+                    jobs = (await client.get("/health")).json()["jobs"]
+                    if jobs["accepted"] + jobs["rejected"] == 50:
+                        gated.gate.set()
+                        return
+                    await asyncio.sleep(0.02)
+
+            tasks = [one(i) for i in range(50)]
+            *answers, _ = await asyncio.wait_for(asyncio.gather(*tasks, release_when_all_arrived()), 90)
+            return answers, (await client.get("/health")).json()
+
+    with serving(app) as base:
+        answers, stats = asyncio.run(run(base))
+    assert sorted(i for i, _ in answers) == list(range(50))
+    codes = [r.status_code for _, r in answers]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) == 9 and codes.count(429) == 41  # 1 running + 8 waiting
+    for i, response in answers:
+        if response.status_code == 200:
+            assert response.content == expected[(prompts[i % 2], i % 3)], f"request {i}: wrong image"
+        else:
+            assert (
+                int(response.headers["retry-after"]) >= 1 and response.json()["error"]["type"] == "queue_full"
+            )
+    assert stats["jobs"] == {"accepted": 9, "rejected": 41, "completed": 9, "failed": 0, "cancelled": 0}
+    assert stats["waiting"] == 0 and not stats["running"]
+
+
+def test_benchmark_script_reports_percentiles(pipeline, capsys):
+    spec = importlib.util.spec_from_file_location("load_serve", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    app = create_app(pipeline, ServeSettings(queue_size=2))
+    with serving(app) as base:
+        assert (
+            module.main(["--url", base, "--clients", "4", "--requests", "8", "--steps", "1", "--retry"]) == 0
+        )
+    out = capsys.readouterr().out
+    assert "requests 8" in out and "p50" in out and "p99" in out and "throughput" in out
+    assert "status 200: 8" in out
+
+
+def test_serve_subcommand_wiring(model_folder, monkeypatch):
+    """`omnigen serve` loads the model, builds the settings (API key from the env) and runs uvicorn."""
+    import argparse
+
+    from omnigen.serve import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+    monkeypatch.setenv("OMNIGEN_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(model_folder), "--port", "8123", "--queue-size", "2"])
+    assert args.func(args) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    settings = seen["app"].state.settings
+    assert (settings.queue_size, settings.api_key) == (2, "from-env")
+    with TestClient(seen["app"]) as client:
+        key = {"Authorization": "Bearer from-env"}
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers=key).json()["data"][0]["defaults"]["num_inference_steps"] == 2
+
+
+@pytest.mark.slow
+def test_omnigen_serve_command(model_folder, tmp_path):
+    """The console script end to end: model folder, port, queue size and the API key from the env."""
+    import os
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMNIGEN_API_KEY": "from-env"}
+    command = ["omnigen", "serve", "--model", str(model_folder), "--port", str(port), "--queue-size", "2"]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "omnigen serve did not come up"
+            try:
+                if httpx.get(base + "/health", timeout=1).json()["queue_size"] == 2:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
+        key = {"Authorization": "Bearer from-env"}
+        response = httpx.post(base + URL, json={"prompt": "a cat", "seed": 0}, headers=key, timeout=30)
+        assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (32, 32)
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
