@@ -1,0 +1,127 @@
+"""``omnigen batch REQUESTS.jsonl --out DIR`` and the process-group setup it shares with ``omnigen eval``.
+
+Scale out with ``torchrun --nproc_per_node N -m omnigen batch ...`` (add ``--nnodes``/``--node_rank``/
+``--rdzv-endpoint`` across nodes; DIR must be a folder every node sees). Each rank loads the model on its
+own device (``cuda:LOCAL_RANK`` when CUDA is used) and generates its slice of the pending images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: str
+    barrier: Callable[[], None] | None
+    close: Callable[[], None]
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Rank, world size and device from torchrun's environment; a gloo (CPU) or nccl (CUDA) group when
+    WORLD_SIZE > 1. `device` None picks CUDA when available."""
+    import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda")
+    if world_size == 1:
+        return DistContext(0, 1, device or ("cuda" if use_cuda else "cpu"), None, lambda: None)
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    # Ranks wait for each other at the end; the slowest shard may take hours.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=24))
+    rank = dist.get_rank()
+    return DistContext(
+        rank,
+        dist.get_world_size(),
+        f"cuda:{local_rank}" if use_cuda else "cpu",
+        dist.barrier,
+        dist.destroy_process_group,
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
+    )
+    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="generate every request of a JSONL file (resumable; torchrun for several processes)",
+        description=(
+            "One JSON object per line: prompt, input_images, id, n, seed, meta and any generation parameter "
+            "(height, width, num_inference_steps, guidance_scale, img_guidance_scale, use_img_guidance, "
+            "negative_prompt, max_input_image_size, use_input_image_size_as_output, separate_cfg_infer, "
+            "use_kv_cache, offload_kv_cache, offload_model). Writes DIR/<id>/<k>.png and DIR/results.jsonl. "
+            "A rerun skips finished images. Launch with torchrun --nproc_per_node N -m omnigen batch ..."
+        ),
+    )
+    p.add_argument("requests", help="request JSONL")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="base seed for requests without one (default 0)")
+    p.add_argument(
+        "--on-error",
+        choices=["skip", "fatal"],
+        default="skip",
+        help="bad lines and failed batches: report and go on (skip, default) or stop (fatal)",
+    )
+    add_model_args(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from omnigen.batch.requests import RequestError, read_requests
+    from omnigen.batch.runner import run_batch
+    from omnigen.pipeline import OmniGenPipeline
+
+    requests, bad = read_requests(args.requests, base_seed=args.seed)
+    for line in bad if os.environ.get("RANK", "0") == "0" else []:
+        logger.warning("%s:%d: %s", args.requests, line.line, line.reason)
+    if bad and args.on_error == "fatal":
+        raise RequestError(f"{args.requests}:{bad[0].line}: {bad[0].reason} ({len(bad)} bad line(s))")
+    ctx = init_distributed(args.device)
+    try:
+        pipe = OmniGenPipeline.from_pretrained(args.model, device=ctx.device, vae_path=args.vae)
+        report = run_batch(
+            pipe,
+            requests,
+            args.out,
+            batch_size=args.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            barrier=ctx.barrier,
+            on_error=args.on_error,
+            model=str(args.model) if args.model is not None else None,
+            bad_lines=bad,
+            progress=not args.no_progress,
+        )
+    finally:
+        ctx.close()
+    logger.info(
+        "rank %d: %d images requested, %d already done, %d generated, %d failed, %d bad line(s)",
+        report.rank,
+        report.total_images,
+        report.already_done,
+        report.generated,
+        report.failed,
+        len(report.bad_lines),
+    )
+    return 1 if report.failed else 0  # skipped bad lines are in the log and DIR/errors.jsonl

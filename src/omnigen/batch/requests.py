@@ -1,0 +1,170 @@
+"""The batch request format: one JSON object per line -> validated `Request`s and `BadLine`s.
+
+Owns the JSONL schema of ``omnigen batch`` and its validation. Does not load the model, open images
+beyond an existence check, or write anything.
+
+A line (blank lines are not requests):
+    required  "prompt" (str; input images referenced as <img><|image_k|></img>)
+    optional  "id" (str of [A-Za-z0-9._-], default: the line number), "input_images" (list of paths,
+              relative to the JSONL's folder), "n" (samples, default 1), "seed" (int; image k uses
+              seed + k; default: the run's base seed plus the number of images of the requests before
+              it, so seeds are consecutive across a file), "meta" (any JSON, copied to the results),
+              and every generation parameter of `PARAMETERS`.
+Every other line is a `BadLine` with its line number, never nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omnigen.tags import validate_image_tags
+
+# Generation parameters a request may set, with their JSON types (pipeline.__call__ keyword names).
+PARAMETERS: dict[str, type] = {
+    "height": int,
+    "width": int,
+    "num_inference_steps": int,
+    "guidance_scale": float,
+    "img_guidance_scale": float,
+    "use_img_guidance": bool,
+    "negative_prompt": str,
+    "max_input_image_size": int,
+    "use_input_image_size_as_output": bool,
+    "separate_cfg_infer": bool,
+    "use_kv_cache": bool,
+    "offload_kv_cache": bool,
+    "offload_model": bool,
+}
+KEYS = ("id", "prompt", "input_images", "n", "seed", "meta", *PARAMETERS)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated line. `input_images` are resolved paths; `params` holds only what the line set."""
+
+    id: str
+    prompt: str
+    input_images: tuple[str, ...]
+    n: int
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)
+    meta: Any = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+    text: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "error": self.reason, "text": self.text}
+
+
+class RequestError(ValueError):
+    """A bad request line when errors are fatal; the message starts with "line N"."""
+
+
+class _LineError(Exception):
+    pass
+
+
+def check_id(value: Any) -> str:
+    """A request id is also a folder name: letters, digits, '.', '_', '-'; not starting with '.'."""
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value) or value.endswith(".jsonl"):
+        raise ValueError(
+            f"'id' must be 1-128 characters of [A-Za-z0-9._-] starting with a letter or digit "
+            f"(and not ending in .jsonl), got {value!r}"
+        )
+    return value
+
+
+def read_requests(
+    path: str | Path, base_seed: int = 0, check_files: bool = True
+) -> tuple[list[Request], list[BadLine]]:
+    """Parse a request JSONL. Returns (requests in file order, bad lines); raises only for I/O errors.
+
+    Relative image paths resolve against the JSONL's folder and are stored absolute, so results compare
+    equal whatever the working directory of a rerun.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"request file not found: {path}")
+    requests: list[Request] = []
+    bad: list[BadLine] = []
+    seen: dict[str, int] = {}
+    next_seed = base_seed
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                request = _parse_line(raw, number, path.parent, next_seed, check_files)
+                if request.id in seen:
+                    raise _LineError(f"duplicate id {request.id!r} (first used on line {seen[request.id]})")
+            except _LineError as err:
+                bad.append(BadLine(number, str(err), raw.decode("utf-8", "replace").strip()[:200]))
+                continue
+            seen[request.id] = number
+            requests.append(request)
+            next_seed += request.n
+    return requests, bad
+
+
+def _parse_line(raw: bytes, number: int, base: Path, default_seed: int, check_files: bool) -> Request:
+    try:
+        row = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _LineError(f"invalid JSON: {err}") from None
+    if not isinstance(row, dict):
+        raise _LineError(f"expected a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - set(KEYS))
+    if unknown:
+        raise _LineError(f"unknown key(s) {unknown}; allowed: {list(KEYS)}")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise _LineError(f"'prompt' must be a non-empty string, got {prompt!r:.60}")
+    try:
+        request_id = check_id(row.get("id", f"{number:06d}"))
+    except ValueError as err:
+        raise _LineError(str(err)) from None
+    images = _images(row.get("input_images"), base, check_files)
+    try:
+        validate_image_tags(prompt, len(images))
+    except ValueError as err:
+        raise _LineError(f"'prompt': {err}") from None
+    n = row.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise _LineError(f"'n' must be a positive int, got {n!r}")
+    seed = row.get("seed", default_seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise _LineError(f"'seed' must be an int >= 0, got {seed!r}")
+    params = {key: _typed(key, row[key]) for key in PARAMETERS if key in row}
+    return Request(request_id, prompt, images, n, seed, params, row.get("meta"), number)
+
+
+def _images(value: Any, base: Path, check_files: bool) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise _LineError(f"'input_images' must be a list of non-empty strings or null, got {value!r:.80}")
+    paths = tuple(str((base / v).resolve()) for v in value)  # an absolute v stays itself
+    missing = [p for p in paths if check_files and not Path(p).is_file()]
+    if missing:
+        raise _LineError(f"input image(s) not found: {missing}")
+    return paths
+
+
+def _typed(key: str, value: Any) -> Any:
+    kind = PARAMETERS[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _LineError(f"{key!r} must be {kind.__name__}, got {value!r:.60}")
+    return value

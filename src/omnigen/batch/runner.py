@@ -1,0 +1,412 @@
+"""Batch generation: plan -> shard -> generate -> record, resumable and safe to run on N ranks.
+
+Owns the output layout (``DIR/<id>/<k>.png`` by default), the per-rank results files, resuming and
+the merge. Does not parse request files (``requests``) or set up processes (``cli``).
+
+Output folder:
+    <layout(request, k)>     each image, written atomically (temporary file + rename)
+    results.rank<r>.jsonl    append-only, one record per finished image, written after its PNG (the
+                             commit marker: an image counts as done only when its record matches)
+    results.jsonl            merged by rank 0 at the end: one record per finished image, request order
+    errors.jsonl             bad lines and failed generations of the last run (rank 0 merges)
+
+Resume: a record counts as done when its file exists and its prompt, images, parameters, seed and model
+equal what the request asks now; everything else is (re)generated. A run killed at any point leaves at
+most a stray temporary file (removed on the next run) and a torn last record line (ignored, then cut).
+
+Sharding: every rank reads the same files and, after a barrier, plans the same pending list, sorted by
+(output size and parameters, request seed, line, k). Rank r takes the r-th contiguous slice of it, so no
+image is planned twice or left out, and each slice keeps runs of consecutive seeds together.
+(`ShardedBucketSampler` is not reused: it pads ranks by repeating batches, which here would mean duplicate
+outputs.) Batches hold images with equal parameters and consecutive seeds, because the pipeline seeds image
+k of a call with seed + k.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import PngImagePlugin
+from tqdm.auto import tqdm
+
+from omnigen.batch.requests import PARAMETERS, BadLine, Request, RequestError
+from omnigen.checkpoint import atomic_write
+from omnigen.processor import load_image, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+Layout = Callable[[Request, int], str]
+OnError = Literal["skip", "fatal"]
+MERGED = "results.jsonl"
+ERRORS = "errors.jsonl"
+_COMPARED = ("file", "seed", "prompt", "input_images", "params", "model")
+
+
+def default_layout(request: Request, k: int) -> str:
+    return f"{request.id}/{k}.png"
+
+
+def rank_file(out_dir: Path, rank: int, kind: str = "results") -> Path:
+    return out_dir / f"{kind}.rank{rank}.jsonl"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Image k of requests[request], generated with `seed` under parameter group `key`."""
+
+    request: int
+    k: int
+    seed: int
+    key: str
+
+
+@dataclass
+class BatchReport:
+    total_images: int
+    already_done: int
+    generated: int
+    failed: int
+    bad_lines: list[BadLine] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and records
+# --------------------------------------------------------------------------------------------------
+
+
+def _call_defaults(pipe: Any) -> dict[str, Any]:
+    """Keyword defaults of pipe.__call__ for the boolean flags (the pipeline's own defaults)."""
+    signature = inspect.signature(type(pipe).__call__)
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name in PARAMETERS and p.default is not inspect.Parameter.empty and p.default is not None
+    }
+
+
+def resolve_params(
+    pipe: Any, request: Request, call_defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every generation parameter of `request` with the pipeline's defaults filled in; height and width
+    are the size of the image that will come out. Raises ValueError for sizes the model cannot make."""
+    d = pipe.defaults
+    params: dict[str, Any] = {
+        "height": d.height,
+        "width": d.width,
+        "num_inference_steps": d.num_inference_steps,
+        "guidance_scale": float(d.guidance_scale),
+        "img_guidance_scale": float(d.img_guidance_scale),
+        "negative_prompt": d.negative_prompt,
+        "max_input_image_size": d.max_input_image_size,
+        **(call_defaults if call_defaults is not None else _call_defaults(pipe)),
+        **request.params,
+    }
+    config = pipe.model.config
+    pipe.processor.check_max_input_image_size(params["max_input_image_size"])
+    if params.get("use_input_image_size_as_output"):
+        if len(request.input_images) != 1:
+            raise ValueError("use_input_image_size_as_output needs exactly one input image")
+        image = load_image(request.input_images[0])
+        width, height = resize_and_crop(image, params["max_input_image_size"], config.image_multiple).size
+        params["height"], params["width"] = height, width
+    else:
+        config.check_image_size(params["height"], params["width"], "output")
+    return params
+
+
+def expected_record(request: Request, k: int, params: dict[str, Any], model: str | None, file: str) -> dict:
+    return {
+        "id": request.id,
+        "k": k,
+        "line": request.line,
+        "file": file,
+        "seed": request.seed + k,
+        "prompt": request.prompt,
+        "input_images": list(request.input_images),
+        "params": params,
+        "model": model,
+        "meta": request.meta,
+    }
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """Every complete record of every rank file (a torn or foreign line is skipped)."""
+    records = []
+    for path in sorted(out_dir.glob("results.rank*.jsonl")):
+        for raw in path.read_bytes().splitlines():
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and "id" in record and "k" in record:
+                records.append(record)
+    return records
+
+
+def finished(out_dir: Path, expected: dict[tuple[str, int], dict]) -> dict[tuple[str, int], dict]:
+    """(id, k) -> the record of each expected image already done with exactly these settings."""
+    done = {}
+    for record in read_records(out_dir):
+        key = (record["id"], record["k"])
+        want = expected.get(key)
+        if want is not None and all(record.get(name) == want[name] for name in _COMPARED):
+            if (out_dir / want["file"]).is_file():
+                done[key] = record
+    return done
+
+
+class _AppendLog:
+    """A JSONL file appended one fsync'ed line at a time; a torn last line is cut on open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with path.open("r+b") as handle:
+                    handle.truncate(data.rfind(b"\n") + 1)
+        self._handle = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------
+
+
+def shard_bounds(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank's contiguous slice: disjoint slices covering [0, count), sizes within 1."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size - 1}], got {rank}")
+    return rank * count // world_size, (rank + 1) * count // world_size
+
+
+def consecutive_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
+    """Cut sorted jobs into batches of one parameter group with seeds s, s+1, ... (at most batch_size)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches: list[list[Job]] = []
+    for job in jobs:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and len(last) < batch_size
+            and last[-1].key == job.key
+            and last[-1].seed + 1 == job.seed
+        ):
+            last.append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+def _validate(
+    pipe: Any, requests: Sequence[Request], on_error: OnError
+) -> tuple[dict[int, dict[str, Any]], list[BadLine]]:
+    call_defaults = _call_defaults(pipe)
+    params, bad = {}, []
+    for index, request in enumerate(requests):
+        try:
+            params[index] = resolve_params(pipe, request, call_defaults)
+        except (ValueError, TypeError, OSError) as err:
+            if on_error == "fatal":
+                raise RequestError(f"line {request.line} (id {request.id!r}): {err}") from err
+            bad.append(BadLine(request.line, f"id {request.id!r}: {err}"))
+    return params, bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def run_batch(
+    pipe: Any,
+    requests: Sequence[Request],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    on_error: OnError = "skip",
+    model: str | None = None,
+    layout: Layout = default_layout,
+    bad_lines: Sequence[BadLine] = (),
+    progress: bool = True,
+) -> BatchReport:
+    """Generate every image of `requests` not already done into `out_dir`; this rank's share only.
+
+    Every rank must call this with the same arguments (except `rank`); `barrier` synchronises them (None
+    for one process). `bad_lines` (from reading the file) are written to errors.jsonl with the lines that
+    fail here. A failing batch is logged and recorded (on_error="skip") or raised ("fatal").
+    """
+    if on_error not in ("skip", "fatal"):
+        raise ValueError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sync = barrier or (lambda: None)
+    params, invalid = _validate(pipe, requests, on_error)
+    bad = [*bad_lines, *invalid]
+    expected = {
+        (requests[i].id, k): expected_record(requests[i], k, p, model, layout(requests[i], k))
+        for i, p in params.items()
+        for k in range(requests[i].n)
+    }
+    done = finished(out_dir, expected)
+    rank_file(out_dir, rank, "errors").unlink(missing_ok=True)
+    sync()  # nobody writes before every rank has read the same state
+
+    mine = plan(requests, params, done, rank, world_size)
+    batches = consecutive_batches(mine, batch_size)
+    logger.info(
+        "rank %d/%d: %d requests, %d images (%d done); this rank: %d images in %d batches",
+        rank,
+        world_size,
+        len(params),
+        len(expected),
+        len(done),
+        len(mine),
+        len(batches),
+    )
+    files = [[expected[(requests[j.request].id, j.k)] for j in batch] for batch in batches]
+    _remove_stale_temporaries(out_dir, [record["file"] for group in files for record in group])
+    bar = tqdm(total=len(mine), unit="img", desc="batch", disable=not progress or rank != 0, smoothing=0.1)
+    results, errors = _AppendLog(rank_file(out_dir, rank)), _AppendLog(rank_file(out_dir, rank, "errors"))
+    generated = failed = 0
+    try:
+        for batch, records in zip(batches, files):
+            ok = _run_one(
+                pipe, requests, batch, records, params[batch[0].request], out_dir, results, errors, on_error
+            )
+            generated, failed = generated + ok, failed + len(batch) - ok
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        results.close()
+        errors.close()
+    sync()
+    if rank == 0:
+        merge(out_dir, expected, bad, world_size)
+    return BatchReport(len(expected), len(done), generated, failed, bad, rank, world_size)
+
+
+def plan(
+    requests: Sequence[Request],
+    params: dict[int, dict[str, Any]],
+    done: dict[tuple[str, int], dict],
+    rank: int,
+    world_size: int,
+) -> list[Job]:
+    """This rank's contiguous slice of the pending images, sorted by (parameters, request seed, line, k)."""
+    keys = {i: json.dumps(p, sort_keys=True) for i, p in params.items()}
+    pending = sorted(
+        (
+            Job(i, k, requests[i].seed + k, keys[i])
+            for i in params
+            for k in range(requests[i].n)
+            if (requests[i].id, k) not in done
+        ),
+        key=lambda job: (job.key, requests[job.request].seed, requests[job.request].line, job.k),
+    )
+    start, end = shard_bounds(len(pending), rank, world_size)
+    return pending[start:end]
+
+
+def _run_one(
+    pipe: Any,
+    requests: Sequence[Request],
+    batch: list[Job],
+    records: list[dict],
+    params: dict[str, Any],
+    out_dir: Path,
+    results: _AppendLog,
+    errors: _AppendLog,
+    on_error: OnError,
+) -> int:
+    """Generate one batch, write its PNGs then its records; returns the number of images written."""
+    try:
+        images = _generate(pipe, requests, batch, params)
+    except Exception as err:
+        if on_error == "fatal":
+            raise
+        logger.error("batch of %s failed: %s", [r["file"] for r in records], err)
+        for r in records:
+            errors.write(
+                {"line": r["line"], "id": r["id"], "k": r["k"], "error": f"{type(err).__name__}: {err}"}
+            )
+        return 0
+    for record, image in zip(records, images, strict=True):
+        _save_png(image, out_dir / record["file"], record["seed"])
+        results.write(record)
+    return len(batch)
+
+
+def _generate(pipe: Any, requests: Sequence[Request], batch: list[Job], params: dict[str, Any]) -> list:
+    prompts = [requests[job.request].prompt for job in batch]
+    images = [list(requests[job.request].input_images) for job in batch]
+    outputs = pipe(
+        prompts,
+        input_images=images if any(images) else None,
+        seed=batch[0].seed,
+        num_images_per_prompt=1,
+        progress=False,
+        **params,
+    )
+    seeds = [image.info.get("seed") for image in outputs]
+    if seeds != [job.seed for job in batch]:  # the pipeline's seed + k contract
+        raise RuntimeError(f"pipeline returned seeds {seeds}, expected {[job.seed for job in batch]}")
+    return outputs
+
+
+def _save_png(image: Any, path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("seed", str(seed))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def _remove_stale_temporaries(out_dir: Path, files: list[str]) -> None:
+    """Temporary files a killed run left next to this rank's targets (atomic_write's naming)."""
+    for file in files:
+        target = out_dir / file
+        if target.parent.is_dir():
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+
+def merge(
+    out_dir: Path, expected: dict[tuple[str, int], dict], bad: Sequence[BadLine], world_size: int
+) -> Path:
+    """results.jsonl: one record per finished expected image, in request-line then k order; and
+    errors.jsonl: bad lines plus this run's failed images."""
+    done = finished(out_dir, expected)
+    ordered = sorted(done.values(), key=lambda r: (r["line"], r["k"]))
+    text = "".join(json.dumps(record) + "\n" for record in ordered)
+    atomic_write(out_dir / MERGED, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    error_rows = [b.to_dict() for b in bad]
+    for r in range(world_size):
+        path = rank_file(out_dir, r, "errors")
+        if path.is_file():
+            error_rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    errors = "".join(json.dumps(row) + "\n" for row in error_rows)
+    atomic_write(out_dir / ERRORS, lambda tmp: tmp.write_text(errors, encoding="utf-8"))
+    missing = len(expected) - len(done)
+    logger.info("merged %d records into %s (%d images missing)", len(ordered), out_dir / MERGED, missing)
+    return out_dir / MERGED
