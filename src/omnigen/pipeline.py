@@ -345,3 +345,27 @@ class OmniGenPipeline:
         return OmniGenPipeline(
             self.model, self.codec, self.tokenizer, replace(self.defaults, **changes), self.device
         )
+
+    # ------------------------------------------------------------------ LoRA (see omnigen.lora)
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Inject the peft-format adapter in ``path`` (ours or the original OmniGen's) into the model."""
+        from omnigen import lora
+
+        lora.load_lora(self.model, path, scale=scale)
+
+    def merge_lora(self) -> None:
+        """Fold the loaded adapter into the base weights (same outputs, no per-step LoRA cost)."""
+        from omnigen import lora
+
+        lora.merge_lora(self.model)
+
+    def unmerge_lora(self) -> None:
+        from omnigen import lora
+
+        lora.unmerge_lora(self.model)
+
+    def unload_lora(self) -> None:
+        """Remove the adapter and restore the base weights."""
+        from omnigen import lora
+
+        lora.unload_lora(self.model)

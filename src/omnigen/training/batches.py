@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,9 +55,19 @@ class BatchBuilder:
         self.dropout = dropout
         self.device = device
 
-    def __call__(self, indices: list[int], resolution: int, generator: torch.Generator) -> TrainBatch:
+    def __call__(
+        self,
+        indices: list[int],
+        resolution: int,
+        generators: torch.Generator | Sequence[torch.Generator],
+    ) -> TrainBatch:
+        """``generators``: one per sample (its dropout draw), or one shared by the whole batch."""
+        if isinstance(generators, torch.Generator):
+            generators = [generators] * len(indices)
+        if len(generators) != len(indices):
+            raise ValueError(f"got {len(generators)} generators for {len(indices)} samples")
         prompts, latents, targets, references, has_reference, weights = [], [], [], [], [], []
-        for index in indices:
+        for index, generator in zip(indices, generators, strict=True):
             sample = self.samples[index]
             instruction, paths = compose_instruction(sample)
             pixels = [_square_pixels(str(p), resolution) for p in paths]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 
 from omnigen.training.config import describe_fields
 
@@ -25,6 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     from omnigen.training.config import TrainConfig
     from omnigen.training.trainer import train
 
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs
+        logging.getLogger("omnigen").setLevel(logging.WARNING)
     config = TrainConfig.load(args.config, args.overrides)
     train(config, device=args.device)
     return 0

@@ -62,6 +62,10 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     distributed: str = field(default="ddp", metadata={"help": "'ddp' or 'fsdp' under torchrun"})
+    lora: dict | None = field(
+        default=None,
+        metadata={"help": "LoRA instead of a full fine-tune: {rank, alpha, target_modules, dropout}"},
+    )
     generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
 
     def __post_init__(self) -> None:
@@ -83,6 +87,21 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.model and not self.init_from:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
+        if self.lora is not None:
+            check_lora(self.lora)
+
+    def lora_arguments(self) -> dict[str, Any] | None:
+        """``omnigen.lora.add_lora`` keyword arguments (alpha defaults to rank), or None."""
+        if self.lora is None:
+            return None
+        from omnigen.lora import DEFAULT_TARGET_MODULES
+
+        return {
+            "rank": self.lora["rank"],
+            "alpha": self.lora.get("alpha", self.lora["rank"]),
+            "target_modules": tuple(self.lora.get("target_modules", DEFAULT_TARGET_MODULES)),
+            "dropout": self.lora.get("dropout", 0.0),
+        }
 
     @property
     def total_steps(self) -> int:
@@ -142,6 +161,29 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+
+LORA_KEYS = ("rank", "alpha", "target_modules", "dropout")
+
+
+def check_lora(lora: Any) -> None:
+    if not isinstance(lora, dict):
+        raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}}, got {lora!r}")
+    unknown = sorted(set(lora) - set(LORA_KEYS))
+    if unknown:
+        raise ValueError(f"unknown lora keys {unknown}; allowed: {list(LORA_KEYS)}")
+    rank = lora.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"lora.rank must be a positive int, got {rank!r}")
+    alpha = lora.get("alpha", rank)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"lora.alpha must be a positive number, got {alpha!r}")
+    dropout = lora.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
+    targets = lora.get("target_modules", ["qkv_proj"])
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"lora.target_modules must be a non-empty list of names, got {targets!r}")
 
 
 def describe_fields() -> str:

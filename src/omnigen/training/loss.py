@@ -13,6 +13,7 @@ Edit weighting (paper Sec. 3): when a sample has a reference input latent x_in o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from omnigen.types import Condition
 
 @dataclass(frozen=True)
 class LossOutput:
-    loss: torch.Tensor  # scalar, mean of per_sample weighted by sample weights
+    loss: torch.Tensor  # scalar: sum of per_sample * sample weights / (their sum or the given normalizer)
     per_sample: torch.Tensor  # (B,) detached
     t: torch.Tensor  # (B,)
 
@@ -49,18 +50,33 @@ def flow_matching_loss(
     model: OmniGenModel,
     condition: Condition,
     x1: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     t_distribution: str = "logit_normal",
     reference: torch.Tensor | None = None,
     has_reference: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
     edit_weight: float = 1.0,
     edit_threshold: float = 0.1,
+    normalizer: float | None = None,
 ) -> LossOutput:
-    """x1 (B, C, H, W) target latents; noise and t drawn from ``generator`` (CPU) then moved."""
+    """x1 (B, C, H, W) target latents; noise and t drawn on the CPU, then moved.
+
+    ``generator``: one for the batch (t for all rows, then all the noise), or one per row (row b draws
+    its t, then its noise, from generator b; a row's draws then do not depend on the rest of the batch).
+    ``normalizer``: divide the weighted sum by this instead of the batch's weight sum, e.g. the weight
+    sum of a global batch split over micro-batches and ranks.
+    """
     batch = x1.shape[0]
-    t = sample_t(batch, generator, t_distribution).to(x1.device)
-    x0 = torch.randn(x1.shape, generator=generator).to(x1.device, x1.dtype)
+    if isinstance(generator, torch.Generator):
+        t = sample_t(batch, generator, t_distribution)
+        x0 = torch.randn(x1.shape, generator=generator)
+    else:
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        draws = [(sample_t(1, g, t_distribution), torch.randn(x1.shape[1:], generator=g)) for g in generator]
+        t = torch.cat([d[0] for d in draws])
+        x0 = torch.stack([d[1] for d in draws])
+    t, x0 = t.to(x1.device), x0.to(x1.device, x1.dtype)
     xt = interpolate(x0, x1, t)
     prediction = model(xt, t, condition=condition).float()
     target = velocity_target(x0, x1).float()
@@ -76,7 +92,7 @@ def flow_matching_loss(
     squared = ((prediction - target) ** 2).mean(dim=1, keepdim=True) * weights
     per_sample = squared.flatten(1).sum(1) / weights.flatten(1).sum(1)
     if sample_weights is None:
-        loss = per_sample.mean()
-    else:
-        loss = (per_sample * sample_weights).sum() / sample_weights.sum()
+        sample_weights = torch.ones_like(per_sample)
+    total = sample_weights.sum() if normalizer is None else normalizer
+    loss = (per_sample * sample_weights).sum() / total
     return LossOutput(loss=loss, per_sample=per_sample.detach(), t=t.detach())

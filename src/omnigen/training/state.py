@@ -1,11 +1,16 @@
-"""Training checkpoints: safetensors for every tensor (model, EMA, optimizer, RNG) and JSON for the
-rest; each checkpoint is a folder written under a temporary name and renamed into place."""
+"""Training checkpoints: safetensors for every tensor (model, EMA, optimizer) and JSON for the rest; each
+checkpoint is a folder written under a temporary name and renamed into place.
+
+There is no RNG state to save: the trainer derives every random draw from (seed, step, sample index).
+Optimizer state is keyed by parameter name (``torch.distributed.checkpoint.state_dict`` form) or index.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +22,20 @@ LATEST = "latest"
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
+    for key, values in state["state"].items():
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{key}.{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{key}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[int | str, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param, name = key.rsplit(".", 1)  # a parameter name may hold dots, a state name does not
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -39,11 +44,14 @@ def save_checkpoint(
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor] | None,
     optimizer: dict[str, Any],
-    generators: dict[str, torch.Tensor],
     info: dict[str, Any],
     keep: int,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Writes ``folder/step_XXXXXXXX`` atomically and points ``folder/latest`` at it."""
+    """Writes ``folder/step_XXXXXXXX`` atomically and points ``folder/latest`` at it.
+
+    ``extra(tmp_folder)`` may write more files into the checkpoint before it is renamed into place.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step_{info['step']:08d}"
     tmp = folder / f".{name}.tmp"
@@ -55,8 +63,9 @@ def save_checkpoint(
         save_file(cpu(ema), str(tmp / "ema.safetensors"))
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(cpu(generators), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_meta}, indent=1))
+    if extra is not None:
+        extra(tmp)
     final = folder / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -82,6 +91,5 @@ def load_checkpoint(folder: Path) -> dict[str, Any] | None:
         "model": load_file(str(path / "model.safetensors")),
         "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
         "optimizer": _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta),
-        "generators": load_file(str(path / "rng.safetensors")),
         "info": info,
     }

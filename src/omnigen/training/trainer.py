@@ -1,31 +1,41 @@
 """The trainer: progressive-resolution stages, AdamW, warm-up + schedule, accumulation, clipping, EMA,
-autocast, checkpoints with exact resume, loss per t-bin, torchrun (DDP) aware.
+autocast, checkpoints with exact resume, loss per t-bin; a full fine-tune or LoRA; one process or
+torchrun (DDP or FSDP2).
 
-``train(config)`` reads straight down (DiT style): distributed set-up, model, EMA, optimizer, data,
-resume, loop, final export. Only rank 0 logs and writes.
+``train(config)`` reads straight down (DiT style): distributed set-up, model (+ LoRA), EMA, optimizer,
+data, resume, loop, final export. Only rank 0 logs and writes.
+
+Rank layout does not change the run. Every rank runs the same sampler over *global* batches (stage
+batch_size x world size samples) and takes its contiguous slice (padded with zero-weight samples when a
+bucket's last batch does not split evenly). Each sample's condition dropout, t and noise come from its
+own generator, seeded by (seed, step, sample index), and the loss is the weighted sum over the whole
+global batch (all micro-batches, all ranks) divided by its weight sum. So N ranks x batch b and one
+process x batch N*b take the same steps up to float rounding, and no RNG state is needed to resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
+import json
 import logging
 import math
-import os
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from omnigen.checkpoint import load_model, save_model
+from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.pipeline import GenerationDefaults
 from omnigen.processor import OmniGenProcessor
 from omnigen.tokenizer import Tokenizer
+from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
 from omnigen.training.loss import flow_matching_loss
@@ -61,9 +71,25 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * params, name by name (the trainable parameters only)."""
+    for name, e in ema.items():
+        e.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The CPU generator of one sample's draws at one step (dropout, then t, then noise)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def shard(indices: list[int], rank: int, world: int) -> tuple[list[int], list[bool]]:
+    """Rank ``rank``'s contiguous slice of a global batch, padded to ceil(len / world) with copies of the
+    first sample; the flags say which entries are real (pads get zero weight)."""
+    per_rank = math.ceil(len(indices) / world)
+    local = indices[rank * per_rank : (rank + 1) * per_rank]
+    pad = per_rank - len(local)
+    return local + [indices[0]] * pad, [True] * len(local) + [False] * pad
 
 
 def _stage_of(step: int, config: TrainConfig) -> int:
@@ -95,173 +121,263 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
 
 
 def train(config: TrainConfig, device: str | None = None, stop_after: int | None = None) -> Path:
-    """Runs (or resumes) the run in ``config.out_dir``; returns the exported model folder.
+    """Runs (or resumes) the run in ``config.out_dir``; returns the exported model (or adapter) folder.
 
     ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done — for tests.
     """
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    runtime = distributed.setup(device, config.distributed)
+    device, main = runtime.device, runtime.is_main
     out = Path(config.out_dir)
-    if rank == 0:
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.to_json())
 
     model, tokenizer, codec = _build(config, device)
+    lora, base_reference = config.lora_arguments(), None
+    if lora is not None:
+        from omnigen.lora import add_lora
+
+        base_reference = _base_reference(config, model, tokenizer, codec, out, main)
+        torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
+        add_lora(model, **lora)
     model.llm.gradient_checkpointing = config.gradient_checkpointing
-    ema = copy.deepcopy(model).requires_grad_(False) if config.ema_decay > 0 else None
+    train_model = distributed.wrap(model, runtime)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    ema = {name: p.detach().clone() for name, p in trainable.items()} if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.stages[0].lr, betas=config.betas
     )
-    train_model: torch.nn.Module = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model)
-
-    read = read_x2i(config.data, image_root=config.image_root, on_bad_row=config.on_bad_row)
-    samples = read.samples
+    samples = read_x2i(config.data, image_root=config.image_root, on_bad_row=config.on_bad_row).samples
     processor = OmniGenProcessor(
         tokenizer, model.config, max_input_image_size=max(s.resolution for s in config.stages)
     )
-    builder = BatchBuilder(
-        samples,
-        processor,
-        codec,
-        ConditionDropout(config.drop_text, config.drop_images, config.drop_both),
-        device,
-    )
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    step, sampler_state = 0, None
+    dropout = ConditionDropout(config.drop_text, config.drop_images, config.drop_both)
+    builder = BatchBuilder(samples, processor, codec, dropout, device)
+    step, sampler_state, sampler_stage = 0, None, None
     resumed = load_checkpoint(out / "checkpoints")
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
+        if lora is not None:
+            distributed.load_tensors(trainable, resumed["model"])
+        else:
+            distributed.load_model(model, resumed["model"])
         if ema is not None and resumed["ema"] is not None:
-            ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        generator.set_state(resumed["generators"][f"rank{rank}"])
-        step, sampler_state = resumed["info"]["step"], resumed["info"]["sampler"]
-        logger.info("resumed from %s at step %d", resumed["path"], step)
+            distributed.load_tensors(ema, resumed["ema"])
+        distributed.load_optimizer(model, optimizer, resumed["optimizer"])
+        info = resumed["info"]
+        step, sampler_state, sampler_stage = info["step"], info["sampler"], info.get("stage")
+        if main:
+            logger.info("resumed from %s at step %d", resumed["path"], step)
 
     stop = {"now": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True)) if rank == 0 else None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True)) if in_main_thread else None
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
         if config.precision != "fp32"
         else contextlib.nullcontext()
     )
     bins = torch.zeros(T_BINS, 2)
-    progress = tqdm(total=config.total_steps, initial=step, disable=rank != 0, desc="train")
-    started, seen = time.perf_counter(), 0
+    # rank 0 draws a progress bar on a terminal only (tqdm's disable=None), other ranks never
+    progress = tqdm(total=config.total_steps, initial=step, disable=None if main else True, desc="train")
+    loss_log = _open_loss_log(out / "loss.jsonl", step) if main else None
+    started, seen, stopping = time.perf_counter(), 0, False
     stage_index, sampler, batches = -1, None, None
 
-    def checkpoint() -> None:
-        if rank != 0:
-            return
-        gens = {f"rank{r}": generator.get_state() for r in range(world)}  # ranks' states equal in shape
-        info = {"step": step, "sampler": sampler.state_dict() if sampler else None}
-        save_checkpoint(
-            out / "checkpoints",
-            model.state_dict(),
-            ema.state_dict() if ema else None,
-            optimizer.state_dict(),
-            gens,
-            info,
-            config.keep_checkpoints,
+    def checkpoint() -> None:  # a collective under FSDP: every rank gathers, rank 0 writes
+        model_state = (
+            distributed.gather_tensors(trainable, runtime)
+            if lora is not None
+            else distributed.gather_model(model, runtime)
         )
-
-    while step < config.total_steps and not stop["now"]:
-        if _stage_of(step, config) != stage_index:
-            stage_index = _stage_of(step, config)
-            stage = config.stages[stage_index]
-            sampler = ShardedBucketSampler(
-                [(stage.resolution, stage.resolution)] * len(samples),
-                stage.batch_size,
-                num_replicas=world,
-                rank=rank,
-                seed=config.seed,
-            )
-            sampler.set_epoch(stage_index * 10_000)
-            if sampler_state is not None and sampler_state.get("batch_size") == stage.batch_size:
-                sampler.load_state_dict(sampler_state)
-            sampler_state = None
-            batches = iter(sampler)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        train_model.train()
-        for micro in range(config.grad_accum):
-            indices = next(batches, None)
-            if indices is None:  # next epoch
-                sampler.set_epoch(sampler.state_dict()["epoch"] + 1)
-                batches = iter(sampler)
-                indices = next(batches)
-            batch = builder(indices, stage.resolution, generator)
-            sync = (
-                contextlib.nullcontext()
-                if not distributed or micro == config.grad_accum - 1
-                else train_model.no_sync()
-            )
-            with sync, autocast:
-                result = flow_matching_loss(
-                    train_model,
-                    batch.condition,
-                    batch.x1,
-                    generator,
-                    config.t_distribution,
-                    batch.reference,
-                    batch.has_reference,
-                    batch.weights,
-                    config.edit_weight,
-                    config.edit_threshold,
+        ema_state = distributed.gather_tensors(ema, runtime) if ema is not None else None
+        optimizer_state = distributed.gather_optimizer(model, optimizer, runtime)
+        if main:
+            info = {
+                "step": step,
+                "stage": stage_index,
+                "sampler": sampler.state_dict() if sampler else None,
+                "world_size": runtime.world,
+                "base_model": base_reference,
+            }
+            adapter = (
+                (
+                    lambda folder: _save_adapter(
+                        model, folder / "adapter", model_state, ema_state, base_reference
+                    )
                 )
-                (result.loss / config.grad_accum).backward()
-            index = (result.t * T_BINS).long().clamp(max=T_BINS - 1)
-            bins.index_add_(
-                0, index.cpu(), torch.stack([result.per_sample.cpu(), torch.ones_like(result.t).cpu()], 1)
+                if lora is not None
+                else None
             )
-            seen += len(indices) * world
-        if config.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, model, 0.0 if step == 0 else config.ema_decay)
-        step += 1
-        progress.update(1)
-        if rank == 0 and (step % config.log_every == 0 or step == config.total_steps):
-            per_bin = (bins[:, 0] / bins[:, 1].clamp(min=1)).tolist()
-            rate = seen / (time.perf_counter() - started)
-            progress.set_postfix(
-                loss=f"{result.loss.item():.4f}", lr=f"{lr_at(step - 1, config):.2e}", sps=f"{rate:.1f}"
+            save_checkpoint(
+                out / "checkpoints",
+                model_state,
+                ema_state,
+                optimizer_state,
+                info,
+                config.keep_checkpoints,
+                extra=adapter,
             )
-            logger.info(
-                "step %d loss %.4f lr %.2e samples/s %.1f loss by t-bin %s",
-                step,
-                result.loss.item(),
-                lr_at(step - 1, config),
-                rate,
-                " ".join(f"{v:.3f}" for v in per_bin),
-            )
-            bins.zero_()
-        last = step == config.total_steps or (stop_after is not None and step >= stop_after)
-        if step % config.checkpoint_every == 0 or last:
-            checkpoint()
-        if stop_after is not None and step >= stop_after:
-            break
-    if stop["now"]:
-        logger.warning("SIGTERM: checkpoint at step %d", step)
-        checkpoint()
-    progress.close()
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        distributed.barrier(runtime)
+
+    def next_global_batch() -> list[int]:
+        nonlocal batches
+        indices = next(batches, None)
+        if indices is None:  # next epoch
+            sampler.set_epoch(sampler.state_dict()["epoch"] + 1)
+            batches = iter(sampler)
+            indices = next(batches)
+        return indices
+
+    try:
+        while step < config.total_steps and not stopping:
+            if _stage_of(step, config) != stage_index:
+                stage_index = _stage_of(step, config)
+                stage = config.stages[stage_index]
+                sampler = ShardedBucketSampler(
+                    [(stage.resolution, stage.resolution)] * len(samples),
+                    stage.batch_size * runtime.world,  # one global batch; each rank takes a slice
+                    seed=config.seed,
+                )
+                sampler.set_epoch(stage_index * 10_000)
+                if sampler_state is not None and sampler_stage in (None, stage_index):
+                    sampler.load_state_dict(sampler_state)
+                sampler_state = None
+                batches = iter(sampler)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            if lora is not None and lora["dropout"] > 0:  # LoRA dropout draws from the global RNG
+                torch.manual_seed(sample_generator(config.seed, step, -1 - runtime.rank).initial_seed())
+            train_model.train()
+            step_batches = [next_global_batch() for _ in range(config.grad_accum)]
+            total_weight = sum(samples[i].weight for indices in step_batches for i in indices)
+            stats = torch.zeros(2 + 2 * T_BINS, dtype=torch.float64)  # loss sum, stop flag, t-bins
+            for micro, indices in enumerate(step_batches):
+                local, real = shard(indices, runtime.rank, runtime.world)
+                generators = [sample_generator(config.seed, step, i) for i in local]
+                batch = builder(local, stage.resolution, generators)
+                real_mask = torch.tensor(real, device=device)
+                weights = batch.weights * real_mask
+                sync = distributed.gradient_sync(train_model, runtime, micro == config.grad_accum - 1)
+                with sync, autocast:
+                    result = flow_matching_loss(
+                        train_model,
+                        batch.condition,
+                        batch.x1,
+                        generators,
+                        config.t_distribution,
+                        batch.reference,
+                        batch.has_reference,
+                        weights,
+                        config.edit_weight,
+                        config.edit_threshold,
+                        normalizer=total_weight / runtime.world,  # DDP / FSDP average over ranks
+                    )
+                    result.loss.backward()
+                per_sample, t = result.per_sample.cpu().double(), result.t.cpu()
+                stats[0] += (per_sample * weights.cpu()).sum()
+                index = (t * T_BINS).long().clamp(max=T_BINS - 1)[real]
+                pairs = torch.stack([per_sample[real], torch.ones(len(index), dtype=torch.float64)], 1)
+                stats[2:].view(T_BINS, 2).index_add_(0, index, pairs)
+            grad_norm = None
+            if config.clip_grad > 0:
+                norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.clip_grad)
+                grad_norm = distributed.full_tensor(norm).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                update_ema(ema, trainable, 0.0 if step == 0 else config.ema_decay)
+            step += 1
+            stats[1] = float(stop["now"])
+            stats = distributed.all_reduce_sum(stats, runtime)
+            stopping = bool(stats[1] > 0)
+            loss = stats[0].item() / total_weight
+            bins += stats[2:].view(T_BINS, 2).float()
+            seen += sum(len(indices) for indices in step_batches)
+            progress.update(1)
+            if main:
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr_at(step - 1, config),
+                    "grad_norm": grad_norm,
+                    "time": time.perf_counter() - started,  # seconds since this process began training
+                }
+                loss_log.write(json.dumps(record) + "\n")
+                loss_log.flush()
+            if main and (step % config.log_every == 0 or step == config.total_steps):
+                per_bin = (bins[:, 0] / bins[:, 1].clamp(min=1)).tolist()
+                rate = seen / (time.perf_counter() - started)
+                progress.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr_at(step - 1, config):.2e}", sps=f"{rate:.1f}"
+                )
+                logger.info(
+                    "step %d loss %.4f lr %.2e samples/s %.1f loss by t-bin %s",
+                    step,
+                    loss,
+                    lr_at(step - 1, config),
+                    rate,
+                    " ".join(f"{v:.3f}" for v in per_bin),
+                )
+                bins.zero_()
+            last = step == config.total_steps or (stop_after is not None and step >= stop_after)
+            if step % config.checkpoint_every == 0 or last or stopping:
+                if stopping and main:
+                    logger.warning("SIGTERM: checkpoint at step %d", step)
+                checkpoint()
+            if stop_after is not None and step >= stop_after:
+                break
+    finally:
+        progress.close()
+        if loss_log is not None:
+            loss_log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     final = out / "final"
-    if rank == 0 and step >= config.total_steps:
-        export(ema or model, tokenizer, codec, final, config.generation)
-    if distributed:
-        dist.barrier()
+    if step >= config.total_steps:
+        _export_final(config, model, trainable, ema, tokenizer, codec, final, base_reference, runtime)
+    distributed.barrier(runtime)
+    distributed.teardown(runtime)
     return final
+
+
+def _open_loss_log(path: Path, step: int) -> TextIO:
+    """``loss.jsonl``, one line per optimizer step; lines past a resumed ``step`` are dropped."""
+    kept = []
+    if step > 0 and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def _base_reference(config: TrainConfig, model, tokenizer, codec, out: Path, main: bool) -> str:  # noqa: ANN001
+    """The folder of the model a LoRA run adapts: ``init_from``, or a new model exported to out/base."""
+    if config.init_from:
+        return str(Path(config.init_from).resolve())
+    base = out / "base"
+    if main and not (base / "model.safetensors").is_file():
+        export(model, tokenizer, codec, base, config.generation)
+    return str(base.resolve())
+
+
+def _save_adapter(model, folder: Path, state, ema_state, base_reference) -> None:  # noqa: ANN001
+    from omnigen.lora import save_lora
+
+    save_lora(model, folder, state_dict={**state, **(ema_state or {})}, base_model=base_reference)
+
+
+def _export_final(config, model, trainable, ema, tokenizer, codec, final, base_reference, runtime) -> None:  # noqa: ANN001
+    """The EMA weights (or the last ones): a model folder, or a LoRA adapter folder."""
+    ema_state = distributed.gather_tensors(ema, runtime) if ema is not None else {}
+    if config.lora is not None:
+        state = distributed.gather_tensors(trainable, runtime)
+        if runtime.is_main:
+            _save_adapter(model, final, state, ema_state, base_reference)
+        return
+    state = distributed.gather_model(model, runtime)
+    if runtime.is_main:
+        state.update(ema_state)
+        export(build_model(model.config, state), tokenizer, codec, final, config.generation)
 
 
 def export(model: OmniGenModel, tokenizer: Tokenizer, codec, folder: Path, generation: dict) -> None:  # noqa: ANN001

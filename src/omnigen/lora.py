@@ -1,0 +1,220 @@
+"""LoRA adapters on the transformer's projections, through ``peft``, in peft's on-disk format.
+
+Owns: adding, saving, loading, scaling, merging and removing one adapter on an ``OmniGenModel``. The
+adapter is injected into the model in place (``peft.inject_adapter_in_model``), so the model keeps its
+class and its ``forward(x, t, condition=..., cache=...)`` signature.
+
+Our projection names are the original OmniGen's (``llm.layers.N.self_attn.qkv_proj``, ``.o_proj``,
+``llm.layers.N.mlp.gate_up_proj``, ``.down_proj``), so a folder written by the original training code
+(``PeftModel.save_pretrained``: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys like
+``base_model.model.llm.layers.0.self_attn.qkv_proj.lora_A.weight``) loads as is, and ``save_lora``
+writes the same layout, which ``PeftModel.from_pretrained`` reads back. Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+ADAPTER_NAME = "default"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module names
+
+
+def _peft():  # noqa: ANN202
+    try:
+        import peft
+    except ImportError as err:
+        raise ImportError("LoRA needs peft: pip install 'omnigen-unified[lora]'") from err
+    return peft
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Module name -> peft LoRA layer, for every adapted projection."""
+    if "peft" not in sys.modules:  # peft never imported: nothing can have been injected
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    return bool(lora_layers(model))
+
+
+def lora_config(model: torch.nn.Module):  # noqa: ANN201 - peft.LoraConfig
+    """The LoraConfig of the injected adapter."""
+    configs = getattr(model, "peft_config", None)
+    if not has_lora(model) or not configs or ADAPTER_NAME not in configs:
+        raise ValueError("the model has no LoRA adapter; call add_lora or load_lora first")
+    return configs[ADAPTER_NAME]
+
+
+def add_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    dropout: float = 0.0,
+):  # noqa: ANN201 - peft.LoraConfig
+    """Inject a fresh adapter (A random, B zero: the model's output is unchanged) and freeze the base.
+
+    ``target_modules``: projection names (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``);
+    each matches the modules whose name ends with it. Only the adapter's parameters require grad after.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError(f"target_modules must be a non-empty list of names, got {target_modules!r}")
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout
+    )
+    _inject(model, config)
+    return config
+
+
+def _inject(model: torch.nn.Module, config) -> None:  # noqa: ANN001
+    if has_lora(model):
+        raise ValueError("the model already has a LoRA adapter; call unload_lora first")
+    names = [name for name, _ in model.named_modules()]
+    targets = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if targets:
+        raise ValueError(f"target_modules {sorted(targets)} match no module of the model")
+    _peft().inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            param.requires_grad_(True)
+
+
+def adapter_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's saved names (``base_model.model.<module>.lora_A.weight``).
+
+    ``state_dict``: the model's full state dict to take them from (e.g. gathered from FSDP shards or
+    with EMA weights); the model's own by default.
+    """
+    peft = _peft()
+    lora_config(model)
+    state = peft.get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=ADAPTER_NAME)
+    return {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_lora(
+    model: torch.nn.Module,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """``folder/adapter_config.json`` + ``folder/adapter_model.safetensors`` (peft's layout).
+
+    ``base_model`` is recorded as ``base_model_name_or_path``: the model folder the adapter belongs to.
+    """
+    from omnigen.checkpoint import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model, state_dict)
+    config = copy.copy(lora_config(model))
+    config.base_model_name_or_path = base_model
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def read_adapter(folder: str | Path):  # noqa: ANN201 - (peft.LoraConfig, dict)
+    """The LoraConfig and the tensors (module names, no ``base_model.model.`` prefix) of a saved adapter."""
+    peft = _peft()
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"{folder} is not a LoRA adapter folder: no {CONFIG_NAME}")
+    if not (folder / WEIGHTS_NAME).is_file():
+        found = sorted(p.name for p in folder.iterdir())
+        raise ValueError(f"{folder} has no {WEIGHTS_NAME} (only safetensors are read); found {found}")
+    config = peft.PeftConfig.from_pretrained(str(folder))
+    if not isinstance(config, peft.LoraConfig):
+        raise ValueError(f"{folder} holds a {type(config).__name__}, not a LoraConfig")
+    tensors = load_file(str(folder / WEIGHTS_NAME))
+    return config, {
+        (k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k): v for k, v in tensors.items()
+    }
+
+
+def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0):  # noqa: ANN201
+    """Inject the adapter saved in ``folder`` and load its weights; every tensor must find its place.
+
+    ``scale`` multiplies the adapter's contribution (1.0: as trained). Returns its LoraConfig.
+    """
+    peft = _peft()
+    config, tensors = read_adapter(folder)
+    _inject(model, config)
+    try:
+        result = peft.set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
+        unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if unexpected or missing:
+            raise ValueError(
+                f"adapter {folder} does not fit the model: unexpected {sorted(unexpected)[:10]}, "
+                f"missing {sorted(missing)[:10]}"
+            )
+    except BaseException:
+        unload_lora(model)
+        raise
+    set_lora_scale(model, scale)
+    logger.info("loaded LoRA adapter %s (r=%d, %d layers)", folder, config.r, len(lora_layers(model)))
+    return config
+
+
+def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
+    """The adapter's output times ``scale`` (on top of alpha / r). Unmerge before changing a merged one."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            raise ValueError("unmerge_lora before changing the scale of a merged adapter")
+        layer.set_scale(ADAPTER_NAME, scale)
+
+
+def merge_lora(model: torch.nn.Module) -> None:
+    """Add the adapter into the base weights (faster inference); ``unmerge_lora`` subtracts it again."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapter to merge")
+    for layer in layers.values():
+        if not layer.merged:
+            layer.merge(adapter_names=[ADAPTER_NAME])
+
+
+def unmerge_lora(model: torch.nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            layer.unmerge()
+
+
+def unload_lora(model: torch.nn.Module, merge: bool = False) -> None:
+    """Remove the adapter layers. ``merge=False``: back to the base weights (unmerging first if merged);
+    ``merge=True``: the base weights keep the adapter merged in (a plain model with the LoRA applied)."""
+    for name, layer in lora_layers(model).items():
+        if merge and not layer.merged:
+            layer.merge(adapter_names=[ADAPTER_NAME])
+        elif not merge and layer.merged:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config

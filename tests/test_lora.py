@@ -1,0 +1,268 @@
+"""LoRA: adapters on the projections, peft's file format (ours and the original OmniGen's), merge/unmerge,
+and LoRA training that changes nothing but the adapter."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import random_model, tiny_config, tiny_vae
+from omnigen import lora
+from omnigen.collate import collate
+from omnigen.processor import OmniGenProcessor
+from test_training import PIXEL_MODEL, make_config, world  # noqa: F401 - `world` is a fixture
+
+peft = pytest.importorskip("peft")
+EDIT = "make it blue <img><|image_1|></img>"
+
+
+def randomize_adapter(model, seed=0, scale=0.2):
+    """Non-zero A and B (B starts at zero), so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def inputs(tokenizer):
+    """(x, t, condition) for the tiny model: an edit prompt with one input image."""
+    config = tiny_config()
+    g = torch.Generator().manual_seed(5)
+    prompt = OmniGenProcessor(tokenizer, config, 32)(EDIT, [torch.rand(3, 32, 32, generator=g) * 2 - 1])
+    condition = collate([prompt], [[torch.randn(4, 16, 16, generator=g)]], config.transformer.pad_token_id)
+    return torch.randn(1, 4, 16, 16, generator=g), torch.tensor([0.4]), condition
+
+
+def velocity(model, inputs):
+    x, t, condition = inputs
+    with torch.no_grad():
+        return model(x, t, condition=condition)
+
+
+def make_pipeline(tokenizer, seed=0):
+    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.vae import AutoencoderKLCodec
+
+    defaults = GenerationDefaults(
+        height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
+    )
+    return OmniGenPipeline(
+        random_model(tiny_config(), seed), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults
+    )
+
+
+def generate(pipe):
+    return pipe("a red cat", seed=1, progress=False, output_type="latent")
+
+
+def test_add_lora_targets_the_projections_and_freezes_the_base(inputs):
+    model = random_model(tiny_config())
+    before = velocity(model, inputs)
+    lora.add_lora(model, rank=4, alpha=8)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert len(trainable) == 2 * 4 * 2  # A and B x 4 projections x 2 layers
+    assert all(".lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    torch.testing.assert_close(velocity(model, inputs), before, atol=0, rtol=0)  # B = 0 at start
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.add_lora(model, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="match no module"):
+        lora.add_lora(random_model(tiny_config()), rank=2, alpha=2, target_modules=["q_proj"])
+
+
+def test_save_then_load_gives_the_same_outputs(inputs, tmp_path):
+    model = random_model(tiny_config())
+    base_out = velocity(model, inputs)
+    lora.add_lora(model, rank=4, alpha=8)
+    randomize_adapter(model)
+    expected = velocity(model, inputs)
+    assert (expected - base_out).abs().max() > 1e-3  # the adapter matters
+    lora.save_lora(model, tmp_path / "adapter", base_model="some/base")
+
+    keys = load_file(str(tmp_path / "adapter" / lora.WEIGHTS_NAME)).keys()
+    assert "base_model.model.llm.layers.0.self_attn.qkv_proj.lora_A.weight" in keys
+    assert "base_model.model.llm.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert len(keys) == 16
+    saved = json.loads((tmp_path / "adapter" / lora.CONFIG_NAME).read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8 and saved["base_model_name_or_path"] == "some/base"
+
+    fresh = random_model(tiny_config())
+    lora.load_lora(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(velocity(fresh, inputs), expected, atol=0, rtol=0)
+    lora.set_lora_scale(fresh, 0.0)
+    torch.testing.assert_close(velocity(fresh, inputs), base_out, atol=0, rtol=0)
+    lora.unload_lora(fresh)
+    assert not lora.has_lora(fresh)
+    torch.testing.assert_close(velocity(fresh, inputs), base_out, atol=0, rtol=0)
+
+
+def test_original_omnigen_adapter_loads(inputs, tmp_path):
+    """What the original OmniGen's train.py writes: get_peft_model(model, LoraConfig(target_modules=
+    ["qkv_proj", "o_proj"], init_lora_weights="gaussian")) ... PeftModel.save_pretrained(folder)."""
+    base = random_model(tiny_config())
+    original = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["qkv_proj", "o_proj"]
+        ),
+    )
+    randomize_adapter(original, seed=3)
+    x, t, condition = inputs
+    with torch.no_grad():
+        expected = original(x, t, condition=condition)  # PeftModel passes the call through
+    original.save_pretrained(str(tmp_path / "original"))
+    keys = load_file(str(tmp_path / "original" / "adapter_model.safetensors")).keys()
+    assert "base_model.model.llm.layers.0.self_attn.qkv_proj.lora_A.weight" in keys
+
+    lora.load_lora(base, tmp_path / "original")
+    got = velocity(base, inputs)
+    assert (got - velocity(random_model(tiny_config()), inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+    # ... and ours reads back with peft's own loader, as the original pipeline's merge_lora does
+    lora.save_lora(base, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(random_model(tiny_config()), str(tmp_path / "ours"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, condition=condition), expected, atol=1e-6, rtol=0)
+
+
+def test_adapter_that_does_not_fit_is_refused(tmp_path):
+    model = random_model(tiny_config())
+    lora.add_lora(model, rank=4, alpha=4)
+    lora.save_lora(model, tmp_path / "a")
+    wider = tiny_config()
+    from dataclasses import replace
+
+    wider = replace(
+        wider,
+        transformer=replace(
+            wider.transformer, hidden_size=64, intermediate_size=96, num_heads=8, num_kv_heads=8
+        ),
+    )
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        lora.load_lora(random_model(wider), tmp_path / "a")
+    (tmp_path / "a" / lora.WEIGHTS_NAME).rename(tmp_path / "a" / "adapter_model.bin")
+    with pytest.raises(ValueError, match="only safetensors"):
+        lora.load_lora(random_model(tiny_config()), tmp_path / "a")
+
+
+def test_pipeline_merge_equals_unmerged_and_unload_restores(tokenizer, inputs, tmp_path):
+    pipe = make_pipeline(tokenizer)
+    base_out, base_velocity = generate(pipe), velocity(pipe.model, inputs)
+    donor = random_model(tiny_config())
+    lora.add_lora(donor, rank=4, alpha=8)
+    randomize_adapter(donor, scale=0.1)
+    lora.save_lora(donor, tmp_path / "adapter")
+
+    pipe.load_lora(tmp_path / "adapter")
+    unmerged, unmerged_velocity = generate(pipe), velocity(pipe.model, inputs)
+    assert (unmerged - base_out).abs().max() > 1e-3
+    pipe.merge_lora()
+    assert all(layer.merged for layer in lora.lora_layers(pipe.model).values())
+    torch.testing.assert_close(velocity(pipe.model, inputs), unmerged_velocity, atol=1e-5, rtol=0)
+    # two guided sampling steps amplify fp32 rounding of the merged weights a little
+    torch.testing.assert_close(generate(pipe), unmerged, atol=1e-4, rtol=0)
+    pipe.unmerge_lora()
+    torch.testing.assert_close(velocity(pipe.model, inputs), unmerged_velocity, atol=1e-5, rtol=0)
+    pipe.merge_lora()
+    pipe.unload_lora()  # unmerges first: back to the base weights
+    assert not lora.has_lora(pipe.model)
+    torch.testing.assert_close(velocity(pipe.model, inputs), base_velocity, atol=1e-5, rtol=0)
+    torch.testing.assert_close(generate(pipe), base_out, atol=1e-4, rtol=0)
+
+    pipe.load_lora(tmp_path / "adapter", scale=0.5)
+    half = velocity(pipe.model, inputs)
+    # (the base went through merge + unmerge: fp32 rounding)
+    torch.testing.assert_close(half, velocity(donor_at_scale(donor, 0.5), inputs), atol=1e-5, rtol=0)
+    assert (half - unmerged_velocity).abs().max() > 1e-4 and (half - base_velocity).abs().max() > 1e-4
+
+
+def donor_at_scale(model, scale):
+    model = copy.deepcopy(model)
+    lora.set_lora_scale(model, scale)
+    return model
+
+
+def test_lora_training_changes_only_the_adapter(world, tmp_path, monkeypatch):  # noqa: F811
+    from omnigen.training import trainer
+
+    captured = {}
+    export = trainer._export_final
+
+    def capture(config, model, *args):
+        captured["model"] = model
+        export(config, model, *args)
+
+    monkeypatch.setattr(trainer, "_export_final", capture)
+    root, _ = world
+    # a random (non-zero head) base: a fresh model's zeroed head would give the adapter no gradient
+    from omnigen.checkpoint import save_model
+    from omnigen.config import OmniGenConfig
+
+    save_model(random_model(OmniGenConfig.from_dict(PIXEL_MODEL), scale=0.05), tmp_path / "base")
+    config = make_config(
+        root,
+        tmp_path / "run",
+        4,
+        init_from=str(tmp_path / "base"),
+        lora={"rank": 4, "alpha": 4},
+        warmup_steps=0,
+        ema_decay=0.5,
+    )
+    final = trainer.train(config, device="cpu")
+
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    state = {k.replace(".base_layer", ""): v for k, v in captured["model"].state_dict().items()}
+    adapter = {k: v for k, v in state.items() if ".lora_" in k}
+    assert len(adapter) == 16 and set(state) - set(adapter) == set(base)
+    for name in base:
+        torch.testing.assert_close(state[name], base[name], atol=0, rtol=0, msg=name)
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # B starts at zero
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert all(".lora_" in k for k in load_file(str(checkpoint / "model.safetensors")))
+    assert (checkpoint / "adapter" / lora.WEIGHTS_NAME).is_file()
+    adapter_config = json.loads((final / lora.CONFIG_NAME).read_text())
+    assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+
+    from omnigen.checkpoint import load_model
+
+    reloaded, _ = load_model(tmp_path / "base")
+    lora.load_lora(reloaded, final)
+    exported = load_file(str(final / lora.WEIGHTS_NAME))
+    ema_b = exported["base_model.model.llm.layers.0.self_attn.qkv_proj.lora_B.weight"]
+    last_b = adapter["llm.layers.0.self_attn.qkv_proj.lora_B.default.weight"]
+    assert (ema_b - last_b).abs().max() > 0  # the export holds the EMA, not the last weights
+
+
+def test_lora_training_resumes_exactly(world, tmp_path):  # noqa: F811
+    """Stop at step 2 and resume == straight through, with LoRA dropout (reseeded per step)."""
+    from omnigen.checkpoint import save_model
+    from omnigen.config import OmniGenConfig
+    from omnigen.training.trainer import train
+
+    root, _ = world
+    save_model(random_model(OmniGenConfig.from_dict(PIXEL_MODEL), scale=0.05), tmp_path / "base")
+    adapters = []
+    for name, stop in (("straight", None), ("split", 2)):
+        config = make_config(
+            root,
+            tmp_path / name,
+            4,
+            init_from=str(tmp_path / "base"),
+            lora={"rank": 4, "alpha": 8, "dropout": 0.2, "target_modules": ["qkv_proj", "o_proj"]},
+            drop_text=0.3,
+        )
+        if stop is not None:
+            train(config, device="cpu", stop_after=stop)
+            assert not (tmp_path / name / "final").exists()
+        train(config, device="cpu")
+        adapters.append(load_file(str(tmp_path / name / "final" / lora.WEIGHTS_NAME)))
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 8
+    assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) <= 1e-6
