@@ -199,6 +199,7 @@ class OmniGenPipeline:
             tuple(proc.pixel_values[0].shape[-2:]) if use_input_image_size_as_output else (height, width)
             for proc in processed
         ]
+        self._place_model(offload_model)
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
             rows = [i for i, s in enumerate(sizes) if s == size]
@@ -332,6 +333,22 @@ class OmniGenPipeline:
             return combine([run(k, z, t) for k in range(num_branches)], scale, img_scale)
 
         return velocity
+
+    def _place_model(self, offload_model: bool) -> None:
+        """With ``offload_model`` the decoder layers live on the CPU and visit the device one at a time
+        (the transformer moves them); everything else, and all of it otherwise, lives on the device."""
+        layers = self.model.llm.layers
+        wanted = torch.device("cpu") if offload_model else self.device
+        if next(layers.parameters()).device != wanted:
+            layers.to(wanted)
+        if next(self.model.x_embedder.parameters()).device != self.device:
+            for name, child in self.model.named_children():
+                if name != "llm":
+                    child.to(self.device)
+            self.model.llm.embed_tokens.to(self.device)
+            self.model.llm.norm.to(self.device)
+            self.model.llm.rotary.materialize(self.device)
+            self.model.pos_embed = self.model.pos_embed.to(self.device)
 
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
