@@ -62,6 +62,20 @@ class GenerationDefaults:
         (Path(folder) / GENERATION_CONFIG).write_text(json.dumps(asdict(self), indent=1))
 
 
+@dataclass(frozen=True)
+class _SamplingOptions:
+    steps: int
+    scale: float
+    img_scale: float
+    use_kv_cache: bool
+    offload_kv_cache: bool
+    offload_model: bool
+    separate_cfg_infer: bool
+    callback: StepEndCallback | None
+    progress: bool
+    decode: bool
+
+
 def default_model_path() -> Path:
     """The miniature model shipped inside the package."""
     return Path(__file__).parent / "assets" / "miniworld"
@@ -200,6 +214,18 @@ class OmniGenPipeline:
             for proc in processed
         ]
         self._place_model(offload_model)
+        options = _SamplingOptions(
+            steps,
+            scale,
+            img_scale,
+            use_kv_cache,
+            offload_kv_cache,
+            offload_model,
+            separate_cfg_infer,
+            callback_on_step_end,
+            progress,
+            decode=output_type != "latent",
+        )
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
             rows = [i for i, s in enumerate(sizes) if s == size]
@@ -207,18 +233,9 @@ class OmniGenPipeline:
                 [processed[i] for i in rows],
                 [branches[i] for i in rows],
                 size,
-                steps,
-                scale,
-                img_scale,
                 [seed + i * num_images_per_prompt for i in rows],
                 num_images_per_prompt,
-                use_kv_cache,
-                offload_kv_cache,
-                offload_model,
-                separate_cfg_infer,
-                callback_on_step_end,
-                progress,
-                decode=output_type != "latent",
+                options,
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
@@ -247,22 +264,14 @@ class OmniGenPipeline:
 
     def _generate(
         self,
-        processed,
-        branches,
-        size,
-        steps,
-        scale,
-        img_scale,
-        seeds,
-        per_prompt,
-        use_kv_cache,  # noqa: ANN001
-        offload_kv_cache,
-        offload_model,
-        separate_cfg_infer,
-        callback,
-        progress,
-        decode=True,  # noqa: ANN001
+        processed: list[ProcessedPrompt],
+        branches: list,
+        size: tuple[int, int],
+        seeds: list[int],
+        per_prompt: int,
+        options: _SamplingOptions,
     ) -> list[list[torch.Tensor]]:
+        """Sample the prompts of one output size; returns, per prompt, its images (or latents)."""
         config = self.model.config
         names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
         # Each branch: the prompts of all samples, repeated per image of a prompt.
@@ -281,56 +290,43 @@ class OmniGenPipeline:
             collate(group, latents[k * len(group) : (k + 1) * len(group)], config.transformer.pad_token_id)
             for k, group in enumerate(branch_prompts)
         ]
-        if not separate_cfg_infer:
+        if not options.separate_cfg_infer:
             conditions = [collate(all_prompts, latents, config.transformer.pad_token_id)]
         conditions = [c.to(self.device, dtype) for c in conditions]
 
         h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
         all_seeds = [s + j for s in seeds for j in range(per_prompt)]
         z = make_noise((config.in_channels, h, w), all_seeds, self.device)
-        velocity = self._velocity_fn(
-            conditions,
-            len(names),
-            config.num_image_tokens(*size),
-            scale,
-            img_scale,
-            use_kv_cache,
-            offload_kv_cache,
-            offload_model,
-        )
+        velocity = self._velocity_fn(conditions, len(names), config.num_image_tokens(*size), options)
+        callback = options.callback
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
-        z = euler_sample(velocity, z, steps, callback=step_callback, progress=progress)
-        pixels = (self.codec.decode(z) if decode else z).float().cpu()
+        z = euler_sample(velocity, z, options.steps, callback=step_callback, progress=options.progress)
+        pixels = (self.codec.decode(z) if options.decode else z).float().cpu()
         return [list(pixels[i * per_prompt : (i + 1) * per_prompt]) for i in range(len(processed))]
 
     def _velocity_fn(
-        self,
-        conditions: list[Condition],
-        num_branches: int,
-        n: int,
-        scale: float,
-        img_scale: float,
-        use_kv_cache: bool,
-        offload_kv_cache: bool,
-        offload_model: bool,
-    ):  # noqa: ANN202
+        self, conditions: list[Condition], num_branches: int, n: int, options: _SamplingOptions
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """v(z, t) with guidance; the conditions are prefilled into caches once, here."""
         model = self.model
         caches: list[ConditionCache | None] = [
-            model.prefill(c, n, offload_cache=offload_kv_cache, offload_layers=offload_model)
-            if use_kv_cache
+            model.prefill(c, n, offload_cache=options.offload_kv_cache, offload_layers=options.offload_model)
+            if options.use_kv_cache
             else None
             for c in conditions
         ]
 
         def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = None if caches[index] is not None else conditions[index]
-            return model(z, t, condition=cond, cache=caches[index], offload_layers=offload_model).float()
+            return model(
+                z, t, condition=cond, cache=caches[index], offload_layers=options.offload_model
+            ).float()
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if len(conditions) == 1:  # all branches in one batch
                 out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
-                return combine(list(out.chunk(num_branches)), scale, img_scale)
-            return combine([run(k, z, t) for k in range(num_branches)], scale, img_scale)
+                return combine(list(out.chunk(num_branches)), options.scale, options.img_scale)
+            return combine([run(k, z, t) for k in range(num_branches)], options.scale, options.img_scale)
 
         return velocity
 

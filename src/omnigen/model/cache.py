@@ -43,13 +43,5 @@ class ConditionCache:
     def length(self) -> int:
         return self.token_mask.shape[1]
 
-    def repeat(self, times: int) -> ConditionCache:
-        """The same condition for ``times`` consecutive copies of each row block (num_images_per_prompt)."""
-        return ConditionCache(
-            token_mask=self.token_mask.repeat(times, 1),
-            offload=self.offload,
-            layers=[(k.repeat(times, 1, 1, 1), v.repeat(times, 1, 1, 1)) for k, v in self.layers],
-        )
-
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
