@@ -10,7 +10,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Stage:
-    """One progressive-resolution stage (paper Table 1): square output images of ``resolution`` pixels."""
+    """One progressive-resolution stage (paper Table 1): square output images of ``resolution`` pixels, or
+    with ``keep_raw_resolution`` aspect-ratio buckets of at most ``resolution**2`` pixels."""
 
     resolution: int
     steps: int
@@ -42,6 +43,17 @@ class TrainConfig:
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
     on_bad_row: str = field(default="error", metadata={"help": "'error' or 'skip' bad JSONL rows"})
+    keep_raw_resolution: bool = field(
+        default=False,
+        metadata={
+            "help": "keep aspect ratios: a target goes to the nearest bucket of <= resolution**2 pixels "
+            "(batches share a bucket), inputs are fitted as at inference (long side <= resolution)"
+        },
+    )
+    latent_cache: str | None = field(
+        default=None,
+        metadata={"help": "folder caching the codec's latents of every image (filled on first use)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of init, data order, noise, t and dropout"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (only on >= 2-D weights)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
@@ -89,6 +101,12 @@ class TrainConfig:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
         if self.lora is not None:
             check_lora(self.lora)
+        if not isinstance(self.keep_raw_resolution, bool):
+            raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
+        if self.latent_cache is not None and (
+            not isinstance(self.latent_cache, str) or not self.latent_cache
+        ):
+            raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def lora_arguments(self) -> dict[str, Any] | None:
         """``omnigen.lora.add_lora`` keyword arguments (alpha defaults to rank), or None."""

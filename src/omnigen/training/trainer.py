@@ -3,14 +3,16 @@ autocast, checkpoints with exact resume, loss per t-bin; a full fine-tune or LoR
 torchrun (DDP or FSDP2).
 
 ``train(config)`` reads straight down (DiT style): distributed set-up, model (+ LoRA), EMA, optimizer,
-data, resume, loop, final export. Only rank 0 logs and writes.
+data, resume, loop, final export. Only rank 0 logs and writes checkpoints (a latent cache gets shards
+from every rank).
 
 Rank layout does not change the run. Every rank runs the same sampler over *global* batches (stage
-batch_size x world size samples) and takes its contiguous slice (padded with zero-weight samples when a
-bucket's last batch does not split evenly). Each sample's condition dropout, t and noise come from its
-own generator, seeded by (seed, step, sample index), and the loss is the weighted sum over the whole
-global batch (all micro-batches, all ranks) divided by its weight sum. So N ranks x batch b and one
-process x batch N*b take the same steps up to float rounding, and no RNG state is needed to resume.
+batch_size x world size samples, all of one output-size bucket) and takes its contiguous slice (padded
+with zero-weight samples when a bucket's last batch does not split evenly). Each sample's condition
+dropout, t and noise come from its own generator, seeded by (seed, step, sample index), and the loss is
+the weighted sum over the whole global batch (all micro-batches, all ranks) divided by its weight sum.
+So N ranks x batch b and one process x batch N*b take the same steps up to float rounding, and no RNG
+state is needed to resume.
 """
 
 from __future__ import annotations
@@ -29,19 +31,17 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
-from omnigen.checkpoint import build_model, load_model, save_model
+from omnigen.checkpoint import build_model, load_config, load_model, resolve_layout, save_model
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.pipeline import GenerationDefaults
-from omnigen.processor import OmniGenProcessor
 from omnigen.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
 from omnigen.training.loss import flow_matching_loss
-from omnigen.training.sampling_data import ConditionDropout, ShardedBucketSampler
+from omnigen.training.sampling_data import ShardedBucketSampler
 from omnigen.training.state import load_checkpoint, save_checkpoint
-from omnigen.training.x2i import read_x2i
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,31 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
         if config.tokenizer is None:
             raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
         tokenizer = Tokenizer.from_file(config.tokenizer)
-    codec = (
-        IdentityCodec(channels=model.config.in_channels)
-        if config.codec == "identity"
-        else AutoencoderKLCodec.from_pretrained(config.codec).to(device)
-    )
-    return model, tokenizer, codec
+    return model, tokenizer, _make_codec(config, model.config, device)
+
+
+def _make_codec(config: TrainConfig, model_config: OmniGenConfig, device: torch.device):  # noqa: ANN202
+    if config.codec == "identity":
+        return IdentityCodec(channels=model_config.in_channels)
+    return AutoencoderKLCodec.from_pretrained(config.codec).to(device)
+
+
+def precompute_latents(config: TrainConfig, device: str | None = None, rank: int = 0, world: int = 1) -> int:
+    """Fill ``config.latent_cache`` with every latent the run can use (each stage's sizes) without loading
+    the model's weights; process ``rank`` of ``world`` takes every world-th sample. Training fills the
+    cache lazily anyway; this only moves the encoding up front. Returns how many latents were encoded."""
+    if config.latent_cache is None:
+        raise ValueError("precompute_latents needs `latent_cache` (a folder) in the config")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layout = resolve_layout(config.init_from) if config.init_from else None
+    model_config = load_config(layout) if layout else OmniGenConfig.from_dict(config.model)
+    if config.tokenizer is None and layout is None:
+        raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
+    tokenizer = Tokenizer.from_file(config.tokenizer or layout.tokenizer_dir)
+    codec = _make_codec(config, model_config, device)
+    builder = BatchBuilder.from_config(config, tokenizer, codec, model_config, device, rank)
+    indices = range(rank, len(builder.samples), world)
+    return sum(builder.precompute(indices, r) for r in sorted({s.resolution for s in config.stages}))
 
 
 def train(config: TrainConfig, device: str | None = None, stop_after: int | None = None) -> Path:
@@ -148,12 +167,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
         param_groups(model, config.weight_decay), lr=config.stages[0].lr, betas=config.betas
     )
 
-    samples = read_x2i(config.data, image_root=config.image_root, on_bad_row=config.on_bad_row).samples
-    processor = OmniGenProcessor(
-        tokenizer, model.config, max_input_image_size=max(s.resolution for s in config.stages)
-    )
-    dropout = ConditionDropout(config.drop_text, config.drop_images, config.drop_both)
-    builder = BatchBuilder(samples, processor, codec, dropout, device)
+    builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank)
+    samples = builder.samples
     step, sampler_state, sampler_stage = 0, None, None
     resumed = load_checkpoint(out / "checkpoints")
     if resumed is not None:
@@ -185,6 +200,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     stage_index, sampler, batches = -1, None, None
 
     def checkpoint() -> None:  # a collective under FSDP: every rank gathers, rank 0 writes
+        if builder.cache is not None:
+            builder.cache.flush()
         model_state = (
             distributed.gather_tensors(trainable, runtime)
             if lora is not None
@@ -234,9 +251,9 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
             if _stage_of(step, config) != stage_index:
                 stage_index = _stage_of(step, config)
                 stage = config.stages[stage_index]
-                sampler = ShardedBucketSampler(
-                    [(stage.resolution, stage.resolution)] * len(samples),
-                    stage.batch_size * runtime.world,  # one global batch; each rank takes a slice
+                sampler = ShardedBucketSampler(  # a global batch holds one bucket; each rank takes a slice
+                    builder.target_sizes(stage.resolution),
+                    stage.batch_size * runtime.world,
                     seed=config.seed,
                 )
                 sampler.set_epoch(stage_index * 10_000)
@@ -329,6 +346,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                 break
     finally:
         progress.close()
+        if builder.cache is not None:
+            builder.cache.flush()
         if loss_log is not None:
             loss_log.close()
         if previous is not None:
