@@ -14,11 +14,23 @@ the same thing.
 Contenders run alternately, ``--reps`` times each; the median seconds per image, peak RSS increase,
 ratios ours/reference, FLOPs per phase and achieved FLOP/s against a measured matmul peak are printed.
 Outputs are checked: our images equal the reference run row by row (tolerance printed).
+
+``--options step_cache,mask_free,int8,compile`` then measures our speed/memory options on one task
+(``--options-task``), end to end with VAE decode, against our default call: per setting the median
+seconds per image, the speed-up, the PSNR of the decoded image against the exact output, the sampling
+steps that ran all layers, and the decoder's linear-weight memory. ``--tasks ""`` skips the reference
+comparison. Step-cache thresholds come from ``--thresholds`` (default 0.05,0.1,0.2). Speed-up is the
+default call's seconds over the setting's; the default already runs mask-free step attention, so the
+"mask_free off" row shows what that option saves as a speed-up below 1.
+
+    python benchmarks/bench_pipeline.py --tasks "" --options step_cache,mask_free,int8,compile --steps 50
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import statistics
 import threading
@@ -37,6 +49,7 @@ from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
 from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
 from omnigen.processor import cfg_prompts
+from omnigen.quantize import linear_weight_bytes, quantize_int8
 from omnigen.sampling import make_noise
 from omnigen.tokenizer import Tokenizer
 from omnigen.vae import AutoencoderKLCodec
@@ -198,6 +211,73 @@ def matmul_peak() -> float:
     return 2 * 1024**3 * reps / (time.perf_counter() - start)
 
 
+def psnr(image: torch.Tensor, exact: torch.Tensor) -> float:
+    """PSNR in dB of pixels in [-1, 1] (peak-to-peak 2) against the exact output."""
+    mse = (image.float() - exact.float()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def options_report(pipe: OmniGenPipeline, prompt: str, images: list, args: argparse.Namespace) -> None:
+    """Each option against the default call, same seed, timed end to end (decode included)."""
+    sections = [s for s in args.options.split(",") if s]
+    unknown = sorted(set(sections) - {"step_cache", "mask_free", "int8", "compile"})
+    if unknown:
+        raise SystemExit(f"unknown --options {unknown}; allowed: step_cache, mask_free, int8, compile")
+    calls: list[int] = []
+
+    def timed(target: OmniGenPipeline, **kw) -> tuple[float, torch.Tensor, int]:  # noqa: ANN003
+        times, out = [], None
+        hook = target.model.llm.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+        try:
+            for _ in range(args.reps):
+                calls.clear()
+                start = time.perf_counter()
+                out = target(prompt, images or None, seed=0, progress=False, output_type="pt", **kw)
+                times.append(time.perf_counter() - start)
+        finally:
+            hook.remove()
+        return statistics.median(times), out, len(calls)
+
+    pipe(prompt, images or None, seed=0, progress=False, output_type="pt")  # warm-up
+    base_s, exact, base_calls = timed(pipe)
+    per_pass = base_calls // (args.steps + 1)  # model calls per step (= per prefill)
+    memory = linear_weight_bytes(pipe.model.llm.layers) / 2**20
+    print(f"# options on {prompt!r} ({len(images)} input images), {args.reps} reps, end to end with decode")
+    print(
+        f"{'option':11} {'setting':22} {'s/image':>8} {'speed-up':>8} {'PSNR dB':>8} {'steps run':>9} {'linear MB':>9}"
+    )
+
+    def line(option: str, setting: str, seconds: float, out: torch.Tensor, n_calls: int, mb: float) -> None:
+        steps_run = n_calls // max(per_pass, 1) - 1
+        print(
+            f"{option:11} {setting:22} {seconds:8.3f} {base_s / seconds:8.2f} {psnr(out, exact):8.1f} "
+            f"{steps_run:5d}/{args.steps:<3d} {mb:9.1f}"
+        )
+
+    line("default", "exact", base_s, exact, base_calls, memory)
+    if "step_cache" in sections:
+        for threshold in [float(x) for x in args.thresholds.split(",")]:
+            line(
+                "step_cache", f"threshold {threshold:g}", *timed(pipe, step_cache_threshold=threshold), memory
+            )
+    if "mask_free" in sections:
+        line("mask_free", "off (masked SDPA)", *timed(pipe, mask_free_attention=False), memory)
+    if "int8" in sections:
+        quantized = pipe.with_defaults()
+        quantized.model = copy.deepcopy(pipe.model)
+        backend = quantize_int8(quantized.model)
+        mb = linear_weight_bytes(quantized.model.llm.layers) / 2**20
+        line("int8", f"weight-only ({backend})", *timed(quantized), mb)
+    if "compile" in sections:
+        compiled = pipe.with_defaults()
+        compiled.model = copy.deepcopy(pipe.model)
+        compiled.compile()
+        start = time.perf_counter()
+        compiled(prompt, images or None, seed=0, progress=False, output_type="latent")
+        print(f"# compile: first call (compiling) {time.perf_counter() - start:.1f} s")
+        line("compile", "decoder blocks", *timed(compiled), memory)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,7 +290,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--vae", choices=["tiny", "sdxl"], default="tiny")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tasks", default="t2i,edit,subject")
+    parser.add_argument("--tasks", default="t2i,edit,subject", help='reference comparison; "" skips it')
+    parser.add_argument("--options", default="", help="step_cache,mask_free,int8,compile (default none)")
+    parser.add_argument("--options-task", choices=sorted(TASKS), default="t2i")
+    parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="step-cache thresholds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -258,8 +341,9 @@ def main() -> None:
     )
     print(f"# load average at start {os.getloadavg()}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     header = f"{'task':8} {'contender':28} {'s/image':>8} {'transf s':>9} {'peak MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}"
-    print(header)
-    for task in args.tasks.split(","):
+    if args.tasks:
+        print(header)
+    for task in [t for t in args.tasks.split(",") if t]:
         prompt, k = TASKS[task]
         imgs = images[:k]
         results: dict[str, list] = {}
@@ -331,6 +415,10 @@ def main() -> None:
             f"(its row-0 rotary bug); FLOPs/image prefill {f['prefill'] / 1e9:.2f} G, "
             f"step {f['step'] / 1e9:.2f} G, VAE not counted"
         )
+    if args.options:
+        prompt, k = TASKS[args.options_task]
+        with torch.no_grad():
+            options_report(pipe, prompt, images[:k], args)
     print(f"# load average at end {os.getloadavg()}")
 
 

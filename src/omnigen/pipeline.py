@@ -4,6 +4,17 @@ Every CFG branch is a row of the condition batch: [cond rows | uncond rows | img
 reference's order). With ``separate_cfg_infer`` each branch runs as its own batch; otherwise all rows
 run together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
 output tokens run at each step.
+
+Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --options``):
+- ``mask_free_attention`` (on): a cached step whose rows have no padding (separate CFG with one prompt)
+  runs its attention without a mask; exact.
+- ``step_cache_threshold`` (off): skip the layers after the first at steps whose input barely changed
+  (``omnigen.step_cache``); an approximation.
+- ``compile()`` (opt-in): ``torch.compile`` of the decoder blocks.
+- ``omnigen.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
+- fp16 guard (on, ``model.llm.fp16_guard``): fp16 weights run with an fp32 residual stream.
+- ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
+- ``omnigen.placement.place_layers(pipe.model, devices)``: decoder layers split over several devices.
 """
 
 from __future__ import annotations
@@ -11,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -24,6 +36,7 @@ from omnigen.guidance import combine
 from omnigen.model import ConditionCache, OmniGenModel
 from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
 from omnigen.sampling import euler_sample, make_noise
+from omnigen.step_cache import StepCache
 from omnigen.tokenizer import Tokenizer
 from omnigen.types import Condition, ProcessedPrompt
 from omnigen.vae import AutoencoderKLCodec, LatentCodec, load_codec, to_uint8
@@ -74,6 +87,9 @@ class _SamplingOptions:
     callback: StepEndCallback | None
     progress: bool
     decode: bool
+    step_cache_threshold: float | None = None
+    mask_free_attention: bool = True
+    vae_tiling: bool = False
 
 
 def default_model_path() -> Path:
@@ -171,12 +187,22 @@ class OmniGenPipeline:
         callback_on_step_end: StepEndCallback | None = None,
         progress: bool = True,
         output_type: str = "pil",
+        step_cache_threshold: float | None = None,
+        mask_free_attention: bool = True,
+        vae_tiling: bool = False,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
 
         ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
+
+        ``step_cache_threshold``: None (default) runs every layer at every step; a number >= 0 turns on step
+        caching with that accumulated relative-change threshold (``omnigen.step_cache``; 0 is exact, about
+        0.05-0.2 skips steps at some cost in fidelity). ``mask_free_attention``: run the cached steps'
+        attention without a mask when the rows have no padding (exact; off only for comparisons).
+        ``vae_tiling``: decode with diffusers' tiled decoder (less memory for large images; the result
+        differs slightly where tiles blend; no effect with a codec that has no tiled decoder).
         """
         d = self.defaults
         prompts, images = self._normalise(prompt, input_images)
@@ -203,6 +229,8 @@ class OmniGenPipeline:
             seed = random.randrange(2**31)
         elif not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if step_cache_threshold is not None:
+            StepCache(step_cache_threshold, steps)  # validates the threshold
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
@@ -225,6 +253,9 @@ class OmniGenPipeline:
             callback_on_step_end,
             progress,
             decode=output_type != "latent",
+            step_cache_threshold=step_cache_threshold,
+            mask_free_attention=mask_free_attention,
+            vae_tiling=vae_tiling,
         )
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
@@ -297,20 +328,42 @@ class OmniGenPipeline:
         h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
         all_seeds = [s + j for s in seeds for j in range(per_prompt)]
         z = make_noise((config.in_channels, h, w), all_seeds, self.device)
-        velocity = self._velocity_fn(conditions, len(names), config.num_image_tokens(*size), options)
+        threshold = options.step_cache_threshold
+        step_cache = None if threshold is None else StepCache(threshold, options.steps)
+        velocity = self._velocity_fn(
+            conditions, len(names), config.num_image_tokens(*size), options, step_cache
+        )
         callback = options.callback
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         z = euler_sample(velocity, z, options.steps, callback=step_callback, progress=options.progress)
-        pixels = (self.codec.decode(z) if options.decode else z).float().cpu()
+        if step_cache is not None:
+            logger.info(
+                "step cache: ran all layers at %d of %d steps", step_cache.num_computed, options.steps
+            )
+        if options.decode:
+            with _vae_tiling(self.codec, options.vae_tiling):
+                z = self.codec.decode(z)
+        pixels = z.float().cpu()
         return [list(pixels[i * per_prompt : (i + 1) * per_prompt]) for i in range(len(processed))]
 
     def _velocity_fn(
-        self, conditions: list[Condition], num_branches: int, n: int, options: _SamplingOptions
+        self,
+        conditions: list[Condition],
+        num_branches: int,
+        n: int,
+        options: _SamplingOptions,
+        step_cache: StepCache | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """v(z, t) with guidance; the conditions are prefilled into caches once, here."""
         model = self.model
         caches: list[ConditionCache | None] = [
-            model.prefill(c, n, offload_cache=options.offload_kv_cache, offload_layers=options.offload_model)
+            model.prefill(
+                c,
+                n,
+                offload_cache=options.offload_kv_cache,
+                offload_layers=options.offload_model,
+                mask_free=options.mask_free_attention,
+            )
             if options.use_kv_cache
             else None
             for c in conditions
@@ -319,10 +372,18 @@ class OmniGenPipeline:
         def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = None if caches[index] is not None else conditions[index]
             return model(
-                z, t, condition=cond, cache=caches[index], offload_layers=options.offload_model
+                z,
+                t,
+                condition=cond,
+                cache=caches[index],
+                offload_layers=options.offload_model,
+                step_cache=step_cache,
+                branch=index,
             ).float()
 
         def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if step_cache is not None:
+                step_cache.begin_step()
             if len(conditions) == 1:  # all branches in one batch
                 out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
                 return combine(list(out.chunk(num_branches)), options.scale, options.img_scale)
@@ -332,11 +393,18 @@ class OmniGenPipeline:
 
     def _place_model(self, offload_model: bool) -> None:
         """With ``offload_model`` the decoder layers live on the CPU and visit the device one at a time
-        (the transformer moves them); everything else, and all of it otherwise, lives on the device."""
+        (the transformer moves them); otherwise each lives on its device of ``omnigen.placement`` if the
+        model was split, else on the pipeline's device. Everything else lives on the pipeline's device."""
         layers = self.model.llm.layers
-        wanted = torch.device("cpu") if offload_model else self.device
-        if next(layers.parameters()).device != wanted:
-            layers.to(wanted)
+        placed = self.model.llm.layer_devices
+        if offload_model or placed is None:
+            wanted = torch.device("cpu") if offload_model else self.device
+            if next(layers.parameters()).device != wanted:
+                layers.to(wanted)
+        else:
+            for layer, device in zip(layers, placed):
+                if next(layer.parameters()).device != device:
+                    layer.to(device)
         if next(self.model.x_embedder.parameters()).device != self.device:
             for name, child in self.model.named_children():
                 if name != "llm":
@@ -348,9 +416,19 @@ class OmniGenPipeline:
 
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
+        self.model.llm.layer_devices = None
         self.model.to(self.device)
         self.model.materialize_buffers(self.device)
         self.codec.to(self.device)
+        return self
+
+    def compile(self, mode: str | None = None, dynamic: bool | None = None) -> OmniGenPipeline:
+        """``torch.compile`` the decoder blocks in place (regional compilation: the blocks share one
+        compiled graph, so compiling costs one block; the cache, offload and step-cache logic around them
+        stays eager). The first calls are slow while graphs compile; outputs equal the eager ones up to
+        float reordering. Returns self."""
+        for layer in self.model.llm.layers:
+            layer.compile(mode=mode, dynamic=dynamic)
         return self
 
     def with_defaults(self, **changes) -> OmniGenPipeline:  # noqa: ANN003
@@ -382,3 +460,18 @@ class OmniGenPipeline:
         from omnigen import lora
 
         lora.unload_lora(self.model)
+
+
+@contextmanager
+def _vae_tiling(codec: LatentCodec, enabled: bool) -> Iterator[None]:
+    """Turn on diffusers' tiled decoding for the duration of a decode, then restore the VAE's setting."""
+    vae = getattr(codec, "vae", None)
+    if not enabled or vae is None or not hasattr(vae, "use_tiling"):
+        yield
+        return
+    before = vae.use_tiling
+    vae.use_tiling = True
+    try:
+        yield
+    finally:
+        vae.use_tiling = before

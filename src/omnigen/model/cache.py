@@ -3,7 +3,8 @@
 An explicit object (gpt-fast style), not a subclass of any library cache. It stores, per layer, the
 rotary-applied keys and values of the condition tokens, and the condition's token mask so that a step
 can build its own mask and positions. With ``offload=True`` the tensors live on the CPU and are moved
-to the compute device one layer at a time.
+to the compute device one layer at a time. With ``mask_free=True`` (the default) a step over a cache
+without padding runs its attention without a mask (``Attention.forward``); the result is the same.
 
 Legend: B rows, K kv heads, Lc condition length, E head dim.
 """
@@ -21,6 +22,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class ConditionCache:
     token_mask: torch.Tensor  # (B, Lc) bool, True for real tokens
     offload: bool = False
+    mask_free: bool = True
     layers: list[KV] = field(default_factory=list)  # per layer: k, v (B, K, Lc, E)
     # per output-token count: (position ids, step mask, rotary cos/sin), built at the first step only
     step_inputs: dict = field(default_factory=dict, repr=False)

@@ -1,7 +1,12 @@
 """The Phi-3 decoder block written natively: RMSNorm, su-scaled rotary, fused-qkv attention, gated MLP.
 
 Legend: B batch, L query length, S key length, D hidden, H heads, K kv heads, E head dim.
-Attention goes through ``F.scaled_dot_product_attention`` with a boolean mask (True = may attend).
+Attention goes through ``F.scaled_dot_product_attention`` with a boolean mask (True = may attend), or
+with no mask at all for a sampling step whose condition has no padding (see ``Attention.forward``).
+
+Blocks compute in their weights' dtype but accept a wider residual stream: with fp16 weights the
+transformer keeps the residual stream in fp32 (see ``Transformer.fp16_guard``), so each sublayer's input
+is cast down to the weights' dtype after its RMSNorm and its output is added in fp32.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from omnigen.config import TransformerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 class RMSNorm(nn.Module):
@@ -104,10 +110,15 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        """x (B, L, D); mask (B, L, S) bool with S = past length + L. Returns output and this call's (k, v)."""
+        """x (B, L, D); mask (B, L, S) bool with S = past length + L. Returns output and this call's (k, v).
+
+        ``mask=None`` is a sampling step without padding: the first query (the time token) sees the cached
+        keys and itself, every other query (the output tokens) sees every key. That is two mask-free SDPA
+        calls (one query, then L - 1 queries), which fused kernels (flash attention) can take.
+        """
         batch, length, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -122,7 +133,12 @@ class Attention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, L, E)
+        if mask is None:
+            visible = k.shape[2] - length + 1  # the cached keys and the time token's own
+            first = F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :visible], v[:, :, :visible])
+            out = torch.cat([first, F.scaled_dot_product_attention(q[:, :, 1:], k, v)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, L, E)
         out = out.transpose(1, 2).reshape(batch, length, q_size)
         return self.o_proj(out), new_kv
 
@@ -137,7 +153,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        hidden = F.silu(gate) * up
+        if hidden.dtype == torch.float16:  # an overflow here would turn into inf - inf = NaN in down_proj
+            hidden = hidden.clamp(-FP16_MAX, FP16_MAX)
+        return self.down_proj(hidden)
 
 
 class Block(nn.Module):
@@ -152,10 +171,12 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         past: KV | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        attn, kv = self.self_attn(self.input_layernorm(x), rope, mask, past)
+        """x (B, L, D) in the weights' dtype or wider (an fp32 residual stream); returned in x's dtype."""
+        dtype = self.input_layernorm.weight.dtype
+        attn, kv = self.self_attn(self.input_layernorm(x).to(dtype), rope, mask, past)
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x).to(dtype))
         return x, kv

@@ -4,12 +4,17 @@ The condition is text with input-image latents scattered into their placeholder 
 returns the velocity for the output latents. Two ways to run it, with equal results:
 - ``forward(x, t, condition)``: the whole sequence in one pass (training, reference);
 - ``prefill(condition, n)`` once, then ``forward(x, t, cache=cache)`` every sampling step.
+A step may also take a ``StepCache`` (``omnigen.step_cache``) that skips most layers at steps whose input
+barely changed: an approximation, off unless asked for.
 
 Legend: B batch, C latent channels, H/W latent size, P patch, N output tokens, Lc condition length,
 D hidden.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,6 +31,7 @@ from omnigen.model.embeddings import (
     unpatchify,
 )
 from omnigen.model.transformer import Transformer
+from omnigen.step_cache import StepCache
 from omnigen.types import Condition
 
 
@@ -118,11 +124,13 @@ class OmniGenModel(nn.Module):
         num_output_tokens: int,
         offload_cache: bool = False,
         offload_layers: bool = False,
+        mask_free: bool = True,
     ) -> ConditionCache:
         """Run the condition alone and keep its keys/values. ``num_output_tokens`` is needed because the
-        rotary long/short choice depends on the length of the whole row."""
+        rotary long/short choice depends on the length of the whole row. ``mask_free``: let the steps run
+        their attention without a mask when the condition has no padding (same result, faster kernels)."""
         token_mask = condition.token_mask
-        cache = ConditionCache(token_mask=token_mask, offload=offload_cache)
+        cache = ConditionCache(token_mask=token_mask, offload=offload_cache, mask_free=mask_free)
         positions = masks.condition_positions(token_mask)
         row_max = token_mask.long().sum(dim=1) + num_output_tokens
         self.llm(
@@ -142,10 +150,14 @@ class OmniGenModel(nn.Module):
         condition: Condition | None = None,
         cache: ConditionCache | None = None,
         offload_layers: bool = False,
+        step_cache: StepCache | None = None,
+        branch: int = 0,
     ) -> torch.Tensor:
         """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] -> velocity (B, C, H, W).
 
         Give exactly one of ``condition`` (full pass) or ``cache`` (a prefilled condition).
+        ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
+        their residual from an earlier step (``omnigen.step_cache``).
         """
         if (condition is None) == (cache is None):
             raise ValueError("give exactly one of `condition` or `cache`")
@@ -153,24 +165,60 @@ class OmniGenModel(nn.Module):
         step, t_emb = self._step_embeddings(x, t)  # (B, 1 + N, D)
         n = step.shape[1] - 1
         if cache is not None:
-            if n not in cache.step_inputs:  # the same at every step: build once per cache
-                positions = masks.step_positions(cache.token_mask, n)
-                cache.step_inputs[n] = (
-                    positions,
-                    masks.step_mask(cache.token_mask, n),
-                    self.llm.rotary(positions, positions[:, -1]),
-                )
-            positions, mask, rope = cache.step_inputs[n]
-            hidden = self.llm(
-                step, positions, positions[:, -1], mask, past=cache, offload_layers=offload_layers, rope=rope
-            )
+            sequence = step
+            positions, mask, rope = self._cached_step_inputs(cache, n)
         else:
             token_mask = condition.token_mask
             sequence = torch.cat([self.embed_condition(condition), step], dim=1)  # (B, Lc + 1 + N, D)
             positions = masks.full_positions(token_mask, n)
             mask = masks.full_mask(token_mask, condition.image_spans, n)
-            hidden = self.llm(sequence, positions, positions[:, -1], mask, offload_layers=offload_layers)
+            rope = self.llm.rotary(positions, positions[:, -1])
+        run = partial(
+            self.llm,
+            position_ids=positions,
+            row_max_position=positions[:, -1],
+            mask=mask,
+            past=cache,
+            offload_layers=offload_layers,
+            rope=rope,
+        )
+        if step_cache is None:
+            hidden = run(sequence)  # (B, L, D)
+        else:
+            hidden = self._layers_with_step_cache(run, sequence, n, step_cache, branch)  # (B, N, D)
         return self._velocity(hidden, t_emb, height, width)
+
+    def _cached_step_inputs(
+        self, cache: ConditionCache, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        """Positions, mask (None when the step can run mask-free) and rotary of a step; the same at every
+        step, so built once per cache and output size."""
+        if n not in cache.step_inputs:
+            positions = masks.step_positions(cache.token_mask, n)
+            mask_free = cache.mask_free and bool(cache.token_mask.all())
+            mask = None if mask_free else masks.step_mask(cache.token_mask, n)
+            cache.step_inputs[n] = (positions, mask, self.llm.rotary(positions, positions[:, -1]))
+        return cache.step_inputs[n]
+
+    def _layers_with_step_cache(
+        self,
+        run: Callable[..., torch.Tensor],
+        sequence: torch.Tensor,
+        n: int,
+        step_cache: StepCache,
+        branch: int,
+    ) -> torch.Tensor:
+        """The first layer always; the others only when the step cache says so, else their residual from
+        the last step that ran them. Returns the final-normed hidden states of the N output tokens."""
+        first = run(sequence, layer_range=(0, 1), normalize=False)  # (B, L, D) raw residual stream
+        tokens = first[:, -n:]  # (B, N, D)
+        if step_cache.should_compute(tokens, branch):
+            layers = (1, self.config.transformer.num_layers)
+            out = run(first, layer_range=layers, normalize=False)[:, -n:]
+            step_cache.store(branch, out - tokens)
+        else:
+            out = tokens + step_cache.residual(branch)
+        return self.llm.finish(out)
 
     def num_parameters(self) -> int:
         """Parameter count (the stored ``pos_embed`` table is a buffer and not counted)."""

@@ -1,5 +1,10 @@
 """The decoder stack (Phi-3 shaped) over input embeddings, with an optional condition cache.
 
+Besides the plain pass it can: run a sub-range of its layers (the step cache runs the first layer, then
+decides whether to run the rest), keep an fp32 residual stream under fp16 weights (``fp16_guard``), and
+run its layers spread over several devices (``layer_devices``, set by ``omnigen.placement``), moving the
+hidden states from one device to the next.
+
 Legend: B batch, L query length, Lc cached length, D hidden.
 """
 
@@ -23,31 +28,52 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # With fp16 weights, carry the residual stream in fp32: Phi-3's residual activations can exceed
+        # fp16's 65504 and then become inf, and NaN after the next RMSNorm. Costs only elementwise work.
+        self.fp16_guard = True
+        # Device of each layer when the stack is split over devices (omnigen.placement); None: one device.
+        self.layer_devices: list[torch.device] | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
 
     def forward(
         self,
         x: torch.Tensor,
         position_ids: torch.Tensor,
         row_max_position: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         past: ConditionCache | None = None,
         collect: ConditionCache | None = None,
         offload_layers: bool = False,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        layer_range: tuple[int, int] | None = None,
+        normalize: bool = True,
     ) -> torch.Tensor:
-        """x (B, L, D); position_ids (B, L); mask (B, L, Lc + L) bool.
+        """x (B, L, D); position_ids (B, L); mask (B, L, Lc + L) bool, or None (see ``Attention``).
 
         ``past``: a filled cache whose keys/values are prepended at every layer.
         ``collect``: an empty cache that receives this call's keys/values (a prefill).
         ``offload_layers``: layers live on the CPU and visit ``x.device`` one at a time.
         ``rope``: precomputed rotary cos/sin for ``position_ids`` (skips recomputing them).
-        Returns the final-normed hidden states (B, L, D).
+        ``layer_range``: run only layers [start, stop) (default all).
+        ``normalize``: apply the final norm; without it the raw residual stream is returned (fp32 when the
+        fp16 guard is on), to be fed to a later ``layer_range`` or to ``finish``.
+        Returns the hidden states (B, L, D) on ``x``'s device.
         """
         if rope is None:
             rope = self.rotary(position_ids, row_max_position)
-        for index, layer in enumerate(self.layers):
+        start, stop = (0, len(self.layers)) if layer_range is None else layer_range
+        home = x.device
+        if self.compute_dtype == torch.float16 and self.fp16_guard:
+            x = x.float()
+        for index in range(start, stop):
+            layer = self.layers[index]
             if offload_layers:
                 layer.to(x.device)
+            elif self.layer_devices is not None and x.device != self.layer_devices[index]:
+                x, rope, mask = _move(self.layer_devices[index], x, rope, mask)
             layer_past = None if past is None else past.get(index, x.device)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, kv = checkpoint(layer, x, rope, mask, layer_past, use_reentrant=False)
@@ -57,4 +83,17 @@ class Transformer(nn.Module):
                 collect.append(kv)
             if offload_layers:
                 layer.to("cpu")
-        return self.norm(x)
+        x = x.to(home)
+        return self.finish(x) if normalize else x
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm of a raw residual stream, in the compute dtype."""
+        return self.norm(x).to(self.compute_dtype)
+
+
+def _move(
+    device: torch.device, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """The hidden states and the per-call inputs, on the next layer's device."""
+    rope = (rope[0].to(device), rope[1].to(device))
+    return x.to(device), rope, None if mask is None else mask.to(device)

@@ -1,0 +1,87 @@
+"""Layer-wise split of the model over several devices (pipeline parallelism without the pipelining).
+
+``place_layers`` assigns the decoder layers, in order, to the given devices in contiguous runs balanced
+by parameter bytes (in proportion to ``memory`` when given), moves them there, and records the map on the
+transformer (``Transformer.layer_devices``), which then moves the hidden states (and the per-call rotary
+tables and mask) from one device to the next and back. Everything else (embeddings, time embedders,
+final norm and head, ~1% of OmniGen-v1) goes to ``devices[0]``, which should be the pipeline's device.
+The condition cache's keys/values live where their layer ran. Runs are sequential: one device works at
+a time, so this buys memory, not speed. ``pipeline.to(device)`` undoes the split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from omnigen.quantize import tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(tensor_bytes(t) for t in list(module.parameters()) + list(module.buffers()))
+
+
+def plan_layers(
+    layer_bytes: Sequence[int], num_devices: int, memory: Sequence[int] | None = None, extra_bytes: int = 0
+) -> list[int]:
+    """Device index of each layer: contiguous runs whose byte totals are proportional to ``memory`` (equal
+    without it); ``extra_bytes`` already sit on device 0. A pure function of the sizes."""
+    weights = [1] * num_devices if memory is None else list(memory)
+    total = extra_bytes + sum(layer_bytes)
+    bounds, running = [], 0
+    for weight in weights:
+        running += weight
+        bounds.append(total * running / sum(weights))  # cumulative byte target up to each device
+    plan, before = [], extra_bytes
+    for size in layer_bytes:
+        middle = before + size / 2
+        plan.append(next((d for d, bound in enumerate(bounds) if middle <= bound), num_devices - 1))
+        before += size
+    return plan
+
+
+def place_layers(
+    model: nn.Module, devices: Sequence[str | torch.device], memory: Sequence[int] | None = None
+) -> dict[str, str]:
+    """Split ``model`` (an ``OmniGenModel``) over ``devices``; ``memory``: bytes available on each (used to
+    balance, and checked). Returns {"llm.layers.<i>": device} for every decoder layer."""
+    if not devices:
+        raise ValueError("devices must name at least one device, got an empty list")
+    targets = [torch.device(d) for d in devices]
+    if memory is not None:
+        if len(memory) != len(targets):
+            raise ValueError(f"memory has {len(memory)} entries but {len(targets)} devices were given")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in memory):
+            raise ValueError(f"memory must be positive byte counts, got {list(memory)!r}")
+    llm = model.llm
+    sizes = [module_bytes(layer) for layer in llm.layers]
+    extra = module_bytes(model) - sum(sizes)
+    plan = plan_layers(sizes, len(targets), memory, extra)
+    if memory is not None:
+        load = [extra if d == 0 else 0 for d in range(len(targets))]
+        for device, size in zip(plan, sizes):
+            load[device] += size
+        for d, (need, have) in enumerate(zip(load, memory)):
+            if need > have:
+                raise ValueError(
+                    f"device {devices[d]!s} needs {need} bytes for its layers but memory gives it {have}; "
+                    f"the model needs {sum(load)} bytes in all"
+                )
+    for name, child in model.named_children():
+        if name != "llm":
+            child.to(targets[0])
+    for child in (llm.embed_tokens, llm.norm, llm.rotary):
+        child.to(targets[0])
+    model.pos_embed = model.pos_embed.to(targets[0])
+    for layer, device in zip(llm.layers, plan):
+        layer.to(targets[device])
+    llm.layer_devices = [targets[d] for d in plan]
+    placement = {f"llm.layers.{i}": str(targets[d]) for i, d in enumerate(plan)}
+    logger.info("layers per device: %s", {str(t): plan.count(d) for d, t in enumerate(targets)})
+    return placement
