@@ -53,6 +53,11 @@ class GenerationRequest(BaseModel):
     use_input_image_size_as_output: bool = False
     max_input_image_size: int | None = Field(None, ge=1)
     num_images_per_prompt: int = Field(1, ge=1)
+    step_cache_threshold: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="reuse the decoder's output on near-identical steps"
+    )
+    mask_free_attention: bool = True
+    vae_tiling: bool = False
     response_format: Literal["png", "b64_json"] = Field(
         "png", description="png: the image itself (one image only); b64_json: JSON with base64 PNGs"
     )

@@ -177,23 +177,27 @@ class Worker:
                 continue
             self.running = job
             start = time.monotonic()
+            error: BaseException | None = None
             try:
                 result = self._run(job)
             except JobCancelled:
                 self._count("cancelled")
-                job.future.set_exception(JobCancelled("cancelled"))
+                error = JobCancelled("cancelled")
             except Exception as err:  # reported to the client; the worker keeps going
                 if not isinstance(err, (ValueError, TypeError)):
                     logger.exception("job failed")
                 self._count("failed")
-                job.future.set_exception(err)
+                error = err
             else:
                 with self._lock:
                     self._durations.append(time.monotonic() - start)
                 self._count("completed")
+            # The job is no longer running before its client can see the answer (so /health agrees).
+            self.running = None
+            if error is not None:
+                job.future.set_exception(error)
+            else:
                 job.future.set_result(result)
-            finally:
-                self.running = None
 
     def _run(self, job: Job) -> list[GeneratedImage]:
         def check(_pipe: Any, _step: int, _t: float, _latents: Any) -> None:
