@@ -1,6 +1,6 @@
 """Export a training checkpoint's EMA (or raw) weights as a model folder that from_pretrained loads.
 
-    python scripts/export_checkpoint.py RUN_DIR OUT_DIR [--step step_00001500] [--raw] [--fp16]
+python scripts/export_checkpoint.py RUN_DIR OUT_DIR [--step step_00001500] [--raw] [--fp16]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from omnigen.vae import IdentityCodec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--step", default=None, help="checkpoint folder name (default: the latest)")
@@ -38,8 +40,9 @@ def main() -> None:
     Tokenizer.from_file(config["tokenizer"]).save(args.out)
     IdentityCodec(channels=model.config.in_channels).save(args.out)
     GenerationDefaults(**config.get("generation", {})).save(args.out)
-    (args.out / "training.json").write_text(json.dumps({"run": str(args.run), "checkpoint": step,
-                                                        "weights": weights}, indent=1))
+    (args.out / "training.json").write_text(
+        json.dumps({"run": str(args.run), "checkpoint": step, "weights": weights}, indent=1)
+    )
     print(f"exported {folder / step / weights} -> {args.out}")
 
 

@@ -1,0 +1,82 @@
+"""Follow a training run: score each new checkpoint's EMA on the miniature world's held-out split.
+
+    python scripts/learning_curve.py RUN_DIR OUT.jsonl [--n 112] [--every 60] [--until-step 15000]
+
+One JSON line per checkpoint: step, minutes since the run started, overall and per-family accuracy.
+Runs at low priority on one thread so the training keeps the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from omnigen.checkpoint import build_model
+from omnigen.config import OmniGenConfig
+from omnigen.eval.miniworld import evaluate
+from omnigen.eval.miniworld_score import summarize
+from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.tokenizer import Tokenizer
+from omnigen.vae import IdentityCodec
+
+
+def score(run: Path, step_dir: Path, n: int) -> dict:
+    config = json.loads((run / "train_config.json").read_text())
+    model = build_model(
+        OmniGenConfig.from_dict(config["model"]), load_file(str(step_dir / "ema.safetensors"))
+    )
+    pipe = OmniGenPipeline(
+        model,
+        IdentityCodec(model.config.in_channels),
+        Tokenizer.from_file(config["tokenizer"]),
+        GenerationDefaults(**config["generation"]),
+    )
+    result = evaluate(pipe, "heldout", n, data_seed=1, progress=False)
+    families = summarize(result.records)
+    correct = sum(r["correct"] for r in result.records)
+    return {
+        "accuracy": correct / len(result.records),
+        "families": {k: round(v["accuracy"], 3) for k, v in families.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--n", type=int, default=112)
+    parser.add_argument("--every", type=float, default=60.0, help="seconds between looks")
+    parser.add_argument("--until-step", type=int, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.nice(10)
+    done = set()
+    if args.out.is_file():
+        done = {json.loads(line)["step"] for line in args.out.read_text().splitlines() if line.strip()}
+    started = (args.run / "train_config.json").stat().st_mtime
+    while True:
+        for step_dir in sorted((args.run / "checkpoints").glob("step_*")):
+            step = int(step_dir.name.split("_")[1])
+            if step in done or not (step_dir / "ema.safetensors").is_file():
+                continue
+            minutes = (step_dir.stat().st_mtime - started) / 60
+            record = {"step": step, "minutes": round(minutes, 1), **score(args.run, step_dir, args.n)}
+            with args.out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            done.add(step)
+            print(json.dumps(record), flush=True)
+        if args.until_step is not None and args.until_step in done:
+            return
+        time.sleep(args.every)
+
+
+if __name__ == "__main__":
+    main()
