@@ -87,34 +87,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from omnigen.batch.requests import RequestError, read_requests
+def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """Load the pipeline of ``args`` on this rank's device and run ``requests`` into ``out`` (every rank);
+    shared by ``omnigen batch`` and the ``omnigen eval`` generators. Returns this rank's BatchReport."""
     from omnigen.batch.runner import run_batch
     from omnigen.pipeline import OmniGenPipeline
+
+    ctx = init_distributed(args.device)
+    try:
+        pipe = OmniGenPipeline.from_pretrained(args.model, device=ctx.device, vae_path=args.vae)
+        return run_batch(
+            pipe,
+            requests,
+            out,
+            batch_size=args.batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            barrier=ctx.barrier,
+            model=str(args.model) if args.model is not None else None,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    finally:
+        ctx.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from omnigen.batch.requests import RequestError, read_requests
 
     requests, bad = read_requests(args.requests, base_seed=args.seed)
     for line in bad if os.environ.get("RANK", "0") == "0" else []:
         logger.warning("%s:%d: %s", args.requests, line.line, line.reason)
     if bad and args.on_error == "fatal":
         raise RequestError(f"{args.requests}:{bad[0].line}: {bad[0].reason} ({len(bad)} bad line(s))")
-    ctx = init_distributed(args.device)
-    try:
-        pipe = OmniGenPipeline.from_pretrained(args.model, device=ctx.device, vae_path=args.vae)
-        report = run_batch(
-            pipe,
-            requests,
-            args.out,
-            batch_size=args.batch_size,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            barrier=ctx.barrier,
-            on_error=args.on_error,
-            model=str(args.model) if args.model is not None else None,
-            bad_lines=bad,
-            progress=not args.no_progress,
-        )
-    finally:
-        ctx.close()
+    report = generate_requests(args, requests, args.out, on_error=args.on_error, bad_lines=bad)
     logger.info(
         "rank %d: %d images requested, %d already done, %d generated, %d failed, %d bad line(s)",
         report.rank,

@@ -126,35 +126,17 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args: argparse.Namespace, requests: list, out: Path, **kwargs: Any) -> int:
     """Run the batch for `requests` (every rank); returns this process's rank."""
-    from omnigen.batch.cli import init_distributed
-    from omnigen.batch.runner import run_batch
-    from omnigen.pipeline import OmniGenPipeline
+    from omnigen.batch.cli import generate_requests
 
-    ctx = init_distributed(args.device)
-    try:
-        pipe = OmniGenPipeline.from_pretrained(args.model, device=ctx.device, vae_path=args.vae)
-        report = run_batch(
-            pipe,
-            requests,
-            out,
-            batch_size=args.batch_size,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            barrier=ctx.barrier,
-            model=str(args.model) if args.model is not None else None,
-            progress=not args.no_progress,
-            **kwargs,
-        )
-    finally:
-        ctx.close()
+    report = generate_requests(args, requests, out, **kwargs)
     logger.info(
         "rank %d: %d generated, %d already done, %d failed",
-        ctx.rank,
+        report.rank,
         report.generated,
         report.already_done,
         report.failed,
     )
-    return ctx.rank
+    return report.rank
 
 
 def _print(text: str) -> None:
