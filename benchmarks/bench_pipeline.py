@@ -33,6 +33,8 @@ import copy
 import math
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -217,8 +219,17 @@ def psnr(image: torch.Tensor, exact: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def options_report(pipe: OmniGenPipeline, prompt: str, images: list, args: argparse.Namespace) -> None:
-    """Each option against the default call, same seed, timed end to end (decode included)."""
+def options_report(
+    pipe: OmniGenPipeline,
+    prompt: str,
+    images: list,
+    args: argparse.Namespace,
+    diffusers_s: float | None = None,
+) -> None:
+    """Each option against the default call, same seed, timed end to end (decode included).
+
+    With ``diffusers_s`` (the reference loop's end-to-end seconds for this task, same run) each step-cache
+    threshold also gets the target line: <= 0.25x diffusers at >= 30 dB against the exact output."""
     sections = [s for s in args.options.split(",") if s]
     unknown = sorted(set(sections) - {"step_cache", "mask_free", "int8", "compile"})
     if unknown:
@@ -256,9 +267,17 @@ def options_report(pipe: OmniGenPipeline, prompt: str, images: list, args: argpa
 
     line("default", "exact", base_s, exact, base_calls, memory)
     if "step_cache" in sections:
+        targets = []
         for threshold in [float(x) for x in args.thresholds.split(",")]:
-            line(
-                "step_cache", f"threshold {threshold:g}", *timed(pipe, step_cache_threshold=threshold), memory
+            seconds, out, n_calls = timed(pipe, step_cache_threshold=threshold)
+            line("step_cache", f"threshold {threshold:g}", seconds, out, n_calls, memory)
+            targets.append((threshold, seconds, psnr(out, exact)))
+        for threshold, seconds, db in targets if diffusers_s else []:
+            ratio = seconds / diffusers_s
+            ok = ratio <= 0.25 and db >= 30
+            print(
+                f"# step_cache {threshold:g}: end-to-end {ratio:.2f}x diffusers at {db:.1f} dB "
+                f"[{'PASS' if ok else 'FAIL'} <= 0.25x at >= 30 dB]"
             )
     if "mask_free" in sections:
         line("mask_free", "off (masked SDPA)", *timed(pipe, mask_free_attention=False), memory)
@@ -278,7 +297,7 @@ def options_report(pipe: OmniGenPipeline, prompt: str, images: list, args: argpa
         line("compile", "decoder blocks", *timed(compiled), memory)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -294,61 +313,68 @@ def main() -> None:
     parser.add_argument("--options", default="", help="step_cache,mask_free,int8,compile (default none)")
     parser.add_argument("--options-task", choices=sorted(TASKS), default="t2i")
     parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="step-cache thresholds")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument(
+        "--memory",
+        choices=["fresh", "inline"],
+        default="fresh",
+        help="peak RSS of each contender in its own fresh process (default; the allocator of a shared "
+        "process keeps freed pages, hiding later contenders' growth) or inline during the timed runs",
+    )
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # TASK:CONTENDER, internal
+    return parser.parse_args(argv)
 
-    from diffusers import OmniGenTransformer2DModel
 
-    tokenizer = build_tokenizer()
-    head_dim = args.hidden // args.heads
-    official = OmniGenConfig.load(Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json")
-    rope = official.transformer.rope_scaling  # OmniGen-v1's su factors when the head dim is the real 96
-    if head_dim != official.transformer.head_dim:
-        rope = RopeScaling((1.0,) * (head_dim // 2), (1.0,) * (head_dim // 2))
-    transformer = TransformerConfig(
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-        vocab_size=64,
-        pad_token_id=3,
-        rope_scaling=rope,
-    )
-    config = OmniGenConfig(transformer)
-    torch.manual_seed(0)
-    model = OmniGenModel(config)
-    model.initialize_weights()
-    with torch.no_grad():
-        for p in model.final_layer.parameters():
-            p.normal_(0, 0.02)
-    model.eval()
-    ref = OmniGenTransformer2DModel(**config.to_diffusers_dict())
-    ref.load_state_dict(ours_to_diffusers(model.state_dict(), config))
-    ref.eval()
-    defaults = GenerationDefaults(
-        height=args.size, width=args.size, num_inference_steps=args.steps, max_input_image_size=args.size
-    )
-    pipe = OmniGenPipeline(model, AutoencoderKLCodec(build_vae(args.vae)), tokenizer, defaults)
-    gen = torch.Generator().manual_seed(0)
-    images = [(torch.rand(args.size, args.size, 3, generator=gen) * 255).byte().numpy() for _ in range(2)]
-    peak = matmul_peak()
-    params = model.num_parameters()
-    print(
-        f"# omnigen benchmark: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
-        f"(head dim {config.transformer.head_dim}), {params / 1e6:.1f}M params, {args.vae} VAE, "
-        f"{args.size}x{args.size}, {args.steps} steps, {args.threads} threads, torch {torch.__version__}"
-    )
-    print(f"# load average at start {os.getloadavg()}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    header = f"{'task':8} {'contender':28} {'s/image':>8} {'transf s':>9} {'peak MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}"
-    if args.tasks:
-        print(header)
-    for task in [t for t in args.tasks.split(",") if t]:
+class Bench:
+    """The shared set-up: one random model, loaded into ours and into diffusers' transformer."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from diffusers import OmniGenTransformer2DModel
+
+        self.args = args
+        head_dim = args.hidden // args.heads
+        fixture = Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json"
+        official = OmniGenConfig.load(fixture)
+        rope = official.transformer.rope_scaling  # OmniGen-v1's su factors when the head dim is the real 96
+        if head_dim != official.transformer.head_dim:
+            rope = RopeScaling((1.0,) * (head_dim // 2), (1.0,) * (head_dim // 2))
+        transformer = TransformerConfig(
+            hidden_size=args.hidden,
+            intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+            num_layers=args.layers,
+            num_heads=args.heads,
+            num_kv_heads=args.heads,
+            vocab_size=64,
+            pad_token_id=3,
+            rope_scaling=rope,
+        )
+        self.config = config = OmniGenConfig(transformer)
+        torch.manual_seed(0)
+        model = OmniGenModel(config)
+        model.initialize_weights()
+        with torch.no_grad():
+            for p in model.final_layer.parameters():
+                p.normal_(0, 0.02)
+        self.model = model.eval()
+        self.ref = OmniGenTransformer2DModel(**config.to_diffusers_dict())
+        self.ref.load_state_dict(ours_to_diffusers(model.state_dict(), config))
+        self.ref.eval()
+        defaults = GenerationDefaults(
+            height=args.size, width=args.size, num_inference_steps=args.steps, max_input_image_size=args.size
+        )
+        self.pipe = OmniGenPipeline(
+            model, AutoencoderKLCodec(build_vae(args.vae)), build_tokenizer(), defaults
+        )
+        gen = torch.Generator().manual_seed(0)
+        self.images = [
+            (torch.rand(args.size, args.size, 3, generator=gen) * 255).byte().numpy() for _ in range(2)
+        ]
+
+    def contenders(self, task: str) -> dict:
+        """name -> a call returning the final latents (decode is timed separately)."""
         prompt, k = TASKS[task]
-        imgs = images[:k]
-        results: dict[str, list] = {}
+        imgs, args, pipe = self.images[:k], self.args, self.pipe
 
-        def ours(separate: bool, prompt=prompt, imgs=imgs):  # noqa: ANN001, ANN202
+        def ours(separate: bool):  # noqa: ANN202
             return pipe(
                 prompt,
                 imgs or None,
@@ -358,16 +384,75 @@ def main() -> None:
                 output_type="latent",
             )
 
-        def theirs(prompt=prompt, imgs=imgs):  # noqa: ANN001, ANN202
+        def theirs():  # noqa: ANN202
             return reference_sample(
-                ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=False
+                self.ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=False
             )[0]
 
-        contenders = {
+        return {
             "ours (cache, batched CFG)": lambda: ours(False),
             "ours (cache, separate CFG)": lambda: ours(True),
-            "diffusers loop (batched)": theirs,
+            DIFFUSERS: theirs,
         }
+
+
+DIFFUSERS = "diffusers loop (batched)"
+
+
+def measure_fresh(bench: Bench, task: str, name: str) -> None:
+    """Internal (``--measure TASK:CONTENDER``): one end-to-end call in this fresh process, peak RSS printed."""
+    run = bench.contenders(task)[name]
+    with torch.no_grad(), PeakRSS() as rss:
+        bench.pipe.codec.decode(run())
+    print(f"PEAK_MB {rss.delta_mb:.3f}")
+
+
+def fresh_peak_mb(argv: list[str], task: str, name: str) -> float:
+    """Peak RSS increase of one call of a contender in a new interpreter with the same set-up."""
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--measure", f"{task}:{name}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK_MB")))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    if args.measure:
+        task, name = args.measure.split(":", 1)
+        measure_fresh(bench, task, name)
+        return
+    config, model, ref, pipe = bench.config, bench.model, bench.ref, bench.pipe
+    peak = matmul_peak()
+    params = model.num_parameters()
+    print(
+        f"# omnigen benchmark: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+        f"(head dim {config.transformer.head_dim}), {params / 1e6:.1f}M params, {args.vae} VAE, "
+        f"{args.size}x{args.size}, {args.steps} steps, {args.threads} threads, torch {torch.__version__}"
+    )
+    print(f"# load average at start {os.getloadavg()}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        "# peak MB: resident memory growth during one call incl. decode, "
+        + (
+            "each contender in its own fresh process"
+            if args.memory == "fresh"
+            else "inline (max over reps; a shared allocator hides later contenders' growth)"
+        )
+    )
+    header = f"{'task':8} {'contender':28} {'s/image':>8} {'transf s':>9} {'peak MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}"
+    if args.tasks:
+        print(header)
+    baseline_e2e: dict[str, float] = {}
+    for task in [t for t in args.tasks.split(",") if t]:
+        prompt, k = TASKS[task]
+        imgs = bench.images[:k]
+        results: dict[str, list] = {}
+        contenders = bench.contenders(task)
         latents_of: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for _ in range(args.reps):
@@ -383,24 +468,26 @@ def main() -> None:
             exact, rows, n = reference_sample(
                 ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=True
             )
+        memory = {
+            name: (fresh_peak_mb(argv, task, name) if args.memory == "fresh" else max(r[2] for r in runs))
+            for name, runs in results.items()
+        }
         f = flops(config, rows, n, args.steps)
         for name, runs in results.items():
             total = statistics.median(r[0] for r in runs)
             transformer = statistics.median(r[1] for r in runs)
-            mem = max(r[2] for r in runs)
-            work = f["uncached_total"] if name.startswith("diffusers") else f["cached_total"]
+            work = f["uncached_total"] if name == DIFFUSERS else f["cached_total"]
             print(
-                f"{task:8} {name:28} {total:8.2f} {transformer:9.2f} {mem:8.0f} {work / 1e9:8.1f} "
+                f"{task:8} {name:28} {total:8.2f} {transformer:9.2f} {memory[name]:8.0f} {work / 1e9:8.1f} "
                 f"{work / transformer / 1e9:8.1f}"
             )
-        base = statistics.median(r[1] for r in results["diffusers loop (batched)"])
-        base_total = statistics.median(r[0] for r in results["diffusers loop (batched)"])
-        base_mem = max(r[2] for r in results["diffusers loop (batched)"])
+        base = statistics.median(r[1] for r in results[DIFFUSERS])
+        base_total = baseline_e2e[task] = statistics.median(r[0] for r in results[DIFFUSERS])
         for name in ("ours (cache, batched CFG)", "ours (cache, separate CFG)"):
             runs = results[name]
             t_ratio = statistics.median(r[1] for r in runs) / base
             e_ratio = statistics.median(r[0] for r in runs) / base_total
-            m_ratio = max(r[2] for r in runs) / max(base_mem, 1e-9)
+            m_ratio = memory[name] / max(memory[DIFFUSERS], 1e-9)
             print(
                 f"{task:8} ratio {name}/diffusers: transformer {t_ratio:.2f} "
                 f"[{'PASS' if t_ratio <= 0.35 else 'FAIL'} <= 0.35], end-to-end {e_ratio:.2f} "
@@ -408,17 +495,22 @@ def main() -> None:
                 f"[{'PASS' if m_ratio <= 0.8 else 'FAIL'} <= 0.8]"
             )
         diff = max((latents_of[k] - exact).abs().max().item() for k in latents_of if k.startswith("ours"))
-        bug = (latents_of["diffusers loop (batched)"] - exact).abs().max().item()
+        bug = (latents_of[DIFFUSERS] - exact).abs().max().item()
         print(
             f"{task:8} outputs: ours vs the reference run row by row, max |latent diff| = {diff:.2e} "
             f"[{'PASS' if diff <= 1e-3 else 'FAIL'} <= 1e-3]; diffusers batched vs row by row {bug:.2e} "
             f"(its row-0 rotary bug); FLOPs/image prefill {f['prefill'] / 1e9:.2f} G, "
             f"step {f['step'] / 1e9:.2f} G, VAE not counted"
         )
+        print(
+            f"{task:8} exact-output floor: cached/uncached transformer FLOPs = "
+            f"{f['cached_total'] / f['uncached_total']:.2f} (a ratio below this needs skipped work: "
+            "step caching)"
+        )
     if args.options:
         prompt, k = TASKS[args.options_task]
         with torch.no_grad():
-            options_report(pipe, prompt, images[:k], args)
+            options_report(pipe, prompt, bench.images[:k], args, baseline_e2e.get(args.options_task))
     print(f"# load average at end {os.getloadavg()}")
 
 

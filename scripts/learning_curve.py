@@ -28,13 +28,14 @@ from omnigen.vae import IdentityCodec
 
 def score(run: Path, step_dir: Path, n: int) -> dict:
     config = json.loads((run / "train_config.json").read_text())
-    model = build_model(
-        OmniGenConfig.from_dict(config["model"]), load_file(str(step_dir / "ema.safetensors"))
-    )
+    base = Path(config["init_from"]) if config.get("init_from") else None  # a fine-tuning run
+    model_config = config["model"] or json.loads((base / "config.json").read_text())
+    tokenizer = config["tokenizer"] or str(base / "tokenizer.json")
+    model = build_model(OmniGenConfig.from_dict(model_config), load_file(str(step_dir / "ema.safetensors")))
     pipe = OmniGenPipeline(
         model,
         IdentityCodec(model.config.in_channels),
-        Tokenizer.from_file(config["tokenizer"]),
+        Tokenizer.from_file(tokenizer),
         GenerationDefaults(**config["generation"]),
     )
     result = evaluate(pipe, "heldout", n, data_seed=1, progress=False)

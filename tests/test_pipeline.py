@@ -93,6 +93,15 @@ def test_pil_output_and_seed_reported(pipeline, rgb_image):
     assert list(again[0].getdata()) == list(images[0].getdata())
 
 
+def test_mixed_output_sizes_need_pil(pipeline, rgb_image):
+    kw = dict(seed=7, progress=False, use_input_image_size_as_output=True, max_input_image_size=48)
+    prompts, inputs = [EDIT, EDIT], [[rgb_image(48, 32)], [rgb_image(32, 32)]]
+    with pytest.raises(ValueError, match=r"output sizes differ.*\(32, 32\).*\(32, 48\)"):
+        pipeline(prompts, inputs, output_type="pt", **kw)
+    sizes = [image.size for image in pipeline(prompts, inputs, **kw)]
+    assert sizes == [(48, 32), (32, 32)]
+
+
 def test_callback_can_replace_latents(pipeline):
     seen = []
 

@@ -241,6 +241,11 @@ class OmniGenPipeline:
             tuple(proc.pixel_values[0].shape[-2:]) if use_input_image_size_as_output else (height, width)
             for proc in processed
         ]
+        if output_type != "pil" and len(set(sizes)) > 1:
+            raise ValueError(
+                f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
+                f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
+            )
         self._place_model(offload_model)
         options = _SamplingOptions(
             steps,
