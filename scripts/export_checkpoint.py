@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from omnigen.checkpoint import build_model, save_model
-from omnigen.config import OmniGenConfig
 from omnigen.pipeline import GenerationDefaults
 from omnigen.tokenizer import Tokenizer
+from omnigen.training.config import TrainConfig
 from omnigen.vae import IdentityCodec
 
 
@@ -31,15 +31,15 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.run / "checkpoints"
     step = args.step or (folder / "latest").read_text().strip()
-    config = json.loads((args.run / "train_config.json").read_text())
-    if config.get("codec", "identity") != "identity":
+    config = TrainConfig.from_dict(json.loads((args.run / "train_config.json").read_text()))
+    if config.codec != "identity":
         raise SystemExit("only pixel-space (identity codec) runs are exported by this script")
     weights = "model.safetensors" if args.raw else "ema.safetensors"
-    model = build_model(OmniGenConfig.from_dict(config["model"]), load_file(str(folder / step / weights)))
+    model = build_model(config.model_config(), load_file(str(folder / step / weights)))
     save_model(model, args.out, dtype=torch.float16 if args.fp16 else None)
-    Tokenizer.from_file(config["tokenizer"]).save(args.out)
+    Tokenizer.from_file(config.tokenizer_file()).save(args.out)
     IdentityCodec(channels=model.config.in_channels).save(args.out)
-    GenerationDefaults(**config.get("generation", {})).save(args.out)
+    GenerationDefaults(**config.generation).save(args.out)
     (args.out / "training.json").write_text(
         json.dumps({"run": str(args.run), "checkpoint": step, "weights": weights}, indent=1)
     )

@@ -18,25 +18,22 @@ import torch
 from safetensors.torch import load_file
 
 from omnigen.checkpoint import build_model
-from omnigen.config import OmniGenConfig
 from omnigen.eval.miniworld import evaluate
 from omnigen.eval.miniworld_score import summarize
 from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
 from omnigen.tokenizer import Tokenizer
+from omnigen.training.config import TrainConfig
 from omnigen.vae import IdentityCodec
 
 
 def score(run: Path, step_dir: Path, n: int) -> dict:
-    config = json.loads((run / "train_config.json").read_text())
-    base = Path(config["init_from"]) if config.get("init_from") else None  # a fine-tuning run
-    model_config = config["model"] or json.loads((base / "config.json").read_text())
-    tokenizer = config["tokenizer"] or str(base / "tokenizer.json")
-    model = build_model(OmniGenConfig.from_dict(model_config), load_file(str(step_dir / "ema.safetensors")))
+    config = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    model = build_model(config.model_config(), load_file(str(step_dir / "ema.safetensors")))
     pipe = OmniGenPipeline(
         model,
         IdentityCodec(model.config.in_channels),
-        Tokenizer.from_file(tokenizer),
-        GenerationDefaults(**config["generation"]),
+        Tokenizer.from_file(config.tokenizer_file()),
+        GenerationDefaults(**config.generation),
     )
     result = evaluate(pipe, "heldout", n, data_seed=1, progress=False)
     families = summarize(result.records)

@@ -142,6 +142,28 @@ def test_bad_config_keys_are_named(world, tmp_path):
         TrainConfig.load(path.rename(tmp_path / "c.toml"))
 
 
+def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
+    from omnigen.checkpoint import save_model
+    from omnigen.config import OmniGenConfig
+    from omnigen.model import OmniGenModel
+    from omnigen.tokenizer import Tokenizer
+
+    root, _ = world
+    new = make_config(root, tmp_path / "a", 1)
+    assert new.model_config() == OmniGenConfig.from_dict(PIXEL_MODEL)
+    assert new.tokenizer_file() == str(root / "tokenizer.json")
+    base_config = OmniGenConfig.from_dict({**PIXEL_MODEL, "num_hidden_layers": 3})
+    save_model(OmniGenModel(base_config), tmp_path / "base")
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    tuned = make_config(root, tmp_path / "b", 1, model={}, tokenizer=None, init_from=str(tmp_path / "base"))
+    assert tuned.model_config() == base_config
+    assert Tokenizer.from_file(tuned.tokenizer_file()).encode("a red circle") == Tokenizer.from_file(
+        root / "tokenizer.json"
+    ).encode("a red circle")
+    with pytest.raises(ValueError, match="a new model needs `tokenizer`"):
+        make_config(root, tmp_path / "c", 1, tokenizer=None).tokenizer_file()
+
+
 def test_resume_reaches_the_same_parameters(world, tmp_path):
     root, _ = world
     straight = make_config(

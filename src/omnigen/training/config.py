@@ -121,6 +121,25 @@ class TrainConfig:
             "dropout": self.lora.get("dropout", 0.0),
         }
 
+    def model_config(self):  # noqa: ANN201  -> OmniGenConfig
+        """The trained model's architecture: ``model``, or ``init_from``'s config."""
+        from omnigen.checkpoint import load_config, resolve_layout
+        from omnigen.config import OmniGenConfig
+
+        if self.model:
+            return OmniGenConfig.from_dict(self.model)
+        return load_config(resolve_layout(self.init_from))
+
+    def tokenizer_file(self) -> str:
+        """The tokenizer.json the run trains with: ``tokenizer``, or ``init_from``'s."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if not self.init_from:
+            raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
+        from omnigen.checkpoint import resolve_layout
+
+        return str(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)

@@ -31,7 +31,7 @@ from typing import TextIO
 import torch
 from tqdm.auto import tqdm
 
-from omnigen.checkpoint import build_model, load_config, load_model, resolve_layout, save_model
+from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.pipeline import GenerationDefaults
@@ -102,16 +102,13 @@ def _stage_of(step: int, config: TrainConfig) -> int:
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
+    tokenizer = Tokenizer.from_file(config.tokenizer_file())
     if config.init_from:
-        model, layout = load_model(config.init_from, device=device)
-        tokenizer = Tokenizer.from_file(config.tokenizer or layout.tokenizer_dir)
+        model, _ = load_model(config.init_from, device=device)
     else:
         torch.manual_seed(config.seed)
-        model = OmniGenModel(OmniGenConfig.from_dict(config.model)).to(device)
+        model = OmniGenModel(config.model_config()).to(device)
         model.initialize_weights()
-        if config.tokenizer is None:
-            raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
-        tokenizer = Tokenizer.from_file(config.tokenizer)
     return model, tokenizer, _make_codec(config, model.config, device)
 
 
@@ -128,11 +125,8 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     if config.latent_cache is None:
         raise ValueError("precompute_latents needs `latent_cache` (a folder) in the config")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    layout = resolve_layout(config.init_from) if config.init_from else None
-    model_config = load_config(layout) if layout else OmniGenConfig.from_dict(config.model)
-    if config.tokenizer is None and layout is None:
-        raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
-    tokenizer = Tokenizer.from_file(config.tokenizer or layout.tokenizer_dir)
+    model_config = config.model_config()
+    tokenizer = Tokenizer.from_file(config.tokenizer_file())
     codec = _make_codec(config, model_config, device)
     builder = BatchBuilder.from_config(config, tokenizer, codec, model_config, device, rank)
     indices = range(rank, len(builder.samples), world)
