@@ -38,6 +38,7 @@ def ui_values(pipe, **changes):
         use_kv_cache=True,
         offload_kv_cache=True,
         offload_model=False,
+        step_cache_threshold=0.0,
     )
     values.update(changes)
     return values
@@ -110,6 +111,17 @@ def test_run_generation_reports_progress_and_seed(pipeline):
     assert result.image.tobytes() == direct.tobytes()
 
 
+def test_step_cache_slider_reaches_the_pipeline(pipeline):
+    assert demo_module.pipeline_arguments(ui_values(pipeline))["step_cache_threshold"] is None
+    values = ui_values(pipeline, step_cache_threshold=0.2, num_inference_steps=6.0)
+    assert demo_module.pipeline_arguments(values)["step_cache_threshold"] == 0.2
+    result = demo_module.run_generation(pipeline, values)
+    (direct,) = pipeline(
+        "a red circle", seed=7, num_inference_steps=6, step_cache_threshold=0.2, progress=False
+    )
+    assert result.image.tobytes() == direct.tobytes()
+
+
 def test_random_seed_is_the_seed_used(pipeline):
     values = ui_values(pipeline, randomize_seed=True, seed=None, height=16.0, width=24.0)
     result = demo_module.run_generation(pipeline, values)
@@ -148,6 +160,7 @@ def test_input_images_and_input_size_as_output(pipeline, rgb_image):
         ({"num_inference_steps": 0.0}, "inference steps must be between 1 and"),
         ({"guidance_scale": None}, "guidance scale must be a number"),
         ({"use_input_image_size_as_output": True}, "needs an input image"),
+        ({"step_cache_threshold": -0.1}, "step cache threshold must be >= 0"),
     ],
 )
 def test_bad_inputs_give_clear_messages(pipeline, rgb_image, changes, message):

@@ -128,6 +128,9 @@ def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     else:
         seed = _as_int("seed", values["seed"], 0, MAX_SEED)
     images = collect_images(values)
+    threshold = _as_float("step cache threshold", values.get("step_cache_threshold", 0.0))
+    if threshold < 0:
+        raise ValueError(f"step cache threshold must be >= 0 (0 = off), got {threshold}")
     return dict(
         prompt=prompt.strip(),
         input_images=images or None,
@@ -144,6 +147,7 @@ def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
         separate_cfg_infer=bool(values["separate_cfg_infer"]),
         use_input_image_size_as_output=bool(values["use_input_image_size_as_output"]),
         max_input_image_size=_as_int("max input image size", values["max_input_image_size"]),
+        step_cache_threshold=threshold or None,  # 0: every step runs every layer (exact)
     )
 
 
@@ -258,6 +262,14 @@ def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
             c["offload_model"] = gr.Checkbox(
                 False, label="Offload model to CPU", elem_id=_elem_id("offload_model")
             )
+        c["step_cache_threshold"] = gr.Slider(
+            0.0,
+            0.5,
+            value=0.0,
+            step=0.01,
+            label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",
+            elem_id=_elem_id("step_cache_threshold"),
+        )
     return c
 
 
