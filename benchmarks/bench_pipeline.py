@@ -11,11 +11,11 @@ torch<2.5 and transformers' old Cache API and cannot be installed beside this en
 mode (KV cache + separate CFG) is emulated by our own ``separate_cfg_infer=True`` path, which computes
 the same thing.
 
-Contenders run alternately, ``--reps`` times each; the median seconds per image, peak RSS increase,
+Each contender runs once untimed (warm-up), then contenders run alternately, ``--reps`` times each; the median seconds per image, peak RSS increase,
 ratios ours/reference, FLOPs per phase and achieved FLOP/s against a measured matmul peak are printed.
 Outputs are checked: our images equal the reference run row by row (tolerance printed).
 
-``--options step_cache,mask_free,int8,compile`` then measures our speed/memory options on one task
+``--options step_cache,mask_free,int8,compile,channels_last`` then measures our speed/memory options on one task
 (``--options-task``), end to end with VAE decode, against our default call: per setting the median
 seconds per image, the speed-up, the PSNR of the decoded image against the exact output, the sampling
 steps that ran all layers, and the decoder's linear-weight memory. ``--tasks ""`` skips the reference
@@ -231,9 +231,10 @@ def options_report(
     With ``diffusers_s`` (the reference loop's end-to-end seconds for this task, same run) each step-cache
     threshold also gets the target line: <= 0.25x diffusers at >= 30 dB against the exact output."""
     sections = [s for s in args.options.split(",") if s]
-    unknown = sorted(set(sections) - {"step_cache", "mask_free", "int8", "compile"})
+    allowed = {"step_cache", "mask_free", "int8", "compile", "channels_last"}
+    unknown = sorted(set(sections) - allowed)
     if unknown:
-        raise SystemExit(f"unknown --options {unknown}; allowed: step_cache, mask_free, int8, compile")
+        raise SystemExit(f"unknown --options {unknown}; allowed: {sorted(allowed)}")
     calls: list[int] = []
 
     def timed(target: OmniGenPipeline, **kw) -> tuple[float, torch.Tensor, int]:  # noqa: ANN003
@@ -281,6 +282,12 @@ def options_report(
             )
     if "mask_free" in sections:
         line("mask_free", "off (masked SDPA)", *timed(pipe, mask_free_attention=False), memory)
+    if "channels_last" in sections:
+        pipe.codec.channels_last()
+        try:
+            line("channels_last", "VAE in NHWC", *timed(pipe), memory)
+        finally:
+            pipe.codec.channels_last(False)
     if "int8" in sections:
         quantized = pipe.with_defaults()
         quantized.model = copy.deepcopy(pipe.model)
@@ -310,7 +317,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vae", choices=["tiny", "sdxl"], default="tiny")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", default="t2i,edit,subject", help='reference comparison; "" skips it')
-    parser.add_argument("--options", default="", help="step_cache,mask_free,int8,compile (default none)")
+    parser.add_argument(
+        "--options", default="", help="step_cache,mask_free,int8,compile,channels_last (default none)"
+    )
     parser.add_argument("--options-task", choices=sorted(TASKS), default="t2i")
     parser.add_argument("--thresholds", default="0.05,0.1,0.2", help="step-cache thresholds")
     parser.add_argument(
@@ -319,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fresh",
         help="peak RSS of each contender in its own fresh process (default; the allocator of a shared "
         "process keeps freed pages, hiding later contenders' growth) or inline during the timed runs",
+    )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the fresh-process peak-memory table of --tasks"
     )
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # TASK:CONTENDER, internal
     return parser.parse_args(argv)
@@ -397,25 +409,44 @@ class Bench:
 
 
 DIFFUSERS = "diffusers loop (batched)"
+CONTENDERS = ("ours (cache, batched CFG)", "ours (cache, separate CFG)", DIFFUSERS)
 
 
 def measure_fresh(bench: Bench, task: str, name: str) -> None:
     """Internal (``--measure TASK:CONTENDER``): one end-to-end call in this fresh process, peak RSS printed."""
     run = bench.contenders(task)[name]
-    with torch.no_grad(), PeakRSS() as rss:
-        bench.pipe.codec.decode(run())
-    print(f"PEAK_MB {rss.delta_mb:.3f}")
+    with torch.no_grad():
+        with PeakRSS() as sampling:
+            latents = run()
+        with PeakRSS() as decode:
+            bench.pipe.codec.decode(latents)
+    print(f"PEAK_MB {sampling.delta_mb:.3f} {sampling.delta_mb + decode.delta_mb:.3f}")
 
 
-def fresh_peak_mb(argv: list[str], task: str, name: str) -> float:
-    """Peak RSS increase of one call of a contender in a new interpreter with the same set-up."""
+def fresh_peak_mb(argv: list[str], task: str, name: str) -> tuple[float, float]:
+    """Peak RSS increase of one call of a contender in a new interpreter with the same set-up: during
+    sampling (the transformer: what differs between contenders), and by the end of the VAE decode (the
+    same decoder for all; it dominates with the SDXL VAE)."""
     out = subprocess.run(
         [sys.executable, __file__, *argv, "--measure", f"{task}:{name}"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("PEAK_MB")))
+    line = next(line for line in out.splitlines() if line.startswith("PEAK_MB"))
+    sampling, total = (float(x) for x in line.split()[1:])
+    return sampling, total
+
+
+def memory_table(argv: list[str], args: argparse.Namespace) -> None:
+    """``--memory-only``: the fresh-process peaks of every contender, no timing."""
+    print(f"{'task':8} {'contender':28} {'sampling MB':>11} {'with decode':>11} {'ratio':>6}")
+    for task in [t for t in args.tasks.split(",") if t]:
+        peaks = {name: fresh_peak_mb(argv, task, name) for name in CONTENDERS}
+        for name, (sampling, total) in peaks.items():
+            ratio = sampling / max(peaks[DIFFUSERS][0], 1e-9)
+            verdict = "" if name == DIFFUSERS else f" [{'PASS' if ratio <= 0.8 else 'FAIL'} <= 0.8]"
+            print(f"{task:8} {name:28} {sampling:11.0f} {total:11.0f} {ratio:6.2f}{verdict}")
 
 
 def main() -> None:
@@ -427,6 +458,12 @@ def main() -> None:
         task, name = args.measure.split(":", 1)
         measure_fresh(bench, task, name)
         return
+    if args.memory_only:
+        print(
+            f"# peak resident memory growth of one call, each contender in a fresh process ({args.vae} VAE)"
+        )
+        memory_table(argv, args)
+        return
     config, model, ref, pipe = bench.config, bench.model, bench.ref, bench.pipe
     peak = matmul_peak()
     params = model.num_parameters()
@@ -437,9 +474,9 @@ def main() -> None:
     )
     print(f"# load average at start {os.getloadavg()}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(
-        "# peak MB: resident memory growth during one call incl. decode, "
+        "# peak MB: resident memory growth, "
         + (
-            "each contender in its own fresh process"
+            "during sampling (transformer), each contender in its own fresh process"
             if args.memory == "fresh"
             else "inline (max over reps; a shared allocator hides later contenders' growth)"
         )
@@ -455,6 +492,8 @@ def main() -> None:
         contenders = bench.contenders(task)
         latents_of: dict[str, torch.Tensor] = {}
         with torch.no_grad():
+            for run in contenders.values():  # warm-up: first-call allocations and kernel set-up untimed
+                pipe.codec.decode(run())
             for _ in range(args.reps):
                 for name, run in contenders.items():
                     with PeakRSS() as rss:
@@ -468,8 +507,8 @@ def main() -> None:
             exact, rows, n = reference_sample(
                 ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=True
             )
-        memory = {
-            name: (fresh_peak_mb(argv, task, name) if args.memory == "fresh" else max(r[2] for r in runs))
+        memory = {  # the sampling phase's peak (fresh) or the whole call's (inline)
+            name: (fresh_peak_mb(argv, task, name)[0] if args.memory == "fresh" else max(r[2] for r in runs))
             for name, runs in results.items()
         }
         f = flops(config, rows, n, args.steps)

@@ -263,6 +263,19 @@ def test_vae_tiling_decodes_in_tiles_and_restores_the_setting(tokenizer, monkeyp
     assert len(tiled_calls) == 1
 
 
+def test_channels_last_vae_matches_and_switches_back(tokenizer, rgb_image):
+    pipe = make_pipeline(random_model(tiny_config()), tokenizer, steps=2)
+    plain = run(pipe, EDIT, [rgb_image(32, 32)], output_type="pt")
+    conv = next(m for m in pipe.codec.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    pipe.codec.channels_last()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    fast = run(pipe, EDIT, [rgb_image(32, 32)], output_type="pt")
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)  # encode and decode, float rounding only
+    pipe.codec.channels_last(False)
+    assert conv.weight.is_contiguous()
+
+
 # ---------------------------------------------------------------------------------------- placement
 def test_plan_layers_balances_bytes():
     assert plan_layers([10] * 4, 2) == [0, 0, 1, 1]
