@@ -48,14 +48,31 @@ def _rgb(images: Sequence[Any]) -> list[Image.Image]:
 # --------------------------------------------------------------------------------------------------
 
 
-class ClipFeatures:
-    """Unit-norm CLIP image and text embeddings (the projected pooled outputs)."""
+class _ImageEmbedder:
+    """A frozen vision model and its processor; ``images`` embeds in batches to (N, D) unit vectors."""
 
     def __init__(self, model: Any, processor: Any, device: str | torch.device = "cpu", batch_size: int = 32):
         self.model = model.eval().to(device)
         self.processor = processor
         self.device = torch.device(device)
         self.batch_size = batch_size
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        """(N, D) unit vectors."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = _rgb(images[start : start + self.batch_size])
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(self._embed(pixels).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+
+class ClipFeatures(_ImageEmbedder):
+    """Unit-norm CLIP image and text embeddings (the projected pooled outputs)."""
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> ClipFeatures:
@@ -65,16 +82,8 @@ class ClipFeatures:
             tf.CLIPModel.from_pretrained(name_or_path), tf.AutoProcessor.from_pretrained(name_or_path), device
         )
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
-        """(N, D) unit vectors."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = _rgb(images[start : start + self.batch_size])
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-            out.append(self.model.visual_projection(pooled).float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -95,14 +104,8 @@ class ClipFeatures:
         return F.normalize(torch.cat(out), dim=-1)
 
 
-class DinoFeatures:
+class DinoFeatures(_ImageEmbedder):
     """Unit-norm DINO embeddings: the CLS token of the last hidden layer (e.g. facebook/dino-vits16)."""
-
-    def __init__(self, model: Any, processor: Any, device: str | torch.device = "cpu", batch_size: int = 32):
-        self.model = model.eval().to(device)
-        self.processor = processor
-        self.device = torch.device(device)
-        self.batch_size = batch_size
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu") -> DinoFeatures:
@@ -113,14 +116,8 @@ class DinoFeatures:
             device,
         )
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = _rgb(images[start : start + self.batch_size])
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
