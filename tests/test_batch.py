@@ -65,7 +65,14 @@ def test_read_requests_reports_every_bad_line_with_its_number(tmp_path, image_fi
             {"id": "../e", "prompt": "x"},
             {"id": "f", "prompt": "x", "n": 0},
             {"id": "g", "prompt": "x", "input_images": ["missing.png"]},
-            {"id": "h", "prompt": "a dog", "seed": 7, "guidance_scale": 2, "height": 32},
+            {
+                "id": "h",
+                "prompt": "a dog",
+                "seed": 7,
+                "guidance_scale": 2,
+                "height": 32,
+                "step_cache_threshold": 0,
+            },
             {"prompt": "no id"},
         ],
     )
@@ -77,7 +84,7 @@ def test_read_requests_reports_every_bad_line_with_its_number(tmp_path, image_fi
     assert "not found" in reasons[10]
     # default seeds continue across the file (a: 100, 101; b: 102), explicit seeds are kept
     assert [r.seed for r in requests] == [100, 102, 7, 104]
-    assert requests[2].params == {"guidance_scale": 2.0, "height": 32}
+    assert requests[2].params == {"guidance_scale": 2.0, "height": 32, "step_cache_threshold": 0.0}
     assert requests[1].input_images == (str(image_file.resolve()),)
 
 

@@ -118,6 +118,8 @@ def test_cli_writes_json_and_prints_tables(model_folder, tmp_path, capsys):
         str(out),
         "--steps",
         "2",
+        "--step-cache",
+        "0.1",
         "--tasks",
         "few_shot/mirror",
         "t2i",
@@ -129,7 +131,8 @@ def test_cli_writes_json_and_prints_tables(model_folder, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["split"] == "compositional" and data["overall"]["n"] == 6 and len(data["records"]) == 6
     assert set(data["families"]) <= {"t2i", "few_shot"} and "tasks" in data
-    assert data["overrides"] == {"num_inference_steps": 2}
+    assert data["overrides"] == {"num_inference_steps": 2, "step_cache_threshold": 0.1}
+    assert data["seconds"] > 0
     assert [r["task"] for r in data["records"]].count("few_shot/mirror") == 1  # fixed by the data seed
     assert data["few_shot_ablation"]["few_shot/mirror"]["n"] == 1 and len(data["ablation_records"]) == 1
     printed = capsys.readouterr().out

@@ -63,14 +63,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from omnigen.batch.requests import PARAMETERS
+
     p = sub.add_parser(
         "batch",
         help="generate every request of a JSONL file (resumable; torchrun for several processes)",
         description=(
             "One JSON object per line: prompt, input_images, id, n, seed, meta and any generation parameter "
-            "(height, width, num_inference_steps, guidance_scale, img_guidance_scale, use_img_guidance, "
-            "negative_prompt, max_input_image_size, use_input_image_size_as_output, separate_cfg_infer, "
-            "use_kv_cache, offload_kv_cache, offload_model). Writes DIR/<id>/<k>.png and DIR/results.jsonl. "
+            f"({', '.join(PARAMETERS)}). Writes DIR/<id>/<k>.png and DIR/results.jsonl. "
             "A rerun skips finished images. Launch with torchrun --nproc_per_node N -m omnigen batch ..."
         ),
     )

@@ -38,6 +38,7 @@ PARAMETERS: dict[str, type] = {
     "use_kv_cache": bool,
     "offload_kv_cache": bool,
     "offload_model": bool,
+    "step_cache_threshold": float,
 }
 KEYS = ("id", "prompt", "input_images", "n", "seed", "meta", *PARAMETERS)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
