@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omnigen.config import OmniGenConfig
 
 
 @dataclass(frozen=True)
@@ -121,14 +124,15 @@ class TrainConfig:
             "dropout": self.lora.get("dropout", 0.0),
         }
 
-    def model_config(self):  # noqa: ANN201  -> OmniGenConfig
-        """The trained model's architecture: ``model``, or ``init_from``'s config."""
+    def model_config(self) -> OmniGenConfig:
+        """The trained model's architecture: ``init_from``'s config (the model the trainer loads), else
+        ``model``."""
         from omnigen.checkpoint import load_config, resolve_layout
         from omnigen.config import OmniGenConfig
 
-        if self.model:
-            return OmniGenConfig.from_dict(self.model)
-        return load_config(resolve_layout(self.init_from))
+        if self.init_from:
+            return load_config(resolve_layout(self.init_from))
+        return OmniGenConfig.from_dict(self.model)
 
     def tokenizer_file(self) -> str:
         """The tokenizer.json the run trains with: ``tokenizer``, or ``init_from``'s."""
