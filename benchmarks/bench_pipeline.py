@@ -11,12 +11,13 @@ torch<2.5 and transformers' old Cache API and cannot be installed beside this en
 mode (KV cache + separate CFG) is emulated by our own ``separate_cfg_infer=True`` path, which computes
 the same thing.
 
-Each contender runs once untimed (warm-up), then contenders run alternately, ``--reps`` times each; the median seconds per image, peak RSS increase,
-ratios ours/reference, FLOPs per phase and achieved FLOP/s against a measured matmul peak are printed.
+Each contender runs once untimed (warm-up), then contenders run alternately, ``--reps`` times each; the
+median seconds per image, peak RSS increase (``--memory``), ratios ours/reference, FLOPs per phase and
+achieved FLOP/s against a measured matmul peak are printed.
 Outputs are checked: our images equal the reference run row by row (tolerance printed).
 
-``--options step_cache,mask_free,int8,compile,channels_last`` then measures our speed/memory options on one task
-(``--options-task``), end to end with VAE decode, against our default call: per setting the median
+``--options step_cache,mask_free,int8,compile,channels_last`` then measures our speed/memory options on
+one task (``--options-task``), end to end with VAE decode, against our default call: per setting the median
 seconds per image, the speed-up, the PSNR of the decoded image against the exact output, the sampling
 steps that ran all layers, and the decoder's linear-weight memory. ``--tasks ""`` skips the reference
 comparison. Step-cache thresholds come from ``--thresholds`` (default 0.05,0.1,0.2). Speed-up is the
@@ -401,15 +402,12 @@ class Bench:
                 self.ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=False
             )[0]
 
-        return {
-            "ours (cache, batched CFG)": lambda: ours(False),
-            "ours (cache, separate CFG)": lambda: ours(True),
-            DIFFUSERS: theirs,
-        }
+        return {BATCHED: lambda: ours(False), SEPARATE: lambda: ours(True), DIFFUSERS: theirs}
 
 
+BATCHED, SEPARATE = "ours (cache, batched CFG)", "ours (cache, separate CFG)"
 DIFFUSERS = "diffusers loop (batched)"
-CONTENDERS = ("ours (cache, batched CFG)", "ours (cache, separate CFG)", DIFFUSERS)
+CONTENDERS = (BATCHED, SEPARATE, DIFFUSERS)
 
 
 def measure_fresh(bench: Bench, task: str, name: str) -> None:
@@ -453,17 +451,17 @@ def main() -> None:
     argv = sys.argv[1:]
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    bench = Bench(args)
-    if args.measure:
+    if args.measure:  # a child process of fresh_peak_mb (checked first: it inherits the parent's flags)
         task, name = args.measure.split(":", 1)
-        measure_fresh(bench, task, name)
+        measure_fresh(Bench(args), task, name)
         return
-    if args.memory_only:
+    if args.memory_only:  # every measurement runs in a child process with its own set-up
         print(
             f"# peak resident memory growth of one call, each contender in a fresh process ({args.vae} VAE)"
         )
         memory_table(argv, args)
         return
+    bench = Bench(args)
     config, model, ref, pipe = bench.config, bench.model, bench.ref, bench.pipe
     peak = matmul_peak()
     params = model.num_parameters()
@@ -522,7 +520,7 @@ def main() -> None:
             )
         base = statistics.median(r[1] for r in results[DIFFUSERS])
         base_total = baseline_e2e[task] = statistics.median(r[0] for r in results[DIFFUSERS])
-        for name in ("ours (cache, batched CFG)", "ours (cache, separate CFG)"):
+        for name in (BATCHED, SEPARATE):
             runs = results[name]
             t_ratio = statistics.median(r[1] for r in runs) / base
             e_ratio = statistics.median(r[0] for r in runs) / base_total

@@ -12,7 +12,7 @@ Nothing here reads data sets or writes files; `transformers` and `cv2` are impor
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,14 +61,22 @@ class _ImageEmbedder:
         raise NotImplementedError
 
     @torch.no_grad()
+    def _batched(self, items: Sequence[Any], embed: Callable[[Sequence[Any]], torch.Tensor]) -> torch.Tensor:
+        """``embed`` over chunks of ``batch_size`` items -> (N, D) unit vectors on the CPU."""
+        out = [
+            embed(items[start : start + self.batch_size]).float().cpu()
+            for start in range(0, len(items), self.batch_size)
+        ]
+        return F.normalize(torch.cat(out), dim=-1)
+
     def images(self, images: Sequence[Any]) -> torch.Tensor:
         """(N, D) unit vectors."""
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = _rgb(images[start : start + self.batch_size])
-            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self._embed(pixels).float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+
+        def embed(chunk: Sequence[Any]) -> torch.Tensor:
+            pixels = self.processor(images=_rgb(chunk), return_tensors="pt")["pixel_values"]
+            return self._embed(pixels.to(self.device))
+
+        return self._batched(images, embed)
 
 
 class ClipFeatures(_ImageEmbedder):
@@ -85,23 +93,18 @@ class ClipFeatures(_ImageEmbedder):
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) unit vectors; texts longer than the model's context are truncated."""
         max_length = self.model.config.text_config.max_position_embeddings
-        out = []
-        for start in range(0, len(texts), self.batch_size):
+
+        def embed(chunk: Sequence[str]) -> torch.Tensor:
             tokens = self.processor(
-                text=list(texts[start : start + self.batch_size]),
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
+                text=list(chunk), return_tensors="pt", padding=True, truncation=True, max_length=max_length
             )
             tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-            pooled = self.model.text_model(**tokens).pooler_output
-            out.append(self.model.text_projection(pooled).float().cpu())
-        return F.normalize(torch.cat(out), dim=-1)
+            return self.model.text_projection(self.model.text_model(**tokens).pooler_output)
+
+        return self._batched(texts, embed)
 
 
 class DinoFeatures(_ImageEmbedder):
