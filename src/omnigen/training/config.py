@@ -42,6 +42,13 @@ class TrainConfig:
     init_from: str | None = field(
         default=None, metadata={"help": "model folder to fine-tune instead of `model`"}
     )
+    grow_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "with init_from: deepen the loaded model to this many layers before training (new "
+            "blocks interleaved, starting as the identity: omnigen.training.grow)"
+        },
+    )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json (default: init_from's)"})
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
@@ -104,6 +111,15 @@ class TrainConfig:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
         if self.lora is not None:
             check_lora(self.lora)
+        if self.grow_layers is not None:
+            if not self.init_from:
+                raise ValueError("grow_layers deepens a trained model: it needs `init_from`")
+            if (
+                not isinstance(self.grow_layers, int)
+                or isinstance(self.grow_layers, bool)
+                or self.grow_layers < 1
+            ):
+                raise ValueError(f"grow_layers must be a positive int, got {self.grow_layers!r}")
         if not isinstance(self.keep_raw_resolution, bool):
             raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
         if self.latent_cache is not None and (
@@ -125,13 +141,18 @@ class TrainConfig:
         }
 
     def model_config(self) -> OmniGenConfig:
-        """The trained model's architecture: ``init_from``'s config (the model the trainer loads), else
-        ``model``."""
+        """The trained model's architecture: ``init_from``'s config (the model the trainer loads; with
+        ``grow_layers`` that many layers), else ``model``."""
+        from dataclasses import replace
+
         from omnigen.checkpoint import load_config, resolve_layout
         from omnigen.config import OmniGenConfig
 
         if self.init_from:
-            return load_config(resolve_layout(self.init_from))
+            config = load_config(resolve_layout(self.init_from))
+            if self.grow_layers is not None:
+                config = replace(config, transformer=replace(config.transformer, num_layers=self.grow_layers))
+            return config
         return OmniGenConfig.from_dict(self.model)
 
     def tokenizer_file(self) -> str:

@@ -39,6 +39,7 @@ from omnigen.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
+from omnigen.training.grow import grow_depth
 from omnigen.training.loss import flow_matching_loss
 from omnigen.training.sampling_data import ShardedBucketSampler
 from omnigen.training.state import load_checkpoint, save_checkpoint
@@ -105,6 +106,8 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
     tokenizer = Tokenizer.from_file(config.tokenizer_file())
     if config.init_from:
         model, _ = load_model(config.init_from, device=device)
+        if config.grow_layers is not None:
+            model = grow_depth(model, config.grow_layers, seed=config.seed)
     else:
         torch.manual_seed(config.seed)
         model = OmniGenModel(config.model_config()).to(device)
