@@ -252,3 +252,79 @@ def _eval_loss(root, config, model):
             flow_matching_loss(model, batch.condition, batch.x1, generator, "uniform").loss for _ in range(8)
         ]
     return torch.stack(losses).mean().item()
+
+
+def _random_pixel_model(layers):
+    from omnigen.config import OmniGenConfig
+    from omnigen.model import OmniGenModel
+
+    torch.manual_seed(0)
+    model = OmniGenModel(OmniGenConfig.from_dict({**PIXEL_MODEL, "num_hidden_layers": layers}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.1)
+    return model
+
+
+def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp_path):
+    from omnigen.checkpoint import save_model
+    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.tokenizer import Tokenizer
+    from omnigen.training.grow import grow_depth, old_positions
+    from omnigen.vae import IdentityCodec
+
+    root, samples = world
+    model = _random_pixel_model(2)
+    grown = grow_depth(model, 5)
+    assert grown.config.transformer.num_layers == 5 and old_positions(2, 5) == [0, 2]
+    for old, new in zip((0, 1), (0, 2)):
+        assert torch.equal(
+            model.llm.layers[old].self_attn.qkv_proj.weight, grown.llm.layers[new].self_attn.qkv_proj.weight
+        )
+    for new in (1, 3, 4):
+        block = grown.llm.layers[new]
+        assert not block.self_attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
+        assert block.self_attn.qkv_proj.weight.std() > 0  # trainable from the first step
+    latents = {}
+    for name, m in (("old", model), ("grown", grown)):
+        save_model(m, tmp_path / name)
+        Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / name)
+        IdentityCodec(channels=3).save(tmp_path / name)
+        GenerationDefaults(height=16, width=16, max_input_image_size=16).save(tmp_path / name)
+        pipe = OmniGenPipeline.from_pretrained(tmp_path / name)
+        edit = next(s for s in samples if s.input_images)
+        latents[name] = pipe(
+            edit.instruction,
+            [Image.fromarray(a) for a in edit.input_images],
+            height=16,
+            width=16,
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            seed=0,
+            output_type="latent",
+            progress=False,
+        )
+    assert latents["old"].abs().max() > 0.1
+    torch.testing.assert_close(latents["grown"], latents["old"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grow_layers must be an int >= the model's 2 layers, got 1"):
+        grow_depth(model, 1)
+
+
+def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
+    from omnigen.checkpoint import load_model, save_model
+    from omnigen.tokenizer import Tokenizer
+
+    root, _ = world
+    save_model(_random_pixel_model(2), tmp_path / "base")
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    config = make_config(
+        root, tmp_path / "run", 2, model={}, tokenizer=None, init_from=str(tmp_path / "base"), grow_layers=3
+    )
+    assert config.model_config().transformer.num_layers == 3
+    trained, _ = load_model(train(config, device="cpu"))
+    assert trained.config.transformer.num_layers == 3
+    assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
+    with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
+        make_config(root, tmp_path / "x", 1, grow_layers=3)
+    with pytest.raises(ValueError, match="grow_layers must be a positive int, got 'deep'"):
+        make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")

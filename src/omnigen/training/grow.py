@@ -43,27 +43,17 @@ def grow_depth(model: OmniGenModel, num_layers: int, seed: int = 0) -> OmniGenMo
         return model
     config = replace(model.config, transformer=replace(model.config.transformer, num_layers=num_layers))
     param = next(model.parameters())
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         grown = OmniGenModel(config).to(device=param.device, dtype=param.dtype)
-        keep = set(old_positions(old, num_layers))
-        for index in range(num_layers):
-            if index not in keep:
-                _identity_block(grown.llm.layers[index])
-    finally:
-        torch.random.set_rng_state(generator_state)
-    state = {}
-    moved = dict(zip(old_positions(old, num_layers), range(old), strict=True))
-    for key, value in model.state_dict().items():
-        if key.startswith("llm.layers."):
-            index, rest = key[len("llm.layers.") :].split(".", 1)
-            key = f"llm.layers.{old_positions(old, num_layers)[int(index)]}.{rest}"
-        state[key] = value
-    for key, value in grown.state_dict().items():
-        if key.startswith("llm.layers.") and int(key.split(".")[2]) not in moved:
-            state[key] = value
-    grown.load_state_dict(state, strict=True)
+        positions = old_positions(old, num_layers)
+        for index, block in enumerate(grown.llm.layers):
+            if index not in positions:
+                _identity_block(block)
+    outside = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.layers.")}
+    grown.load_state_dict(outside, strict=False)  # every key exists in the grown model
+    for old_index, new_index in enumerate(positions):
+        grown.llm.layers[new_index].load_state_dict(model.llm.layers[old_index].state_dict())
     grown.materialize_buffers(param.device)
     logger.info(
         "grew the model from %d to %d layers (%d parameters)", old, num_layers, grown.num_parameters()
