@@ -2,7 +2,7 @@
 
     python scripts/learning_curve.py RUN_DIR OUT.jsonl [--n 112] [--every 60] [--until-step 15000]
 
-One JSON line per checkpoint: step, minutes since the run started, overall and per-family accuracy.
+One JSON line per checkpoint: step, minutes of training (summed over resumes), overall and per-family accuracy.
 Runs at low priority on one thread so the training keeps the CPU.
 """
 
@@ -44,6 +44,20 @@ def score(run: Path, step_dir: Path, n: int) -> dict:
     }
 
 
+def training_minutes(run: Path) -> dict[int, float]:
+    """Minutes of training up to each step, from loss.jsonl; its clock restarts when a run resumes, so the
+    segments are added up (restart overhead excluded)."""
+    minutes, offset, last = {}, 0.0, 0.0
+    path = run / "loss.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if row["time"] < last:  # a resumed process
+            offset += last
+        last = row["time"]
+        minutes[row["step"]] = (offset + last) / 60
+    return minutes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,14 +73,17 @@ def main() -> None:
     done = set()
     if args.out.is_file():
         done = {json.loads(line)["step"] for line in args.out.read_text().splitlines() if line.strip()}
-    started = (args.run / "train_config.json").stat().st_mtime
     while True:
         for step_dir in sorted((args.run / "checkpoints").glob("step_*")):
             step = int(step_dir.name.split("_")[1])
             if step in done or not (step_dir / "ema.safetensors").is_file():
                 continue
-            minutes = (step_dir.stat().st_mtime - started) / 60
-            record = {"step": step, "minutes": round(minutes, 1), **score(args.run, step_dir, args.n)}
+            minutes = training_minutes(args.run).get(step)
+            record = {
+                "step": step,
+                "minutes": None if minutes is None else round(minutes, 1),
+                **score(args.run, step_dir, args.n),
+            }
             with args.out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             done.add(step)

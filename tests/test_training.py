@@ -328,3 +328,34 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
     with pytest.raises(ValueError, match="grow_layers must be a positive int, got 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_resumes_with_its_loss_scale(world, tmp_path, precision):
+    """Autocast runs train; fp16 scales the loss (torch.amp.GradScaler) and a resumed run continues with
+    the saved scale, reaching the same weights as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    root, _ = world
+    kw = dict(precision=precision, drop_text=0.3, warmup_steps=0)
+    train(make_config(root, tmp_path / "a", 4, **kw), device="cpu")
+    split = make_config(root, tmp_path / "b", 4, **kw)
+    train(split, device="cpu", stop_after=2)
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000002" / "state.json").read_text())
+    if precision == "fp16":
+        assert saved["grad_scaler"]["scale"] > 1.0  # the loss really was scaled
+    else:
+        assert saved["grad_scaler"] == {}
+    train(split, device="cpu")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "loss.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows) and rows[0]["loss"] != rows[-1]["loss"]
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    end = json.loads((tmp_path / "b" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert (
+        end["grad_scaler"]
+        == json.loads((tmp_path / "a" / "checkpoints" / "step_00000004" / "state.json").read_text())[
+            "grad_scaler"
+        ]
+    )

@@ -163,6 +163,9 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     optimizer = torch.optim.AdamW(
         param_groups(model, config.weight_decay), lr=config.stages[0].lr, betas=config.betas
     )
+    # fp16 autocast: scale the loss so small gradients do not flush to zero in half precision; a step
+    # whose gradients overflowed is skipped and the scale backs off (a no-op for fp32 and bf16)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank)
     samples = builder.samples
@@ -178,6 +181,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
         distributed.load_optimizer(model, optimizer, resumed["optimizer"])
         info = resumed["info"]
         step, sampler_state, sampler_stage = info["step"], info["sampler"], info.get("stage")
+        if info.get("grad_scaler"):
+            scaler.load_state_dict(info["grad_scaler"])
         if main:
             logger.info("resumed from %s at step %d", resumed["path"], step)
 
@@ -213,6 +218,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                 "sampler": sampler.state_dict() if sampler else None,
                 "world_size": runtime.world,
                 "base_model": base_reference,
+                "grad_scaler": scaler.state_dict(),
             }
             adapter = (
                 (
@@ -287,7 +293,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                         config.edit_threshold,
                         normalizer=total_weight / runtime.world,  # DDP / FSDP average over ranks
                     )
-                    result.loss.backward()
+                    scaler.scale(result.loss).backward()
                 per_sample, t = result.per_sample.cpu().double(), result.t.cpu()
                 stats[0] += (per_sample * weights.cpu()).sum()
                 index = (t * T_BINS).long().clamp(max=T_BINS - 1)[real]
@@ -295,9 +301,11 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                 stats[2:].view(T_BINS, 2).index_add_(0, index, pairs)
             grad_norm = None
             if config.clip_grad > 0:
+                scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.clip_grad)
                 grad_norm = distributed.full_tensor(norm).item()
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 update_ema(ema, trainable, 0.0 if step == 0 else config.ema_decay)
