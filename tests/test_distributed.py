@@ -20,6 +20,17 @@ STEPS = 4
 LORA = {"lora": {"rank": 4, "alpha": 8}}
 
 
+def val(root) -> dict:
+    """Validation on 5 of the 6 rows every 2 steps: 2 ranks x 3 rows, one of them a zero-weight pad."""
+    return {"val_data": str(root / "train.jsonl"), "val_every": 2, "val_samples": 5}
+
+
+def val_losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, STEPS + 1, 2))
+    return [r["val_loss"] for r in rows]
+
+
 def losses(out: Path) -> list[float]:
     rows = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
@@ -54,9 +65,10 @@ def single(world, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("single")
     save_model(random_model(OmniGenConfig.from_dict(PIXEL_MODEL), scale=0.05), out / "base")
     runs = {"dir": out, "base": str(out / "base")}
-    for name, extra in (("full", {}), ("lora", LORA)):
+    for name, extra in (("full", val(root)), ("lora", LORA)):
         train(_config(root, out / name, 6, init_from=runs["base"], **extra), device="cpu")
         runs[name] = losses(out / name)
+    runs["val"] = val_losses(out / "full")
     return runs
 
 
@@ -77,14 +89,16 @@ def assert_same_curve(got: list[float], expected: list[float]) -> float:
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_processes_match_one(world, single, tmp_path, kind):  # noqa: F811
-    """2 ranks x batch 3 == 1 process x batch 6; the FSDP run also stops at step 2 and resumes."""
+    """2 ranks x batch 3 == 1 process x batch 6 (training and validation losses); the FSDP run also stops
+    at step 2 and resumes."""
     root, _ = world
-    config = _config(root, tmp_path / kind, 3, distributed=kind, init_from=single["base"])
+    config = _config(root, tmp_path / kind, 3, distributed=kind, init_from=single["base"], **val(root))
     if kind == "fsdp":
         torchrun(config, stop_after=2)
         assert losses(tmp_path / kind)[:2] and len(losses(tmp_path / kind)) == 2
     torchrun(config)
     print(kind, "max loss diff", assert_same_curve(losses(tmp_path / kind), single["full"]))
+    assert max(abs(a - b) for a, b in zip(val_losses(tmp_path / kind), single["val"])) <= TOLERANCE
 
     from safetensors.torch import load_file
 

@@ -359,3 +359,39 @@ def test_mixed_precision_trains_and_resumes_with_its_loss_scale(world, tmp_path,
             "grad_scaler"
         ]
     )
+
+
+def test_validation_loss_is_the_exported_ema_models_loss_at_fixed_draws(world, tmp_path):
+    from omnigen.checkpoint import load_model
+    from omnigen.tokenizer import Tokenizer
+    from omnigen.training.batches import BatchBuilder
+    from omnigen.training.distributed import Runtime
+    from omnigen.training.validation import Validator
+    from omnigen.vae import IdentityCodec
+
+    root, _ = world
+    kw = dict(ema_decay=0.5, val_data=str(root / "train.jsonl"), val_every=2, val_samples=5, edit_weight=3.0)
+    config = make_config(root, tmp_path / "run", 4, **kw)
+    train(config, device="cpu", stop_after=3)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and rows[0]["weights"] == "ema"  # 3: the stop
+    final = train(config, device="cpu")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4]  # resumed at 3: lines up to 3 kept, once each
+    model, _ = load_model(final)  # the EMA export
+    builder = BatchBuilder.from_config(
+        config,
+        Tokenizer.from_file(root / "tokenizer.json"),
+        IdentityCodec(),
+        model.config,
+        torch.device("cpu"),
+    )
+    validator = Validator(
+        config, builder, Runtime(rank=0, world=1, device=torch.device("cpu"), kind="single")
+    )
+    assert len(validator.samples) == 5
+    again = [validator(model, 16, 2), validator(model, 16, 5)]  # batching does not change it
+    assert abs(again[0] - rows[-1]["val_loss"]) <= 1e-5 and abs(again[1] - again[0]) <= 1e-5
+    assert abs(rows[0]["val_loss"] - rows[1]["val_loss"]) > 1e-4  # the weights moved it
+    with pytest.raises(ValueError, match="val_samples must be an int >= 1, got 0"):
+        make_config(root, tmp_path / "x", 1, val_samples=0)

@@ -88,6 +88,12 @@ class TrainConfig:
         default=None,
         metadata={"help": "LoRA instead of a full fine-tune: {rank, alpha, target_modules, dropout}"},
     )
+    val_data: list[str] | None = field(
+        default=None,
+        metadata={"help": "held-out X2I JSONL file(s): velocity loss at fixed draws, logged to val.jsonl"},
+    )
+    val_every: int = field(default=0, metadata={"help": "steps between validations (0: checkpoint_every)"})
+    val_samples: int = field(default=256, metadata={"help": "validate on the first N val_data rows"})
     generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
 
     def __post_init__(self) -> None:
@@ -111,6 +117,16 @@ class TrainConfig:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
         if self.lora is not None:
             check_lora(self.lora)
+        for name in ("val_every", "val_samples"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (1 if name == "val_samples" else 0)
+            ):
+                raise ValueError(
+                    f"{name} must be an int >= {1 if name == 'val_samples' else 0}, got {value!r}"
+                )
         if self.grow_layers is not None:
             if not self.init_from:
                 raise ValueError("grow_layers deepens a trained model: it needs `init_from`")
@@ -183,8 +199,9 @@ class TrainConfig:
         if missing:
             raise ValueError(f"training config is missing {missing}")
         values = dict(data)
-        if isinstance(values.get("data"), str):
-            values["data"] = [values["data"]]
+        for name in ("data", "val_data"):
+            if isinstance(values.get(name), str):
+                values[name] = [values[name]]
         stages = []
         for index, stage in enumerate(values.get("stages") or []):
             if not isinstance(stage, dict) or set(stage) != {"resolution", "steps", "batch_size", "lr"}:

@@ -43,6 +43,7 @@ from omnigen.training.grow import grow_depth
 from omnigen.training.loss import flow_matching_loss
 from omnigen.training.sampling_data import ShardedBucketSampler
 from omnigen.training.state import load_checkpoint, save_checkpoint
+from omnigen.training.validation import Validator, swapped_in
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
 
     builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank)
     samples = builder.samples
+    validator = Validator(config, builder, runtime) if config.val_data else None
+    val_every = config.val_every or config.checkpoint_every
     step, sampler_state, sampler_stage = 0, None, None
     resumed = load_checkpoint(out / "checkpoints")
     if resumed is not None:
@@ -198,6 +201,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     # rank 0 draws a progress bar on a terminal only (tqdm's disable=None), other ranks never
     progress = tqdm(total=config.total_steps, initial=step, disable=None if main else True, desc="train")
     loss_log = _open_loss_log(out / "loss.jsonl", step) if main else None
+    val_log = _open_loss_log(out / "val.jsonl", step) if main and validator is not None else None
     started, seen, stopping = time.perf_counter(), 0, False
     stage_index, sampler, batches = -1, None, None
 
@@ -343,6 +347,14 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                 )
                 bins.zero_()
             last = step == config.total_steps or (stop_after is not None and step >= stop_after)
+            if validator is not None and (step % val_every == 0 or last or stopping):
+                with swapped_in(trainable, ema):  # the EMA is what the run exports
+                    val_loss = validator(train_model, stage.resolution, stage.batch_size)
+                if main:
+                    weights = "ema" if ema is not None else "model"
+                    val_log.write(json.dumps({"step": step, "val_loss": val_loss, "weights": weights}) + "\n")
+                    val_log.flush()
+                    logger.info("step %d validation loss %.4f (%s weights)", step, val_loss, weights)
             if step % config.checkpoint_every == 0 or last or stopping:
                 if stopping and main:
                     logger.warning("SIGTERM: checkpoint at step %d", step)
@@ -355,6 +367,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
             builder.cache.flush()
         if loss_log is not None:
             loss_log.close()
+        if val_log is not None:
+            val_log.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     final = out / "final"
@@ -366,7 +380,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
 
 
 def _open_loss_log(path: Path, step: int) -> TextIO:
-    """``loss.jsonl``, one line per optimizer step; lines past a resumed ``step`` are dropped."""
+    """``loss.jsonl`` (one line per optimizer step) or ``val.jsonl``; lines past a resumed ``step`` are
+    dropped."""
     kept = []
     if step > 0 and path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
