@@ -326,7 +326,7 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
     assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
     with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
-    with pytest.raises(ValueError, match="grow_layers must be a positive int, got 'deep'"):
+    with pytest.raises(ValueError, match="grow_layers must be an int >= 1, got 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
 
 

@@ -117,25 +117,12 @@ class TrainConfig:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
         if self.lora is not None:
             check_lora(self.lora)
-        for name in ("val_every", "val_samples"):
-            value = getattr(self, name)
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < (1 if name == "val_samples" else 0)
-            ):
-                raise ValueError(
-                    f"{name} must be an int >= {1 if name == 'val_samples' else 0}, got {value!r}"
-                )
+        _check_int("val_every", self.val_every, 0)
+        _check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:
             if not self.init_from:
                 raise ValueError("grow_layers deepens a trained model: it needs `init_from`")
-            if (
-                not isinstance(self.grow_layers, int)
-                or isinstance(self.grow_layers, bool)
-                or self.grow_layers < 1
-            ):
-                raise ValueError(f"grow_layers must be a positive int, got {self.grow_layers!r}")
+            _check_int("grow_layers", self.grow_layers, 1)
         if not isinstance(self.keep_raw_resolution, bool):
             raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
         if self.latent_cache is not None and (
@@ -276,3 +263,8 @@ def describe_fields() -> str:
         )
         lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
     return "\n".join(lines)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

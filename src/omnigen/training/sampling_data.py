@@ -7,6 +7,7 @@ tokenise or touch tensors of pixels. All randomness comes from an explicit torch
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -311,3 +312,18 @@ def _fit_to_replicas(batches: list[list[int]], num_replicas: int, drop_last: boo
         return batches[: len(batches) - remainder]
     padding = num_replicas - remainder
     return batches + [batches[i % len(batches)] for i in range(padding)]
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The CPU generator of one sample's draws at one step (dropout, then t, then noise)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def shard(indices: list[int], rank: int, world: int) -> tuple[list[int], list[bool]]:
+    """Rank ``rank``'s contiguous slice of a global batch, padded to ceil(len / world) with copies of the
+    first sample; the flags say which entries are real (pads get zero weight)."""
+    per_rank = math.ceil(len(indices) / world)
+    local = indices[rank * per_rank : (rank + 1) * per_rank]
+    pad = per_rank - len(local)
+    return local + [indices[0]] * pad, [True] * len(local) + [False] * pad

@@ -18,7 +18,6 @@ state is needed to resume.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -41,7 +40,7 @@ from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
 from omnigen.training.grow import grow_depth
 from omnigen.training.loss import flow_matching_loss
-from omnigen.training.sampling_data import ShardedBucketSampler
+from omnigen.training.sampling_data import ShardedBucketSampler, sample_generator, shard
 from omnigen.training.state import load_checkpoint, save_checkpoint
 from omnigen.training.validation import Validator, swapped_in
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
@@ -77,21 +76,6 @@ def update_ema(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], de
     """ema <- decay * ema + (1 - decay) * params, name by name (the trainable parameters only)."""
     for name, e in ema.items():
         e.mul_(decay).add_(params[name].detach(), alpha=1 - decay)
-
-
-def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """The CPU generator of one sample's draws at one step (dropout, then t, then noise)."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
-def shard(indices: list[int], rank: int, world: int) -> tuple[list[int], list[bool]]:
-    """Rank ``rank``'s contiguous slice of a global batch, padded to ceil(len / world) with copies of the
-    first sample; the flags say which entries are real (pads get zero weight)."""
-    per_rank = math.ceil(len(indices) / world)
-    local = indices[rank * per_rank : (rank + 1) * per_rank]
-    pad = per_rank - len(local)
-    return local + [indices[0]] * pad, [True] * len(local) + [False] * pad
 
 
 def _stage_of(step: int, config: TrainConfig) -> int:

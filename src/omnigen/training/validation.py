@@ -16,7 +16,7 @@ import torch
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.loss import flow_matching_loss
-from omnigen.training.sampling_data import ConditionDropout
+from omnigen.training.sampling_data import ConditionDropout, sample_generator, shard
 from omnigen.training.x2i import read_x2i
 
 VAL_SEED_OFFSET = 7919  # the draws differ from the training seed's
@@ -49,8 +49,6 @@ class Validator:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, resolution: int, batch_size: int) -> float:
         """The weighted mean velocity loss (edit weighting as in training) over the validation rows."""
-        from omnigen.training.trainer import sample_generator, shard
-
         config, runtime = self.config, self.runtime
         totals = torch.zeros(2, dtype=torch.float64)
         was_training = model.training
