@@ -160,7 +160,7 @@ def test_input_images_and_input_size_as_output(pipeline, rgb_image):
         ({"num_inference_steps": 0.0}, "inference steps must be between 1 and"),
         ({"guidance_scale": None}, "guidance scale must be a number"),
         ({"use_input_image_size_as_output": True}, "needs an input image"),
-        ({"step_cache_threshold": -0.1}, "step cache threshold must be >= 0"),
+        ({"step_cache_threshold": -0.1}, "step cache threshold must be a number >= 0, got -0.1"),
     ],
 )
 def test_bad_inputs_give_clear_messages(pipeline, rgb_image, changes, message):

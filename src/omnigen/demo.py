@@ -128,9 +128,8 @@ def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     else:
         seed = _as_int("seed", values["seed"], 0, MAX_SEED)
     images = collect_images(values)
+    # a negative threshold is the pipeline's to reject (StepCache's message)
     threshold = _as_float("step cache threshold", values.get("step_cache_threshold", 0.0))
-    if threshold < 0:
-        raise ValueError(f"step cache threshold must be >= 0 (0 = off), got {threshold}")
     return dict(
         prompt=prompt.strip(),
         input_images=images or None,
