@@ -131,7 +131,7 @@ def test_lora_two_processes_match_one(world, single, tmp_path, kind):  # noqa: F
 
 def test_layout_independent_draws():
     """Each sample's generator depends on (seed, step, index) only; a rank's slice of a global batch."""
-    from omnigen.training.trainer import sample_generator, shard
+    from omnigen.training.sampling_data import sample_generator, shard
 
     a = sample_generator(0, 5, 3).initial_seed()
     assert a == sample_generator(0, 5, 3).initial_seed()

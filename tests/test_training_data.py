@@ -17,8 +17,8 @@ from PIL import Image
 from omnigen.training import trainer
 from omnigen.training.batches import BatchBuilder, fill_pixels
 from omnigen.training.latent_cache import LatentCache
-from omnigen.training.sampling_data import ShardedBucketSampler
-from omnigen.training.trainer import precompute_latents, shard, train
+from omnigen.training.sampling_data import ShardedBucketSampler, shard
+from omnigen.training.trainer import precompute_latents, train
 from omnigen.vae import IdentityCodec
 from test_training import make_config
 

@@ -31,7 +31,7 @@ from omnigen.processor import OmniGenProcessor, load_image, to_tensor
 from omnigen.tokenizer import TextTokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.training.latent_cache import LatentCache, codec_fingerprint
-from omnigen.training.sampling_data import ConditionDropout, bucket_for, make_buckets
+from omnigen.training.sampling_data import ConditionDropout, bucket_for, make_buckets, sample_generator, shard
 from omnigen.training.x2i import X2ISample, compose_instruction, read_x2i
 from omnigen.types import Condition
 from omnigen.vae import LatentCodec
@@ -218,6 +218,18 @@ class BatchBuilder:
             has_reference=torch.tensor(has_reference, device=self.device),
             weights=torch.tensor(weights, dtype=torch.float32, device=self.device),
         )
+
+    def rank_batch(
+        self, indices: list[int], resolution: int, seed: int, step: int, rank: int, world: int
+    ) -> tuple[TrainBatch, list[torch.Generator], list[bool]]:
+        """Rank ``rank``'s slice of a global batch (``shard``) with each sample's own draws
+        (``sample_generator(seed, step, index)``), so any split over ranks draws the same t, noise and
+        dropout per sample; pads get weight 0. Returns the batch, its generators and the real flags."""
+        local, real = shard(indices, rank, world)
+        generators = [sample_generator(seed, step, i) for i in local]
+        batch = self(local, resolution, generators)
+        batch.weights = batch.weights * torch.tensor(real, device=self.device)
+        return batch, generators, real
 
     def precompute(self, indices: Sequence[int], resolution: int) -> int:
         """Encode into the cache every view of these samples; returns how many were not there yet."""

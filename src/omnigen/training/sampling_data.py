@@ -210,7 +210,7 @@ class ShardedBucketSampler:
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.num_samples = len(sizes)
-        self._buckets = _group_by_key(sizes)
+        self._buckets = group_by_size(sizes)
         self._length = self._count_rank_batches()
         self.epoch = 0
         self.position = 0
@@ -291,7 +291,8 @@ class ShardedBucketSampler:
         return math.ceil(total / self.num_replicas) if total else 0
 
 
-def _group_by_key(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+def group_by_size(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Sample indices grouped by (height, width), groups in sorted size order, indices in order."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, key in enumerate(sizes):
         if (

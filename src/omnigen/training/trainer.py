@@ -40,7 +40,7 @@ from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
 from omnigen.training.grow import grow_depth
 from omnigen.training.loss import flow_matching_loss
-from omnigen.training.sampling_data import ShardedBucketSampler, sample_generator, shard
+from omnigen.training.sampling_data import ShardedBucketSampler, sample_generator
 from omnigen.training.state import load_checkpoint, save_checkpoint
 from omnigen.training.validation import Validator, swapped_in
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
@@ -261,11 +261,10 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
             total_weight = sum(samples[i].weight for indices in step_batches for i in indices)
             stats = torch.zeros(2 + 2 * T_BINS, dtype=torch.float64)  # loss sum, stop flag, t-bins
             for micro, indices in enumerate(step_batches):
-                local, real = shard(indices, runtime.rank, runtime.world)
-                generators = [sample_generator(config.seed, step, i) for i in local]
-                batch = builder(local, stage.resolution, generators)
-                real_mask = torch.tensor(real, device=device)
-                weights = batch.weights * real_mask
+                batch, generators, real = builder.rank_batch(
+                    indices, stage.resolution, config.seed, step, runtime.rank, runtime.world
+                )
+                weights = batch.weights
                 sync = distributed.gradient_sync(train_model, runtime, micro == config.grad_accum - 1)
                 with sync, autocast:
                     result = flow_matching_loss(

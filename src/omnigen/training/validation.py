@@ -16,7 +16,7 @@ import torch
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.loss import flow_matching_loss
-from omnigen.training.sampling_data import ConditionDropout, sample_generator, shard
+from omnigen.training.sampling_data import ConditionDropout, group_by_size
 from omnigen.training.x2i import read_x2i
 
 VAL_SEED_OFFSET = 7919  # the draws differ from the training seed's
@@ -39,10 +39,7 @@ class Validator:
         self.config, self.runtime = config, runtime
 
     def _batches(self, resolution: int, batch_size: int) -> Iterator[list[int]]:
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for index, size in enumerate(self.builder.target_sizes(resolution)):
-            by_size.setdefault(size, []).append(index)
-        for _, indices in sorted(by_size.items()):
+        for indices in group_by_size(self.builder.target_sizes(resolution)):
             for start in range(0, len(indices), batch_size):
                 yield indices[start : start + batch_size]
 
@@ -55,9 +52,9 @@ class Validator:
         model.eval()
         try:
             for indices in self._batches(resolution, batch_size * runtime.world):
-                local, real = shard(indices, runtime.rank, runtime.world)
-                generators = [sample_generator(config.seed + VAL_SEED_OFFSET, 0, i) for i in local]
-                batch = self.builder(local, resolution, generators)
+                batch, generators, _ = self.builder.rank_batch(
+                    indices, resolution, config.seed + VAL_SEED_OFFSET, 0, runtime.rank, runtime.world
+                )
                 result = flow_matching_loss(
                     model,
                     batch.condition,
@@ -70,7 +67,7 @@ class Validator:
                     config.edit_weight,
                     config.edit_threshold,
                 )
-                weights = batch.weights.cpu().double() * torch.tensor(real, dtype=torch.float64)
+                weights = batch.weights.cpu().double()  # pads weigh 0
                 totals += torch.stack([(result.per_sample.cpu().double() * weights).sum(), weights.sum()])
         finally:
             model.train(was_training)
