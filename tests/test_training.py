@@ -109,6 +109,26 @@ def test_edit_weighting_formula():
     assert torch.all(w[1] == 1)  # no reference: plain MSE
 
 
+def test_foreground_weighting_formula():
+    from omnigen.training.loss import LossSettings, foreground_mask, pixel_weights
+
+    x1 = torch.full((2, 3, 8, 8), 1.0)  # white backgrounds
+    x1[0, :, 2:4, 5:7] = torch.tensor([0.7, -0.8, -0.8])[:, None, None]  # a red 2x2 object in row 0
+    x1[1, 0] = -1.0  # row 1: flat cyan, no object
+    mask = foreground_mask(x1, 0.1)
+    assert mask[0, 0, 2:4, 5:7].all() and mask[0].sum() == 4 and not mask[1].any()
+    grown = foreground_mask(x1, 0.1, dilate=1)
+    assert grown[0, 0, 1:5, 4:8].all() and grown[0].sum() == 16  # a 1-px ring around the object
+    settings = LossSettings(foreground_weight=4.0, foreground_dilate=1)
+    w = pixel_weights(x1, None, torch.tensor([False, False]), settings)
+    assert torch.all(w[0][grown[0]] == 4) and torch.all(w[0][~grown[0]] == 1) and torch.all(w[1] == 1)
+    edit = LossSettings(edit_weight=2.0, foreground_weight=4.0)
+    reference = x1.clone()
+    reference[0, :, 2:3, 5:7] = 1.0  # the edit painted the object's top row
+    w = pixel_weights(x1, reference, torch.tensor([True, False]), edit)
+    assert w[0, 0, 2, 5] == 8 and w[0, 0, 3, 5] == 4 and w[0, 0, 0, 0] == 1  # the factors multiply
+
+
 def test_lr_schedule_warmup_and_stages(world, tmp_path):
     root, _ = world
     config = make_config(
@@ -228,7 +248,7 @@ def _eval_loss(root, config, model):
     from omnigen.processor import OmniGenProcessor
     from omnigen.tokenizer import Tokenizer
     from omnigen.training.batches import BatchBuilder
-    from omnigen.training.loss import flow_matching_loss
+    from omnigen.training.loss import LossSettings, flow_matching_loss
     from omnigen.training.sampling_data import ConditionDropout
     from omnigen.training.x2i import read_x2i
     from omnigen.vae import IdentityCodec
@@ -249,7 +269,7 @@ def _eval_loss(root, config, model):
     batch = builder(list(range(6)), 16, generator)
     with torch.no_grad():
         losses = [
-            flow_matching_loss(model, batch.condition, batch.x1, generator, "uniform").loss for _ in range(8)
+            flow_matching_loss(model, batch, generator, LossSettings("uniform")).loss for _ in range(8)
         ]
     return torch.stack(losses).mean().item()
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from omnigen.config import OmniGenConfig
+    from omnigen.training.loss import LossSettings
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,13 @@ class TrainConfig:
     drop_both: float = field(default=0.05, metadata={"help": "P(drop everything)"})
     edit_weight: float = field(default=1.0, metadata={"help": "loss weight where an edit changes the input"})
     edit_threshold: float = field(default=0.1, metadata={"help": "latent difference counted as changed"})
+    foreground_weight: float = field(
+        default=1.0, metadata={"help": "loss weight where the target differs from its own background"}
+    )
+    foreground_threshold: float = field(
+        default=0.1, metadata={"help": "latent distance to the background counted as foreground"}
+    )
+    foreground_dilate: int = field(default=0, metadata={"help": "grow the foreground by this many pixels"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
@@ -117,6 +125,10 @@ class TrainConfig:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
         if self.lora is not None:
             check_lora(self.lora)
+        for name in ("edit_weight", "foreground_weight"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        _check_int("foreground_dilate", self.foreground_dilate, 0)
         _check_int("val_every", self.val_every, 0)
         _check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:
@@ -129,6 +141,18 @@ class TrainConfig:
             not isinstance(self.latent_cache, str) or not self.latent_cache
         ):
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
+
+    def loss_settings(self) -> LossSettings:
+        from omnigen.training.loss import LossSettings
+
+        return LossSettings(
+            self.t_distribution,
+            self.edit_weight,
+            self.edit_threshold,
+            self.foreground_weight,
+            self.foreground_threshold,
+            self.foreground_dilate,
+        )
 
     def lora_arguments(self) -> dict[str, Any] | None:
         """``omnigen.lora.add_lora`` keyword arguments (alpha defaults to rank), or None."""

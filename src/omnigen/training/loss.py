@@ -1,14 +1,20 @@
-"""The training objective: rectified-flow velocity MSE with OmniGen's edit weighting.
+"""The training objective: rectified-flow velocity MSE with OmniGen's edit weighting, generalised.
 
 For a target latent x1, noise x0 ~ N(0, I) and t ~ p(t) (see ``omnigen.flow``):
 
     x_t = t x1 + (1 - t) x0,   v = x1 - x0,   loss_b = sum_i w_i (f(x_t, t, c)_i - v_i)^2 / sum_i w_i
 
-Edit weighting (paper Sec. 3): when a sample has a reference input latent x_in of the target's size
-(an edit), pixels that the edit changes are up-weighted so copying the input cannot win:
+Per-pixel weights w_i (``pixel_weights``) multiply two factors, each 1 when switched off:
 
-    w_i = edit_weight   if mean_channels |x1 - x_in|_i > edit_threshold
-    w_i = 1             otherwise (and for samples without a reference)
+- Edit weighting (paper Sec. 3): when a sample has a reference input latent x_in of the target's size
+  (an edit), pixels that the edit changes are up-weighted so copying the input cannot win:
+  ``edit_weight`` where mean_channels |x1 - x_in|_i > ``edit_threshold``.
+- Foreground weighting, the same idea without a reference: pixels that differ from the target's own
+  background are up-weighted, so a flat background cannot dominate the loss. The background is the
+  per-channel median of the target (a flat backdrop covers most of the image in the miniature world and
+  in many product shots); ``foreground_weight`` where mean_channels |x1 - median(x1)|_i >
+  ``foreground_threshold``, grown by ``foreground_dilate`` pixels (a (2k+1)^2 max-pool) so the seam
+  around an object counts too.
 """
 
 from __future__ import annotations
@@ -17,10 +23,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from omnigen.flow import interpolate, sample_t, velocity_target
 from omnigen.model import OmniGenModel
-from omnigen.types import Condition
+from omnigen.training.batches import TrainBatch
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How a batch's loss is weighted; ``TrainConfig.loss_settings()`` builds it from a run's config."""
+
+    t_distribution: str = "logit_normal"
+    edit_weight: float = 1.0
+    edit_threshold: float = 0.1
+    foreground_weight: float = 1.0
+    foreground_threshold: float = 0.1
+    foreground_dilate: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,53 +65,67 @@ def edit_weights(
     return torch.where(changed, torch.full_like(weights, edit_weight), weights)
 
 
+def foreground_mask(x1: torch.Tensor, threshold: float, dilate: int = 0) -> torch.Tensor:
+    """(B, 1, H, W) bool: pixels whose channel-mean distance to the per-channel median exceeds
+    ``threshold``, dilated by ``dilate`` pixels."""
+    background = x1.flatten(2).median(dim=2).values[:, :, None, None]  # (B, C, 1, 1)
+    mask = (x1 - background).abs().mean(dim=1, keepdim=True) > threshold
+    if dilate > 0:
+        mask = F.max_pool2d(mask.float(), 2 * dilate + 1, stride=1, padding=dilate) > 0
+    return mask
+
+
+def pixel_weights(
+    x1: torch.Tensor, reference: torch.Tensor | None, has_reference: torch.Tensor, settings: LossSettings
+) -> torch.Tensor:
+    """(B, 1, H, W): edit weights times foreground weights (module docstring)."""
+    weights = edit_weights(x1, reference, has_reference, settings.edit_weight, settings.edit_threshold)
+    if settings.foreground_weight != 1.0:
+        foreground = foreground_mask(x1, settings.foreground_threshold, settings.foreground_dilate)
+        weights = weights * torch.where(foreground, settings.foreground_weight, 1.0)
+    return weights
+
+
 def flow_matching_loss(
     model: OmniGenModel,
-    condition: Condition,
-    x1: torch.Tensor,
+    batch: TrainBatch,
     generator: torch.Generator | Sequence[torch.Generator],
-    t_distribution: str = "logit_normal",
-    reference: torch.Tensor | None = None,
-    has_reference: torch.Tensor | None = None,
-    sample_weights: torch.Tensor | None = None,
-    edit_weight: float = 1.0,
-    edit_threshold: float = 0.1,
+    settings: LossSettings,
     normalizer: float | None = None,
 ) -> LossOutput:
-    """x1 (B, C, H, W) target latents; noise and t drawn on the CPU, then moved.
+    """The batch's loss; noise and t drawn on the CPU, then moved.
 
     ``generator``: one for the batch (t for all rows, then all the noise), or one per row (row b draws
     its t, then its noise, from generator b; a row's draws then do not depend on the rest of the batch).
     ``normalizer``: divide the weighted sum by this instead of the batch's weight sum, e.g. the weight
     sum of a global batch split over micro-batches and ranks.
     """
-    batch = x1.shape[0]
+    x1 = batch.x1
+    size = x1.shape[0]
     if isinstance(generator, torch.Generator):
-        t = sample_t(batch, generator, t_distribution)
+        t = sample_t(size, generator, settings.t_distribution)
         x0 = torch.randn(x1.shape, generator=generator)
     else:
-        if len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
-        draws = [(sample_t(1, g, t_distribution), torch.randn(x1.shape[1:], generator=g)) for g in generator]
+        if len(generator) != size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {size}")
+        draws = [
+            (sample_t(1, g, settings.t_distribution), torch.randn(x1.shape[1:], generator=g))
+            for g in generator
+        ]
         t = torch.cat([d[0] for d in draws])
         x0 = torch.stack([d[1] for d in draws])
     t, x0 = t.to(x1.device), x0.to(x1.device, x1.dtype)
     xt = interpolate(x0, x1, t)
-    prediction = model(xt, t, condition=condition).float()
+    prediction = model(xt, t, condition=batch.condition).float()
     target = velocity_target(x0, x1).float()
+    has_reference = batch.has_reference
     if has_reference is None:
-        has_reference = torch.zeros(batch, dtype=torch.bool, device=x1.device)
-    weights = edit_weights(
-        x1.float(),
-        None if reference is None else reference.float(),
-        has_reference,
-        edit_weight,
-        edit_threshold,
-    )
+        has_reference = torch.zeros(size, dtype=torch.bool, device=x1.device)
+    reference = None if batch.reference is None else batch.reference.float()
+    weights = pixel_weights(x1.float(), reference, has_reference, settings)
     squared = ((prediction - target) ** 2).mean(dim=1, keepdim=True) * weights
     per_sample = squared.flatten(1).sum(1) / weights.flatten(1).sum(1)
-    if sample_weights is None:
-        sample_weights = torch.ones_like(per_sample)
+    sample_weights = batch.weights.to(per_sample)
     total = sample_weights.sum() if normalizer is None else normalizer
     loss = (per_sample * sample_weights).sum() / total
     return LossOutput(loss=loss, per_sample=per_sample.detach(), t=t.detach())

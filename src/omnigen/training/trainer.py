@@ -151,6 +151,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     # fp16 autocast: scale the loss so small gradients do not flush to zero in half precision; a step
     # whose gradients overflowed is skipped and the scale backs off (a no-op for fp32 and bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    loss_settings = config.loss_settings()
 
     builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank)
     samples = builder.samples
@@ -269,15 +270,9 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                 with sync, autocast:
                     result = flow_matching_loss(
                         train_model,
-                        batch.condition,
-                        batch.x1,
+                        batch,
                         generators,
-                        config.t_distribution,
-                        batch.reference,
-                        batch.has_reference,
-                        weights,
-                        config.edit_weight,
-                        config.edit_threshold,
+                        loss_settings,
                         normalizer=total_weight / runtime.world,  # DDP / FSDP average over ranks
                     )
                     scaler.scale(result.loss).backward()

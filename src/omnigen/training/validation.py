@@ -28,6 +28,7 @@ class Validator:
             config.val_data, image_root=config.image_root, on_bad_row=config.on_bad_row
         ).samples
         self.samples = samples[: config.val_samples]
+        self.loss_settings = config.loss_settings()
         self.builder = BatchBuilder(
             self.samples,
             train_builder.processor,
@@ -55,18 +56,7 @@ class Validator:
                 batch, generators, _ = self.builder.rank_batch(
                     indices, resolution, config.seed + VAL_SEED_OFFSET, 0, runtime.rank, runtime.world
                 )
-                result = flow_matching_loss(
-                    model,
-                    batch.condition,
-                    batch.x1,
-                    generators,
-                    config.t_distribution,
-                    batch.reference,
-                    batch.has_reference,
-                    None,
-                    config.edit_weight,
-                    config.edit_threshold,
-                )
+                result = flow_matching_loss(model, batch, generators, self.loss_settings)
                 weights = batch.weights.cpu().double()  # pads weigh 0
                 totals += torch.stack([(result.per_sample.cpu().double() * weights).sum(), weights.sum()])
         finally:
