@@ -268,9 +268,7 @@ def _eval_loss(root, config, model):
     generator = torch.Generator().manual_seed(123)
     batch = builder(list(range(6)), 16, generator)
     with torch.no_grad():
-        losses = [
-            flow_matching_loss(model, batch, generator, LossSettings("uniform")).loss for _ in range(8)
-        ]
+        losses = [flow_matching_loss(model, batch, generator, LossSettings("uniform")).loss for _ in range(8)]
     return torch.stack(losses).mean().item()
 
 
