@@ -184,6 +184,28 @@ def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(
         make_config(root, tmp_path / "c", 1, tokenizer=None).tokenizer_file()
 
 
+def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
+    from safetensors.torch import load_file
+
+    from omnigen.checkpoint import save_model
+    from omnigen.config import OmniGenConfig
+    from omnigen.model import OmniGenModel
+    from omnigen.tokenizer import Tokenizer
+
+    root, _ = world
+    torch.manual_seed(0)
+    base = OmniGenModel(OmniGenConfig.from_dict(PIXEL_MODEL))
+    base.initialize_weights()
+    save_model(base, tmp_path / "base", dtype=torch.float16)  # as the shipped model is stored
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    config = make_config(
+        root, tmp_path / "run", 1, model={}, tokenizer=None, init_from=str(tmp_path / "base")
+    )
+    train(config, device="cpu")
+    state = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors"))
+    assert {v.dtype for v in state.values()} == {torch.float32}
+
+
 def test_resume_reaches_the_same_parameters(world, tmp_path):
     root, _ = world
     straight = make_config(

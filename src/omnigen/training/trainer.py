@@ -90,7 +90,8 @@ def _stage_of(step: int, config: TrainConfig) -> int:
 def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
     tokenizer = Tokenizer.from_file(config.tokenizer_file())
     if config.init_from:
-        model, _ = load_model(config.init_from, device=device)
+        # fp32 master weights whatever the folder stores (the shipped model is fp16)
+        model, _ = load_model(config.init_from, device=device, dtype=torch.float32)
         if config.grow_layers is not None:
             model = grow_depth(model, config.grow_layers, seed=config.seed)
     else:
