@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from omnigen.data import miniworld as mw
+from omnigen.data import miniworld_scene as world
 from omnigen.data import miniworld_tasks as tasks
-from omnigen.eval import miniworld_score as ms
+from omnigen.data import miniworld_text as wording
+from omnigen.eval import miniworld_score as score
 
 TAG = re.compile(r"<img><\|image_(\d+)\|></img>")
 MAP_TASKS = ("cv/edges", "cv/segmentation", "cv/depth", "cv/referring")
@@ -57,7 +59,7 @@ def test_same_seed_same_bytes_and_different_seed_differs() -> None:
 
 def test_every_task_kind_appears(train_200: list[mw.Sample]) -> None:
     kinds = {s.meta["task"] for s in train_200}
-    assert kinds == set(tasks.TASK_KINDS)
+    assert kinds == set(mw.TASK_KINDS)
     assert {s.task_type for s in train_200} == {"t2i", "edit", "subject", "condition", "cv", "few_shot"}
     for s in train_200:
         assert s.meta["few_shot"] == (s.task_type == "few_shot") == (s.few_shot is not None)
@@ -85,12 +87,12 @@ def test_tags_match_input_images_and_shapes(size: int) -> None:
 
 def test_withheld_pairs_only_in_compositional(train_200: list[mw.Sample]) -> None:
     for s in [*train_200, *mw.generate(200, seed=0, split="heldout")]:
-        assert not mw.meta_pairs(s.meta) & mw.WITHHELD_PAIRS, (s.id, s.instruction)
+        assert not mw.meta_pairs(s.meta) & tasks.WITHHELD_PAIRS, (s.id, s.instruction)
     compositional = mw.generate(120, seed=0, split="compositional")
-    assert all(mw.meta_pairs(s.meta) & mw.WITHHELD_PAIRS for s in compositional)
+    assert all(mw.meta_pairs(s.meta) & tasks.WITHHELD_PAIRS for s in compositional)
     seen = set().union(*(mw.meta_pairs(s.meta) for s in compositional))
-    assert mw.WITHHELD_PAIRS <= seen
-    phrases = [f"{colour} {shape}" for colour, shape in mw.WITHHELD_PAIRS]
+    assert tasks.WITHHELD_PAIRS <= seen
+    phrases = [f"{colour} {shape}" for colour, shape in tasks.WITHHELD_PAIRS]
     assert not any(p in s.instruction for s in train_200 for p in phrases)
     assert any(p in s.instruction for s in compositional for p in phrases)
 
@@ -124,33 +126,33 @@ def _ring(top: int, left: int, side: int) -> np.ndarray:
 
 
 def test_edge_map_exact_on_hand_made_scene() -> None:
-    scene = mw.Scene(
+    scene = world.Scene(
         "white",
         (
-            mw.SceneObject("square", "red", "large", 0),  # touches the image border
-            mw.SceneObject("square", "red", "large", 1),  # touches the first square, same colour
-            mw.SceneObject("square", "blue", "small", 4),
-            mw.SceneObject("circle", "green", "large", 8, dot="yellow"),  # dots draw no edges
+            world.SceneObject("square", "red", "large", 0),  # touches the image border
+            world.SceneObject("square", "red", "large", 1),  # touches the first square, same colour
+            world.SceneObject("square", "blue", "small", 4),
+            world.SceneObject("circle", "green", "large", 8, dot="yellow"),  # dots draw no edges
         ),
     )
     circle = ".###.", "#...#", "#...#", "#...#", ".###."
     expected = _ring(0, 0, 5) | _ring(0, 5, 5) | _ring(6, 6, 3)
     expected[10:15, 10:15] = np.array([[ch == "#" for ch in row] for row in circle])
-    assert np.array_equal(mw.edge_mask(scene, 16), expected)
-    edges = mw.edge_map(scene, 16)
+    assert np.array_equal(world.edge_mask(scene, 16), expected)
+    edges = world.edge_map(scene, 16)
     assert np.array_equal(edges[expected], np.full((expected.sum(), 3), 255))
     assert not edges[~expected].any()
-    image = mw.render_scene(scene, 16)
-    assert tuple(image[12, 12]) == mw.OBJECT_COLOURS["yellow"] and tuple(image[15, 15]) == (255, 255, 255)
+    image = world.render_scene(scene, 16)
+    assert tuple(image[12, 12]) == world.OBJECT_COLOURS["yellow"] and tuple(image[15, 15]) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_every_sprite_decodes_to_itself(size: int) -> None:
-    for shape in mw.SHAPES:
-        for obj_size in mw.SIZES:
-            obj = mw.SceneObject(shape, "purple", obj_size, 4, dot="yellow")
-            _, cells = ms.decode_scene(mw.render_scene(mw.Scene("beige", (obj,)), size))
-            assert cells == {4: ms.DecodedObject(shape, "purple", obj_size, "yellow")}
+    for shape in world.SHAPES:
+        for obj_size in world.SIZES:
+            obj = world.SceneObject(shape, "purple", obj_size, 4, dot="yellow")
+            _, cells = score.decode_scene(world.render_scene(world.Scene("beige", (obj,)), size))
+            assert cells == {4: score.DecodedObject(shape, "purple", obj_size, "yellow")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ def test_tokenizer_covers_every_instruction(tmp_path, train_200: list[mw.Sample]
     assert tokenizer.encode("zebra").ids == [1, 0]
     samples = [*train_200, *mw.generate(100, 5, "compositional"), *mw.generate(60, 6, size=32)]
     texts = [s.instruction for s in samples] + [s.few_shot["instruction"] for s in samples if s.few_shot]
-    texts += list(tasks.WRAPPER_TEXTS)
+    texts += list(wording.WRAPPER_TEXTS)
     for text in texts:
         for piece in re.split(r"<\|image_\d+\|>", text):
             assert 0 not in tokenizer.encode(piece).ids, piece
@@ -212,49 +214,55 @@ def many_samples(train_200: list[mw.Sample]) -> list[mw.Sample]:
 def _blank(sample: mw.Sample) -> np.ndarray:
     task = sample.meta["task"]
     colour = (
-        mw.MAP_BACKGROUND if task in MAP_TASKS else mw.BACKGROUND_COLOURS[sample.meta["scene"]["background"]]
+        world.MAP_BACKGROUND
+        if task in MAP_TASKS
+        else world.BACKGROUND_COLOURS[sample.meta["scene"]["background"]]
     )
     return np.full_like(sample.output_image, colour)
 
 
 def test_ground_truth_scores_correct_and_blank_incorrect(many_samples: list[mw.Sample]) -> None:
     for s in many_samples:
-        truth = ms.score_sample(s.meta, s.output_image, s.output_image)
+        truth = score.score_sample(s.meta, s.output_image, s.output_image)
         assert truth["correct"] is True, (s.meta["task"], truth)
-        assert ms.score_sample(s.meta, _blank(s), s.output_image)["correct"] is False, s.meta["task"]
+        assert score.score_sample(s.meta, _blank(s), s.output_image)["correct"] is False, s.meta["task"]
 
 
-def _recoloured(scene: mw.Scene) -> mw.Scene:
+def _recoloured(scene: world.Scene) -> world.Scene:
     obj = scene.objects[0]
     used = {o.colour for o in scene.objects} | {obj.dot}
-    colour = next(c for c in mw.OBJECT_COLOURS if c not in used)
-    return mw.Scene(scene.background, (replace(obj, colour=colour), *scene.objects[1:]))
+    colour = next(c for c in world.OBJECT_COLOURS if c not in used)
+    return world.Scene(scene.background, (replace(obj, colour=colour), *scene.objects[1:]))
 
 
 def test_wrong_colour_scores_incorrect(many_samples: list[mw.Sample]) -> None:
     for s in _scene_output_samples(many_samples):
-        size, scene = s.meta["image_size"], mw.Scene.from_dict(s.meta["scene"])
-        wrong = mw.render_scene(_recoloured(scene), size)
-        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False, s.meta["task"]
+        size, scene = s.meta["image_size"], world.Scene.from_dict(s.meta["scene"])
+        wrong = world.render_scene(_recoloured(scene), size)
+        assert score.score_sample(s.meta, wrong, s.output_image)["correct"] is False, s.meta["task"]
     for s in [x for x in many_samples if x.meta["task"] == "cv/segmentation"]:
-        wrong = mw.segmentation_map(_recoloured(mw.Scene.from_dict(s.meta["scene"])), s.meta["image_size"])
-        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False
+        wrong = world.segmentation_map(
+            _recoloured(world.Scene.from_dict(s.meta["scene"])), s.meta["image_size"]
+        )
+        assert score.score_sample(s.meta, wrong, s.output_image)["correct"] is False
     for s in [
         x for x in many_samples if x.meta["task"] == "cv/referring" and len(x.meta["scene"]["objects"]) > 1
     ]:
         other = 1 - min(s.meta["target_index"], 1)
-        wrong = mw.highlight_map(mw.Scene.from_dict(s.meta["scene"]), other, s.meta["image_size"])
-        assert ms.score_sample(s.meta, wrong, s.output_image)["correct"] is False
+        wrong = world.highlight_map(world.Scene.from_dict(s.meta["scene"]), other, s.meta["image_size"])
+        assert score.score_sample(s.meta, wrong, s.output_image)["correct"] is False
 
 
 def test_extra_object_scores_incorrect(many_samples: list[mw.Sample]) -> None:
     for s in _scene_output_samples(many_samples):
-        scene = mw.Scene.from_dict(s.meta["scene"])
+        scene = world.Scene.from_dict(s.meta["scene"])
         free = next(cell for cell in range(9) if cell not in {o.cell for o in scene.objects})
-        colour = next(c for c in mw.OBJECT_COLOURS if c not in {o.colour for o in scene.objects})
-        extra = mw.SceneObject("square", colour, "large", free)
-        crowded = mw.render_scene(mw.Scene(scene.background, (*scene.objects, extra)), s.meta["image_size"])
-        result = ms.score_sample(s.meta, crowded, s.output_image)
+        colour = next(c for c in world.OBJECT_COLOURS if c not in {o.colour for o in scene.objects})
+        extra = world.SceneObject("square", colour, "large", free)
+        crowded = world.render_scene(
+            world.Scene(scene.background, (*scene.objects, extra)), s.meta["image_size"]
+        )
+        result = score.score_sample(s.meta, crowded, s.output_image)
         assert result["extra_objects"] == 1 and result["correct"] is False, s.meta["task"]
 
 
@@ -266,44 +274,123 @@ def test_shifted_objects_fail_position(many_samples: list[mw.Sample]) -> None:
             ("t2i/", "edit/", "subject/", "condition/", "cv/edges")
         ):
             continue
-        shifted = np.roll(s.output_image, mw.cell_size(s.meta["image_size"]), axis=1)
-        result = ms.score_sample(s.meta, shifted, s.output_image)
+        shifted = np.roll(s.output_image, world.cell_size(s.meta["image_size"]), axis=1)
+        result = score.score_sample(s.meta, shifted, s.output_image)
         assert result["correct"] is False, (task, result)
         checked += 1
     assert checked > 100
 
 
 def test_edit_preservation_and_relation_metrics() -> None:
-    source = mw.Scene(
-        "white", (mw.SceneObject("square", "red", "large", 0), mw.SceneObject("circle", "red", "small", 8))
+    source = world.Scene(
+        "white",
+        (world.SceneObject("square", "red", "large", 0), world.SceneObject("circle", "red", "small", 8)),
     )
-    target = mw.Scene("white", (replace(source.objects[0], colour="purple"), source.objects[1]))
+    target = world.Scene("white", (replace(source.objects[0], colour="purple"), source.objects[1]))
     meta = {"task": "edit/recolour", "few_shot": False, "image_size": 16, "scene": target.to_dict(),
             "input_scenes": [source.to_dict()]}  # fmt: skip
-    truth = mw.render_scene(target, 16)
+    truth = world.render_scene(target, 16)
     smeared = truth.copy()
-    smeared[5:, :8] = mw.OBJECT_COLOURS["orange"]  # untouched background painted over
-    result = ms.score_sample(meta, smeared, truth)
-    assert result["preserve_acc"] < ms.PRESERVE_THRESHOLD and result["correct"] is False
+    smeared[5:, :8] = world.OBJECT_COLOURS["orange"]  # untouched background painted over
+    result = score.score_sample(meta, smeared, truth)
+    assert result["preserve_acc"] < score.PRESERVE_THRESHOLD and result["correct"] is False
     relation = {**meta, "task": "t2i/relation", "relation": "left of", "input_scenes": []}
-    assert ms.score_sample(relation, truth, truth)["correct"] is True
-    swapped = mw.Scene("white", (replace(target.objects[0], cell=2), replace(target.objects[1], cell=6)))
-    result = ms.score_sample(relation, mw.render_scene(swapped, 16), truth)
+    assert score.score_sample(relation, truth, truth)["correct"] is True
+    swapped = world.Scene("white", (replace(target.objects[0], cell=2), replace(target.objects[1], cell=6)))
+    result = score.score_sample(relation, world.render_scene(swapped, 16), truth)
     assert result["object_acc"] == 1.0 and result["relation_ok"] is False and result["correct"] is False
     with pytest.raises(ValueError, match="output"):
-        ms.score_sample(meta, truth[:8], truth)
+        score.score_sample(meta, truth[:8], truth)
 
 
 def test_summarize_groups_by_family_and_task() -> None:
     samples = mw.generate(60, 9)
-    records = [ms.score_sample(s.meta, s.output_image, s.output_image) for s in samples]
-    records += [ms.score_sample(s.meta, _blank(s), s.output_image) for s in samples]
-    summary = ms.summarize(records)
+    records = [score.score_sample(s.meta, s.output_image, s.output_image) for s in samples]
+    records += [score.score_sample(s.meta, _blank(s), s.output_image) for s in samples]
+    summary = score.summarize(records)
     assert set(summary) == {"t2i", "edit", "subject", "condition", "cv", "few_shot"}
     assert sum(group["n"] for group in summary.values()) == 120
     assert all(group["accuracy"] == 0.5 for group in summary.values())
     assert 0.0 <= summary["t2i"]["background_ok"] <= 1.0
-    by_task = ms.summarize(records, by="task")
+    by_task = score.summarize(records, by="task")
     assert set(by_task) == {s.meta["task"] for s in samples}
     with pytest.raises(ValueError, match="by"):
-        ms.summarize(records, by="colour")
+        score.summarize(records, by="colour")
+
+
+# --------------------------------------------------------------------------------------------------
+# Phrasing: synonyms, optional sizes, held-out phrasings
+# --------------------------------------------------------------------------------------------------
+
+
+def _words(texts) -> set[str]:
+    tokenizer = mw.build_tokenizer()
+    return {t for text in texts for piece in TAG.split(text) for t in tokenizer.encode(piece).tokens}
+
+
+def test_held_out_phrasings_only_in_the_phrasing_split_and_made_of_training_words() -> None:
+    train = mw.generate(400, 0, "train")
+    phrasing = mw.generate(200, 0, "phrasing")
+    for samples, held in ((train, False), (mw.generate(100, 0, "compositional"), False), (phrasing, True)):
+        for s in samples:
+            key, variant, frame = s.meta["phrasing"]
+            count = (len(wording.COMMANDS[key]), len(wording.FRAMES[key.split("/")[0]]))
+            assert wording.is_held_out(variant, frame, *count) == held, (s.id, s.instruction)
+    # every held-out combination is new while every word of it occurs in training
+    pairs = {tuple(s.meta["phrasing"]) for s in train}
+    held_pairs = {tuple(s.meta["phrasing"]) for s in phrasing}
+    assert not pairs & held_pairs
+    train_texts = [s.instruction for s in train] + [s.few_shot["instruction"] for s in train if s.few_shot]
+    assert _words(s.instruction for s in phrasing) <= _words(train_texts)
+    assert not {s.instruction for s in phrasing} & set(train_texts)
+    assert all(score.score_sample(s.meta, s.output_image, s.output_image)["correct"] for s in phrasing)
+
+
+def test_held_out_rule_leaves_every_variant_and_frame_in_training() -> None:
+    for key, variants in wording.COMMANDS.items():
+        frames = wording.FRAMES[key.split("/")[0]]
+        pairs = [(v, f) for v in range(len(variants)) for f in range(len(frames))]
+        train = [p for p in pairs if not wording.is_held_out(*p, len(variants), len(frames))]
+        assert {v for v, _ in train} == set(range(len(variants))), key
+        assert {f for _, f in train} == set(range(len(frames))), key
+        assert len(train) < len(pairs), key
+
+
+def test_instructions_use_synonyms_word_orders_and_two_sentences() -> None:
+    texts = [s.instruction for s in mw.generate(1500, 2, "train")]
+    for phrase in (
+        "upper left",
+        "grey",
+        "in the middle",
+        "to the left of",
+        "big ",
+        "tiny",
+        ". the background is",
+    ):
+        assert any(phrase in t for t in texts), phrase
+    assert any(t.startswith("on a ") for t in texts)  # background first
+    assert any(t.endswith(".") for t in texts) and not all(t.endswith(".") for t in texts)
+    assert any(re.match(r"^(in|at) the [a-z ]+ an? ", t) for t in texts)  # the cell before the object
+
+
+def test_unnamed_sizes_are_drawn_at_the_default_and_scored_as_either_size() -> None:
+    samples = mw.generate(800, 4, "train", tasks=["t2i", "edit/add"])
+    free = [(s, o) for s in samples for o in s.meta["scene"]["objects"] if o.get("size_named") is False]
+    named = [(s, o) for s in samples for o in s.meta["scene"]["objects"] if "size_named" not in o]
+    assert free and named
+    assert all(o["size"] == wording.DEFAULT_SIZE for _, o in free)
+    size_words = {w for size in world.SIZES for w in wording.SYNONYMS[size]}
+    for s in samples:  # an instruction whose objects all have open sizes names no size at all
+        new = [o for o in s.meta["scene"]["objects"] if s.meta["task"].startswith("t2i")]
+        if new and all(o.get("size_named") is False for o in new):
+            assert not set(s.instruction.replace(".", " ").split()) & size_words, s.instruction
+    for s, o in free[:20] + named[:20]:  # redraw that object at the other size
+        objects = [
+            {**x, "size": "small" if x["size"] == "large" else "large"} if x is o else x
+            for x in s.meta["scene"]["objects"]
+        ]
+        other = {**s.meta["scene"], "objects": objects}
+        image = world.render_scene(world.Scene.from_dict(other), s.meta["image_size"])
+        if s.meta["task"] == "edit/add":
+            continue  # its untouched-pixel check would also see the change
+        assert score.score_sample(s.meta, image, s.output_image)["correct"] == (o.get("size_named") is False)

@@ -18,7 +18,7 @@ PIXEL_MODEL = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
-    "vocab_size": 136,
+    "vocab_size": 256,  # >= the miniature world tokenizer's size
     "pad_token_id": 3,
     "max_position_embeddings": 4096,
     "original_max_position_embeddings": 4096,
@@ -206,6 +206,27 @@ def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
     assert {v.dtype for v in state.values()} == {torch.float32}
 
 
+def test_sequence_lengths_track_the_processed_prompts_and_length_groups_train(world, tmp_path):
+    from omnigen.config import OmniGenConfig
+    from omnigen.processor import OmniGenProcessor
+    from omnigen.tokenizer import Tokenizer
+    from omnigen.training.batches import BatchBuilder
+    from omnigen.training.sampling_data import ConditionDropout
+    from omnigen.training.x2i import compose_instruction, read_x2i
+
+    root, _ = world
+    samples = read_x2i(root / "train.jsonl").samples
+    processor = OmniGenProcessor(
+        Tokenizer.from_file(root / "tokenizer.json"), OmniGenConfig.from_dict(PIXEL_MODEL), 16
+    )
+    builder = BatchBuilder(samples, processor, None, ConditionDropout(0, 0, 0), torch.device("cpu"))
+    approx = builder.sequence_lengths(16)
+    actual = [len(processor(*compose_instruction(s)).input_ids) for s in samples]
+    assert len(set(actual)) > 2 and len({a - b for a, b in zip(actual, approx)}) == 1  # off by the template
+    train(make_config(root, tmp_path / "run", 2, length_groups=3), device="cpu")
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 def test_resume_reaches_the_same_parameters(world, tmp_path):
     root, _ = world
     straight = make_config(
@@ -249,7 +270,7 @@ def test_overfits_each_task_family_and_reproduces_targets(world, tmp_path):
     from omnigen.training.x2i import compose_instruction, read_x2i
 
     root, samples = world
-    config = make_config(root, tmp_path, 1200)
+    config = make_config(root, tmp_path, 1600)
     final = train(config, device="cpu")
     trained, _ = load_model(final)
     initial = _eval_loss(root, config, None)

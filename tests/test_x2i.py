@@ -372,6 +372,36 @@ def test_sharded_sampler_resume_continues_at_next_batch() -> None:
         ShardedBucketSampler(sizes, 3, num_replicas=4, rank=1, seed=7).load_state_dict(state)
 
 
+def test_sharded_sampler_length_groups_pad_less_and_keep_the_epoch() -> None:
+    import random
+
+    rng = random.Random(0)
+    sizes = [(16, 16)] * 480 + [(16, 32)] * 96
+    lengths = [rng.choice([40, 50, 60, 120, 180]) + rng.randrange(10) for _ in sizes]
+    plain = ShardedBucketSampler(sizes, 16, seed=5)
+    assert ShardedBucketSampler(sizes, 16, seed=5, lengths=lengths).epoch_batches() == plain.epoch_batches()
+    grouped = ShardedBucketSampler(sizes, 16, seed=5, lengths=lengths, length_groups=8)
+    for epoch in (0, 1):
+        grouped.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        batches = grouped.epoch_batches()
+        assert sorted(i for b in batches for i in b) == list(range(len(sizes)))  # each sample once
+        assert all(len({sizes[i] for i in b}) == 1 for b in batches)
+        assert [len(b) for b in batches] != [] and len(batches) == len(plain.epoch_batches())
+
+        def padded(batches: list[list[int]]) -> int:  # tokens a batch computes: its longest row x rows
+            return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+        assert padded(batches) < 0.75 * padded(plain.epoch_batches())
+    again = ShardedBucketSampler(sizes, 16, seed=5, lengths=lengths, length_groups=8)
+    again.set_epoch(1)
+    assert again.epoch_batches() == grouped.epoch_batches()  # deterministic, so resume stays exact
+    with pytest.raises(ValueError, match="lengths has 3 entries"):
+        ShardedBucketSampler(sizes, 16, lengths=[1, 2, 3], length_groups=2)
+    with pytest.raises(ValueError, match="length_groups"):
+        ShardedBucketSampler(sizes, 16, lengths=lengths, length_groups=0)
+
+
 def test_sharded_sampler_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="rank"):
         ShardedBucketSampler([(1, 1)], 1, num_replicas=2, rank=2)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from omnigen.data import miniworld as mw
+from omnigen.data import miniworld_scene as ms
 from omnigen.data.miniworld_tasks import relation_holds
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,13 @@ PRESERVE_THRESHOLD = 0.9
 MIN_OBJECT_FRACTION = 0.5  # of the smallest sprite's area, for a cell to hold an object
 PSNR_CAP_DB = 100.0
 
-_PALETTE_NAMES = (*mw.OBJECT_COLOURS, *mw.BACKGROUND_COLOURS)
-_PALETTE = np.array([*mw.OBJECT_COLOURS.values(), *mw.BACKGROUND_COLOURS.values()], dtype=np.float64)
-_NUM_OBJECT_COLOURS = len(mw.OBJECT_COLOURS)
+_PALETTE_NAMES = (*ms.OBJECT_COLOURS, *ms.BACKGROUND_COLOURS)
+_PALETTE = np.array([*ms.OBJECT_COLOURS.values(), *ms.BACKGROUND_COLOURS.values()], dtype=np.float64)
+_NUM_OBJECT_COLOURS = len(ms.OBJECT_COLOURS)
 _LABEL_PALETTES = {
-    "cv/segmentation": [mw.MAP_BACKGROUND, *mw.SEGMENTATION_COLOURS.values()],
-    "cv/depth": [mw.MAP_BACKGROUND, *((level,) * 3 for level in mw.DEPTH_LEVELS.values())],
-    "cv/referring": [mw.MAP_BACKGROUND, mw.HIGHLIGHT_COLOUR],
+    "cv/segmentation": [ms.MAP_BACKGROUND, *ms.SEGMENTATION_COLOURS.values()],
+    "cv/depth": [ms.MAP_BACKGROUND, *((level,) * 3 for level in ms.DEPTH_LEVELS.values())],
+    "cv/referring": [ms.MAP_BACKGROUND, ms.HIGHLIGHT_COLOUR],
 }
 
 
@@ -64,15 +64,15 @@ def nearest_labels(image: np.ndarray, colours: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=8)
 def _cell_templates(image_size: int) -> tuple[tuple[str, str, np.ndarray, np.ndarray], ...]:
     """(shape, size, cell-local mask, cell-local dot region) for every sprite at this image size."""
-    c = mw.cell_size(image_size)
+    c = ms.cell_size(image_size)
     templates = []
-    for size in mw.SIZES:
-        n = mw.sprite_size(size, image_size)
+    for size in ms.SIZES:
+        n = ms.sprite_size(size, image_size)
         pad = (c - n) // 2
-        for shape in mw.SHAPES:
+        for shape in ms.SHAPES:
             mask, dot = np.zeros((c, c), dtype=bool), np.zeros((c, c), dtype=bool)
-            mask[pad : pad + n, pad : pad + n] = mw.sprite(shape, n)
-            dot[pad : pad + n, pad : pad + n] = mw.dot_sprite(shape, n)
+            mask[pad : pad + n, pad : pad + n] = ms.sprite(shape, n)
+            dot[pad : pad + n, pad : pad + n] = ms.dot_sprite(shape, n)
             templates.append((shape, size, mask, dot))
     return tuple(templates)
 
@@ -110,18 +110,23 @@ def decode_scene(image: np.ndarray) -> tuple[str, dict[int, DecodedObject]]:
     image_size = image.shape[0]
     labels = nearest_labels(image, _PALETTE)
     background = _PALETTE_NAMES[_mode(labels)]
-    c = mw.cell_size(image_size)
+    c = ms.cell_size(image_size)
     cells = {}
     for cell in range(9):
-        top, left = mw.cell_origin(cell, image_size)
+        top, left = ms.cell_origin(cell, image_size)
         decoded = _decode_cell(labels[top : top + c, left : left + c], image_size)
         if decoded is not None:
             cells[cell] = decoded
     return background, cells
 
 
-def _as_decoded(obj: mw.SceneObject) -> DecodedObject:
-    return DecodedObject(obj.shape, obj.colour, obj.size, obj.dot)
+def _matches(found: DecodedObject | None, want: dict[str, Any]) -> bool:
+    """A decoded object is the wanted one (a scene object's dict); its size counts only when the
+    instruction named it (no "size_named": false)."""
+    if found is None:
+        return False
+    size_ok = found.size == want["size"] or want.get("size_named") is False
+    return size_ok and (found.shape, found.colour, found.dot) == (want["shape"], want["colour"], want["dot"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,9 +177,9 @@ def label_scores(output: np.ndarray, target: np.ndarray, colours: list[tuple[int
 
 def scene_scores(scene_dict: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     """Background right, fraction of expected objects right in their cell, objects in other cells."""
-    scene = mw.Scene.from_dict(scene_dict)
+    scene = ms.Scene.from_dict(scene_dict)
     background, cells = decode_scene(image)
-    hits = [cells.get(obj.cell) == _as_decoded(obj) for obj in scene.objects]
+    hits = [_matches(cells.get(obj.cell), want) for obj, want in zip(scene.objects, scene_dict["objects"])]
     extra = len(set(cells) - {obj.cell for obj in scene.objects})
     background_ok = background == scene.background
     object_acc = float(np.mean(hits)) if hits else 1.0
@@ -184,9 +189,11 @@ def scene_scores(scene_dict: dict[str, Any], image: np.ndarray) -> dict[str, Any
 
 def relation_scores(meta: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
     """Objects may sit anywhere that satisfies the relation; each must appear exactly once."""
-    scene = mw.Scene.from_dict(meta["scene"])
+    scene = ms.Scene.from_dict(meta["scene"])
     background, cells = decode_scene(image)
-    found = [[cell for cell, obj in cells.items() if obj == _as_decoded(want)] for want in scene.objects]
+    found = [
+        [cell for cell, obj in cells.items() if _matches(obj, want)] for want in meta["scene"]["objects"]
+    ]
     hits = [len(options) == 1 for options in found]
     relation_ok = all(hits) and relation_holds(meta["relation"], found[0][0], found[1][0])
     extra = len(cells) - sum(hits)
@@ -197,7 +204,7 @@ def relation_scores(meta: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
 
 def preservation(meta: dict[str, Any], output: np.ndarray, target: np.ndarray) -> float:
     """Palette accuracy on the pixels the edit leaves unchanged (input render == target)."""
-    source = mw.render_scene(mw.Scene.from_dict(meta["input_scenes"][0]), target.shape[0])
+    source = ms.render_scene(ms.Scene.from_dict(meta["input_scenes"][0]), target.shape[0])
     unchanged = (source == target).all(-1)
     if not unchanged.any():
         return 1.0
@@ -209,7 +216,7 @@ def preservation(meta: dict[str, Any], output: np.ndarray, target: np.ndarray) -
 # Per-sample scoring and summaries
 # --------------------------------------------------------------------------------------------------
 
-_TRANSFORMS = {None: lambda image: image, "invert": mw.invert, "mirror": mw.mirror}  # involutions
+_TRANSFORMS = {None: lambda image: image, "invert": ms.invert, "mirror": ms.mirror}  # involutions
 
 
 def task_family(meta: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ decoded: the processor only needs its size). Without a cache, decoded pixels are
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,7 @@ from PIL import Image
 from omnigen.collate import collate
 from omnigen.config import OmniGenConfig
 from omnigen.processor import OmniGenProcessor, load_image, to_tensor
+from omnigen.tags import IMAGE_TAG_PATTERN
 from omnigen.tokenizer import TextTokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.training.latent_cache import LatentCache, codec_fingerprint
@@ -37,6 +39,8 @@ from omnigen.types import Condition
 from omnigen.vae import LatentCodec
 
 Size = tuple[int, int]  # (height, width) in pixels
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass
@@ -146,6 +150,19 @@ class BatchBuilder:
                 sizes = [(resolution, resolution)] * len(self.samples)
             self._sizes[resolution] = sizes
         return self._sizes[resolution]
+
+    def sequence_lengths(self, resolution: int) -> list[int]:
+        """Each sample's approximate sequence length at this stage (words and punctuation of the composed
+        instruction plus each input image's tokens at `resolution` and its <img> </img> pair), for the
+        sampler's length grouping."""
+        per_side = resolution // self.processor.config.image_multiple
+        lengths = []
+        for sample in self.samples:
+            text, images = compose_instruction(sample)
+            lengths.append(
+                len(_WORDS.findall(IMAGE_TAG_PATTERN.sub(" ", text))) + len(images) * (per_side**2 + 2)
+            )
+        return lengths
 
     # ------------------------------------------------------------------ views of one sample
     def _input_view(self, path: Path, resolution: int) -> ImageView:

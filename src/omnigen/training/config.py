@@ -70,6 +70,13 @@ class TrainConfig:
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
     warmup_steps: int = field(default=0, metadata={"help": "linear LR warm-up steps"})
     schedule: str = field(default="constant", metadata={"help": "'constant' or 'cosine' after warm-up"})
+    length_groups: int = field(
+        default=1,
+        metadata={
+            "help": "sort each run of this many batches' samples by sequence length before batching "
+            "(less padding, same samples per epoch; 1 = off)"
+        },
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
@@ -129,6 +136,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         _check_int("foreground_dilate", self.foreground_dilate, 0)
+        _check_int("length_groups", self.length_groups, 1)
         _check_int("val_every", self.val_every, 0)
         _check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:

@@ -183,6 +183,11 @@ class ShardedBucketSampler:
     (those samples are then seen twice that epoch); with drop_last=True the last batches are dropped,
     and so are the smaller per-bucket remainders. Every rank yields len(self) batches.
 
+    Length grouping (`lengths` given, `length_groups` = g > 1): within a bucket, each run of g batches'
+    worth of shuffled samples is sorted by length before it is cut into batches, so a batch holds
+    samples of similar sequence length and pads little (the "sortish" sampler of fairseq / HF's
+    group_by_length); which samples share a run stays random. g = 1 is the plain order above.
+
     Resume: `position` counts batches already handed out in `epoch`; state_dict()/load_state_dict()
     carry both. set_epoch(e) resets position to 0 only when e differs from the current epoch, so the
     usual `for e in range(start, n): sampler.set_epoch(e)` continues a loaded state. With DataLoader
@@ -197,8 +202,13 @@ class ShardedBucketSampler:
         rank: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        lengths: Sequence[int] | None = None,
+        length_groups: int = 1,
     ) -> None:
         _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(length_groups, "length_groups")
+        if lengths is not None and len(lengths) != len(sizes):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(sizes)} samples")
         _check_positive_int(num_replicas, "num_replicas")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an int in [0, {num_replicas - 1}], got {rank!r}")
@@ -209,6 +219,8 @@ class ShardedBucketSampler:
         self.rank = rank
         self.seed = seed
         self.drop_last = bool(drop_last)
+        self.lengths = None if lengths is None else list(lengths)
+        self.length_groups = length_groups
         self.num_samples = len(sizes)
         self._buckets = group_by_size(sizes)
         self._length = self._count_rank_batches()
@@ -240,13 +252,24 @@ class ShardedBucketSampler:
             self.position += 1
             yield list(batch)
 
+    def _group_by_length(self, shuffled: list[int]) -> list[int]:
+        if self.lengths is None or self.length_groups == 1:
+            return shuffled
+        run = self.batch_size * self.length_groups
+        lengths = self.lengths
+        return [
+            i
+            for start in range(0, len(shuffled), run)
+            for i in sorted(shuffled[start : start + run], key=lambda i: lengths[i])
+        ]
+
     def epoch_batches(self) -> list[list[int]]:
         """All of this rank's batches for the current epoch, ignoring `position`."""
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         batches: list[list[int]] = []
         for indices in self._buckets:
             order = torch.randperm(len(indices), generator=generator).tolist()
-            shuffled = [indices[i] for i in order]
+            shuffled = self._group_by_length([indices[i] for i in order])
             for start in range(0, len(shuffled), self.batch_size):
                 batch = shuffled[start : start + self.batch_size]
                 if len(batch) == self.batch_size or not self.drop_last:

@@ -248,6 +248,8 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
                     builder.target_sizes(stage.resolution),
                     stage.batch_size * runtime.world,
                     seed=config.seed,
+                    lengths=builder.sequence_lengths(stage.resolution) if config.length_groups > 1 else None,
+                    length_groups=config.length_groups,
                 )
                 sampler.set_epoch(stage_index * 10_000)
                 if sampler_state is not None and sampler_stage in (None, stage_index):
