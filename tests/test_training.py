@@ -227,6 +227,56 @@ def test_sequence_lengths_track_the_processed_prompts_and_length_groups_train(wo
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
+def _subset_tokenizer(full, keep: int):
+    """A WordLevel tokenizer over the first `keep` words of `full`, in reverse order (other ids)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    from omnigen.tokenizer import Tokenizer
+
+    vocab = full.backend.get_vocab()
+    specials = [t for t, i in sorted(vocab.items(), key=lambda x: x[1]) if i < 10]
+    words = [t for t, i in sorted(vocab.items(), key=lambda x: x[1]) if i >= 10][:keep][::-1]
+    backend = Backend(WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = full.backend.normalizer, full.backend.pre_tokenizer
+    backend.post_processor = full.backend.post_processor
+    return Tokenizer(backend)
+
+
+def test_fine_tuning_with_a_new_vocabulary_keeps_known_words(world, tmp_path):
+    from omnigen.checkpoint import load_model, save_model
+    from omnigen.config import OmniGenConfig
+    from omnigen.model import OmniGenModel
+    from omnigen.tokenizer import Tokenizer
+    from omnigen.training.grow import remap_vocabulary
+
+    root, _ = world
+    full = Tokenizer.from_file(root / "tokenizer.json")
+    small = _subset_tokenizer(full, 60)
+    text = " ".join(t for t, i in small.backend.get_vocab().items() if i >= 10)
+    old_ids, new_ids = small.encode(text), full.encode(text)
+    assert old_ids != new_ids and 0 not in old_ids
+    config = OmniGenConfig.from_dict({**PIXEL_MODEL, "vocab_size": small.backend.get_vocab_size()})
+    torch.manual_seed(0)
+    base = OmniGenModel(config)
+    base.initialize_weights()
+    remapped = remap_vocabulary(base, small.backend.get_vocab(), full.backend.get_vocab())
+    assert remapped.llm.embed_tokens.weight.shape[0] == full.backend.get_vocab_size()
+    old_rows = base.llm.embed_tokens.weight[torch.tensor(old_ids)]
+    assert torch.equal(remapped.llm.embed_tokens.weight[torch.tensor(new_ids)], old_rows)
+    unseen = [i for t, i in full.backend.get_vocab().items() if t not in small.backend.get_vocab()]
+    mean = base.llm.embed_tokens.weight.mean(0)
+    assert torch.allclose(remapped.llm.embed_tokens.weight[unseen], mean.expand(len(unseen), -1))
+    # the trainer does the same when init_from's tokenizer differs from `tokenizer`
+    save_model(base, tmp_path / "base")
+    small.save(tmp_path / "base")
+    run = make_config(root, tmp_path / "run", 1, model={}, init_from=str(tmp_path / "base"))
+    assert run.model_config().transformer.vocab_size == full.backend.get_vocab_size()
+    tuned, _ = load_model(train(run, device="cpu"))
+    assert tuned.config.transformer.vocab_size == full.backend.get_vocab_size()
+    assert Tokenizer.from_file(tmp_path / "run" / "final").backend.get_vocab() == full.backend.get_vocab()
+
+
 def test_resume_reaches_the_same_parameters(world, tmp_path):
     root, _ = world
     straight = make_config(

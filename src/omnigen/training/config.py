@@ -187,8 +187,25 @@ class TrainConfig:
             config = load_config(resolve_layout(self.init_from))
             if self.grow_layers is not None:
                 config = replace(config, transformer=replace(config.transformer, num_layers=self.grow_layers))
+            change = self.vocabulary_change()
+            if change is not None:  # the trainer remaps the token embedding (training.grow)
+                size = max(change[1].values()) + 1
+                config = replace(config, transformer=replace(config.transformer, vocab_size=size))
             return config
         return OmniGenConfig.from_dict(self.model)
+
+    def vocabulary_change(self) -> tuple[dict[str, int], dict[str, int]] | None:
+        """With ``init_from`` and a ``tokenizer`` whose vocabulary differs from the base model's: (base
+        vocabulary, new vocabulary), the trainer remapping the token embedding from one to the other;
+        else None."""
+        if not (self.init_from and self.tokenizer):
+            return None
+        from omnigen.checkpoint import resolve_layout
+        from omnigen.tokenizer import Tokenizer
+
+        base = Tokenizer.from_file(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
+        old, new = base.backend.get_vocab(), Tokenizer.from_file(self.tokenizer).backend.get_vocab()
+        return None if new == old else (old, new)
 
     def tokenizer_file(self) -> str:
         """The tokenizer.json the run trains with: ``tokenizer``, or ``init_from``'s."""

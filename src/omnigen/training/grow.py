@@ -1,9 +1,12 @@
-"""Function-preserving depth growth: continue training a trained model with more layers.
+"""Model growth for continued training: more layers (function-preserving), a new vocabulary.
 
 The old blocks keep their order and are spread evenly over the deeper stack; every new block starts as the
 identity on the residual stream (its attention ``o_proj`` and MLP ``down_proj`` are zero, the rest is
 initialised as from scratch), so the grown model computes exactly what the trained one did and training
 picks up where it stopped (net2net-style growth; the same zero-init idea as DiT's adaLN-zero).
+
+A new tokenizer (more words, other ids) keeps every known token's embedding under its new id
+(`remap_vocabulary`), so text the old model understood is understood the same way.
 """
 
 from __future__ import annotations
@@ -59,3 +62,36 @@ def grow_depth(model: OmniGenModel, num_layers: int, seed: int = 0) -> OmniGenMo
         "grew the model from %d to %d layers (%d parameters)", old, num_layers, grown.num_parameters()
     )
     return grown.train(model.training)
+
+
+def remap_vocabulary(
+    model: OmniGenModel, old_vocab: dict[str, int], new_vocab: dict[str, int]
+) -> OmniGenModel:
+    """A copy of `model` for a new tokenizer: each token's embedding row moves to its new id, and tokens the
+    old vocabulary lacks start at the mean of the old rows (a neutral word). Ids the model had that the old
+    tokenizer did not use are dropped. Everything but the token embedding is kept as it is."""
+    old_table = model.llm.embed_tokens.weight.detach()
+    unknown = sorted(token for token, index in old_vocab.items() if index >= old_table.shape[0])
+    if unknown:
+        raise ValueError(
+            f"the old tokenizer has ids beyond the model's {old_table.shape[0]} embeddings: {unknown}"
+        )
+    size = max(new_vocab.values()) + 1
+    table = old_table.mean(dim=0, keepdim=True).repeat(size, 1)
+    kept = [(new_vocab[token], index) for token, index in old_vocab.items() if token in new_vocab]
+    rows, sources = zip(*kept, strict=True) if kept else ((), ())
+    table[list(rows)] = old_table[list(sources)]
+    config = replace(model.config, transformer=replace(model.config.transformer, vocab_size=size))
+    param = next(model.parameters())
+    with torch.device("meta"):
+        remapped = OmniGenModel(config)
+    state = {**model.state_dict(), "llm.embed_tokens.weight": table}
+    remapped.load_state_dict(state, strict=True, assign=True)
+    remapped.materialize_buffers(param.device)
+    logger.info(
+        "remapped the vocabulary: %d tokens kept, %d new, %d dropped",
+        len(kept),
+        len(set(new_vocab) - set(old_vocab)),
+        len(set(old_vocab) - set(new_vocab)),
+    )
+    return remapped.to(param.device).train(model.training)

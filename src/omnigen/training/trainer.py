@@ -38,7 +38,7 @@ from omnigen.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
-from omnigen.training.grow import grow_depth
+from omnigen.training.grow import grow_depth, remap_vocabulary
 from omnigen.training.loss import flow_matching_loss
 from omnigen.training.sampling_data import ShardedBucketSampler, sample_generator
 from omnigen.training.state import load_checkpoint, save_checkpoint
@@ -92,6 +92,9 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
     if config.init_from:
         # fp32 master weights whatever the folder stores (the shipped model is fp16)
         model, _ = load_model(config.init_from, device=device, dtype=torch.float32)
+        change = config.vocabulary_change()
+        if change is not None:
+            model = remap_vocabulary(model, *change)
         if config.grow_layers is not None:
             model = grow_depth(model, config.grow_layers, seed=config.seed)
     else:
