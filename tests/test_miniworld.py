@@ -97,6 +97,17 @@ def test_withheld_pairs_only_in_compositional(train_200: list[mw.Sample]) -> Non
     assert any(p in s.instruction for s in compositional for p in phrases)
 
 
+def test_weights_change_the_task_mix() -> None:
+    samples = mw.generate(300, 1, weights={"t2i/relation": 20, "cv": 0})
+    kinds = [s.meta["task"] for s in samples]
+    assert kinds.count("t2i/relation") > 0.25 * len(kinds)
+    assert not [s for s in samples if s.task_type == "cv"]  # (cv kinds still occur inside few-shot samples)
+    with pytest.raises(ValueError, match="weight of 'edit' must be an int >= 0"):
+        mw.generate(1, 0, weights={"edit": -1})
+    with pytest.raises(ValueError, match="unknown task 'paint'"):
+        mw.generate(1, 0, weights={"paint": 1})
+
+
 def test_tasks_filter_and_bad_arguments() -> None:
     assert {s.meta["task"].split("/")[0] for s in mw.generate(30, 1, tasks=["edit"])} == {"edit"}
     assert {s.meta["task"] for s in mw.generate(5, 1, tasks="cv/edges")} == {"cv/edges"}

@@ -1,4 +1,4 @@
-"""``omnigen data miniworld --out DIR --n N --seed S [--split ...] [--size S]``."""
+"""``omnigen data miniworld --out DIR --n N --seed S [--split ...] [--size S] [--weight TASK=N ...]``."""
 
 from __future__ import annotations
 
@@ -9,14 +9,23 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from omnigen.data.miniworld import SPLITS
+
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     m = data_sub.add_parser("miniworld", help="write the procedural miniature X2I world (JSONL + PNGs)")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--n", type=int, required=True, help="number of samples")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--split", default="train", choices=["train", "heldout", "compositional"])
-    m.add_argument("--size", type=int, default=16, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    m.add_argument("--split", default="train", choices=SPLITS, help="(default: train)")
+    m.add_argument("--size", type=int, default=16, help="image side in pixels (default: 16)")
+    m.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="TASK=N",
+        help="cards per deck round for a task kind or family (repeatable), e.g. t2i/relation=6",
+    )
     m.set_defaults(func=_run_miniworld)
 
 
@@ -25,7 +34,13 @@ def _run_miniworld(args: argparse.Namespace) -> int:
 
     from omnigen.data.miniworld import save_tokenizer, write_dataset
 
-    path = write_dataset(args.out, args.n, args.seed, args.split, args.size)
+    weights = {}
+    for item in args.weight:
+        name, _, count = item.partition("=")
+        if not count.isdigit():
+            raise ValueError(f"--weight takes TASK=N with N an int >= 0, got {item!r}")
+        weights[name] = int(count)
+    path = write_dataset(args.out, args.n, args.seed, args.split, args.size, weights)
     save_tokenizer(Path(args.out) / "tokenizer.json")
     logger.info("wrote %s and %s", path, Path(args.out) / "tokenizer.json")
     return 0

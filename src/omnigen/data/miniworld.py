@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,21 +94,36 @@ DECK_WEIGHTS: dict[str, int] = {
 }  # fmt: skip
 
 
-def task_deck(tasks: Iterable[str] | None = None) -> list[tuple[str, bool]]:
+def _deck_kinds(name: str) -> set[str]:
+    """The deck entries a kind ("edit/move"), a family ("edit") or "few_shot" names."""
+    matches = {k for k in DECK_WEIGHTS if k == name or k.split("/")[0] == name}
+    if not matches:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(DECK_WEIGHTS)} or a family")
+    return matches
+
+
+def task_deck(
+    tasks: Iterable[str] | None = None, weights: Mapping[str, int] | None = None
+) -> list[tuple[str, bool]]:
     """Deck of (kind, wrapped-in-few-shot) cards. `tasks` selects kinds, families ("edit") or
-    "few_shot" (every few-shot card); None selects all."""
+    "few_shot" (every few-shot card); None selects all. `weights` sets the card count of kinds or
+    families (later entries win), e.g. {"t2i/relation": 6}; the default is DECK_WEIGHTS."""
     selected = set(DECK_WEIGHTS) if tasks is None else set()
     for name in [] if tasks is None else ([tasks] if isinstance(tasks, str) else list(tasks)):
-        matches = {k for k in DECK_WEIGHTS if k == name or k.split("/")[0] == name}
-        if not matches:
-            raise ValueError(f"unknown task {name!r}; expected one of {sorted(DECK_WEIGHTS)} or a family")
-        selected |= matches
+        selected |= _deck_kinds(name)
     if not selected:
         raise ValueError("tasks selects no task kinds")
+    counts = dict(DECK_WEIGHTS)
+    for name, weight in (weights or {}).items():
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ValueError(f"the weight of {name!r} must be an int >= 0, got {weight!r}")
+        counts.update(dict.fromkeys(_deck_kinds(name), weight))
     deck = []
-    for kind, weight in DECK_WEIGHTS.items():
+    for kind, weight in counts.items():
         if kind in selected:
             deck += [(kind, False)] * weight if kind != FEW_SHOT_WRAPPED else [("", True)] * weight
+    if not deck:
+        raise ValueError("the weights leave no task kinds")
     return deck
 
 
@@ -158,7 +173,12 @@ def meta_pairs(meta: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def iter_samples(
-    n: int, seed: int, split: str = "train", size: int = 16, tasks: Iterable[str] | None = None
+    n: int,
+    seed: int,
+    split: str = "train",
+    size: int = 16,
+    tasks: Iterable[str] | None = None,
+    weights: Mapping[str, int] | None = None,
 ) -> Iterator[Sample]:
     """Yields `n` samples; sample i depends only on (seed, split, i, size, tasks), so prefixes agree.
 
@@ -173,7 +193,7 @@ def iter_samples(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     ms.check_image_size(size)
-    deck = task_deck(tasks)
+    deck = task_deck(tasks, weights)
     stream = _SPLIT_STREAMS[split]
     order: np.ndarray | None = None
     for index in range(n):
@@ -196,11 +216,16 @@ def _make_sample(kind: str, wrapped: bool, seed: int, split: str, index: int, si
 
 
 def generate(
-    n: int, seed: int, split: str = "train", size: int = 16, tasks: Iterable[str] | None = None
+    n: int,
+    seed: int,
+    split: str = "train",
+    size: int = 16,
+    tasks: Iterable[str] | None = None,
+    weights: Mapping[str, int] | None = None,
 ) -> list[Sample]:
     """`n` samples of `split` at image size `size`; `tasks` restricts to kinds ("edit/move"), families
-    ("edit") or "few_shot". Same arguments, same bytes."""
-    return list(iter_samples(n, seed, split, size, tasks))
+    ("edit") or "few_shot"; `weights` changes the task mix (`task_deck`). Same arguments, same bytes."""
+    return list(iter_samples(n, seed, split, size, tasks, weights))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,7 +262,14 @@ def _sample_row(sample: Sample, out_dir: Path) -> dict[str, Any]:
     return row
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", size: int = 16) -> Path:
+def write_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    split: str = "train",
+    size: int = 16,
+    weights: Mapping[str, int] | None = None,
+) -> Path:
     """Writes PNGs under out_dir/images/ and out_dir/{split}.jsonl (paths relative to it); returns the
     jsonl path. The jsonl appears atomically once every image is on disk."""
     out_dir = Path(out_dir)
@@ -246,7 +278,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int, split: str = "train", 
     handle, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.", suffix=".jsonl.tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
-            samples = iter_samples(n, seed, split, size)
+            samples = iter_samples(n, seed, split, size, weights=weights)
             for sample in tqdm(samples, total=n, desc=f"miniworld {split}", disable=None):
                 file.write(json.dumps(_sample_row(sample, out_dir)) + "\n")
         os.replace(tmp_name, target)
