@@ -44,11 +44,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from omnigen.data.miniworld import SPLITS
+
     p = sub.add_parser("eval", help="benchmarks: miniworld, GenEval, EMU-Edit, DreamBench, controllability")
     ev = p.add_subparsers(dest="eval_command", required=True)
 
     m = ev.add_parser("miniworld", help="accuracy per family and task on a split of the miniature world")
-    m.add_argument("--split", choices=["heldout", "compositional", "train"], default="heldout")
+    m.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="heldout",
+        help="heldout, compositional (withheld colour-shape pairs), phrasing (held-out wordings) or train",
+    )
     m.add_argument("--n", type=int, required=True, help="number of samples")
     m.add_argument("--out", required=True, help="JSON file to write")
     m.add_argument("--data-seed", type=int, default=0, help="seed of the generated split (default 0)")
