@@ -377,12 +377,71 @@ def _random_pixel_model(layers):
     return model
 
 
-def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp_path):
+def _edit_latents(model, root, samples, folder):
+    """The final latents of 3 guided steps on the world's first edit sample, through a saved model folder."""
     from omnigen.checkpoint import save_model
     from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
     from omnigen.tokenizer import Tokenizer
-    from omnigen.training.grow import grow_depth, old_positions
     from omnigen.vae import IdentityCodec
+
+    save_model(model, folder)
+    Tokenizer.from_file(root / "tokenizer.json").save(folder)
+    IdentityCodec(channels=3).save(folder)
+    GenerationDefaults(height=16, width=16, max_input_image_size=16).save(folder)
+    edit = next(s for s in samples if s.input_images)
+    return OmniGenPipeline.from_pretrained(folder)(
+        edit.instruction,
+        [Image.fromarray(a) for a in edit.input_images],
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        seed=0,
+        output_type="latent",
+        progress=False,
+    )
+
+
+def test_grow_width_keeps_the_outputs_and_trains_the_new_units(world, tmp_path):
+    from omnigen.checkpoint import load_model, save_model
+    from omnigen.tokenizer import Tokenizer
+    from omnigen.training.grow import grow_width
+
+    root, samples = world
+    model = _random_pixel_model(2)
+    wide = grow_width(model, 192)
+    assert (
+        wide.config.transformer.intermediate_size == wide.llm.layers[0].mlp.down_proj.weight.shape[1] == 192
+    )
+    assert not wide.llm.layers[0].mlp.down_proj.weight[:, 128:].any()
+    old, new = (
+        _edit_latents(model, root, samples, tmp_path / "old"),
+        _edit_latents(wide, root, samples, tmp_path / "new"),
+    )
+    assert old.abs().max() > 0.1
+    torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="grow_intermediate must be an int >= the model's 128, got 16"):
+        grow_width(model, 16)
+    save_model(model, tmp_path / "base")
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    config = make_config(
+        root,
+        tmp_path / "run",
+        2,
+        model={},
+        tokenizer=None,
+        init_from=str(tmp_path / "base"),
+        grow_intermediate=192,
+    )
+    assert config.model_config().transformer.intermediate_size == 192
+    trained, _ = load_model(train(config, device="cpu"))
+    assert trained.llm.layers[0].mlp.down_proj.weight[:, 128:].any()  # the new units trained
+    with pytest.raises(ValueError, match="grow_intermediate widens a trained model: it needs `init_from`"):
+        make_config(root, tmp_path / "x", 1, grow_intermediate=192)
+
+
+def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp_path):
+    from omnigen.training.grow import grow_depth, old_positions
 
     root, samples = world
     model = _random_pixel_model(2)
@@ -396,27 +455,12 @@ def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp
         block = grown.llm.layers[new]
         assert not block.self_attn.o_proj.weight.any() and not block.mlp.down_proj.weight.any()
         assert block.self_attn.qkv_proj.weight.std() > 0  # trainable from the first step
-    latents = {}
-    for name, m in (("old", model), ("grown", grown)):
-        save_model(m, tmp_path / name)
-        Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / name)
-        IdentityCodec(channels=3).save(tmp_path / name)
-        GenerationDefaults(height=16, width=16, max_input_image_size=16).save(tmp_path / name)
-        pipe = OmniGenPipeline.from_pretrained(tmp_path / name)
-        edit = next(s for s in samples if s.input_images)
-        latents[name] = pipe(
-            edit.instruction,
-            [Image.fromarray(a) for a in edit.input_images],
-            height=16,
-            width=16,
-            num_inference_steps=3,
-            guidance_scale=2.0,
-            seed=0,
-            output_type="latent",
-            progress=False,
-        )
-    assert latents["old"].abs().max() > 0.1
-    torch.testing.assert_close(latents["grown"], latents["old"], atol=1e-5, rtol=1e-5)
+    old, new = (
+        _edit_latents(model, root, samples, tmp_path / "old"),
+        _edit_latents(grown, root, samples, tmp_path / "new"),
+    )
+    assert old.abs().max() > 0.1
+    torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="grow_layers must be an int >= the model's 2 layers, got 1"):
         grow_depth(model, 1)
 

@@ -50,6 +50,13 @@ class TrainConfig:
             "blocks interleaved, starting as the identity: omnigen.training.grow)"
         },
     )
+    grow_intermediate: int | None = field(
+        default=None,
+        metadata={
+            "help": "with init_from: widen every MLP to this many hidden units before training (new units "
+            "start with zero output weights: omnigen.training.grow)"
+        },
+    )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json (default: init_from's)"})
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
@@ -143,6 +150,10 @@ class TrainConfig:
             if not self.init_from:
                 raise ValueError("grow_layers deepens a trained model: it needs `init_from`")
             _check_int("grow_layers", self.grow_layers, 1)
+        if self.grow_intermediate is not None:
+            if not self.init_from:
+                raise ValueError("grow_intermediate widens a trained model: it needs `init_from`")
+            _check_int("grow_intermediate", self.grow_intermediate, 1)
         if not isinstance(self.keep_raw_resolution, bool):
             raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
         if self.latent_cache is not None and (
@@ -187,6 +198,9 @@ class TrainConfig:
             config = load_config(resolve_layout(self.init_from))
             if self.grow_layers is not None:
                 config = replace(config, transformer=replace(config.transformer, num_layers=self.grow_layers))
+            if self.grow_intermediate is not None:
+                size = self.grow_intermediate
+                config = replace(config, transformer=replace(config.transformer, intermediate_size=size))
             change = self.vocabulary_change()
             if change is not None:  # the trainer remaps the token embedding (training.grow)
                 size = max(change[1].values()) + 1

@@ -1,9 +1,12 @@
-"""Model growth for continued training: more layers (function-preserving), a new vocabulary.
+"""Model growth for continued training: more layers or wider MLPs (both function-preserving), a new
+vocabulary.
 
 The old blocks keep their order and are spread evenly over the deeper stack; every new block starts as the
 identity on the residual stream (its attention ``o_proj`` and MLP ``down_proj`` are zero, the rest is
 initialised as from scratch), so the grown model computes exactly what the trained one did and training
 picks up where it stopped (net2net-style growth; the same zero-init idea as DiT's adaLN-zero).
+
+Wider MLPs (`grow_width`): new hidden units whose down_proj columns are zero, the same trick.
 
 A new tokenizer (more words, other ids) keeps every known token's embedding under its new id
 (`remap_vocabulary`), so text the old model understood is understood the same way.
@@ -95,3 +98,39 @@ def remap_vocabulary(
         len(set(old_vocab) - set(new_vocab)),
     )
     return remapped.to(param.device).train(model.training)
+
+
+def grow_width(model: OmniGenModel, intermediate_size: int, seed: int = 0) -> OmniGenModel:
+    """A copy of `model` whose MLPs have `intermediate_size` (>= its own) hidden units, equal in output to
+    `model`: the new units' gate and up rows are initialised as from scratch and their down_proj columns
+    are zero, so they add nothing until training moves them."""
+    old = model.config.transformer.intermediate_size
+    if not isinstance(intermediate_size, int) or intermediate_size < old:
+        raise ValueError(f"grow_intermediate must be an int >= the model's {old}, got {intermediate_size!r}")
+    if intermediate_size == old:
+        return model
+    transformer = replace(model.config.transformer, intermediate_size=intermediate_size)
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = OmniGenModel(replace(model.config, transformer=transformer)).to(param.device, param.dtype)
+        for block in grown.llm.layers:
+            nn.init.xavier_uniform_(block.mlp.gate_up_proj.weight)
+    state = model.state_dict()
+    with torch.no_grad():
+        for index, block in enumerate(grown.llm.layers):
+            prefix = f"llm.layers.{index}.mlp."
+            gate, up = state[prefix + "gate_up_proj.weight"].chunk(2, dim=0)  # rows [gate; up]
+            new_gate, new_up = block.mlp.gate_up_proj.weight.chunk(2, dim=0)
+            new_gate[:old], new_up[:old] = gate, up
+            block.mlp.down_proj.weight.zero_()
+            block.mlp.down_proj.weight[:, :old] = state[prefix + "down_proj.weight"]
+    kept = {
+        k: v for k, v in state.items() if not k.endswith(("mlp.gate_up_proj.weight", "mlp.down_proj.weight"))
+    }
+    grown.load_state_dict(kept, strict=False)
+    grown.materialize_buffers(param.device)
+    logger.info(
+        "widened the MLPs from %d to %d units (%d parameters)", old, intermediate_size, grown.num_parameters()
+    )
+    return grown.train(model.training)

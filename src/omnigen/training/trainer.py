@@ -38,7 +38,7 @@ from omnigen.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
-from omnigen.training.grow import grow_depth, remap_vocabulary
+from omnigen.training.grow import grow_depth, grow_width, remap_vocabulary
 from omnigen.training.loss import flow_matching_loss
 from omnigen.training.sampling_data import ShardedBucketSampler, sample_generator
 from omnigen.training.state import load_checkpoint, save_checkpoint
@@ -97,6 +97,8 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
             model = remap_vocabulary(model, *change)
         if config.grow_layers is not None:
             model = grow_depth(model, config.grow_layers, seed=config.seed)
+        if config.grow_intermediate is not None:
+            model = grow_width(model, config.grow_intermediate, seed=config.seed)
     else:
         torch.manual_seed(config.seed)
         model = OmniGenModel(config.model_config()).to(device)
