@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--final-n", type=int, default=336, help="samples of the final look")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--nice", type=int, default=0)
+    parser.add_argument("--stop-at", type=int, default=None, help="end the probe at this step (default: the config's)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -61,15 +62,16 @@ def main() -> None:
     PROBES.mkdir(parents=True, exist_ok=True)
     curve = PROBES / f"{name}.jsonl"
     done = _done_steps(curve)
+    end = min(config.total_steps, args.stop_at or config.total_steps)
     while True:
         step = _latest_step(run)
-        if step >= config.total_steps:
+        if step >= end:
             break
-        target = min(config.total_steps, (step // args.every + 1) * args.every)
+        target = min(end, (step // args.every + 1) * args.every)
         train(config, stop_after=target)
         step = _latest_step(run)
         latest = f"step_{step:08d}"
-        if step in done or step >= config.total_steps:
+        if step in done or step >= end:
             continue
         started = time.perf_counter()
         record = {"step": step, "minutes": round(training_minutes(run).get(step, 0.0), 1)}
