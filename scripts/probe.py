@@ -4,8 +4,8 @@
 
 Appends one JSON line per look to docs/probes/NAME.jsonl (step, minutes of training, held-out accuracy per
 family on `--n` samples of data seed 1) and, at the end, the final look on `--final-n` samples to
-docs/probes/results.jsonl. Scoring time is not counted in the minutes. Stopping and rerunning resumes
-(the trainer resumes from its last checkpoint; looks already written are kept).
+docs/probes/results.jsonl. Scoring time is not counted in the minutes. SIGTERM stops it after a checkpoint;
+rerunning resumes (the trainer resumes from its last checkpoint; looks already written are kept).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ def main() -> None:
         target = min(end, (step // args.every + 1) * args.every)
         train(config, stop_after=target)
         step = _latest_step(run)
+        if step < target:  # the trainer stopped early (SIGTERM): it has checkpointed, so end here
+            print(f"stopped at step {step}; rerun the same command to resume", flush=True)
+            return
         latest = f"step_{step:08d}"
         if step in done or step >= end:
             continue
