@@ -200,6 +200,12 @@ def test_corrupt_image_is_a_bad_row(data_dir: Path) -> None:
     with pytest.raises(X2IFormatError, match=r"train\.jsonl:1: 'output_image': corrupt image"):
         read_x2i(path)
     assert len(read_x2i(path, check_images=False).samples) == 1
+    assert len(read_x2i(path, check_images="exists").samples) == 1  # "exists" does not open files
+    missing = _write_jsonl(data_dir / "missing.jsonl", [_row(output_image="img/nothing.png")])
+    with pytest.raises(X2IFormatError, match="image file not found"):
+        read_x2i(missing, check_images="exists")
+    with pytest.raises(ValueError, match="check_images must be 'verify', 'exists' or False, got 'all'"):
+        read_x2i(path, check_images="all")
 
 
 def test_duplicate_id_is_a_bad_row(data_dir: Path) -> None:

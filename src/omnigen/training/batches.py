@@ -108,7 +108,12 @@ class BatchBuilder:
         rank: int = 0,
     ) -> BatchBuilder:
         """The trainer's builder: its samples, processor, dropout and (per-rank writer) latent cache."""
-        samples = read_x2i(config.data, image_root=config.image_root, on_bad_row=config.on_bad_row).samples
+        samples = read_x2i(
+            config.data,
+            image_root=config.image_root,
+            on_bad_row=config.on_bad_row,
+            check_images=config.check_images,
+        ).samples
         processor = OmniGenProcessor(
             tokenizer, model_config, max_input_image_size=max(s.resolution for s in config.stages)
         )

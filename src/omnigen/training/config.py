@@ -61,6 +61,13 @@ class TrainConfig:
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
     on_bad_row: str = field(default="error", metadata={"help": "'error' or 'skip' bad JSONL rows"})
+    check_images: str = field(
+        default="verify",
+        metadata={
+            "help": "at load: 'verify' opens every image (PIL verify), 'exists' only checks the files are "
+            "there (much faster on large sets; a corrupt image then fails when first read)"
+        },
+    )
     keep_raw_resolution: bool = field(
         default=False,
         metadata={
@@ -121,6 +128,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {
             "on_bad_row": ("error", "skip"),
+            "check_images": ("verify", "exists"),
             "schedule": ("constant", "cosine"),
             "precision": ("fp32", "bf16", "fp16"),
             "t_distribution": ("uniform", "logit_normal"),

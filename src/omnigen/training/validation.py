@@ -25,7 +25,10 @@ VAL_SEED_OFFSET = 7919  # the draws differ from the training seed's
 class Validator:
     def __init__(self, config, train_builder: BatchBuilder, runtime: distributed.Runtime) -> None:  # noqa: ANN001
         samples = read_x2i(
-            config.val_data, image_root=config.image_root, on_bad_row=config.on_bad_row
+            config.val_data,
+            image_root=config.image_root,
+            on_bad_row=config.on_bad_row,
+            check_images=config.check_images,
         ).samples
         self.samples = samples[: config.val_samples]
         self.loss_settings = config.loss_settings()
