@@ -110,9 +110,9 @@ def test_original_package_equals_the_exact_reference(bench_modules):
             )[0]
             for separate in (True, False):
                 call = session.task_call(prompt, k, separate)
-                uncached = session.call({**call, "use_kv_cache": False}).latents
-                fixed = session.call(call, full_step0_attention=True).latents
-                cached = session.call(call).latents
+                uncached = session.runner.call({**call, "use_kv_cache": False}).latents
+                fixed = session.runner.call(call, full_step0_attention=True).latents
+                cached = session.runner.call(call).latents
                 torch.testing.assert_close(uncached, exact, atol=1e-4, rtol=0)
                 torch.testing.assert_close(fixed, exact, atol=1e-4, rtol=0)
                 assert (cached - exact).abs().max() > 1e-3  # its step-0 cache: what the README reports
