@@ -537,10 +537,12 @@ def memory_table(argv: list[str], args: argparse.Namespace, session: OriginalSes
 def original_session(args: argparse.Namespace, bench: Bench | None) -> OriginalSession | nullcontext:
     """The original's runner when ``--original-python`` is given (and there are tasks), else a no-op."""
     if not args.original_python or not args.tasks:
-        print(
-            "# original omnigen 1.0.3: skipped (pass --original-python PATH, the python of the venv "
-            "benchmarks/setup_original.sh creates)"
+        why = (
+            "no --tasks"
+            if args.original_python
+            else "pass --original-python PATH, the python of the venv benchmarks/setup_original.sh creates"
         )
+        print(f"# original omnigen 1.0.3: skipped ({why})")
         return nullcontext()
     session = OriginalSession(
         args.original_python, bench.pipe, bench.images, args.threads, args.size, args.steps
@@ -680,6 +682,10 @@ def main() -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     extra_options(args.ours_extra)  # a malformed --ours-extra fails here, before any set-up
+    if args.original_python and not Path(args.original_python).is_file():
+        raise SystemExit(
+            f"--original-python {args.original_python} does not exist; benchmarks/setup_original.sh creates it"
+        )
     if args.measure:  # a child process of fresh_peak_mb (checked first: it inherits the parent's flags)
         task, name = args.measure.split(":", 1)
         measure_fresh(Bench(args), task, name)
