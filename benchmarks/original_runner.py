@@ -11,7 +11,8 @@ runner then reads JSON commands from stdin, one a line, each ``{"call": {...}, "
 (``call``: keyword arguments of the original's ``__call__``), and answers each with one JSON line on
 stdout: ``total_s`` (call start to the end of the VAE decode), ``sampling_s`` (call start to the start of
 the decode: processor, input-image encode and the sampling loop), ``peak_sampling_mb`` /
-``peak_total_mb`` (resident memory growth above the level at the call's start, polled every 5 ms), and,
+``peak_total_mb`` (resident memory growth above the level at the call's start, polled every 5 ms, by the
+start of the decode / by the end of the call, its conversion to PIL included), and,
 with ``latents_out``, the final latents (the decode's input, scaled back to model space) written there as
 safetensors. The first line is ``{"ready": {...versions...}}``. Everything the original prints goes to
 stderr, so stdout carries only the protocol.
