@@ -1,20 +1,31 @@
-"""Side-by-side speed of our pipeline and the diffusers OmniGen transformer loop, same random weights.
+"""Side-by-side speed of our pipeline, the diffusers OmniGen transformer loop and the original package.
 
     python benchmarks/bench_pipeline.py [--hidden 768 --layers 8 --heads 8 --steps 10 --size 256 --reps 3]
-                                        [--vae tiny|sdxl] [--threads 2]
+                                        [--vae tiny|sdxl] [--threads 2] [--original-python PATH]
+                                        [--ours-extra LABEL=JSON ...]
 
 The reference contender is what ``diffusers.OmniGenPipeline`` runs per step: the full sequence of every
 CFG row (batched, left padded) through ``OmniGenTransformer2DModel``, no cache. (diffusers' pipeline
 object itself needs torchvision for its processor, which does not import beside this CPU torch wheel,
-so its loop is reproduced here around its own transformer.) The original ``omnigen`` package pins
-torch<2.5 and transformers' old Cache API and cannot be installed beside this environment; its default
-mode (KV cache + separate CFG) is emulated by our own ``separate_cfg_infer=True`` path, which computes
-the same thing.
+so its loop is reproduced here around its own transformer.)
+
+``--original-python PATH`` adds the original ``omnigen`` 1.0.3 package itself: it pins torch<2.5 and
+transformers 4.45, so it runs in its own virtual environment (``benchmarks/setup_original.sh`` creates
+one) under ``original_runner.py``, which loads the same random weights, VAE and tokenizer from an
+OmniGen-v1 folder written here. Its default mode (KV cache + separate CFG) and its batched mode
+(``separate_cfg_infer=False``) join the alternation as two more contenders; its noise is the same (a
+seeded CPU generator). Without the flag these columns are skipped with a message.
+
+``--ours-extra LABEL=JSON`` (repeatable) adds our pipeline called with extra options as another
+contender, e.g. ``'fast={"num_inference_steps": 4}'``; its output is compared with the exact one
+(max latent difference, PSNR of the decoded image), not checked.
 
 Each contender runs once untimed (warm-up), then contenders run alternately, ``--reps`` times each; the
 median seconds per image, peak RSS increase (``--memory``), ratios ours/reference, FLOPs per phase and
 achieved FLOP/s against a measured matmul peak are printed.
-Outputs are checked: our images equal the reference run row by row (tolerance printed).
+Outputs are checked: our images equal the reference run row by row (tolerance printed); so does the
+original's uncached call, and its cached modes' deviation is shown to be its step-0 cache (see
+``original_runner.py``).
 
 ``--options step_cache,mask_free,int8,compile,channels_last`` then measures our speed/memory options on
 one task (``--options-task``), end to end with VAE decode, against our default call: per setting the median
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import statistics
@@ -38,10 +50,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psutil
 import torch
+from original_client import ORIGINAL_MODES, ORIGINAL_SEPARATE, OriginalSession
 
 from omnigen import masks
 from omnigen.collate import collate
@@ -333,8 +350,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--memory-only", action="store_true", help="only the fresh-process peak-memory table of --tasks"
     )
+    parser.add_argument(
+        "--original-python",
+        default=None,
+        metavar="PATH",
+        help="python of a venv holding the original omnigen 1.0.3 (benchmarks/setup_original.sh): adds its "
+        "default mode (cache, separate CFG) and its batched mode as contenders; skipped when not given",
+    )
+    parser.add_argument(
+        "--ours-extra",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="one more contender: our pipeline called with these extra options (a JSON object), e.g. "
+        """'steps4={"num_inference_steps": 4}'; repeatable; compared with the exact output, not checked""",
+    )
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # TASK:CONTENDER, internal
     return parser.parse_args(argv)
+
+
+def extra_options(specs: list[str]) -> dict[str, dict]:
+    """``--ours-extra LABEL=JSON`` values -> {"ours (LABEL)": options}."""
+    extras = {}
+    for spec in specs:
+        label, _, text = spec.partition("=")
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--ours-extra {spec!r}: the part after '=' is not JSON ({err})") from err
+        if not label or not isinstance(options, dict):
+            raise SystemExit(f"--ours-extra {spec!r}: expected LABEL={{JSON object of call options}}")
+        extras[f"ours ({label})"] = options
+    return extras
 
 
 class Bench:
@@ -402,12 +449,38 @@ class Bench:
                 self.ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=False
             )[0]
 
-        return {BATCHED: lambda: ours(False), SEPARATE: lambda: ours(True), DIFFUSERS: theirs}
+        def extra(options: dict) -> torch.Tensor:
+            call = {"seed": 0, "progress": False, **options, "output_type": "latent"}
+            return pipe(prompt, imgs or None, **call)
+
+        runs = {BATCHED: lambda: ours(False), SEPARATE: lambda: ours(True), DIFFUSERS: theirs}
+        for name, options in extra_options(args.ours_extra).items():
+            runs[name] = partial(extra, options)
+        return runs
 
 
 BATCHED, SEPARATE = "ours (cache, batched CFG)", "ours (cache, separate CFG)"
 DIFFUSERS = "diffusers loop (batched)"
 CONTENDERS = (BATCHED, SEPARATE, DIFFUSERS)
+
+
+@dataclass(frozen=True)
+class Timing:
+    total: float  # seconds per image, end to end (VAE decode included)
+    transformer: float  # seconds up to the final latents (processor, input-image encode, sampling)
+    peak_mb: float  # resident memory growth during the call, measured inline
+    latents: torch.Tensor
+
+
+def timed_local(run: Callable[[], torch.Tensor], codec: AutoencoderKLCodec) -> Timing:
+    """A contender of this process: its latents call, then the VAE decode."""
+    with PeakRSS() as rss:
+        start = time.perf_counter()
+        out = run()
+        transformer = time.perf_counter() - start
+        codec.decode(out)
+        total = time.perf_counter() - start
+    return Timing(total, transformer, rss.delta_mb, out)
 
 
 def measure_fresh(bench: Bench, task: str, name: str) -> None:
@@ -436,39 +509,162 @@ def fresh_peak_mb(argv: list[str], task: str, name: str) -> tuple[float, float]:
     return sampling, total
 
 
-def memory_table(argv: list[str], args: argparse.Namespace) -> None:
+def fresh_peak(
+    argv: list[str], args: argparse.Namespace, task: str, name: str, session: OriginalSession | None
+) -> tuple[float, float]:
+    """``fresh_peak_mb`` for our and diffusers' contenders, a runner started for it for the original's."""
+    if name in ORIGINAL_MODES:
+        return session.fresh_peak(name, *TASKS[task])
+    return fresh_peak_mb(argv, task, name)
+
+
+def all_names(args: argparse.Namespace, session: OriginalSession | None) -> list[str]:
+    originals = list(ORIGINAL_MODES) if session else []
+    return [*CONTENDERS, *extra_options(args.ours_extra), *originals]
+
+
+def memory_table(argv: list[str], args: argparse.Namespace, session: OriginalSession | None) -> None:
     """``--memory-only``: the fresh-process peaks of every contender, no timing."""
-    print(f"{'task':8} {'contender':28} {'sampling MB':>11} {'with decode':>11} {'ratio':>6}")
+    print(f"{'task':8} {'contender':30} {'sampling MB':>11} {'with decode':>11} {'ratio':>6}")
     for task in [t for t in args.tasks.split(",") if t]:
-        peaks = {name: fresh_peak_mb(argv, task, name) for name in CONTENDERS}
+        peaks = {name: fresh_peak(argv, args, task, name, session) for name in all_names(args, session)}
         for name, (sampling, total) in peaks.items():
             ratio = sampling / max(peaks[DIFFUSERS][0], 1e-9)
             verdict = "" if name == DIFFUSERS else f" [{'PASS' if ratio <= 0.8 else 'FAIL'} <= 0.8]"
-            print(f"{task:8} {name:28} {sampling:11.0f} {total:11.0f} {ratio:6.2f}{verdict}")
+            print(f"{task:8} {name:30} {sampling:11.0f} {total:11.0f} {ratio:6.2f}{verdict}")
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.measure:  # a child process of fresh_peak_mb (checked first: it inherits the parent's flags)
-        task, name = args.measure.split(":", 1)
-        measure_fresh(Bench(args), task, name)
-        return
-    if args.memory_only:  # every measurement runs in a child process with its own set-up
-        print(
-            f"# peak resident memory growth of one call, each contender in a fresh process ({args.vae} VAE)"
+def original_session(args: argparse.Namespace, bench: Bench | None) -> OriginalSession | nullcontext:
+    """The original's runner when ``--original-python`` is given (and there are tasks), else a no-op."""
+    if not args.original_python or not args.tasks:
+        why = (
+            "no --tasks"
+            if args.original_python
+            else "pass --original-python PATH, the python of the venv benchmarks/setup_original.sh creates"
         )
-        memory_table(argv, args)
-        return
-    bench = Bench(args)
-    config, model, ref, pipe = bench.config, bench.model, bench.ref, bench.pipe
+        print(f"# original omnigen 1.0.3: skipped ({why})")
+        return nullcontext()
+    session = OriginalSession(
+        args.original_python, bench.pipe, bench.images, args.threads, args.size, args.steps
+    )
+    print(session.describe())
+    return session
+
+
+def time_task(
+    bench: Bench, task: str, session: OriginalSession | None
+) -> tuple[dict[str, list[Timing]], torch.Tensor, list, int]:
+    """Warm-up, then ``--reps`` alternating rounds over every contender; the exact (row by row) result."""
+    args, pipe = bench.args, bench.pipe
+    prompt, k = TASKS[task]
+    runs = {name: partial(timed_local, run, pipe.codec) for name, run in bench.contenders(task).items()}
+    if session:  # the original times itself in its runner process (decode included)
+        runs.update(session.contenders(prompt, k))
+    results: dict[str, list[Timing]] = {}
+    with torch.no_grad():
+        for run in runs.values():  # warm-up: first-call allocations and kernel set-up untimed
+            run()
+        for _ in range(args.reps):
+            for name, run in runs.items():
+                results.setdefault(name, []).append(run())
+        exact, rows, n = reference_sample(
+            bench.ref, pipe, prompt, bench.images[:k], args.size, args.steps, 3.0, 1.6, 0, per_row=True
+        )
+    return results, exact, rows, n
+
+
+def print_ratios(task: str, medians: dict, memory: dict, session: OriginalSession | None) -> None:
+    """Ours against diffusers (with the issue's targets), then every contender against the original."""
+    base_total, base_transformer = medians[DIFFUSERS]
+    for name in (BATCHED, SEPARATE):
+        t_ratio, e_ratio = medians[name][1] / base_transformer, medians[name][0] / base_total
+        m_ratio = memory[name] / max(memory[DIFFUSERS], 1e-9)
+        print(
+            f"{task:8} ratio {name}/diffusers: transformer {t_ratio:.2f} "
+            f"[{'PASS' if t_ratio <= 0.35 else 'FAIL'} <= 0.35], end-to-end {e_ratio:.2f} "
+            f"[{'PASS' if e_ratio <= 0.6 else 'FAIL'} <= 0.6], peak memory {m_ratio:.2f} "
+            f"[{'PASS' if m_ratio <= 0.8 else 'FAIL'} <= 0.8]"
+        )
+    if session:
+        orig_total, orig_transformer = medians[ORIGINAL_SEPARATE]
+        for name, (total, transformer) in medians.items():
+            if name != ORIGINAL_SEPARATE:
+                print(
+                    f"{task:8} ratio {name}/original default: transformer {transformer / orig_transformer:.2f}, "
+                    f"end-to-end {total / orig_total:.2f}, peak memory "
+                    f"{memory[name] / max(memory[ORIGINAL_SEPARATE], 1e-9):.2f}"
+                )
+
+
+def check_outputs(
+    bench: Bench, task: str, results: dict, exact: torch.Tensor, session: OriginalSession | None
+) -> None:
+    """Exact contenders against the reference run row by row; the others' distance from it."""
+    latents_of = {name: runs[-1].latents for name, runs in results.items()}
+    err = {name: (latents - exact).abs().max().item() for name, latents in latents_of.items()}
+    diff = max(err[BATCHED], err[SEPARATE])
+    print(
+        f"{task:8} outputs: ours vs the reference run row by row, max |latent diff| = {diff:.2e} "
+        f"[{'PASS' if diff <= 1e-3 else 'FAIL'} <= 1e-3]; diffusers batched vs row by row {err[DIFFUSERS]:.2e} "
+        "(its row-0 rotary bug)"
+    )
+    extras = extra_options(bench.args.ours_extra)
+    if extras:
+        with torch.no_grad():
+            exact_pixels = bench.pipe.codec.decode(exact)
+            for name in extras:
+                db = psnr(bench.pipe.codec.decode(latents_of[name]), exact_pixels)
+                print(
+                    f"{task:8} outputs: {name} vs the exact output: max |latent diff| {err[name]:.2e}, "
+                    f"decoded PSNR {db:.1f} dB"
+                )
+    if session:
+        timed = {name: latents_of[name] for name in ORIGINAL_MODES}
+        with torch.no_grad():
+            print(f"{task:8} " + session.check(*TASKS[task], exact, timed))
+
+
+def compare_task(bench: Bench, task: str, argv: list[str], session: OriginalSession | None) -> float:
+    """One task: the timed rows, memory, ratios and output checks; returns diffusers' end-to-end s."""
+    args = bench.args
+    results, exact, rows, n = time_task(bench, task, session)
+    memory = {  # the sampling phase's peak (fresh) or the whole call's (inline)
+        name: (
+            fresh_peak(argv, args, task, name, session)[0]
+            if args.memory == "fresh"
+            else max(r.peak_mb for r in runs)
+        )
+        for name, runs in results.items()
+    }
+    f = flops(bench.config, rows, n, args.steps)
+    medians = {
+        name: (statistics.median(r.total for r in runs), statistics.median(r.transformer for r in runs))
+        for name, runs in results.items()
+    }
+    extras = extra_options(args.ours_extra)
+    for name, (total, transformer) in medians.items():
+        work = f["uncached_total"] if name == DIFFUSERS else f["cached_total"]
+        flop = "-" if name in extras else f"{work / 1e9:.1f}"  # an extra's work depends on its options
+        rate = "-" if name in extras else f"{work / transformer / 1e9:.1f}"
+        print(f"{task:8} {name:30} {total:8.2f} {transformer:9.2f} {memory[name]:8.0f} {flop:>8} {rate:>8}")
+    print_ratios(task, medians, memory, session)
+    check_outputs(bench, task, results, exact, session)
+    print(
+        f"{task:8} FLOPs/image prefill {f['prefill'] / 1e9:.2f} G, step {f['step'] / 1e9:.2f} G, VAE not "
+        f"counted; exact-output floor: cached/uncached transformer FLOPs = "
+        f"{f['cached_total'] / f['uncached_total']:.2f} (a ratio below this needs skipped work: step caching)"
+    )
+    return medians[DIFFUSERS][0]
+
+
+def print_header(bench: Bench) -> None:
+    args, config = bench.args, bench.config
     peak = matmul_peak()
-    params = model.num_parameters()
     print(
         f"# omnigen benchmark: hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
-        f"(head dim {config.transformer.head_dim}), {params / 1e6:.1f}M params, {args.vae} VAE, "
-        f"{args.size}x{args.size}, {args.steps} steps, {args.threads} threads, torch {torch.__version__}"
+        f"(head dim {config.transformer.head_dim}), {bench.model.num_parameters() / 1e6:.1f}M params, "
+        f"{args.vae} VAE, {args.size}x{args.size}, {args.steps} steps, {args.threads} threads, "
+        f"torch {torch.__version__}"
     )
     print(f"# load average at start {os.getloadavg()}, measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(
@@ -479,75 +675,43 @@ def main() -> None:
             else "inline (max over reps; a shared allocator hides later contenders' growth)"
         )
     )
-    header = f"{'task':8} {'contender':28} {'s/image':>8} {'transf s':>9} {'peak MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}"
-    if args.tasks:
-        print(header)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    extra_options(args.ours_extra)  # a malformed --ours-extra fails here, before any set-up
+    if args.original_python and not Path(args.original_python).is_file():
+        raise SystemExit(
+            f"--original-python {args.original_python} does not exist; benchmarks/setup_original.sh creates it"
+        )
+    if args.measure:  # a child process of fresh_peak_mb (checked first: it inherits the parent's flags)
+        task, name = args.measure.split(":", 1)
+        measure_fresh(Bench(args), task, name)
+        return
+    if args.memory_only:  # every measurement runs in a child process with its own set-up
+        print(
+            f"# peak resident memory growth of one call, each contender in a fresh process ({args.vae} VAE)"
+        )
+        with original_session(args, Bench(args) if args.original_python else None) as session:
+            memory_table(argv, args, session)
+        return
+    bench = Bench(args)
+    print_header(bench)
     baseline_e2e: dict[str, float] = {}
-    for task in [t for t in args.tasks.split(",") if t]:
-        prompt, k = TASKS[task]
-        imgs = bench.images[:k]
-        results: dict[str, list] = {}
-        contenders = bench.contenders(task)
-        latents_of: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for run in contenders.values():  # warm-up: first-call allocations and kernel set-up untimed
-                pipe.codec.decode(run())
-            for _ in range(args.reps):
-                for name, run in contenders.items():
-                    with PeakRSS() as rss:
-                        start = time.perf_counter()
-                        out = run()
-                        transformer_s = time.perf_counter() - start
-                        pipe.codec.decode(out)
-                        total = time.perf_counter() - start
-                    results.setdefault(name, []).append((total, transformer_s, rss.delta_mb))
-                    latents_of[name] = out
-            exact, rows, n = reference_sample(
-                ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=True
-            )
-        memory = {  # the sampling phase's peak (fresh) or the whole call's (inline)
-            name: (fresh_peak_mb(argv, task, name)[0] if args.memory == "fresh" else max(r[2] for r in runs))
-            for name, runs in results.items()
-        }
-        f = flops(config, rows, n, args.steps)
-        for name, runs in results.items():
-            total = statistics.median(r[0] for r in runs)
-            transformer = statistics.median(r[1] for r in runs)
-            work = f["uncached_total"] if name == DIFFUSERS else f["cached_total"]
+    with original_session(args, bench) as session:
+        if args.tasks:
             print(
-                f"{task:8} {name:28} {total:8.2f} {transformer:9.2f} {memory[name]:8.0f} {work / 1e9:8.1f} "
-                f"{work / transformer / 1e9:8.1f}"
+                f"{'task':8} {'contender':30} {'s/image':>8} {'transf s':>9} {'peak MB':>8} {'GFLOP':>8} "
+                f"{'GFLOP/s':>8}"
             )
-        base = statistics.median(r[1] for r in results[DIFFUSERS])
-        base_total = baseline_e2e[task] = statistics.median(r[0] for r in results[DIFFUSERS])
-        for name in (BATCHED, SEPARATE):
-            runs = results[name]
-            t_ratio = statistics.median(r[1] for r in runs) / base
-            e_ratio = statistics.median(r[0] for r in runs) / base_total
-            m_ratio = memory[name] / max(memory[DIFFUSERS], 1e-9)
-            print(
-                f"{task:8} ratio {name}/diffusers: transformer {t_ratio:.2f} "
-                f"[{'PASS' if t_ratio <= 0.35 else 'FAIL'} <= 0.35], end-to-end {e_ratio:.2f} "
-                f"[{'PASS' if e_ratio <= 0.6 else 'FAIL'} <= 0.6], peak memory {m_ratio:.2f} "
-                f"[{'PASS' if m_ratio <= 0.8 else 'FAIL'} <= 0.8]"
-            )
-        diff = max((latents_of[k] - exact).abs().max().item() for k in latents_of if k.startswith("ours"))
-        bug = (latents_of[DIFFUSERS] - exact).abs().max().item()
-        print(
-            f"{task:8} outputs: ours vs the reference run row by row, max |latent diff| = {diff:.2e} "
-            f"[{'PASS' if diff <= 1e-3 else 'FAIL'} <= 1e-3]; diffusers batched vs row by row {bug:.2e} "
-            f"(its row-0 rotary bug); FLOPs/image prefill {f['prefill'] / 1e9:.2f} G, "
-            f"step {f['step'] / 1e9:.2f} G, VAE not counted"
-        )
-        print(
-            f"{task:8} exact-output floor: cached/uncached transformer FLOPs = "
-            f"{f['cached_total'] / f['uncached_total']:.2f} (a ratio below this needs skipped work: "
-            "step caching)"
-        )
+        for task in [t for t in args.tasks.split(",") if t]:
+            baseline_e2e[task] = compare_task(bench, task, argv, session)
     if args.options:
         prompt, k = TASKS[args.options_task]
         with torch.no_grad():
-            options_report(pipe, prompt, bench.images[:k], args, baseline_e2e.get(args.options_task))
+            options_report(bench.pipe, prompt, bench.images[:k], args, baseline_e2e.get(args.options_task))
     print(f"# load average at end {os.getloadavg()}")
 
 
