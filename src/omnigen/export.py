@@ -5,8 +5,8 @@
   reads: ``config.json`` (Phi-3 form; our image geometry in its ``omnigen`` section, which Phi3Config
   keeps as an unused attribute), ``model.safetensors`` (the official key names, which are ours, with the
   stored ``pos_embed``: the original loads strictly), the tokenizer files and ``vae/``. The original
-  code hard-codes patch 2, 4 latent channels, a 192 x 192 position table and a 256-dim time embedding
-  (``ORIGINAL_GEOMETRY``); a model with other geometry (the shipped pixel-space miniature: no VAE, a
+  code hard-codes patch 2, 4 latent channels, a VAE factor of 8, a 192 x 192 position table and a
+  256-dim time embedding (``ORIGINAL_GEOMETRY``); a model with other geometry (the shipped pixel-space miniature: no VAE, a
   ``codec.json`` instead) is still written in this layout, which our loader reads, with a warning that
   the original code cannot build it.
 - ``"diffusers"``: ``model_index.json``, ``transformer/`` (keys renamed through ``keymap``, the same table
@@ -41,7 +41,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("original", "diffusers")
-ORIGINAL_GEOMETRY = {"in_channels": 4, "patch_size": 2, "pos_embed_max_size": 192, "time_embed_dim": 256}
+# What the original code builds whatever config.json says (its processor counts image tokens as
+# pixels // 16 per side: VAE factor 8 x patch 2).
+ORIGINAL_GEOMETRY = {
+    "in_channels": 4,
+    "patch_size": 2,
+    "latent_downsample": 8,
+    "pos_embed_max_size": 192,
+    "time_embed_dim": 256,
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
