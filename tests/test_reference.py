@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from diffusers import OmniGenTransformer2DModel
@@ -23,40 +22,9 @@ from omnigen.guidance import combine
 from omnigen.keymap import ours_to_diffusers
 from omnigen.processor import OmniGenProcessor, cfg_prompts
 from omnigen.sampling import make_noise
+from torchvision_shim import Transforms as _TorchvisionTransforms
 
 PROMPT = "a red <img><|image_2|></img> cat left of <img><|image_1|></img> dog photo"
-
-
-class _TorchvisionTransforms:
-    """The four torchvision transforms the reference processor uses (torchvision cannot be installed
-    beside the CPU torch wheel here)."""
-
-    class Compose:
-        def __init__(self, fns):
-            self.fns = fns
-
-        def __call__(self, x):
-            for fn in self.fns:
-                x = fn(x)
-            return x
-
-    class Lambda:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __call__(self, x):
-            return self.fn(x)
-
-    class ToTensor:
-        def __call__(self, image):
-            return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-
-    class Normalize:
-        def __init__(self, mean, std, inplace=False):
-            self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-
-        def __call__(self, x):
-            return (x - self.mean) / self.std
 
 
 class _HFTokenizer:

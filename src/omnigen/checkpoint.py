@@ -14,8 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,7 +85,13 @@ def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
 def load_config(layout: Layout) -> OmniGenConfig:
     data = json.loads(layout.config_path.read_text())
     if layout.kind == "diffusers":
-        return OmniGenConfig.from_diffusers_dict(data)
+        config = OmniGenConfig.from_diffusers_dict(data)
+        vae_config = layout.root / "vae" / "config.json"
+        if vae_config.is_file():  # the latent factor is the VAE's (diffusers derives it the same way)
+            blocks = json.loads(vae_config.read_text()).get("block_out_channels")
+            if blocks:
+                config = replace(config, latent_downsample=2 ** (len(blocks) - 1))
+        return config
     return OmniGenConfig.from_dict(data)
 
 
@@ -170,13 +179,52 @@ def atomic_write(target: Path, write) -> None:  # noqa: ANN001 - write(path) -> 
     os.close(fd)
     try:
         write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields an empty temporary folder beside ``target``; when the block ends without an error it is
+    renamed to ``target`` (a reader sees the old folder or the whole new one, never a half-written one).
+
+    An existing non-empty ``target`` is replaced only with ``overwrite``; on an error the temporary
+    folder is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old / target.name, target)
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

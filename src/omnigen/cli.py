@@ -76,10 +76,19 @@ def _extra_commands() -> list:
     from omnigen.data.cli import register as register_data
     from omnigen.demo import register as register_demo
     from omnigen.eval.cli import register as register_eval
+    from omnigen.export import register as register_export
     from omnigen.serve.cli import register as register_serve
     from omnigen.training.cli import register as register_train
 
-    return [register_train, register_data, register_demo, register_serve, register_batch, register_eval]
+    return [
+        register_train,
+        register_data,
+        register_demo,
+        register_serve,
+        register_batch,
+        register_eval,
+        register_export,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,9 @@
 """Explicit key maps between our state dict (= the official OmniGen-v1 key names) and diffusers'
-``OmniGenTransformer2DModel``. One table plus one loop each way; diffusers splits the fused qkv.
+``OmniGenTransformer2DModel``. One table, read in both directions (loading and exporting); diffusers
+splits the fused qkv.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 
@@ -41,10 +40,18 @@ QKV = "llm.layers.{i}.self_attn.qkv_proj.weight"
 SPLIT_QKV = tuple(f"layers.{{i}}.self_attn.to_{name}.weight" for name in "qkv")
 
 
-def _expand(template: str, num_layers: int) -> list[tuple[int | None, str]]:
-    if "{i}" not in template:
-        return [(None, template)]
-    return [(i, template.format(i=i)) for i in range(num_layers)]
+def _rename(
+    state: dict[str, torch.Tensor], pairs: tuple[tuple[str, str], ...], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """Moves each tensor named by the first template of a pair out of ``state`` under the second."""
+    out: dict[str, torch.Tensor] = {}
+    for source, target in pairs:
+        indices = range(num_layers) if "{i}" in source else [None]
+        for i in indices:
+            name = source.format(i=i) if i is not None else source
+            if name in state:
+                out[target.format(i=i) if i is not None else target] = state.pop(name)
+    return out
 
 
 def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
@@ -54,12 +61,8 @@ def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> 
     them as unexpected instead of dropping them silently.
     """
     state = dict(state)
-    out: dict[str, torch.Tensor] = {}
     layers = config.transformer.num_layers
-    for ours, theirs in RENAMES:
-        for i, name in _expand(theirs, layers):
-            if name in state:
-                out[ours.format(i=i) if i is not None else ours] = state.pop(name)
+    out = _rename(state, tuple((theirs, ours) for ours, theirs in RENAMES), layers)
     for i in range(layers):
         names = [t.format(i=i) for t in SPLIT_QKV]
         if all(n in state for n in names):
@@ -69,24 +72,16 @@ def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> 
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
-    """The inverse map (used to export to diffusers and by the equivalence tests)."""
+    """The inverse map, through the same table (``omnigen.export`` writes the diffusers layout with it).
+    Keys the table does not know are kept as they are."""
     state = dict(state)
-    out: dict[str, torch.Tensor] = {}
     t = config.transformer
-    layers = t.num_layers
-    for ours, theirs in RENAMES:
-        for i, name in _expand(ours, layers):
-            if name in state:
-                out[theirs.format(i=i) if i is not None else theirs] = state.pop(name)
+    out = _rename(state, RENAMES, t.num_layers)
     sizes = [t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.num_kv_heads * t.head_dim]
-    for i in range(layers):
+    for i in range(t.num_layers):
         name = QKV.format(i=i)
         if name in state:
             for part, key in zip(state.pop(name).split(sizes, dim=0), SPLIT_QKV, strict=True):
                 out[key.format(i=i)] = part
     out.update(state)
     return out
-
-
-def looks_like_diffusers(keys: list[str]) -> bool:
-    return any(re.match(r"(patch_embedding|proj_out|norm_out)\.", k) for k in keys)

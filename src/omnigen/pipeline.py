@@ -442,6 +442,19 @@ class OmniGenPipeline:
             self.model, self.codec, self.tokenizer, replace(self.defaults, **changes), self.device
         )
 
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        layout: str = "original",
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write a model folder in the official OmniGen-v1 ("original") or the "diffusers" layout
+        (``omnigen.export.save_pretrained``)."""
+        from omnigen.export import save_pretrained
+
+        return save_pretrained(self, folder, layout=layout, dtype=dtype, overwrite=overwrite)
+
     # ------------------------------------------------------------------ LoRA (see omnigen.lora)
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Inject the peft-format adapter in ``path`` (ours or the original OmniGen's) into the model."""

@@ -1,0 +1,240 @@
+"""Writing a pipeline as a model folder in either checkpoint layout: ``save_pretrained`` and
+``omnigen export`` (a model folder in, optionally with a LoRA adapter merged, a folder out).
+
+- ``"original"``: the official OmniGen-v1 layout, which the original package's ``OmniGen.from_pretrained``
+  reads: ``config.json`` (Phi-3 form; our image geometry in its ``omnigen`` section, which Phi3Config
+  keeps as an unused attribute), ``model.safetensors`` (the official key names, which are ours, with the
+  stored ``pos_embed``: the original loads strictly), the tokenizer files and ``vae/``. The original
+  code hard-codes patch 2, 4 latent channels, a VAE factor of 8, a 192 x 192 position table and a
+  256-dim time embedding (``ORIGINAL_GEOMETRY``); a model with other geometry (the shipped pixel-space miniature: no VAE, a
+  ``codec.json`` instead) is still written in this layout, which our loader reads, with a warning that
+  the original code cannot build it.
+- ``"diffusers"``: ``model_index.json``, ``transformer/`` (keys renamed through ``keymap``, the same table
+  the loader reads the other way), ``vae/``, ``tokenizer/``, ``scheduler/``: what
+  ``diffusers.OmniGenPipeline.from_pretrained`` loads. It needs an ``AutoencoderKL`` codec; a pixel-space
+  model is refused with a ``ValueError``.
+
+Both layouts also get our ``generation_config.json`` (ignored by the other loaders). Weights are written
+with safetensors only, the whole folder atomically (``checkpoint.atomic_folder``). A LoRA adapter must be
+merged first (``pipe.merge_lora()``; it is folded into the plain weights); a quantized model is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from omnigen.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, atomic_folder, check_state_dict
+from omnigen.config import OmniGenConfig
+from omnigen.keymap import ours_to_diffusers
+from omnigen.model import OmniGenModel
+
+if TYPE_CHECKING:
+    from omnigen.pipeline import OmniGenPipeline
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("original", "diffusers")
+# What the original code builds whatever config.json says (its processor counts image tokens as
+# pixels // 16 per side: VAE factor 8 x patch 2).
+ORIGINAL_GEOMETRY = {
+    "in_channels": 4,
+    "patch_size": 2,
+    "latent_downsample": 8,
+    "pos_embed_max_size": 192,
+    "time_embed_dim": 256,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+
+def save_pretrained(
+    pipe: OmniGenPipeline,
+    folder: str | Path,
+    layout: str = "original",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``pipe`` to ``folder`` in ``layout`` ("original" or "diffusers"); returns the folder.
+
+    ``dtype`` casts the transformer's floating-point weights (default: as they are); the VAE is written
+    as it is. An existing non-empty ``folder`` is replaced only with ``overwrite``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (torch dtypes) or None, got {dtype!r}")
+    config = pipe.model.config
+    if layout == "diffusers":
+        transformer_config = diffusers_transformer_config(config)  # refuses what diffusers cannot hold
+        if not hasattr(pipe.codec, "vae"):
+            raise ValueError(
+                "the diffusers layout needs an AutoencoderKL VAE, but this model runs in pixel space "
+                f"({type(pipe.codec).__name__}), which diffusers.OmniGenPipeline cannot represent; "
+                "use layout='original'"
+            )
+    else:
+        _warn_if_not_original(config, pipe.codec)
+    state = plain_state_dict(pipe.model, dtype)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        if layout == "original":
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            config.save(tmp / "config.json")
+            pipe.tokenizer.save(tmp)
+        else:
+            _write_diffusers(tmp, pipe, state, transformer_config)
+        pipe.codec.save(tmp)
+        pipe.defaults.save(tmp)
+    logger.info("wrote %s (%s layout)", folder, layout)
+    return Path(folder)
+
+
+def plain_state_dict(model: OmniGenModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors under the official key names, on the CPU, a merged LoRA adapter folded in."""
+    from omnigen import lora
+
+    if any(not layer.merged for layer in lora.lora_layers(model).values()):
+        raise ValueError("the model has an unmerged LoRA adapter: call merge_lora() first (or unload_lora())")
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".lora_" in key:
+            continue  # a merged adapter's own tensors; its effect is in base_layer
+        if type(value) is not torch.Tensor or not value.is_floating_point():
+            raise ValueError(
+                f"{key} is quantized ({type(value).__name__}, {value.dtype}); "
+                "export the model before quantize_int8"
+            )
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
+    with torch.device("meta"):
+        reference = OmniGenModel(model.config)
+    check_state_dict(reference, state, "to export")
+    return state
+
+
+def diffusers_transformer_config(config: OmniGenConfig) -> dict:
+    """``OmniGenTransformer2DModel``'s config.json. diffusers always applies Phi-3 "su" scaling, so a
+    model without rope scaling is written with factors of 1 (exact while max == original positions)."""
+    import diffusers
+
+    data = config.to_diffusers_dict()
+    t = config.transformer
+    if data["rope_scaling"] is None:
+        if t.max_position_embeddings > t.original_max_position_embeddings:
+            raise ValueError(
+                "diffusers scales rotary cos/sin whenever max_position_embeddings "
+                f"({t.max_position_embeddings}) > original_max_position_embeddings "
+                f"({t.original_max_position_embeddings}), which this model without rope_scaling does not"
+            )
+        ones = [1.0] * (t.head_dim // 2)
+        data["rope_scaling"] = {"short_factor": ones, "long_factor": ones}
+    return {"_class_name": "OmniGenTransformer2DModel", "_diffusers_version": diffusers.__version__, **data}
+
+
+def _write_diffusers(tmp: Path, pipe: OmniGenPipeline, state: dict, transformer_config: dict) -> None:
+    version = transformer_config["_diffusers_version"]
+    (tmp / "transformer").mkdir()
+    diffusers_state = ours_to_diffusers(state, pipe.model.config)
+    save_file(diffusers_state, str(tmp / "transformer" / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
+    _write_json(tmp / "transformer" / "config.json", transformer_config)
+    (tmp / "scheduler").mkdir()
+    _write_json(tmp / "scheduler" / "scheduler_config.json", {**SCHEDULER, "_diffusers_version": version})
+    (tmp / "tokenizer").mkdir()
+    pipe.tokenizer.save(tmp / "tokenizer")
+    tokenizer_class = json.loads((tmp / "tokenizer" / "tokenizer_config.json").read_text()).get(
+        "tokenizer_class", "PreTrainedTokenizerFast"
+    )
+    index = {
+        "_class_name": "OmniGenPipeline",
+        "_diffusers_version": version,
+        "scheduler": ["diffusers", SCHEDULER["_class_name"]],
+        "tokenizer": ["transformers", tokenizer_class],
+        "transformer": ["diffusers", transformer_config["_class_name"]],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    _write_json(tmp / "model_index.json", index)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _warn_if_not_original(config: OmniGenConfig, codec) -> None:  # noqa: ANN001 - a LatentCodec
+    differ = {k: getattr(config, k) for k, v in ORIGINAL_GEOMETRY.items() if getattr(config, k) != v}
+    if not hasattr(codec, "vae"):
+        differ["codec"] = type(codec).__name__
+    if differ:
+        logger.warning(
+            "writing the original layout, but the original OmniGen code hard-codes %s and an SDXL-type VAE; "
+            "this model has %s: omnigen loads the folder, the original package cannot",
+            ORIGINAL_GEOMETRY,
+            differ,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a model folder in the official OmniGen-v1 or the diffusers layout"
+    )
+    p.add_argument("out", help="folder to write (must not exist or be empty, unless --overwrite)")
+    p.add_argument(
+        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
+    )
+    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
+    p.add_argument("--layout", choices=LAYOUTS, default="original", help="default: original")
+    p.add_argument("--lora", default=None, metavar="PATH", help="LoRA adapter folder to merge in first")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="adapter scale when merging (default: 1)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype to write (default: as stored)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    export(
+        args.out,
+        model=args.model,
+        layout=args.layout,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        vae=args.vae,
+        dtype=None if args.dtype is None else DTYPES[args.dtype],
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def export(
+    out: str | Path,
+    model: str | Path | None = None,
+    layout: str = "original",
+    lora: str | Path | None = None,
+    lora_scale: float = 1.0,
+    vae: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Load ``model`` (with ``lora`` merged at ``lora_scale``: merged in fp32, written in the stored dtype
+    unless ``dtype`` is given) and write it to ``out`` in ``layout``."""
+    from omnigen import lora as lora_lib
+    from omnigen.pipeline import OmniGenPipeline
+
+    if layout not in LAYOUTS:  # before loading anything
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae)
+    stored = next(pipe.model.parameters()).dtype
+    if lora is not None:
+        if stored != torch.float32:  # merge at full precision
+            pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=torch.float32)
+        pipe.load_lora(lora, scale=lora_scale)
+        lora_lib.unload_lora(pipe.model, merge=True)
+    return save_pretrained(pipe, out, layout=layout, dtype=dtype or stored, overwrite=overwrite)
