@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -47,25 +48,36 @@ def _expand(template: str, num_layers: int) -> list[tuple[int | None, str]]:
     return [(i, template.format(i=i)) for i in range(num_layers)]
 
 
-def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
-    """Rename a diffusers transformer state dict to ours, fusing to_q/to_k/to_v into qkv_proj.
+def diffusers_sources(keys: Iterable[str], config: OmniGenConfig) -> dict[str, tuple[str, ...]]:
+    """Our key -> the diffusers key(s) it is made of: one for a rename, to_q/to_k/to_v (concatenated along
+    rows, in that order) for a fused qkv_proj.
 
-    Keys the table does not know are kept under their own name, so the strict load that follows reports
-    them as unexpected instead of dropping them silently.
-    """
-    state = dict(state)
-    out: dict[str, torch.Tensor] = {}
+    Keys the table does not know map to themselves, so the strict check that follows reports them as
+    unexpected instead of dropping them silently."""
+    left = dict.fromkeys(keys)
+    plan: dict[str, tuple[str, ...]] = {}
     layers = config.transformer.num_layers
     for ours, theirs in RENAMES:
         for i, name in _expand(theirs, layers):
-            if name in state:
-                out[ours.format(i=i) if i is not None else ours] = state.pop(name)
+            if name in left:
+                plan[ours.format(i=i) if i is not None else ours] = (name,)
+                del left[name]
     for i in range(layers):
-        names = [t.format(i=i) for t in SPLIT_QKV]
-        if all(n in state for n in names):
-            out[QKV.format(i=i)] = torch.cat([state.pop(n) for n in names], dim=0)
-    out.update(state)  # leftovers: reported by the strict load
-    return out
+        names = tuple(t.format(i=i) for t in SPLIT_QKV)
+        if all(n in left for n in names):
+            plan[QKV.format(i=i)] = names
+            for n in names:
+                del left[n]
+    plan.update({name: (name,) for name in left})
+    return plan
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers transformer state dict to ours, fusing to_q/to_k/to_v into qkv_proj."""
+    return {
+        ours: state[parts[0]] if len(parts) == 1 else torch.cat([state[k] for k in parts], dim=0)
+        for ours, parts in diffusers_sources(state, config).items()
+    }
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
