@@ -7,19 +7,22 @@ Random full-size weights are built in place in bf16 on the device (``bench_fulls
 with a random SDXL-architecture VAE. Tasks: text to image and a 1-image edit at ``--size``. Contenders
 (``--contenders``, in this order): ours with batched CFG, ours with separate CFG, ``pipe.compile()``
 (batched), int8 and fp8 weight-only decoder linears through torchao (batched), ``offload_model`` (separate
-CFG, KV offload), and diffusers' ``OmniGenPipeline`` on the same transformer weights and VAE.
-Each contender warms up with a 2-step call and then runs ``--reps`` times; per task and contender it
-prints seconds per image (sampling to latents plus one VAE decode, timed once per task), the sampling
-seconds alone, peak device memory during sampling (``max_memory_allocated``; RSS growth on a CPU), the
-achieved share of the card's bf16 matmul peak (measured with a large matmul; the transformer's FLOPs as in
-``bench_pipeline.flops``, input-image encoding counted as time) and the largest |latent difference| to
-the first contender (our batched run).
+CFG, KV offload; ``--offload-steps`` steps timed and scaled) and diffusers' ``OmniGenPipeline`` on the
+same transformer weights, VAE and token ids, from our initial noise.
+
+Each contender warms up with a 2-step call and then runs ``--reps`` times. Per task and contender:
+seconds per image (sampling to latents plus one VAE decode, timed once per task), the sampling seconds
+alone, peak device memory during sampling (``max_memory_allocated`` less the original weights kept
+beside a compiled or quantized copy; RSS growth on a CPU), the achieved share of the card's bf16 matmul
+peak (measured with a large matmul; the transformer's FLOPs as in ``bench_pipeline.flops``; input-image
+encoding counts as time) and the largest |latent difference| to the first contender (our batched run).
 
 Expected differences to diffusers' pipeline (not errors of either): its batched rows take the rotary
 cos/sin of row 0 (a bug we do not copy), it encodes input images to a posterior sample (we use the mean),
 and bf16 reorderings. Guards: a contender whose dependency is missing (torchao, a working
 ``torch.compile`` backend, diffusers' pipeline, which needs torchvision) prints why it was skipped, and
-with ``--budget-s`` the remaining contenders are skipped once the run has used that many seconds.
+with ``--budget-s`` the remaining contenders are skipped once the run has used that many seconds; a
+contender that fails prints its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ def quantized(pipe: OmniGenPipeline, kind: str) -> OmniGenPipeline:
 
 
 def compiled(pipe: OmniGenPipeline, backend: str) -> OmniGenPipeline:
+    """A copy of the pipeline with its decoder blocks compiled (graphs compile at the warm-up call)."""
     copy_ = pipe.with_defaults()
     copy_.model = copy.deepcopy(pipe.model)
     if backend == "inductor":
@@ -237,36 +241,42 @@ def _pil(array):  # noqa: ANN001, ANN202
     return Image.fromarray(array)
 
 
+def model_gb(pipe: OmniGenPipeline) -> float:
+    model = pipe.model
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
+
+
 def contender_call(name: str, pipe: OmniGenPipeline, task: str, args: argparse.Namespace, device: Device):  # noqa: ANN201
-    """(call(steps) -> final latents, whether its FLOPs are the cached ones)."""
+    """(call(steps) -> final latents, whether its FLOPs are the cached ones, GB resident on the device that
+    the contender does not use: the original weights beside a compiled or quantized copy)."""
     if name == "batched":
-        return ours(pipe, task, args, separate_cfg_infer=False), True
+        return ours(pipe, task, args, separate_cfg_infer=False), True, 0.0
     if name == "separate":
-        return ours(pipe, task, args, separate_cfg_infer=True), True
+        return ours(pipe, task, args, separate_cfg_infer=True), True, 0.0
     if name == "compile":
-        try:
-            target = compiled(pipe, args.compile_backend)
-        except Exception as err:  # noqa: BLE001
-            raise Skip(f"torch.compile failed ({type(err).__name__}: {err})") from err
-        return ours(target, task, args, separate_cfg_infer=False), True
+        return (
+            ours(compiled(pipe, args.compile_backend), task, args, separate_cfg_infer=False),
+            True,
+            model_gb(pipe),
+        )
     if name in ("int8", "fp8"):
-        return ours(quantized(pipe, name), task, args, separate_cfg_infer=False), True
+        return ours(quantized(pipe, name), task, args, separate_cfg_infer=False), True, model_gb(pipe)
     if name == "offload_model":
         options = dict(separate_cfg_infer=True, offload_model=True, offload_kv_cache=True)
-        return ours(pipe, task, args, **options), True
-    return diffusers_call(pipe, task, args, device), False
+        return ours(pipe, task, args, **options), True, 0.0
+    return diffusers_call(pipe, task, args, device), False, 0.0
 
 
-def timed(call, device: Device, args: argparse.Namespace) -> tuple[float, float, torch.Tensor]:  # noqa: ANN001
+def timed(call, device: Device, args: argparse.Namespace, steps: int) -> tuple[float, float, torch.Tensor]:  # noqa: ANN001
     """Warm-up (2 steps: compiles, allocates, loads kernels), then the median seconds of ``--reps`` calls
-    to the final latents, the peak memory (GB) and the latents."""
-    call(min(2, args.steps))
+    of ``steps`` steps to the final latents, the peak memory (GB) and the latents."""
+    call(min(2, steps))
     seconds, peaks, latents = [], [], None
     for _ in range(args.reps):
         with device.measure() as peak:
             device.sync()
             start = time.perf_counter()
-            latents = call(args.steps)
+            latents = call(steps)
             device.sync()
             seconds.append(time.perf_counter() - start)
         peaks.append(peak.gb)
@@ -296,10 +306,17 @@ def task_flops(pipe: OmniGenPipeline, task: str, args: argparse.Namespace) -> di
     )
 
 
-def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.Tensor, bool]:  # noqa: ANN001
-    call, cached = contender_call(name, pipe, task, args, device)
-    seconds, gb, latents = timed(call, device, args)
-    return seconds, gb, latents, cached
+def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.Tensor | None, bool]:  # noqa: ANN001
+    """Seconds for ``--steps`` steps, peak GB, final latents (None when fewer steps ran), cached FLOPs?
+
+    ``offload_model`` moves every layer to the device and back at each forward, so it runs
+    ``--offload-steps`` steps and its time is scaled to ``--steps`` (its latents are then not compared)."""
+    call, cached, unused_gb = contender_call(name, pipe, task, args, device)
+    steps = min(args.steps, args.offload_steps) if name == "offload_model" else args.steps
+    seconds, gb, latents = timed(call, device, args, steps)
+    if steps != args.steps:
+        seconds, latents = seconds * args.steps / steps, None
+    return seconds, gb - unused_gb, latents, cached
 
 
 def run_task(pipe, task, args, device, peak, started) -> None:  # noqa: ANN001
@@ -314,16 +331,23 @@ def run_task(pipe, task, args, device, peak, started) -> None:  # noqa: ANN001
         except Skip as skip:
             print(f"{task:5} {name:14} skipped: {skip}", flush=True)
             continue
+        except Exception as err:  # noqa: BLE001 - one failing contender must not end the run
+            print(f"{task:5} {name:14} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
         finally:
             pipe.to(device.device)  # offload_model leaves the decoder layers on the host
             device.free()  # the copies (compiled, quantized, diffusers' wrapper) are gone by now
-        if baseline is None:
+        if baseline is None and latents is not None:
             baseline, decode_s = latents, decode_seconds(pipe, latents, device)
         flop = work["cached_total"] if cached else work["uncached_total"]
         share = flop / seconds / peak
-        diff = (latents - baseline).abs().max().item()
+        diff = (
+            "-" if latents is None or baseline is None else f"{(latents - baseline).abs().max().item():.2e}"
+        )
+        total = seconds + (decode_s or 0.0)
+        note = f"  ({args.offload_steps} steps timed, scaled)" if latents is None else ""
         print(
-            f"{task:5} {name:14} {seconds + decode_s:9.2f} {seconds:9.2f} {gb:9.3f} {share:9.1%} {diff:10.2e}",
+            f"{task:5} {name:14} {total:9.2f} {seconds:9.2f} {gb:9.3f} {share:9.1%} {diff:>10}{note}",
             flush=True,
         )
 
@@ -345,6 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile backend (default inductor; aot_eager with --tiny)",
     )
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
+    parser.add_argument("--offload-steps", type=int, default=5, help="steps timed for offload_model")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (CPU device)")
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.tiny else 1024)
