@@ -155,7 +155,9 @@ class PeakRSS:
 def reference_sample(
     ref, pipe: OmniGenPipeline, prompt, images, size, steps, scale, img_scale, seed, per_row
 ):
-    """diffusers' loop: every step runs the whole batched, left-padded sequence (or one row at a time)."""
+    """diffusers' loop: every step runs the whole batched, left-padded sequence (or one row at a time).
+
+    The latents stay fp32 between steps and are cast to the transformer's dtype at its input (as ours)."""
     config = pipe.model.config
     pixels = [pipe.processor.prepare_image(img) for img in images]
     cond = pipe.processor(prompt, pixels)
@@ -186,15 +188,17 @@ def reference_sample(
             b = batch.batch_size
             outs.extend(
                 ref(
-                    hidden_states=z.repeat(b, 1, 1, 1),
+                    hidden_states=z.repeat(b, 1, 1, 1).to(ref.dtype),
                     timestep=grid[i].repeat(b),
                     input_ids=batch.input_ids,
-                    input_img_latents=[lat[None] for row in batch.image_latents for lat in row],
+                    input_img_latents=[lat[None].to(ref.dtype) for row in batch.image_latents for lat in row],
                     input_image_sizes=spans,
                     attention_mask=mask,
                     position_ids=positions,
                     return_dict=False,
-                )[0].chunk(b)
+                )[0]
+                .float()
+                .chunk(b)
             )
         z = z + (grid[i + 1] - grid[i]) * combine(outs, scale, img_scale)
     return z, rows, n

@@ -7,6 +7,13 @@ Folder layouts understood by ``resolve_layout``:
 - diffusers: ``transformer/`` (config.json + diffusion_pytorch_model*.safetensors), ``vae/``,
   ``tokenizer/``; weights renamed through ``keymap``.
 Never unpickles anything.
+
+``load_model`` streams: it reads the file headers first (names, shapes: the strict check runs before any
+weight is read), builds the model on the meta device, then reads the tensors one by one with
+``safe_open``, casts each to the target dtype, moves it to the target device and assigns it. Host memory
+therefore peaks at the loaded model (nothing, for a GPU target) plus one tensor, not at the file size
+plus the cast copy. Each tensor is read through its own short-lived ``safe_open`` handle: a handle maps
+the whole file and the pages it touched stay resident until it is closed.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig
-from omnigen.keymap import diffusers_to_ours
+from omnigen.keymap import diffusers_sources
 from omnigen.model import OmniGenModel
 
 logger = logging.getLogger(__name__)
@@ -70,16 +78,55 @@ def _has_weights(folder: Path, name: str) -> bool:
     return (folder / name).is_file() or (folder / f"{name}.index.json").is_file()
 
 
-def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    """One file or the shards listed in ``<name>.index.json``."""
+def weight_files(folder: Path, name: str) -> list[Path]:
+    """One file, or the shards listed in ``<name>.index.json``."""
     single = folder / name
     if single.is_file():
-        return load_file(str(single))
+        return [single]
     index = json.loads((folder / f"{name}.index.json").read_text())
+    return [folder / shard for shard in sorted(set(index["weight_map"].values()))]
+
+
+def read_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of one file or of its shards, in memory (for small checkpoints and tools)."""
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(load_file(str(folder / shard)))
+    for file in weight_files(folder, name):
+        state.update(load_file(str(file)))
     return state
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor lives in a safetensors file, and its shape there (read from the header only)."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+
+def read_headers(files: list[Path]) -> dict[str, StoredTensor]:
+    stored: dict[str, StoredTensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                stored[key] = StoredTensor(file, key, tuple(handle.get_slice(key).get_shape()))
+    return stored
+
+
+def read_tensor(
+    parts: tuple[StoredTensor, ...], device: torch.device | str, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """One of our tensors: its stored part(s) read, cast, moved, and concatenated along rows (a fused qkv).
+
+    Always a fresh copy, so no tensor keeps a file mapping alive."""
+    out = []
+    for part in parts:
+        with safe_open(str(part.file), framework="pt") as handle:
+            tensor = handle.get_tensor(part.key)
+        cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        out.append(tensor.to(device=device, dtype=cast, copy=True))
+        del tensor
+    return out[0] if len(out) == 1 else torch.cat(out, dim=0)
 
 
 def load_config(layout: Layout) -> OmniGenConfig:
@@ -97,20 +144,25 @@ def load_config(layout: Layout) -> OmniGenConfig:
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raises CheckpointError listing every missing, unexpected and mis-shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != tuple(expected[k].shape)
+    check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, source)
+
+
+def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """``check_state_dict`` on names and shapes alone (a checkpoint's header, before reading it)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {shapes[k]} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(shapes))
+        if shapes[k] != expected[k]
     ]
-    if missing or unexpected or shapes:
+    if missing or unexpected or mismatched:
         parts = []
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
-            ("shape mismatches", shapes),
+            ("shape mismatches", mismatched),
         ):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
@@ -146,15 +198,51 @@ def _pos_embed(config: OmniGenConfig) -> torch.Tensor:
     ]
 
 
+def tensor_plan(layout: Layout, config: OmniGenConfig) -> dict[str, tuple[StoredTensor, ...]]:
+    """Our key -> the stored tensor(s) it is read from (renamed and fused for the diffusers layout)."""
+    stored = read_headers(weight_files(layout.weights_dir, layout.weights_name))
+    if layout.kind != "diffusers":
+        return {key: (tensor,) for key, tensor in stored.items()}
+    return {ours: tuple(stored[k] for k in keys) for ours, keys in diffusers_sources(stored, config).items()}
+
+
+def _planned_shape(parts: tuple[StoredTensor, ...]) -> tuple[int, ...]:
+    first = parts[0].shape
+    return (sum(p.shape[0] for p in parts), *first[1:]) if len(parts) > 1 else first
+
+
+def stream_tensors(
+    plan: dict[str, tuple[StoredTensor, ...]], device: torch.device | str, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(plan.items(), desc="loading weights", unit="tensor", disable=len(plan) < 100, leave=False)
+    for name, parts in bar:
+        yield name, read_tensor(parts, device, dtype)
+
+
 def load_model(
     folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[OmniGenModel, Layout]:
+    """Stream a model folder's weights into a meta-built model (see the module docstring)."""
     layout = resolve_layout(folder)
     config = load_config(layout)
-    state = read_safetensors(layout.weights_dir, layout.weights_name)
-    if layout.kind == "diffusers":
-        state = diffusers_to_ours(state, config)
-    model = build_model(config, state, str(layout.weights_dir / layout.weights_name), device, dtype)
+    source = str(layout.weights_dir / layout.weights_name)
+    plan = tensor_plan(layout, config)
+    with torch.device("meta"):
+        model = OmniGenModel(config)
+    shapes = {name: _planned_shape(parts) for name, parts in plan.items()}
+    shapes.setdefault("pos_embed", tuple(model.pos_embed.shape))  # recomputable; some exports drop it
+    check_shapes(model, shapes, source)
+    if "pos_embed" not in plan:
+        table = _pos_embed(config)
+        model.load_state_dict(
+            {"pos_embed": table.to(device, dtype or table.dtype)}, strict=False, assign=True
+        )
+    for name, tensor in stream_tensors(plan, device, dtype):
+        model.load_state_dict({name: tensor}, strict=False, assign=True)
+    model.materialize_buffers(device)
+    model.eval()
     logger.info(
         "loaded %s OmniGen model (%d parameters) from %s", layout.kind, model.num_parameters(), folder
     )

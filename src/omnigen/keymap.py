@@ -5,6 +5,8 @@ splits the fused qkv.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from omnigen.config import OmniGenConfig
@@ -40,35 +42,55 @@ QKV = "llm.layers.{i}.self_attn.qkv_proj.weight"
 SPLIT_QKV = tuple(f"layers.{{i}}.self_attn.to_{name}.weight" for name in "qkv")
 
 
+def _expand(template: str, num_layers: int) -> list[tuple[int | None, str]]:
+    """(layer index or None, key) for every key a template names."""
+    if "{i}" not in template:
+        return [(None, template)]
+    return [(i, template.format(i=i)) for i in range(num_layers)]
+
+
 def _rename(
     state: dict[str, torch.Tensor], pairs: tuple[tuple[str, str], ...], num_layers: int
 ) -> dict[str, torch.Tensor]:
     """Moves each tensor named by the first template of a pair out of ``state`` under the second."""
     out: dict[str, torch.Tensor] = {}
     for source, target in pairs:
-        indices = range(num_layers) if "{i}" in source else [None]
-        for i in indices:
-            name = source.format(i=i) if i is not None else source
+        for i, name in _expand(source, num_layers):
             if name in state:
                 out[target.format(i=i) if i is not None else target] = state.pop(name)
     return out
 
 
-def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
-    """Rename a diffusers transformer state dict to ours, fusing to_q/to_k/to_v into qkv_proj.
+def diffusers_sources(keys: Iterable[str], config: OmniGenConfig) -> dict[str, tuple[str, ...]]:
+    """Our key -> the diffusers key(s) it is made of: one for a rename, to_q/to_k/to_v (concatenated along
+    rows, in that order) for a fused qkv_proj.
 
-    Keys the table does not know are kept under their own name, so the strict load that follows reports
-    them as unexpected instead of dropping them silently.
-    """
-    state = dict(state)
+    Keys the table does not know map to themselves, so the strict check that follows reports them as
+    unexpected instead of dropping them silently."""
+    left = dict.fromkeys(keys)
+    plan: dict[str, tuple[str, ...]] = {}
     layers = config.transformer.num_layers
-    out = _rename(state, tuple((theirs, ours) for ours, theirs in RENAMES), layers)
+    for ours, theirs in RENAMES:
+        for i, name in _expand(theirs, layers):
+            if name in left:
+                plan[ours.format(i=i) if i is not None else ours] = (name,)
+                del left[name]
     for i in range(layers):
-        names = [t.format(i=i) for t in SPLIT_QKV]
-        if all(n in state for n in names):
-            out[QKV.format(i=i)] = torch.cat([state.pop(n) for n in names], dim=0)
-    out.update(state)  # leftovers: reported by the strict load
-    return out
+        names = tuple(t.format(i=i) for t in SPLIT_QKV)
+        if all(n in left for n in names):
+            plan[QKV.format(i=i)] = names
+            for n in names:
+                del left[n]
+    plan.update({name: (name,) for name in left})
+    return plan
+
+
+def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers transformer state dict to ours, fusing to_q/to_k/to_v into qkv_proj."""
+    return {
+        ours: state[parts[0]] if len(parts) == 1 else torch.cat([state[k] for k in parts], dim=0)
+        for ours, parts in diffusers_sources(state, config).items()
+    }
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from omnigen.config import TransformerConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
 FP16_MAX = torch.finfo(torch.float16).max
+TABLES = ("base_freq", "short_factor", "long_factor")  # the rotary tables, fp32 buffers
 
 
 class RMSNorm(nn.Module):
@@ -49,7 +50,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.original_max = config.original_max_position_embeddings
-        for name, value in self._tables(torch.device("cpu")).items():
+        for name, value in self._tables().items():
             self.register_buffer(name, value, persistent=False)
         ratio = config.max_position_embeddings / config.original_max_position_embeddings
         scaling = config.rope_scaling
@@ -59,24 +60,36 @@ class RotaryEmbedding(nn.Module):
                 1 + math.log(ratio) / math.log(config.original_max_position_embeddings)
             )
 
-    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def _tables(self) -> dict[str, torch.Tensor]:
+        """The fp32 tables, computed on the CPU."""
         dim, scaling = self.config.head_dim, self.config.rope_scaling
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-        ones = torch.ones(dim // 2, device=device)
-        short = (
-            ones
-            if scaling is None
-            else torch.tensor(scaling.short_factor, dtype=torch.float32, device=device)
-        )
-        long = (
-            ones if scaling is None else torch.tensor(scaling.long_factor, dtype=torch.float32, device=device)
-        )
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        ones = torch.ones(dim // 2)
+        short = ones if scaling is None else torch.tensor(scaling.short_factor, dtype=torch.float32)
+        long = ones if scaling is None else torch.tensor(scaling.long_factor, dtype=torch.float32)
         return {"base_freq": self.config.rope_theta**exponent, "short_factor": short, "long_factor": long}
 
-    def materialize(self, device: torch.device) -> None:
-        """Recompute the (non-persistent) tables, e.g. after building on the meta device."""
-        for name, value in self._tables(device).items():
-            setattr(self, name, value)
+    def materialize(self, device: torch.device | str) -> None:
+        """Recompute the (non-persistent) fp32 tables on ``device``, e.g. after building on the meta device.
+
+        They are computed on the CPU and then moved, so every device gets the same bits."""
+        for name, value in self._tables().items():
+            setattr(self, name, value.to(device))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """Module casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``) move the tables but keep them fp32.
+
+        The frequencies must stay fp32 whatever the weights' dtype: in bf16, ``base_freq`` alone is off by
+        up to 0.4%, which at position ~8000 turns into angles off by whole radians. Loading in a dtype
+        and casting a loaded model therefore give the same tables (and bit-equal outputs)."""
+        super()._apply(fn, recurse)
+        if self.base_freq.dtype != torch.float32:
+            if self.base_freq.device.type == "meta":  # nothing to recompute yet: ``materialize`` will
+                for name in TABLES:
+                    setattr(self, name, getattr(self, name).float())
+            else:
+                self.materialize(self.base_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor, row_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, L); row_max (B,) the largest position of each full row. Returns cos, sin (B, L, E)."""

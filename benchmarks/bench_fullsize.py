@@ -1,0 +1,393 @@
+"""The real OmniGen-v1 shapes on a CPU: the full architecture (3.76B parameters) with random weights.
+
+    python benchmarks/bench_fullsize.py [--dtype bfloat16] [--size 256] [--steps 2] [--threads 2]
+        [--tasks t2i,edit] [--modes batched,separate,kv_offload,offload_model] [--big-size 1024]
+        [--layers 32]
+
+Weights are built in place in the target dtype (meta device -> ``to_empty`` -> seeded init), so nothing is
+downloaded and the fp32 model is never materialised. Every contender runs in a fresh process (its peak
+resident memory is its own): our pipeline in each memory mode, and diffusers' ``OmniGenTransformer2DModel``
+on the same weights, driven as diffusers' pipeline drives it (all CFG rows batched, no cache) and also one
+row at a time (the reference our outputs must equal: the batched diffusers loop has the row-0 rotary bug).
+A small random AutoencoderKL (8x downsampling) encodes the edit's input image; latents are compared, so
+no decode is timed. Then one ``--big-size`` text-to-image step (1024: 4096 output tokens, positions past
+4096, so the long rotary factors are in use) runs in ours and in the per-row reference and is compared.
+
+Columns: build (seconds to build the random model), first step (prefill included), later steps (mean),
+peak RSS of the process during the call (weights included; the build's transient memory excluded), growth
+of RSS during the call, KV cache bytes, and the largest |latent difference| to the per-row reference. On a CPU the two offload modes move nothing (the
+"device" is the host), so they show the cost of their bookkeeping, not their savings.
+
+The closing table estimates GPU memory at ``--big-size`` for each mode from exact tensor sizes
+(weights, KV cache) plus an activation bound (see ``estimate_gpu_gb``); it is an estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, reference_sample
+from safetensors.torch import load_file, save_file
+
+from omnigen.config import OmniGenConfig
+from omnigen.keymap import ours_to_diffusers
+from omnigen.model import OmniGenModel
+from omnigen.model.embeddings import sincos_2d
+from omnigen.model.layers import RMSNorm
+from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
+from omnigen.vae import AutoencoderKLCodec
+
+FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODES = {
+    "batched": dict(separate_cfg_infer=False, offload_kv_cache=False),
+    "separate": dict(separate_cfg_infer=True, offload_kv_cache=False),
+    "kv_offload": dict(separate_cfg_infer=True, offload_kv_cache=True),
+    "offload_model": dict(separate_cfg_infer=True, offload_kv_cache=True, offload_model=True),
+}
+GUIDANCE, IMG_GUIDANCE, SEED = 3.0, 1.6, 0
+PUBLISHED_GB = {"t2i": 9.0, "edit": 12.0}  # the original's README, A800, 1024x1024, its memory-saving modes
+
+
+def full_config(layers: int | None = None) -> OmniGenConfig:
+    """OmniGen-v1's config (``tests/fixtures``), optionally with fewer decoder layers."""
+    config = OmniGenConfig.load(FIXTURE)
+    if layers:
+        config = dataclasses.replace(
+            config, transformer=dataclasses.replace(config.transformer, num_layers=layers)
+        )
+    return config
+
+
+def build_random_model(
+    config: OmniGenConfig, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+) -> OmniGenModel:
+    """Random weights allocated once, in ``dtype`` on ``device`` (no fp32 copy), the same for every seed
+    and process: xavier linears, N(0, 0.02) embeddings and a non-zero output head, unit norms."""
+    with torch.device("meta"):
+        model = OmniGenModel(config)
+    model = model.to(dtype).to_empty(device=device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        model.initialize_weights()
+        for p in model.final_layer.parameters():
+            p.normal_(0, 0.02)
+        table = sincos_2d(
+            config.transformer.hidden_size, config.pos_embed_max_size, config.pos_embed_base_size
+        )
+        model.pos_embed.copy_(table[None])
+    model.materialize_buffers(device)
+    return model.eval()
+
+
+def build_pipeline(model: OmniGenModel, size: int, device: torch.device | str = "cpu") -> OmniGenPipeline:
+    defaults = GenerationDefaults(height=size, width=size, max_input_image_size=size)
+    codec = AutoencoderKLCodec(build_vae("tiny")).to(device)
+    return OmniGenPipeline(model, codec, build_tokenizer(), defaults, device)
+
+
+def input_images(size: int, count: int) -> list:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.rand(size, size, 3, generator=gen) * 255).byte().numpy() for _ in range(count)]
+
+
+def condition_lengths(config: OmniGenConfig, task: str, size: int) -> list[int]:
+    """Token count of each CFG branch's condition for ``task`` with input images of ``size``."""
+    processor = OmniGenProcessor(build_tokenizer(), config, size)
+    prompt, k = TASKS[task]
+    pixels = [processor.prepare_image(img) for img in input_images(size, k)]
+    branches = cfg_prompts(prompt, pixels, DEFAULT_NEGATIVE_PROMPT, bool(pixels))
+    rows = [branches.cond, branches.uncond] + ([branches.img_cond] if pixels else [])
+    return [len(processor(text, imgs).input_ids) for text, imgs in rows]
+
+
+# ---------------------------------------------------------------------- children (one contender each)
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS, so a call's peak excludes the
+    transient memory of building the random model (Linux; elsewhere the peak includes it)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss where /proc is missing, which includes the parent's)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def child_ours(args: argparse.Namespace) -> dict:
+    config = full_config(args.layers)
+    start = time.perf_counter()
+    model = build_random_model(config, DTYPES[args.dtype])
+    build_s = time.perf_counter() - start
+    pipe = build_pipeline(model, args.size)
+    prompt, k = TASKS[args.task]
+    images = input_images(args.size, k)
+    cache_bytes: list[int] = []
+    prefill = model.prefill
+
+    def counting_prefill(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        cache = prefill(*a, **kw)
+        cache_bytes.append(cache.nbytes())
+        return cache
+
+    model.prefill = counting_prefill
+    stamps: list[float] = []
+    reset_peak_rss()
+    with torch.no_grad(), PeakRSS() as rss:
+        start = time.perf_counter()
+        latents = pipe(
+            prompt,
+            images or None,
+            num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE,
+            img_guidance_scale=IMG_GUIDANCE,
+            seed=SEED,
+            progress=False,
+            output_type="latent",
+            callback_on_step_end=lambda p, i, t, z: stamps.append(time.perf_counter()),
+            **MODES[args.mode],
+        )
+        call_s = time.perf_counter() - start
+    save_file({"latents": latents.float().contiguous()}, args.save)
+    steps_after = len(stamps) - 1
+    return {
+        "build_s": build_s,
+        "first_step_s": stamps[0] - start,
+        "step_s": (stamps[-1] - stamps[0]) / steps_after if steps_after else None,
+        "call_s": call_s,
+        "growth_gb": rss.delta_mb / 1024,
+        "kv_cache_mb": sum(cache_bytes) / 2**20,
+    }
+
+
+def child_reference(args: argparse.Namespace) -> dict:
+    """diffusers' transformer on the same weights: its batched loop (timed), then the per-row reference."""
+    from diffusers import OmniGenTransformer2DModel
+
+    config = full_config(args.layers)
+    start = time.perf_counter()
+    model = build_random_model(config, DTYPES[args.dtype])
+    with torch.device("meta"):
+        ref = OmniGenTransformer2DModel(**config.to_diffusers_dict())
+    ref.load_state_dict(ours_to_diffusers(model.state_dict(), config), strict=True, assign=True)
+    ref.eval()
+    build_s = time.perf_counter() - start
+    pipe = build_pipeline(model, args.size)  # its processor, codec and config only
+    prompt, k = TASKS[args.task]
+    images = input_images(args.size, k)
+    out: dict = {"build_s": build_s}
+    saved = {}
+    reset_peak_rss()
+    with torch.no_grad():
+        for per_row in (False, True) if args.reference == "both" else (args.reference == "rows",):
+            name = "rows" if per_row else "batched"
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                z = reference_sample(
+                    ref, pipe, prompt, images, args.size, args.steps, GUIDANCE, IMG_GUIDANCE, SEED, per_row
+                )[0]
+                seconds = time.perf_counter() - start
+            saved[name] = z.float().contiguous()
+            out[f"{name}_step_s"] = seconds / args.steps
+            out[f"{name}_growth_gb"] = rss.delta_mb / 1024
+    save_file(saved, args.save)
+    return out
+
+
+def spawn(argv: list[str], save: Path) -> dict:
+    """Run one contender in a fresh interpreter; its RESULT line plus its peak RSS."""
+    command = [sys.executable, __file__, *argv, "--save", str(save)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"child {' '.join(argv)} failed:\n{done.stderr[-4000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+# ---------------------------------------------------------------------- estimate
+def estimate_gpu_gb(config: OmniGenConfig, lengths: list[int], n: int, mode: str, nbytes: int = 2) -> float:
+    """Device memory of one call in ``mode`` (GB): weights + KV cache + the largest live activations.
+
+    Exact: weights (parameters + the stored position table) and the KV cache (every condition token of
+    every branch, keys and values at every layer). Bound: activations of one layer for the rows that run
+    together (residual and normed stream, fused qkv, fp32 rotary temporaries, keys/values concatenated with
+    the cache, gate_up output and its product), with fused attention (no L x L matrix). Not counted: the
+    allocator's fragmentation, kernels' workspaces, the VAE (the SDXL VAE's 1024x1024 decode adds ~3 GB
+    unless tiled)."""
+    t = config.transformer
+    layer_params = sum(p.numel() for p in _meta_model(config).llm.layers[0].parameters())
+    params = _meta_model(config).num_parameters() + config.pos_embed_max_size**2 * t.hidden_size
+    options = MODES[mode]
+    weights = params * nbytes
+    if options.get("offload_model"):  # one visiting layer on the device, the rest on the host
+        weights -= (t.num_layers - 1) * layer_params * nbytes
+    kv_per_token = 2 * t.num_kv_heads * t.head_dim * nbytes  # per layer
+    kv = sum(lengths) * t.num_layers * kv_per_token
+    if options["offload_kv_cache"]:
+        kv = sum(lengths) * kv_per_token  # one layer's cache visits the device
+    rows = [lengths] if not options["separate_cfg_infer"] else [[x] for x in lengths]
+
+    def layer_bytes(tokens: int, keys: int) -> int:
+        stream = tokens * (2 * t.hidden_size * nbytes + 3 * t.hidden_size * nbytes + 2 * t.hidden_size * 4)
+        mlp = tokens * 3 * t.intermediate_size * nbytes
+        return stream + mlp + keys * kv_per_token
+
+    steps = max(layer_bytes(len(group) * (n + 1), sum(group) + len(group) * (n + 1)) for group in rows)
+    prefill = max(layer_bytes(max(group) * len(group), max(group) * len(group)) for group in rows)
+    return (weights + kv + max(steps, prefill)) / 1e9
+
+
+_META: dict = {}
+
+
+def _meta_model(config: OmniGenConfig) -> OmniGenModel:
+    if config not in _META:
+        with torch.device("meta"):
+            _META[config] = OmniGenModel(config)
+    return _META[config]
+
+
+# ---------------------------------------------------------------------- parent
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def compare_task(args: argparse.Namespace, task: str, work: Path) -> list[str]:
+    common = ["--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--task", task]
+    common += ["--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+    results = {}
+    for mode in [m for m in args.modes.split(",") if m]:
+        results[mode] = spawn(["--child", "ours", "--mode", mode, *common], work / f"{task}_{mode}.st")
+        print(f"# {task} {mode}: {json.dumps(results[mode])}", flush=True)
+    reference = spawn(["--child", "reference", "--reference", "both", *common], work / f"{task}_ref.st")
+    print(f"# {task} diffusers: {json.dumps(reference)}", flush=True)
+    ref = load_file(str(work / f"{task}_ref.st"))
+    lines = []
+    for mode, r in results.items():
+        z = load_file(str(work / f"{task}_{mode}.st"))["latents"]
+        step = "-" if r["step_s"] is None else f"{r['step_s']:.1f}"
+        lines.append(
+            f"{task:5} {'ours ' + mode:26} {r['build_s']:6.1f} {r['first_step_s']:10.1f} {step:>8} "
+            f"{r['peak_rss_gb']:8.2f} {r['growth_gb']:8.2f} {r['kv_cache_mb']:8.1f} {max_diff(z, ref['rows']):10.2e}"
+        )
+    for name in ("batched", "rows"):
+        label = "diffusers " + ("batched loop" if name == "batched" else "per row (reference)")
+        growth = reference[f"{name}_growth_gb"]
+        lines.append(
+            f"{task:5} {label:26} {reference['build_s']:6.1f} {'-':>10} {reference[f'{name}_step_s']:8.1f} "
+            f"{reference['peak_rss_gb']:8.2f} {growth:8.2f} {'-':>8} {max_diff(ref[name], ref['rows']):10.2e}"
+        )
+    return lines
+
+
+def big_step(args: argparse.Namespace, work: Path) -> list[str]:
+    common = ["--dtype", args.dtype, "--size", str(args.big_size), "--steps", "1", "--task", "t2i"]
+    common += ["--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+    ours = spawn(["--child", "ours", "--mode", "separate", *common], work / "big_ours.st")
+    print(f"# big ours: {json.dumps(ours)}", flush=True)
+    ref = spawn(["--child", "reference", "--reference", "rows", *common], work / "big_ref.st")
+    print(f"# big reference: {json.dumps(ref)}", flush=True)
+    diff = max_diff(
+        load_file(str(work / "big_ours.st"))["latents"], load_file(str(work / "big_ref.st"))["rows"]
+    )
+    size = f"{args.big_size}^2"
+    return [
+        f"t2i {size}, 1 step: ours (separate CFG) {ours['first_step_s']:.0f} s (prefill included), "
+        f"peak RSS {ours['peak_rss_gb']:.2f} GB; diffusers per row {ref['rows_step_s']:.0f} s, "
+        f"peak RSS {ref['peak_rss_gb']:.2f} GB; max |latent diff| {diff:.2e}"
+    ]
+
+
+def estimate_table(config: OmniGenConfig, size: int) -> list[str]:
+    n = config.num_image_tokens(size, size)
+    lines = [
+        f"{'mode':14} {'t2i GB':>7} {'edit GB':>8}   (estimated at {size}x{size}, bf16, 1024^2 input image)"
+    ]
+    lengths = {task: condition_lengths(config, task, size) for task in ("t2i", "edit")}
+    for mode in MODES:
+        t2i, edit = (estimate_gpu_gb(config, lengths[task], n, mode) for task in ("t2i", "edit"))
+        lines.append(f"{mode:14} {t2i:7.1f} {edit:8.1f}")
+    lines.append(
+        f"{'original':14} {PUBLISHED_GB['t2i']:7.1f} {PUBLISHED_GB['edit']:8.1f}   (published, A800, its defaults)"
+    )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", default="t2i,edit")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--big-size", type=int, default=1024, help="the one-step t2i check; 0 skips it")
+    parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick try)")
+    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--task", choices=sorted(TASKS), default="t2i", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=sorted(MODES), default="separate", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", choices=["both", "rows"], default="both", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # the bench vocabulary lacks most words
+    if args.child:
+        result = (child_ours if args.child == "ours" else child_reference)(args)
+        result["peak_rss_gb"] = peak_rss_gb()
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    config = full_config(args.layers)
+    print(
+        f"# OmniGen-v1 architecture, {_meta_model(config).num_parameters() / 1e9:.2f}B parameters "
+        f"({config.transformer.num_layers} layers), random weights in {args.dtype}, {args.size}x{args.size}, "
+        f"{args.steps} steps, {args.threads} threads, torch {torch.__version__}"
+    )
+    print(f"# load average at start {os.getloadavg()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_fullsize_"))
+    try:
+        header = (
+            f"{'task':5} {'contender':26} {'build':>6} {'first step':>10} {'step s':>8} {'peak GB':>8} "
+            f"{'growth':>8} {'KV MB':>8} {'max |diff|':>10}"
+        )
+        print(header, flush=True)
+        for task in [t for t in args.tasks.split(",") if t]:
+            print("\n".join(compare_task(args, task, work)), flush=True)
+        if args.big_size:
+            print("\n".join(big_step(args, work)), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("# estimated GPU memory per mode")
+    print("\n".join(estimate_table(full_config(), 1024)))
+    print(f"# load average at end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

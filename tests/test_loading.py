@@ -1,0 +1,144 @@
+"""Loading in a dtype: the streaming loader's memory and dtypes, and module casts that keep the fp32 rotary
+tables (a cast model must equal a model loaded in that dtype, also past position 4096)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_model, tiny_config
+from omnigen.checkpoint import load_model, save_model
+from omnigen.config import OmniGenConfig, TransformerConfig
+from omnigen.keymap import ours_to_diffusers
+from omnigen.model.layers import RotaryEmbedding
+from omnigen.types import Condition
+
+CASTS = {torch.bfloat16: lambda m: m.to(torch.bfloat16), torch.float16: lambda m: m.half()}
+
+
+def long_context_config() -> OmniGenConfig:
+    """The tiny model with OmniGen-v1's rotary lengths: long factors past 4096, scaling from 131072."""
+    config = tiny_config(long_rope=False)
+    return dataclasses.replace(
+        config, transformer=dataclasses.replace(config.transformer, max_position_embeddings=131072)
+    )
+
+
+@pytest.mark.parametrize("dtype", list(CASTS), ids=["bf16", "fp16"])
+def test_rotary_tables_stay_fp32_through_casts(dtype):
+    config = long_context_config().transformer
+    fp32 = RotaryEmbedding(config)
+    cast = CASTS[dtype](RotaryEmbedding(config))
+    assert all(
+        getattr(cast, name).dtype == torch.float32 for name in ("base_freq", "short_factor", "long_factor")
+    )
+    positions = torch.arange(8192)[None]
+    for got, want in zip(cast(positions, positions[:, -1]), fp32(positions, positions[:, -1]), strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", list(CASTS), ids=["bf16", "fp16"])
+def test_cast_model_equals_model_loaded_in_that_dtype(tmp_path, dtype):
+    """``model.to(dtype)`` / ``.half()`` after an fp32 load == loading with ``dtype=``: bit-equal velocities
+    on a condition of 4150 tokens (positions past 4096: the long rotary factors)."""
+    config = long_context_config()
+    save_model(random_model(config, scale=0.05), tmp_path)
+    loaded, _ = load_model(tmp_path, dtype=dtype)
+    cast = CASTS[dtype](load_model(tmp_path)[0])
+    assert loaded.llm.rotary.base_freq.dtype == cast.llm.rotary.base_freq.dtype == torch.float32
+    for (name, a), b in zip(loaded.state_dict().items(), cast.state_dict().values(), strict=True):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b), name
+    length = 4150
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.transformer.vocab_size, (1, length), generator=generator)
+    condition = Condition(ids, torch.ones(1, length, dtype=torch.bool), [[]], [[]])
+    x, t = torch.randn(1, 4, 4, 4, generator=generator), torch.tensor([0.3])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, condition=condition), cast(x, t, condition=condition))
+
+
+def test_load_in_dtype_casts_every_floating_tensor(model_folder, model):
+    loaded, _ = load_model(model_folder, dtype=torch.bfloat16)
+    for name, value in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, value.to(torch.bfloat16)), name
+    assert loaded.llm.rotary.base_freq.dtype == torch.float32
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def test_diffusers_and_sharded_layouts_stream_in_a_dtype(tmp_path, model, model_folder):
+    """The diffusers layout (q/k/v fused on the fly) and a sharded official layout load in bf16 and give the
+    same tensors as the single-file official layout."""
+    import shutil
+
+    expected = load_model(model_folder, dtype=torch.bfloat16)[0].state_dict()
+    diffusers = tmp_path / "diffusers"
+    (diffusers / "transformer").mkdir(parents=True)
+    state = ours_to_diffusers(model.state_dict(), model.config)
+    save_file(state, str(diffusers / "transformer" / "diffusion_pytorch_model.safetensors"))
+    (diffusers / "transformer" / "config.json").write_text(json.dumps(model.config.to_diffusers_dict()))
+    shutil.copytree(model_folder / "vae", diffusers / "vae")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((model_folder / "config.json").read_text())
+    names = sorted(model.state_dict())
+    weight_map = {}
+    for shard, keys in (("model-1.safetensors", names[::2]), ("model-2.safetensors", names[1::2])):
+        save_file({k: model.state_dict()[k].contiguous() for k in keys}, str(sharded / shard))
+        weight_map.update(dict.fromkeys(keys, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for folder in (diffusers, sharded):
+        got = load_model(folder, dtype=torch.bfloat16)[0].state_dict()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), (folder.name, name)
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from omnigen.checkpoint import load_model
+torch.set_num_threads(1)
+with torch.device("meta"):  # the first meta-device op imports ~75 MB of torch; a constant, not the file
+    torch.empty(1) + 1
+def rss(field):  # kB in /proc/self/status; VmHWM is this process's peak (ru_maxrss keeps the parent's)
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+base = rss("VmRSS")
+model, _ = load_model(sys.argv[1], dtype=torch.bfloat16)
+print("GROWTH", rss("VmHWM") - base, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_streaming_load_peaks_far_below_the_file(tmp_path):
+    """fp32 -> bf16 load of a 100 MB checkpoint in a fresh process: resident memory grows by the bf16 model
+    plus about one tensor (a loader that reads the whole file first grows by the file plus the copy)."""
+    transformer = TransformerConfig(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_layers=24,
+        num_heads=4,
+        num_kv_heads=4,
+        vocab_size=4096,
+        pad_token_id=0,
+    )
+    config = OmniGenConfig(transformer, pos_embed_max_size=16)
+    torch.manual_seed(0)
+    save_model(random_model(config, scale=0.02), tmp_path)
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size
+    assert file_bytes > 90e6
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PEAK_SCRIPT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    growth, model_bytes = (int(x) for x in out.split("GROWTH")[1].split())
+    assert model_bytes == pytest.approx(file_bytes / 2, rel=0.01)
+    assert growth < 0.75 * file_bytes, (growth / 2**20, file_bytes / 2**20)
