@@ -219,13 +219,16 @@ class TrainConfig:
     def vocabulary_change(self) -> tuple[dict[str, int], dict[str, int]] | None:
         """With ``init_from`` and a ``tokenizer`` whose vocabulary differs from the base model's: (base
         vocabulary, new vocabulary), the trainer remapping the token embedding from one to the other;
-        else None."""
+        else None (also when the base folder has no tokenizer: its ids are then taken as ``tokenizer``'s)."""
         if not (self.init_from and self.tokenizer):
             return None
         from omnigen.checkpoint import resolve_layout
         from omnigen.tokenizer import Tokenizer
 
-        base = Tokenizer.from_file(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
+        base_file = resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json"
+        if not base_file.is_file():
+            return None
+        base = Tokenizer.from_file(base_file)
         old, new = base.backend.get_vocab(), Tokenizer.from_file(self.tokenizer).backend.get_vocab()
         return None if new == old else (old, new)
 
