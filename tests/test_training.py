@@ -293,6 +293,39 @@ def test_resume_reaches_the_same_parameters(world, tmp_path):
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000008" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    curves = [[json.loads(x) for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"]
+    assert [r["step"] for r in curves[1]] == list(range(1, 9))
+    assert [r["loss"] for r in curves[0]] == [r["loss"] for r in curves[1]]  # the same losses, exactly
+
+
+def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
+    """The files and keys a checkpoint holds (what a run written by earlier code resumes from): changing
+    any of them breaks resuming such runs, so this test pins them."""
+    from safetensors.torch import load_file
+
+    root, _ = world
+    train(make_config(root, tmp_path / "run", 2, ema_decay=0.9), device="cpu", stop_after=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000001"
+    folder = checkpoints / "step_00000001"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
+    state = json.loads((folder / "state.json").read_text())
+    assert list(state) == ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "optimizer"]
+    assert (state["step"], state["stage"], state["world_size"], state["base_model"]) == (1, 0, 1, None)
+    assert set(state["sampler"]) == {"epoch", "position", "seed", "num_replicas", "batch_size", "num_samples"}
+    assert set(state["optimizer"]) == {"param_groups", "scalars"}
+    model = load_file(str(folder / "model.safetensors"))
+    assert load_file(str(folder / "ema.safetensors")).keys() == model.keys()
+    optimizer = load_file(str(folder / "optimizer.safetensors"))
+    assert set(optimizer) == {f"{name}.{moment}" for name in model for moment in ("exp_avg", "exp_avg_sq")}
+    assert set(state["optimizer"]["scalars"]) == {f"{name}.step" for name in model}
+    groups = state["optimizer"]["param_groups"]
+    assert sorted(n for g in groups for n in g["params"]) == sorted(model)
 
 
 def test_grad_accum_and_batch_split_take_the_same_steps(world, tmp_path):

@@ -31,6 +31,55 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """``lora:`` of a run: LoRA adapters instead of a full fine-tune (``omnigen.lora.add_lora``)."""
+
+    rank: int
+    alpha: float | None = None  # the scale is alpha / rank; None: alpha = rank (scale 1)
+    target_modules: tuple[str, ...] = field(default_factory=lambda: _default_lora_targets())
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", self.rank)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"lora.target_modules must be a non-empty list of names, got {targets!r}")
+        object.__setattr__(self, "target_modules", tuple(targets))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LoraSettings:
+        if isinstance(data, LoraSettings):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}}, got {data!r}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown lora keys {unknown}; allowed: {allowed}")
+        if "rank" not in data:
+            raise ValueError("lora needs `rank` (a positive int)")
+        return cls(**data)
+
+    def arguments(self) -> dict[str, Any]:
+        """``omnigen.lora.add_lora`` keyword arguments."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "dropout": self.dropout,
+        }
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Every field of ``omnigen train --config FILE``; ``omnigen train --help`` prints them."""
 
@@ -113,9 +162,12 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     distributed: str = field(default="ddp", metadata={"help": "'ddp' or 'fsdp' under torchrun"})
-    lora: dict | None = field(
+    lora: LoraSettings | None = field(
         default=None,
-        metadata={"help": "LoRA instead of a full fine-tune: {rank, alpha, target_modules, dropout}"},
+        metadata={
+            "help": "LoRA instead of a full fine-tune: {rank, alpha (default rank), target_modules (default "
+            "the attention and MLP projections), dropout (default 0)}"
+        },
     )
     val_data: list[str] | None = field(
         default=None,
@@ -145,8 +197,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.model and not self.init_from:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
-        if self.lora is not None:
-            check_lora(self.lora)
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise ValueError(
+                f"lora must be LoraSettings (from_dict builds it from a mapping), got {self.lora!r}"
+            )
         for name in ("edit_weight", "foreground_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -180,19 +234,6 @@ class TrainConfig:
             self.foreground_threshold,
             self.foreground_dilate,
         )
-
-    def lora_arguments(self) -> dict[str, Any] | None:
-        """``omnigen.lora.add_lora`` keyword arguments (alpha defaults to rank), or None."""
-        if self.lora is None:
-            return None
-        from omnigen.lora import DEFAULT_TARGET_MODULES
-
-        return {
-            "rank": self.lora["rank"],
-            "alpha": self.lora.get("alpha", self.lora["rank"]),
-            "target_modules": tuple(self.lora.get("target_modules", DEFAULT_TARGET_MODULES)),
-            "dropout": self.lora.get("dropout", 0.0),
-        }
 
     def model_config(self) -> OmniGenConfig:
         """The trained model's architecture: ``init_from``'s config (the model the trainer loads; with
@@ -271,6 +312,8 @@ class TrainConfig:
                 )
             stages.append(Stage(**stage))
         values["stages"] = stages
+        if values.get("lora") is not None:
+            values["lora"] = LoraSettings.from_dict(values["lora"])
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
@@ -303,29 +346,6 @@ class TrainConfig:
         return json.dumps(asdict(self), indent=1)
 
 
-LORA_KEYS = ("rank", "alpha", "target_modules", "dropout")
-
-
-def check_lora(lora: Any) -> None:
-    if not isinstance(lora, dict):
-        raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}}, got {lora!r}")
-    unknown = sorted(set(lora) - set(LORA_KEYS))
-    if unknown:
-        raise ValueError(f"unknown lora keys {unknown}; allowed: {list(LORA_KEYS)}")
-    rank = lora.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora.rank must be a positive int, got {rank!r}")
-    alpha = lora.get("alpha", rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"lora.alpha must be a positive number, got {alpha!r}")
-    dropout = lora.get("dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
-    targets = lora.get("target_modules", ["qkv_proj"])
-    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"lora.target_modules must be a non-empty list of names, got {targets!r}")
-
-
 def describe_fields() -> str:
     """The help text listing every field."""
     lines = []
@@ -337,6 +357,12 @@ def describe_fields() -> str:
         )
         lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
     return "\n".join(lines)
+
+
+def _default_lora_targets() -> tuple[str, ...]:
+    from omnigen.lora import DEFAULT_TARGET_MODULES
+
+    return DEFAULT_TARGET_MODULES
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
