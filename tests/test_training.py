@@ -320,12 +320,42 @@ def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
     assert set(state["sampler"]) == {"epoch", "position", "seed", "num_replicas", "batch_size", "num_samples"}
     assert set(state["optimizer"]) == {"param_groups", "scalars"}
     model = load_file(str(folder / "model.safetensors"))
-    assert load_file(str(folder / "ema.safetensors")).keys() == model.keys()
+    trainable = load_file(str(folder / "ema.safetensors")).keys()  # the EMA: every trainable parameter
+    assert set(model) - set(trainable) == {"pos_embed"}  # the model file also holds the buffer
     optimizer = load_file(str(folder / "optimizer.safetensors"))
-    assert set(optimizer) == {f"{name}.{moment}" for name in model for moment in ("exp_avg", "exp_avg_sq")}
-    assert set(state["optimizer"]["scalars"]) == {f"{name}.step" for name in model}
+    moments = ("exp_avg", "exp_avg_sq", "step")
+    assert set(optimizer) == {f"{name}.{moment}" for name in trainable for moment in moments}
+    assert state["optimizer"]["scalars"] == {}
     groups = state["optimizer"]["param_groups"]
-    assert sorted(n for g in groups for n in g["params"]) == sorted(model)
+    assert sorted(n for g in groups for n in g["params"]) == sorted(trainable)
+
+
+def test_resume_without_optimizer_state_for_unused_parameters(world, tmp_path):
+    """Text-to-image rows only: input_x_embedder never gets a gradient, so AdamW holds no state for it.
+    Resuming works and stays exact: the same losses, weights and optimizer state as a run straight
+    through (the unused parameter still without state)."""
+    from safetensors.torch import load_file
+
+    root, _ = world
+    rows = [r for r in (root / "train.jsonl").read_text().splitlines() if json.loads(r)["task_type"] == "t2i"]
+    (tmp_path / "t2i.jsonl").write_text("\n".join(rows) + "\n")
+    stage = {"resolution": 16, "steps": 4, "batch_size": 1, "lr": 3e-3}
+    kw = dict(data=[str(tmp_path / "t2i.jsonl")], image_root=str(root), stages=[stage], warmup_steps=0)
+    train(make_config(root, tmp_path / "a", 4, **kw), device="cpu")
+    split = make_config(root, tmp_path / "b", 4, **kw)
+    train(split, device="cpu", stop_after=2)
+    stopped = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000002" / "optimizer.safetensors"))
+    assert stopped and not any(k.startswith("input_x_embedder.") for k in stopped)
+    train(split, device="cpu")
+    curves = [
+        [json.loads(x)["loss"] for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"
+    ]
+    assert len(curves[1]) == 4 and curves[0] == curves[1]
+    for name in ("model", "optimizer"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_grad_accum_and_batch_split_take_the_same_steps(world, tmp_path):
