@@ -162,6 +162,28 @@ def test_bad_config_keys_are_named(world, tmp_path):
         TrainConfig.load(path.rename(tmp_path / "c.toml"))
 
 
+def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data: x.jsonl\nout_dir: o\nmodel: {a: 1}\nweight_decay: 1e-2\n"
+        "stages: [{resolution: 16, steps: 1, batch_size: 1, lr: 1e-5}]\n"
+    )
+    config = TrainConfig.load(path)
+    assert isinstance(config.stages[0].lr, float) and config.stages[0].lr == 1e-5
+    assert config.weight_decay == 0.01
+    assert TrainConfig.load(path, ["clip_grad=5E-1"]).clip_grad == 0.5
+    with pytest.raises(TypeError, match="seed must be int, got str 'x'"):
+        TrainConfig.load(path, ["seed=x"])
+    with pytest.raises(TypeError, match="ema_decay must be float, got bool True"):
+        TrainConfig.load(path, ["ema_decay=true"])
+    with pytest.raises(TypeError, match="stage lr must be float, got str 'fast'"):
+        TrainConfig.load(path, ["stages=[{resolution: 16, steps: 1, batch_size: 1, lr: fast}]"])
+    with pytest.raises(TypeError, match="lora.dropout must be float, got str 'some'"):
+        TrainConfig.load(path, ["lora={rank: 2, dropout: some}"])
+    with pytest.raises(TypeError, match="data must be a list of str, got list \\[1\\]"):
+        TrainConfig.load(path, ["data=[1]"])
+
+
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
     from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
@@ -544,7 +566,7 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
     assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
     with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
-    with pytest.raises(ValueError, match="grow_layers must be an int >= 1, got 'deep'"):
+    with pytest.raises(TypeError, match="grow_layers must be int or None, got str 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
 
 

@@ -7,6 +7,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omnigen.typecheck import check_fields, load_yaml
+
 if TYPE_CHECKING:
     from omnigen.config import OmniGenConfig
     from omnigen.training.loss import LossSettings
@@ -23,6 +25,7 @@ class Stage:
     lr: float
 
     def __post_init__(self) -> None:
+        check_fields(self, prefix="stage ")
         for name in ("resolution", "steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"stage {name} must be a positive int, got {getattr(self, name)!r}")
@@ -40,20 +43,19 @@ class LoraSettings:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        check_fields(self, prefix="lora.")
+        if self.rank < 1:
             raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
         if self.alpha is None:
             object.__setattr__(self, "alpha", self.rank)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+        if not self.alpha > 0:
             raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"lora.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        targets = self.target_modules
-        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-            raise ValueError(f"lora.target_modules must be a non-empty list of names, got {targets!r}")
-        object.__setattr__(self, "target_modules", tuple(targets))
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must be a non-empty list of names, got []")
 
     @classmethod
     def from_dict(cls, data: Any) -> LoraSettings:
@@ -178,6 +180,7 @@ class TrainConfig:
     generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
 
     def __post_init__(self) -> None:
+        check_fields(self)
         choices = {
             "on_bad_row": ("error", "skip"),
             "check_images": ("verify", "exists"),
@@ -216,11 +219,7 @@ class TrainConfig:
             if not self.init_from:
                 raise ValueError("grow_intermediate widens a trained model: it needs `init_from`")
             _check_int("grow_intermediate", self.grow_intermediate, 1)
-        if not isinstance(self.keep_raw_resolution, bool):
-            raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
-        if self.latent_cache is not None and (
-            not isinstance(self.latent_cache, str) or not self.latent_cache
-        ):
+        if self.latent_cache is not None and not self.latent_cache:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def loss_settings(self) -> LossSettings:
@@ -321,8 +320,6 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """YAML (.yaml/.yml) or TOML (.toml); ``overrides`` are ``key=value`` with JSON/YAML values."""
-        import yaml
-
         path = Path(path)
         text = path.read_text()
         if path.suffix == ".toml":
@@ -330,7 +327,7 @@ class TrainConfig:
 
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         else:
             raise ValueError(f"config file must end in .yaml, .yml or .toml, got {path.name}")
         if not isinstance(data, dict):
@@ -339,7 +336,7 @@ class TrainConfig:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override {item!r} must look like key=value")
-            data[key.strip()] = yaml.safe_load(value)
+            data[key.strip()] = load_yaml(value)
         return cls.from_dict(data)
 
     def to_json(self) -> str:
