@@ -184,6 +184,23 @@ def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_fie
         TrainConfig.load(path, ["data=[1]"])
 
 
+def test_a_missing_data_set_fails_first_saying_how_to_make_it(world, tmp_path):
+    root, _ = world
+    missing = tmp_path / "mw"
+    with pytest.raises(
+        ValueError,
+        match=f"data: {missing}/train.jsonl does not exist.*omnigen data miniworld --out {missing} --n N`",
+    ):
+        train(make_config(root, tmp_path / "run", 1, data=str(missing / "train.jsonl")), device="cpu")
+    assert not (tmp_path / "run").exists()  # nothing started
+    with pytest.raises(ValueError, match="val_data: .*heldout.jsonl does not exist.*--n N --split heldout`"):
+        train(make_config(root, tmp_path / "run", 1, val_data=str(missing / "heldout.jsonl")), device="cpu")
+    with pytest.raises(ValueError, match="tokenizer: .*tokenizer.json does not exist.*tokenizer.json there"):
+        train(make_config(root, tmp_path / "run", 1, tokenizer=str(missing / "tokenizer.json")), device="cpu")
+    with pytest.raises(ValueError, match="data: .*/\\*.jsonl does not exist"):
+        train(make_config(root, tmp_path / "run", 1, data=str(missing / "*.jsonl")), device="cpu")
+
+
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
     from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig

@@ -282,6 +282,27 @@ class TrainConfig:
 
         return str(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
 
+    def check_paths(self) -> None:
+        """ValueError if a ``data``, ``val_data`` or ``tokenizer`` file (or glob) is not there, saying how
+        to make it; called before a run starts, so a missing data set fails before any model is built."""
+        import glob
+
+        named = [("data", p) for p in self.data] + [("val_data", p) for p in self.val_data or []]
+        if self.tokenizer is not None:
+            named.append(("tokenizer", self.tokenizer))
+        for name, path in named:
+            if glob.has_magic(path) and any(Path(m).is_file() for m in glob.glob(path, recursive=True)):
+                continue
+            if not glob.has_magic(path) and Path(path).is_file():
+                continue
+            folder = Path(path).parent if not glob.has_magic(path) else Path(path.split("*")[0]).parent
+            split = " --split heldout" if name == "val_data" else ""
+            raise ValueError(
+                f"{name}: {path} does not exist. Make the data set first, e.g. the miniature world: "
+                f"`omnigen data miniworld --out {folder} --n N{split}` (it writes SPLIT.jsonl, its images and "
+                "tokenizer.json there); the comment at the top of the shipped configs gives their commands"
+            )
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)

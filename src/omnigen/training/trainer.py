@@ -80,6 +80,7 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     cache lazily anyway; this only moves the encoding up front. Returns how many latents were encoded."""
     if config.latent_cache is None:
         raise ValueError("precompute_latents needs `latent_cache` (a folder) in the config")
+    config.check_paths()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_config = config.model_config()
     tokenizer = Tokenizer.from_file(config.tokenizer_file())
@@ -94,6 +95,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
 
     ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done — for tests.
     """
+    config.check_paths()
     runtime = distributed.setup(device, config.distributed)
     out = Path(config.out_dir)
     if runtime.is_main:
