@@ -78,7 +78,7 @@ def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
     return examples
 
 
-def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
+def _sample_for(kind: str, seed: int, size: int):
     """The first heldout sample of `kind` whose prompt needs at most MAX_INPUT_IMAGES images."""
     from omnigen.data import miniworld, miniworld_tasks
 
@@ -95,7 +95,7 @@ def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
     raise ValueError(f"no heldout sample of {kind!r} with at most {MAX_INPUT_IMAGES} images")
 
 
-def _compose(sample) -> tuple[str, list]:  # noqa: ANN001
+def _compose(sample) -> tuple[str, list]:
     """Prompt and images of a sample; few-shot samples get the training wrapper (example first)."""
     if sample.few_shot is None:
         return sample.instruction, list(sample.input_images)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     for example in write_examples(args.out, args.seed):
-        print(f"{example.label:32s} {len(example.images)} image(s)  {example.prompt}")  # noqa: T201
+        print(f"{example.label:32s} {len(example.images)} image(s)  {example.prompt}")
     return 0
 
 

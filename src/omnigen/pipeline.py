@@ -143,7 +143,7 @@ class OmniGenPipeline:
         return cls(model, codec.to(device), tokenizer, GenerationDefaults.load(layout.root), device)
 
     # ------------------------------------------------------------------ inputs
-    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:  # noqa: ANN001
+    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:
         if isinstance(prompt, str):
             prompts = [prompt]
             if input_images is not None and not isinstance(input_images, (list, tuple)):
@@ -436,7 +436,7 @@ class OmniGenPipeline:
             layer.compile(mode=mode, dynamic=dynamic)
         return self
 
-    def with_defaults(self, **changes) -> OmniGenPipeline:  # noqa: ANN003
+    def with_defaults(self, **changes) -> OmniGenPipeline:
         """A pipeline sharing this one's model with some defaults changed."""
         return OmniGenPipeline(
             self.model, self.codec, self.tokenizer, replace(self.defaults, **changes), self.device

@@ -82,7 +82,7 @@ def wrap(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return model
 
 
-def gradient_sync(train_model: torch.nn.Module, runtime: Runtime, enabled: bool):  # noqa: ANN201
+def gradient_sync(train_model: torch.nn.Module, runtime: Runtime, enabled: bool):
     """A context in which backward does (enabled) or does not (accumulating) reduce gradients."""
     if runtime.kind == "ddp" and not enabled:
         return train_model.no_sync()

@@ -68,7 +68,7 @@ def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tok
     return model, tokenizer, _make_codec(config, model.config, device)
 
 
-def _make_codec(config: TrainConfig, model_config: OmniGenConfig, device: torch.device):  # noqa: ANN202
+def _make_codec(config: TrainConfig, model_config: OmniGenConfig, device: torch.device):
     if config.codec == "identity":
         return IdentityCodec(channels=model_config.in_channels)
     return AutoencoderKLCodec.from_pretrained(config.codec).to(device)
@@ -179,7 +179,7 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _base_reference(config: TrainConfig, model, tokenizer, codec, out: Path, main: bool) -> str:  # noqa: ANN001
+def _base_reference(config: TrainConfig, model, tokenizer, codec, out: Path, main: bool) -> str:
     """The folder of the model a LoRA run adapts: ``init_from``, or a new model exported to out/base."""
     if config.init_from:
         return str(Path(config.init_from).resolve())
@@ -189,7 +189,7 @@ def _base_reference(config: TrainConfig, model, tokenizer, codec, out: Path, mai
     return str(base.resolve())
 
 
-def _export_final(config, model, trainable, ema, tokenizer, codec, final, base_reference, runtime) -> None:  # noqa: ANN001
+def _export_final(config, model, trainable, ema, tokenizer, codec, final, base_reference, runtime) -> None:
     """The EMA weights (or the last ones): a model folder, or a LoRA adapter folder."""
     from omnigen.lora import save_lora
 
@@ -205,7 +205,7 @@ def _export_final(config, model, trainable, ema, tokenizer, codec, final, base_r
         export(build_model(model.config, state), tokenizer, codec, final, config.generation)
 
 
-def export(model: OmniGenModel, tokenizer: Tokenizer, codec, folder: Path, generation: dict) -> None:  # noqa: ANN001
+def export(model: OmniGenModel, tokenizer: Tokenizer, codec, folder: Path, generation: dict) -> None:
     """A model folder ``OmniGenPipeline.from_pretrained`` loads."""
     save_model(model, folder)
     tokenizer.save(folder)
