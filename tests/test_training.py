@@ -397,6 +397,32 @@ def test_resume_without_optimizer_state_for_unused_parameters(world, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_sigterm_checkpoints_the_step_it_arrives_in_and_a_rerun_finishes(world, tmp_path, monkeypatch):
+    import signal
+
+    from omnigen.training import trainer
+
+    root, _ = world
+    real_step = trainer.train_step
+
+    def step_with_sigterm(run, step, *args):
+        if step == 1:  # arrives during the second step
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(run, step, *args)
+
+    monkeypatch.setattr(trainer, "train_step", step_with_sigterm)
+    config = make_config(root, tmp_path / "run", 4, warmup_steps=0)
+    before = signal.getsignal(signal.SIGTERM)
+    train(config, device="cpu")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (tmp_path / "run" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    train(config, device="cpu")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and (tmp_path / "run" / "final").is_dir()
+
+
 def test_grad_accum_and_batch_split_take_the_same_steps(world, tmp_path):
     """Batch 3 x 2 micro-batches == batch 6: the same samples, the same per-sample draws, one normaliser."""
     root, _ = world

@@ -10,6 +10,7 @@ ranks) divided by its weight sum, so the split over ranks and micro-batches does
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,11 @@ def autocast_context(config_precision: str, device: torch.device) -> contextlib.
 
 
 def train_step(
-    run: Run, step: int, stage: Stage, global_batches: list[list[int]], stop_requested: bool
+    run: Run, step: int, stage: Stage, global_batches: list[list[int]], stop_requested: Callable[[], bool]
 ) -> StepResult:
-    """Optimizer step ``step`` (0-based) over ``global_batches`` (its ``grad_accum`` global batches);
-    ``stop_requested``: this rank was asked to stop (all ranks learn it through the step's all-reduce)."""
+    """Optimizer step ``step`` (0-based) over ``global_batches`` (its ``grad_accum`` global batches).
+    ``stop_requested()``, asked once the step is taken: this rank was asked to stop (e.g. SIGTERM during
+    the step); all ranks learn it through the step's all-reduce."""
     config, runtime = run.config, run.runtime
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, config)
@@ -74,7 +76,7 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         update_ema(run.ema, run.trainable, 0.0 if step == 0 else config.ema_decay)
-    stats[1] = float(stop_requested)
+    stats[1] = float(stop_requested())
     stats = distributed.all_reduce_sum(stats, runtime)
     return StepResult(
         loss=stats[0].item() / total_weight,

@@ -142,7 +142,7 @@ def _loop(
     val_every = config.val_every or config.checkpoint_every
     while step < config.total_steps:
         stage, global_batches = stream.next_step(step)
-        result = train_step(run, step, stage, global_batches, stop.is_set())
+        result = train_step(run, step, stage, global_batches, stop.is_set)
         step += 1
         log.step(step, result, lr_at(step - 1, config))
         last = step == config.total_steps or (stop_after is not None and step >= stop_after)
