@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]
+MAX_RESIDENT_LAYERS = 3  # streamed layers on a CUDA device at once: one computing, one ready, one arriving
 Slot = tuple[nn.Module, str, bool]  # (module, attribute name, is a parameter)
 
 
@@ -183,10 +184,16 @@ def stream_layers(
     streamer: Streamer,
     weights: OffloadedWeights | None = None,
     past: list[KV] | None = None,
+    stream: bool = True,
 ) -> Iterator[tuple[int, KV | None]]:
     """Yield (index, that layer's past keys/values on ``devices[index]``) for each layer index in order, with the
     layer's weights installed from ``weights`` (when offloaded) for the duration of its turn. The next
-    layer's tensors are on their way while the caller runs the current one."""
+    layer's tensors are on their way while the caller runs the current one. With nothing on the host
+    (no ``weights``, ``past`` on its devices: ``stream=False``) it only hands out the layers' keys/values."""
+    if not stream:
+        for index in indices:
+            yield index, None if past is None else past[index]
+        return
 
     def start(index: int) -> _Transfer:
         host = [] if weights is None else list(weights.masters[index])
@@ -198,7 +205,7 @@ def stream_layers(
         device = devices[index]
         tensors = streamer.wait(pending, device)
         if len(finished) >= 2 and finished[-2] is not None:
-            finished[-2].synchronize()  # layer index-1 is done: its device memory can take the next layer
+            finished[-2].synchronize()  # the layer before last is done: its memory can take the next one
         pending = start(indices[position + 1]) if position + 1 < len(indices) else None
         split = 0 if weights is None else len(weights.masters[index])
         if weights is not None:

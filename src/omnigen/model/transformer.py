@@ -84,7 +84,9 @@ class Transformer(nn.Module):
             x = x.float()
         streamer = Streamer()
         kv_layers = None if past is None else past.layers
-        with closing(stream_layers(range(start, stop), devices, streamer, weights, kv_layers)) as layers:
+        on_host = offload_layers or (past is not None and past.offload)
+        run = stream_layers(range(start, stop), devices, streamer, weights, kv_layers, stream=on_host)
+        with closing(run) as layers:
             for index, layer_past in layers:
                 if x.device != devices[index]:
                     x, rope, mask = _move(devices[index], x, rope, mask)
