@@ -94,6 +94,8 @@ class OmniGenLoader:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was chosen but torch sees no CUDA device; choose 'auto' or 'cpu'")
         target = torch_device() if device == "auto" else torch.device(device)
         folder = Path(model_path.strip()) if model_path.strip() else None
         free_memory(_weights_size(folder), target)

@@ -312,7 +312,10 @@ class Executor:
                     node, class_type, TypeError(f"want a {len(cls.RETURN_TYPES)}-tuple, got {value!r:.80}")
                 )
             for kind, item in zip(cls.RETURN_TYPES, value):
-                check_value(kind, item, f"node {node} ({class_type})")
+                try:
+                    check_value(kind, item, f"output {kind}")
+                except (TypeError, ValueError) as error:
+                    raise NodeError(node, class_type, error) from error
             returned.append(value)
         outputs = [[r[i] for r in returned] for i in range(len(cls.RETURN_TYPES))]
         for i, is_list in enumerate(getattr(cls, "OUTPUT_IS_LIST", ())):

@@ -369,3 +369,42 @@ def test_auto_device_asks_comfyui(package, monkeypatch):
     host.free_memory(1000, torch.device("cpu"))
     host.free_memory(1000, torch.device("meta"))
     assert fake.freed == [(1000, torch.device("meta"))]  # the CPU is never "freed"
+
+
+def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
+    loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
+        loader.load("", "auto", "cuda", False, True)
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ([torch.zeros(1, 4, 4, 3)], "want a 1-tuple"),  # a list, not a tuple
+        ((torch.zeros(1, 4, 4, 3), 1), "want a 1-tuple"),
+        ((torch.zeros(1, 4, 4, 4),), r"an IMAGE is \(B, H, W, 3\)"),
+        ((torch.full((1, 4, 4, 3), 2.0),), r"values must lie in \[0, 1\]"),
+    ],
+)
+def test_the_harness_holds_nodes_to_comfyui_conventions(folders, returned, message):
+    class Source:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "run"
+        CATEGORY = "test"
+
+        def run(self):
+            return returned
+
+    runner = Executor({**core_nodes(*folders), "Source": Source})
+    with pytest.raises(NodeError, match=message):
+        runner.run(
+            {
+                "1": {"class_type": "Source", "inputs": {}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+            }
+        )
