@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
+from omnigen.tags import validate_image_tags
 
 EXAMPLES_FILE = "examples.json"
 MAX_INPUT_IMAGES = 3  # the demo's image slots (the original OmniGen app offers three)
@@ -38,11 +38,6 @@ EXAMPLE_KINDS: tuple[tuple[str, str], ...] = (
     ("cv task", "cv/referring"),
     ("few-shot", "few_shot/invert"),
     ("few-shot", "few_shot/wrapped"),
-)
-# Same as omnigen.training.x2i.FEW_SHOT_TEMPLATE (kept equal by tests/test_demo.py).
-FEW_SHOT_TEMPLATE = (
-    "Here is an example. Instruction: {example_instruction} Output: {example_output} "
-    "Now do the same for a new input. Instruction: {query_instruction}"
 )
 
 
@@ -97,16 +92,9 @@ def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
 
 def _compose(sample) -> tuple[str, list]:  # noqa: ANN001
     """Prompt and images of a sample; few-shot samples get the training wrapper (example first)."""
-    if sample.few_shot is None:
-        return sample.instruction, list(sample.input_images)
-    shot = sample.few_shot
-    offset = len(shot["input_images"]) + 1
-    text = FEW_SHOT_TEMPLATE.format(
-        example_instruction=shot["instruction"],
-        example_output=image_tag(offset),
-        query_instruction=renumber_image_tags(sample.instruction, offset),
-    )
-    return text, [*shot["input_images"], shot["output_image"], *sample.input_images]
+    from omnigen.eval.miniworld import compose_few_shot
+
+    return compose_few_shot(sample.instruction, sample.input_images, sample.few_shot)
 
 
 def write_examples(folder: str | Path, seed: int = 7, size: int = 16) -> list[DemoExample]:
