@@ -214,7 +214,7 @@ def _pil_kwargs() -> dict:
 @pytest.mark.parametrize(
     ("prompt", "images", "size"),
     [
-        ("<img><|image_1|></img> please turn the orange circle green", ("02_edit_recolour_1.png",), True),
+        ("<img><|image_1|></img> make the orange circle green", ("02_edit_recolour_1.png",), True),
         (
             "put the triangle of <img><|image_1|></img> in the middle right and the circle of "
             "<img><|image_2|></img> at the centre. the background is black",
@@ -314,7 +314,7 @@ def test_call_pipeline_passes_mask_and_sampler_only_when_used(package):
 
 
 def test_mask_input_reaches_the_pipeline(executor, folders):
-    nodes = graph("<img><|image_1|></img> please turn the orange circle green", ("02_edit_recolour_1.png",))
+    nodes = graph("<img><|image_1|></img> make the orange circle green", ("02_edit_recolour_1.png",))
     nodes["mask"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
     nodes["gen"]["inputs"].update(mask=["mask", 1], use_input_image_size=True)
     source = Image.open(EXAMPLES / "02_edit_recolour_1.png")
