@@ -9,7 +9,6 @@ with one value per ``RETURN_TYPES`` entry. ComfyUI itself is used only through `
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ except ImportError as error:  # ComfyUI's Python needs the library itself
         "the OmniGen ComfyUI nodes need the omnigen package in ComfyUI's Python environment: "
         "pip install -e <path to this repository>"
     ) from error
-
-logger = logging.getLogger(__name__)
 
 CATEGORY = "OmniGen"
 PIPE_TYPE = "OMNIGEN_PIPE"
