@@ -316,12 +316,11 @@ class OmniGenPipeline:
         branch_prompts = []
         for name in names:
             texts = [getattr(b, name) for b in branches]
-            branch_prompts.append(
-                [
-                    processed[i] if name == "cond" else self.processor(text, imgs, template=True)
-                    for i, (text, imgs) in enumerate(texts)
-                ]
-            )
+            procs = [
+                processed[i] if name == "cond" else self.processor(text, imgs, template=True)
+                for i, (text, imgs) in enumerate(texts)
+            ]
+            branch_prompts.append(procs)
         all_prompts = [p for group in branch_prompts for p in group]
         latents = self._encode_images(all_prompts)
         dtype = next(self.model.parameters()).dtype
