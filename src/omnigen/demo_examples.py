@@ -108,7 +108,7 @@ def example_kind(number: int) -> str:
     return EXAMPLE_KINDS[number][1]
 
 
-def example_sample(number: int, sample_seed: int, size: int = 16):  # noqa: ANN201
+def example_sample(number: int, sample_seed: int, size: int = 16):
     """The heldout sample behind example `number` (meta and target image, for scoring)."""
     return _sample_for(example_kind(number), sample_seed, size)
 
@@ -146,7 +146,7 @@ def write_examples(
     return load_examples(folder)
 
 
-def check_example(pipe, number: int, example: DemoExample, seed: int | None = None) -> bool:  # noqa: ANN001
+def check_example(pipe, number: int, example: DemoExample, seed: int | None = None) -> bool:
     """Whether `pipe` gets example `number` right (the miniworld scorer) at `seed` (default: its own)."""
     import numpy as np
 
