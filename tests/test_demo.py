@@ -246,7 +246,7 @@ def test_demo_subcommand_wiring(model_folder, monkeypatch):
         for c in seen["demo"].get_config_file()["components"]
         if c["props"].get("label") == "Inference steps"
     )
-    assert steps["props"]["value"] == 2  # the model folder's generation_config.json
+    assert steps["props"]["value"] == 2  # the model folder's omnigen_generation.json
 
 
 @pytest.mark.slow

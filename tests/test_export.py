@@ -20,9 +20,10 @@ from omnigen.checkpoint import atomic_folder
 from omnigen.cli import main
 from omnigen.collate import collate
 from omnigen.config import OmniGenConfig
+from omnigen.generation import GenerationConfig
 from omnigen.keymap import diffusers_to_ours, ours_to_diffusers
 from omnigen.model import OmniGenModel
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.quantize import quantize_int8
 from omnigen.tokenizer import Tokenizer
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
@@ -30,7 +31,7 @@ from test_reference import PROMPT, build_rows, encode, reference_row_velocity
 from torchvision_shim import Transforms
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DEFAULTS = GenerationDefaults(
+DEFAULTS = GenerationConfig(
     height=32,
     width=32,
     num_inference_steps=2,

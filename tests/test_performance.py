@@ -21,10 +21,11 @@ EDIT = "make it blue <img><|image_1|></img>"
 
 
 def make_pipeline(model, tokenizer, steps: int = 3, size: int = 32):
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.vae import AutoencoderKLCodec
 
-    defaults = GenerationDefaults(
+    defaults = GenerationConfig(
         height=size,
         width=size,
         num_inference_steps=steps,

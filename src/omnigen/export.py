@@ -14,7 +14,7 @@
   ``diffusers.OmniGenPipeline.from_pretrained`` loads. It needs an ``AutoencoderKL`` codec; a pixel-space
   model is refused with a ``ValueError``.
 
-Both layouts also get our ``generation_config.json`` (ignored by the other loaders). Weights are written
+Both layouts also get our ``omnigen_generation.json`` (ignored by the other loaders). Weights are written
 with safetensors only, the whole folder atomically (``checkpoint.atomic_folder``). A LoRA adapter must be
 merged first (``pipe.merge_lora()``; it is folded into the plain weights); a quantized model is refused.
 """

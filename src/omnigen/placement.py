@@ -7,6 +7,8 @@ tables and mask) from one device to the next and back. Everything else (embeddin
 final norm and head, ~1% of OmniGen-v1) goes to ``devices[0]``, which should be the pipeline's device.
 The condition cache's keys/values live where their layer ran. Runs are sequential: one device works at
 a time, so this buys memory, not speed. ``pipeline.to(device)`` undoes the split.
+
+``place_for_call`` is the pipeline's placement before each call (offloaded layers, a split, or one device).
 """
 
 from __future__ import annotations
@@ -85,3 +87,46 @@ def place_layers(
     placement = {f"llm.layers.{i}": str(targets[d]) for i, d in enumerate(plan)}
     logger.info("layers per device: %s", {str(t): plan.count(d) for d, t in enumerate(targets)})
     return placement
+
+
+def place_for_call(model: nn.Module, device: torch.device, offload_model: bool) -> None:
+    """Where ``model`` runs a call: with ``offload_model`` the decoder layers live on the CPU and visit the
+    device one at a time (the transformer moves them); otherwise each lives on its device of
+    ``place_layers`` if the model was split, else on ``device``. Everything else lives on ``device``."""
+    layers = model.llm.layers
+    placed = model.llm.layer_devices
+    if offload_model or placed is None:
+        wanted = torch.device("cpu") if offload_model else device
+        if next(layers.parameters()).device != wanted:
+            layers.to(wanted)
+    else:
+        for layer, target in zip(layers, placed):
+            if next(layer.parameters()).device != target:
+                layer.to(target)
+    if next(model.x_embedder.parameters()).device != device:
+        for name, child in model.named_children():
+            if name != "llm":
+                child.to(device)
+        model.llm.embed_tokens.to(device)
+        model.llm.norm.to(device)
+        model.llm.rotary.materialize(device)
+        model.pos_embed = model.pos_embed.to(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype | None:
+    """The weights' dtype for ``dtype`` on ``device``: "auto" is bfloat16 on CUDA (float16 where the card
+    has no bfloat16; fp16 weights then run with the fp32 residual stream of ``Transformer.fp16_guard``)
+    and float32 elsewhere; a name of ``DTYPES`` or a torch dtype is itself; None keeps the stored dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} or a torch dtype, got {dtype!r}")
+    return DTYPES[dtype]

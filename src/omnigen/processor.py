@@ -27,12 +27,6 @@ USER = "<|user|>\n"
 PREAMBLE = "Generate an image according to the following instructions\n"
 END = "<|end|>\n"
 ASSISTANT = "<|assistant|>\n<|diffusion|>"
-DEFAULT_NEGATIVE_PROMPT = (
-    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
-    "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
-    "bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, "
-    "missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers."
-)
 PLACEHOLDER_ID = 0  # ids inside an image span are never embedded; the value is irrelevant
 
 
