@@ -50,6 +50,7 @@ class Param:
     optional: bool = False  # None allowed (its meaning is in the help)
     choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # extra command-line spellings, e.g. "--steps"
+    label: str = ""  # the demo's label (default: the name in words)
 
     def check(self, name: str, value: Any) -> Any:
         if value is None and self.optional:
@@ -67,6 +68,10 @@ class Param:
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list of ints, got {value!r:.60}")
         return tuple(check_int(f"{name}[{k}]", v, 1) for k, v in enumerate(value))
+
+    @property
+    def python_type(self) -> type:
+        return {"int": int, "float": float, "bool": bool, "str": str, "choice": str}.get(self.kind, tuple)
 
     def describe(self) -> str:
         """The allowed values in words (for help texts and errors)."""
@@ -89,20 +94,34 @@ class GenerationConfig:
     otherwise). Construction validates every field; model-dependent rules (multiples of the image patch,
     the largest size) are the model config's (``OmniGenConfig.check_image_size``)."""
 
-    height: int = _param(1024, "int", "output height in pixels", low=1)
-    width: int = _param(1024, "int", "output width in pixels", low=1)
+    height: int = _param(1024, "int", "output height in pixels", low=1, label="Height")
+    width: int = _param(1024, "int", "output width in pixels", low=1, label="Width")
     num_inference_steps: int = _param(
-        50, "int", "velocity evaluations of the sampler", low=1, aliases=("--steps",)
+        50, "int", "velocity evaluations of the sampler", low=1, aliases=("--steps",), label="Inference steps"
     )
-    guidance_scale: float = _param(3.0, "float", "text guidance scale", low=0, aliases=("--guidance",))
+    guidance_scale: float = _param(
+        3.0, "float", "text guidance scale", low=0, aliases=("--guidance",), label="Guidance scale"
+    )
     img_guidance_scale: float = _param(
-        1.6, "float", "image guidance scale", low=0, aliases=("--img-guidance",)
+        1.6, "float", "image guidance scale", low=0, aliases=("--img-guidance",), label="Image guidance scale"
     )
     use_img_guidance: bool = _param(True, "bool", "image guidance when the prompt has input images")
-    negative_prompt: str = _param(DEFAULT_NEGATIVE_PROMPT, "str", "the unconditional branch's prompt")
-    max_input_image_size: int = _param(1024, "int", "longer side input images are resized to", low=1)
+    negative_prompt: str = _param(
+        DEFAULT_NEGATIVE_PROMPT, "str", "the unconditional branch's prompt", label="Negative prompt"
+    )
+    max_input_image_size: int = _param(
+        1024,
+        "int",
+        "longer side input images are resized to",
+        low=1,
+        label="Max input image size (longer side)",
+    )
     use_input_image_size_as_output: bool = _param(
-        False, "bool", "output size = the (resized) input image's size", aliases=("--use-input-size",)
+        False,
+        "bool",
+        "output size = the (resized) input image's size",
+        aliases=("--use-input-size",),
+        label="Use input image size as output (one input image; ignores height/width)",
     )
     seed: int | None = _param(
         None, "int", "noise seed; image k uses seed + k (None: random)", low=0, optional=True
@@ -124,14 +143,33 @@ class GenerationConfig:
         "skip layers at near-identical steps (omnigen.step_cache; None: off)",
         low=0,
         optional=True,
+        label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",
     )
     vae_tiling: bool = _param(False, "bool", "decode large images tile by tile")
-    use_kv_cache: bool = _param(True, "bool", "prefill the condition once", scope="operator")
-    offload_kv_cache: bool = _param(True, "bool", "keep the condition cache in host memory", scope="operator")
-    offload_model: bool = _param(
-        False, "bool", "decoder layers visit the device one at a time", scope="operator"
+    use_kv_cache: bool = _param(
+        True, "bool", "prefill the condition once", scope="operator", label="KV cache"
     )
-    separate_cfg_infer: bool = _param(True, "bool", "run each CFG branch as its own batch", scope="operator")
+    offload_kv_cache: bool = _param(
+        True,
+        "bool",
+        "keep the condition cache in host memory",
+        scope="operator",
+        label="Offload KV cache to CPU",
+    )
+    offload_model: bool = _param(
+        False,
+        "bool",
+        "decoder layers visit the device one at a time",
+        scope="operator",
+        label="Offload model to CPU",
+    )
+    separate_cfg_infer: bool = _param(
+        True,
+        "bool",
+        "run each CFG branch as its own batch",
+        scope="operator",
+        label="Separate CFG inference (less memory)",
+    )
     mask_free_attention: bool = _param(
         True, "bool", "unpadded cached steps attend without a mask (exact)", scope="operator"
     )

@@ -24,7 +24,6 @@ k of a call with seed + k.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -83,33 +82,11 @@ class BatchReport:
 # --------------------------------------------------------------------------------------------------
 
 
-def _call_defaults(pipe: Any) -> dict[str, Any]:
-    """Keyword defaults of pipe.__call__ for the boolean flags (the pipeline's own defaults)."""
-    signature = inspect.signature(type(pipe).__call__)
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if name in PARAMETERS and p.default is not inspect.Parameter.empty and p.default is not None
-    }
-
-
-def resolve_params(
-    pipe: Any, request: Request, call_defaults: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def resolve_params(pipe: Any, request: Request) -> dict[str, Any]:
     """Every generation parameter of `request` with the pipeline's defaults filled in; height and width
-    are the size of the image that will come out. Raises ValueError for sizes the model cannot make."""
-    d = pipe.defaults
-    params: dict[str, Any] = {
-        "height": d.height,
-        "width": d.width,
-        "num_inference_steps": d.num_inference_steps,
-        "guidance_scale": float(d.guidance_scale),
-        "img_guidance_scale": float(d.img_guidance_scale),
-        "negative_prompt": d.negative_prompt,
-        "max_input_image_size": d.max_input_image_size,
-        **(call_defaults if call_defaults is not None else _call_defaults(pipe)),
-        **request.params,
-    }
+    are the size of the image that will come out. Raises ValueError for values the model cannot take."""
+    cfg = pipe.defaults.replace(**request.params)
+    params: dict[str, Any] = {name: getattr(cfg, name) for name in PARAMETERS}
     config = pipe.model.config
     pipe.processor.check_max_input_image_size(params["max_input_image_size"])
     if params.get("use_input_image_size_as_output"):
@@ -219,11 +196,10 @@ def consecutive_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]
 def _validate(
     pipe: Any, requests: Sequence[Request], on_error: OnError
 ) -> tuple[dict[int, dict[str, Any]], list[BadLine]]:
-    call_defaults = _call_defaults(pipe)
     params, bad = {}, []
     for index, request in enumerate(requests):
         try:
-            params[index] = resolve_params(pipe, request, call_defaults)
+            params[index] = resolve_params(pipe, request)
         except (ValueError, TypeError, OSError) as err:
             if on_error == "fatal":
                 raise RequestError(f"line {request.line} (id {request.id!r}): {err}") from err
