@@ -16,7 +16,11 @@ def _range(low: float | None, high: float | None) -> str:
         return f">= {low}"
     if high is not None:
         return f"<= {high}"
-    return "any value"
+    return ""
+
+
+def _space(text: str) -> str:
+    return f" {text}" if text else ""
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
@@ -24,9 +28,9 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int {_range(low, high)}, got {value!r:.60}")
+        raise TypeError(f"{name} must be an int{_space(_range(low, high))}, got {value!r:.60}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be an int {_range(low, high)}, got {value}")
+        raise ValueError(f"{name} must be an int{_space(_range(low, high))}, got {value}")
     return value
 
 
@@ -37,13 +41,14 @@ def check_float(
     allowed = (
         _range(low, high) if not low_open else f"> {low}" + (f" and <= {high}" if high is not None else "")
     )
+    allowed = _space(allowed)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a finite number {allowed}, got {value!r:.60}")
+        raise TypeError(f"{name} must be a finite number{allowed}, got {value!r:.60}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{allowed}, got {value!r}")
     return float(value)
 
 
