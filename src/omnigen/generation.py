@@ -143,6 +143,7 @@ class GenerationConfig:
         "skip layers at near-identical steps (omnigen.step_cache; None: off)",
         low=0,
         optional=True,
+        aliases=("--step-cache",),
         label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",
     )
     vae_tiling: bool = _param(False, "bool", "decode large images tile by tile")
