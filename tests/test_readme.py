@@ -432,3 +432,46 @@ def test_block_reader_markers_commands_and_errors():
         read_blocks("<!-- readme-test: skip -->\n```bash\nls\n```\n")
     with pytest.raises(ValueError, match="malformed"):
         read_blocks("<!-- readme-test: sikp (x) -->\n```bash\nls\n```\n")
+
+
+# ------------------------------------------------------------------------- what a new user ran into
+def test_the_load_log_names_the_folder_and_its_layout(model_folder, caplog):
+    from omnigen.checkpoint import load_model
+
+    with caplog.at_level("INFO", logger="omnigen.checkpoint"):
+        load_model(model_folder)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "omnigen.checkpoint"]
+    assert str(model_folder) in message and "official layout; 2 layers, hidden 32" in message, message
+
+
+def test_demo_without_gradio_says_so_before_loading_a_model(monkeypatch, caplog):
+    import importlib.util
+
+    from omnigen.cli import main
+    from omnigen.pipeline import OmniGenPipeline
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a)
+    )
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the gradio check")
+
+    monkeypatch.setattr(OmniGenPipeline, "from_pretrained", no_loading)
+    assert main(["demo"]) == 2
+    assert "the demo needs gradio: pip install 'omnigen-unified[demo]'" in caplog.text
+
+
+def test_the_code_map_names_every_module():
+    text = README.read_text()
+    table = text[text.index("## Code map") :].split("\n## ")[0]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", table))
+    package = ROOT / "src" / "omnigen"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        folder = relative.split("/")[0] + "/"
+        if path.name != "__init__.py" and relative not in named and folder not in named:
+            missing.append(relative)
+    assert not missing, f"README's code map lacks {missing}"
