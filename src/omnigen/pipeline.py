@@ -34,6 +34,7 @@ from omnigen.checkpoint import load_model, resolve_model_path
 from omnigen.collate import collate
 from omnigen.guidance import combine
 from omnigen.model import ConditionCache, OmniGenModel
+from omnigen.placement import place_model
 from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
 from omnigen.sampling import euler_sample, make_noise
 from omnigen.step_cache import StepCache
@@ -310,7 +311,8 @@ class OmniGenPipeline:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents)."""
         config = self.model.config
         names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
-        # Each branch: the prompts of all samples, repeated per image of a prompt.
+        # Each branch: one row per prompt, whatever ``per_prompt``: the model broadcasts each condition row
+        # (and its cache row) over the prompt's images, so the prefill and the cache do not grow with it.
         branch_prompts = []
         for name in names:
             texts = [getattr(b, name) for b in branches]
@@ -318,7 +320,7 @@ class OmniGenPipeline:
                 processed[i] if name == "cond" else self.processor(text, imgs, template=True)
                 for i, (text, imgs) in enumerate(texts)
             ]
-            branch_prompts.append([p for p in procs for _ in range(per_prompt)])
+            branch_prompts.append(procs)
         all_prompts = [p for group in branch_prompts for p in group]
         latents = self._encode_images(all_prompts)
         dtype = next(self.model.parameters()).dtype
@@ -397,31 +399,13 @@ class OmniGenPipeline:
         return velocity
 
     def _place_model(self, offload_model: bool) -> None:
-        """With ``offload_model`` the decoder layers live on the CPU and visit the device one at a time
-        (the transformer moves them); otherwise each lives on its device of ``omnigen.placement`` if the
-        model was split, else on the pipeline's device. Everything else lives on the pipeline's device."""
-        layers = self.model.llm.layers
-        placed = self.model.llm.layer_devices
-        if offload_model or placed is None:
-            wanted = torch.device("cpu") if offload_model else self.device
-            if next(layers.parameters()).device != wanted:
-                layers.to(wanted)
-        else:
-            for layer, device in zip(layers, placed):
-                if next(layer.parameters()).device != device:
-                    layer.to(device)
-        if next(self.model.x_embedder.parameters()).device != self.device:
-            for name, child in self.model.named_children():
-                if name != "llm":
-                    child.to(self.device)
-            self.model.llm.embed_tokens.to(self.device)
-            self.model.llm.norm.to(self.device)
-            self.model.llm.rotary.materialize(self.device)
-            self.model.pos_embed = self.model.pos_embed.to(self.device)
+        """Layers streamed from the host with ``offload_model``, else on their devices (``place_model``)."""
+        place_model(self.model, self.device, offload_layers=offload_model)
 
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
         self.model.llm.layer_devices = None
+        self.model.llm.offloaded = None
         self.model.to(self.device)
         self.model.materialize_buffers(self.device)
         self.codec.to(self.device)
