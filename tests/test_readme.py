@@ -88,7 +88,10 @@ SETUP = (
     (re.compile(r"^\. \S+/bin/activate$"), "activates it"),
     (re.compile(r"^pip install "), "installs into it"),
 )
-SETUP_NOTE = ".ci/run runs the README's test command (set-up included; test_ci_runs_the_readme_test_command)"
+SETUP_NOTE = (
+    "CI's .ci/run runs these steps of the README's test command, the dev extras included "
+    "(test_ci_runs_the_readme_test_command)"
+)
 
 # Commands that serve until stopped: started, waited for (this path answers 200), stopped after the block.
 SERVERS = {"omnigen demo": "/", "omnigen serve": "/health"}
