@@ -367,8 +367,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from omnigen.pipeline import OmniGenPipeline
 
+    if importlib.util.find_spec("gradio") is None:  # say so before the model loads
+        raise ImportError("the demo needs gradio: pip install 'omnigen-unified[demo]'")
     pipe = OmniGenPipeline.from_pretrained(args.model, device=args.device, vae_path=args.vae)
     launch_demo(build_demo(pipe), host=args.host, port=args.port)
     return 0
