@@ -47,6 +47,7 @@ from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
 from omnigen.model.embeddings import sincos_2d
 from omnigen.model.layers import RMSNorm
+from omnigen.model.offload import MAX_RESIDENT_LAYERS
 from omnigen.pipeline import OmniGenPipeline
 from omnigen.processor import OmniGenProcessor, cfg_prompts
 from omnigen.vae import AutoencoderKLCodec
@@ -242,12 +243,13 @@ def estimate_gpu_gb(config: OmniGenConfig, lengths: list[int], n: int, mode: str
     params = _meta_model(config).num_parameters() + config.pos_embed_max_size**2 * t.hidden_size
     options = MODES[mode]
     weights = params * nbytes
-    if options.get("offload_model"):  # one visiting layer on the device, the rest on the host
-        weights -= (t.num_layers - 1) * layer_params * nbytes
+    visiting = min(MAX_RESIDENT_LAYERS, t.num_layers)  # streamed layers on the device at once
+    if options.get("offload_model"):  # a few visiting layers on the device, the rest on the host
+        weights -= (t.num_layers - visiting) * layer_params * nbytes
     kv_per_token = 2 * t.num_kv_heads * t.head_dim * nbytes  # per layer
     kv = sum(lengths) * t.num_layers * kv_per_token
     if options["offload_kv_cache"]:
-        kv = sum(lengths) * kv_per_token  # one layer's cache visits the device
+        kv = sum(lengths) * visiting * kv_per_token  # a few layers' caches visit the device
     rows = [lengths] if not options["separate_cfg_infer"] else [[x] for x in lengths]
 
     def layer_bytes(tokens: int, keys: int) -> int:

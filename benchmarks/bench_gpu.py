@@ -310,7 +310,7 @@ def task_flops(pipe: OmniGenPipeline, task: str, args: argparse.Namespace) -> di
 def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.Tensor | None, bool]:  # noqa: ANN001
     """Seconds for ``--steps`` steps, peak GB, final latents (None when fewer steps ran), cached FLOPs?
 
-    ``offload_model`` moves every layer to the device and back at each forward, so it runs
+    ``offload_model`` streams every layer's weights from the host at each forward (slow), so it runs
     ``--offload-steps`` steps and its time is scaled to ``--steps`` (its latents are then not compared)."""
     call, cached, unused_gb = contender_call(name, pipe, task, args, device)
     steps = min(args.steps, args.offload_steps) if name == "offload_model" else args.steps

@@ -121,8 +121,8 @@ def test_mask_free_step_equals_masked_step(model, tokenizer, rgb_image, with_ima
             got, want = model(x, tt, cache=free), model(x, tt, cache=masked)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(got, model(x, tt, condition=condition), atol=1e-5, rtol=0)
-    assert free.step_inputs[n][1] is None, "no padding: the step must run without a mask"
-    assert masked.step_inputs[n][1] is not None
+    assert free.step_inputs[(n, 1)][1] is None, "no padding: the step must run without a mask"
+    assert masked.step_inputs[(n, 1)][1] is not None
 
 
 def test_padded_rows_keep_the_mask(model, tokenizer):
@@ -137,7 +137,7 @@ def test_padded_rows_keep_the_mask(model, tokenizer):
         torch.testing.assert_close(
             model(x, t, cache=cache), model(x, t, condition=condition), atol=1e-5, rtol=0
         )
-    assert cache.step_inputs[n][1] is not None
+    assert cache.step_inputs[(n, 2)][1] is not None
 
 
 def test_pipeline_mask_free_option_is_exact(pipeline, rgb_image):

@@ -243,8 +243,14 @@ def load_model(
         model.load_state_dict({name: tensor}, strict=False, assign=True)
     model.materialize_buffers(device)
     model.eval()
+    shape = config.transformer
     logger.info(
-        "loaded %s OmniGen model (%d parameters) from %s", layout.kind, model.num_parameters(), folder
+        "loaded the model in %s (%s layout; %d layers, hidden %d, %s parameters)",
+        folder,
+        layout.kind,
+        shape.num_layers,
+        shape.hidden_size,
+        f"{model.num_parameters():,}",
     )
     return model, layout
 

@@ -322,12 +322,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from omnigen.cli_args import generation_overrides, load_pipeline
 
-    try:
-        import gradio  # noqa: F401 - fail before the model loads
-    except ImportError as err:
-        raise ImportError("the demo needs gradio: pip install 'omnigen-unified[demo]'") from err
+    if importlib.util.find_spec("gradio") is None:  # say so before the model loads
+        raise ImportError("the demo needs gradio: pip install 'omnigen-unified[demo]'")
     modes = generation_overrides(args, generation.names("operator"))
     pipe = load_pipeline(args).with_defaults(**modes)
     launch_demo(build_demo(pipe), host=args.host, port=args.port)

@@ -43,11 +43,10 @@ def combine(branches: list[torch.Tensor], scale: float, img_scale: float) -> tor
     raise ValueError(f"expected 2 or 3 CFG branches, got {len(branches)}")
 
 
-def branch_rows(
-    processor: Any, processed: list[ProcessedPrompt], branches: list, per_prompt: int
-) -> list[list]:
-    """Per CFG branch, the processed prompt of every row: the prompts of all samples, each repeated once
-    per image of that prompt. ``branches``: the samples' ``processor.CfgPrompts``."""
+def branch_rows(processor: Any, processed: list[ProcessedPrompt], branches: list) -> list[list]:
+    """Per CFG branch, the processed prompt of every row: one row per prompt, whatever the images per
+    prompt (the model broadcasts each condition row, and its cache row, over the prompt's images, so the
+    prefill and the cache do not grow with them). ``branches``: the samples' ``processor.CfgPrompts``."""
     names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
     rows = []
     for name in names:
@@ -56,7 +55,7 @@ def branch_rows(
             processed[i] if name == "cond" else processor(text, images, template=True)
             for i, (text, images) in enumerate(texts)
         ]
-        rows.append([p for p in prompts for _ in range(per_prompt)])
+        rows.append(prompts)
     return rows
 
 

@@ -38,7 +38,7 @@ from omnigen.collate import collate
 from omnigen.generation import GenerationConfig
 from omnigen.guidance import branch_rows, guided_velocity
 from omnigen.model import OmniGenModel
-from omnigen.placement import place_for_call, resolve_dtype
+from omnigen.placement import place_model, resolve_dtype
 from omnigen.processor import OmniGenProcessor, cfg_prompts, resized_size
 from omnigen.sampling import make_noise
 from omnigen.solvers import plan, solve
@@ -181,7 +181,7 @@ class OmniGenPipeline:
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
-        place_for_call(self.model, self.device, cfg.offload_model)
+        place_model(self.model, self.device, offload_layers=cfg.offload_model)
         per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
@@ -243,7 +243,7 @@ class OmniGenPipeline:
         ``hooks``: (step-end callback, progress bar, decode)."""
         callback, progress, decode = hooks
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
-        rows = branch_rows(self.processor, processed, branches, per_prompt)
+        rows = branch_rows(self.processor, processed, branches)
         all_rows = [p for group in rows for p in group]
         latents = self._encode_images(all_rows)
         dtype = next(self.model.parameters()).dtype
@@ -280,6 +280,7 @@ class OmniGenPipeline:
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
         self.model.llm.layer_devices = None
+        self.model.llm.offloaded = None
         self.model.to(self.device)
         self.model.materialize_buffers(self.device)
         self.codec.to(self.device)

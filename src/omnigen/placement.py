@@ -6,9 +6,8 @@ transformer (``Transformer.layer_devices``), which then moves the hidden states 
 tables and mask) from one device to the next and back. Everything else (embeddings, time embedders,
 final norm and head, ~1% of OmniGen-v1) goes to ``devices[0]``, which should be the pipeline's device.
 The condition cache's keys/values live where their layer ran. Runs are sequential: one device works at
-a time, so this buys memory, not speed. ``pipeline.to(device)`` undoes the split.
-
-``place_for_call`` is the pipeline's placement before each call (offloaded layers, a split, or one device).
+a time, so this buys memory, not speed. ``pipeline.to(device)`` undoes the split. ``place_model`` puts a
+model where one pipeline call runs it (split, on one device, or with its layers offloaded).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from omnigen.model.offload import offload_layers as offload_layers_to_host
 from omnigen.quantize import tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,8 @@ def place_layers(
                     f"device {devices[d]!s} needs {need} bytes for its layers but memory gives it {have}; "
                     f"the model needs {sum(load)} bytes in all"
                 )
-    for name, child in model.named_children():
-        if name != "llm":
-            child.to(targets[0])
-    for child in (llm.embed_tokens, llm.norm, llm.rotary):
-        child.to(targets[0])
-    model.pos_embed = model.pos_embed.to(targets[0])
+    llm.offloaded = None
+    _place_rest(model, targets[0])
     for layer, device in zip(llm.layers, plan):
         layer.to(targets[device])
     llm.layer_devices = [targets[d] for d in plan]
@@ -89,28 +85,34 @@ def place_layers(
     return placement
 
 
-def place_for_call(model: nn.Module, device: torch.device, offload_model: bool) -> None:
-    """Where ``model`` runs a call: with ``offload_model`` the decoder layers live on the CPU and visit the
-    device one at a time (the transformer moves them); otherwise each lives on its device of
-    ``place_layers`` if the model was split, else on ``device``. Everything else lives on ``device``."""
-    layers = model.llm.layers
-    placed = model.llm.layer_devices
-    if offload_model or placed is None:
-        wanted = torch.device("cpu") if offload_model else device
-        if next(layers.parameters()).device != wanted:
-            layers.to(wanted)
+def place_model(model: nn.Module, device: torch.device, offload_layers: bool = False) -> None:
+    """Where a call runs: with ``offload_layers`` the decoder layers' weights live on the host and stream to
+    ``device`` (``omnigen.model.offload``); otherwise each layer lives on its device of ``place_layers``
+    if the model was split, else on ``device``. Everything else lives on ``device``. Moves only what is
+    elsewhere."""
+    llm = model.llm
+    if offload_layers:
+        offload_layers_to_host(llm)
     else:
-        for layer, target in zip(layers, placed):
+        llm.offloaded = None
+        devices = llm.layer_devices or [device] * len(llm.layers)
+        for layer, target in zip(llm.layers, devices):
             if next(layer.parameters()).device != target:
                 layer.to(target)
     if next(model.x_embedder.parameters()).device != device:
-        for name, child in model.named_children():
-            if name != "llm":
-                child.to(device)
-        model.llm.embed_tokens.to(device)
-        model.llm.norm.to(device)
-        model.llm.rotary.materialize(device)
-        model.pos_embed = model.pos_embed.to(device)
+        _place_rest(model, device)
+
+
+def _place_rest(model: nn.Module, device: torch.device) -> None:
+    """Everything but the decoder layers (embeddings, time embedders, final norm and head) to ``device``."""
+    for name, child in model.named_children():
+        if name != "llm":
+            child.to(device)
+    llm = model.llm
+    llm.embed_tokens.to(device)
+    llm.norm.to(device)
+    llm.rotary.materialize(device)
+    model.pos_embed = model.pos_embed.to(device)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

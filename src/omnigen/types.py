@@ -50,13 +50,3 @@ class Condition:
             token_mask=self.token_mask.to(device),
             image_latents=[[x.to(device=device, dtype=dtype) for x in row] for row in self.image_latents],
         )
-
-    def select(self, rows: list[int]) -> Condition:
-        """The sub-batch of the given rows (padding is kept; masks make it harmless)."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
-        return Condition(
-            input_ids=self.input_ids.index_select(0, index),
-            token_mask=self.token_mask.index_select(0, index),
-            image_spans=[self.image_spans[r] for r in rows],
-            image_latents=[self.image_latents[r] for r in rows],
-        )

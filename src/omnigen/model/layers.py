@@ -128,6 +128,8 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         """x (B, L, D); mask (B, L, S) bool with S = past length + L. Returns output and this call's (k, v).
 
+        ``past`` (Bc, K, Lc, E) may have fewer rows than x: each serves B // Bc consecutive rows of x.
+
         ``mask=None`` is a sampling step without padding: the first query (the time token) sees the cached
         keys and itself, every other query (the output tokens) sees every key. That is two mask-free SDPA
         calls (one query, then L - 1 queries), which fused kernels (flash attention) can take.
@@ -141,8 +143,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         new_kv = (k, v)
         if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=2)  # (B, K, S, E)
-            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+            k, v = _prepend(past[0], k), _prepend(past[1], v)  # (B, K, S, E)
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -154,6 +155,19 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, L, E)
         out = out.transpose(1, 2).reshape(batch, length, q_size)
         return self.o_proj(out), new_kv
+
+
+def _prepend(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """[past | new] along the keys: past (Bc, K, Lc, E), new (B, K, L, E) -> (B, K, Lc + L, E).
+
+    Each past row serves B // Bc consecutive rows of ``new``: it is broadcast (``expand``, a view) into
+    the concatenation, so the only copy is the concatenation itself, as with one past row per row."""
+    rows = past.shape[0]
+    if rows == new.shape[0]:
+        return torch.cat([past.to(new.dtype), new], dim=2)
+    new = new.unflatten(0, (rows, new.shape[0] // rows))  # (Bc, copies, K, L, E)
+    past = past.to(new.dtype)[:, None].expand(-1, new.shape[1], -1, -1, -1)  # (Bc, copies, K, Lc, E)
+    return torch.cat([past, new], dim=3).flatten(0, 1)
 
 
 class GatedMLP(nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 
 from omnigen import masks
 from omnigen.config import OmniGenConfig
-from omnigen.model.cache import ConditionCache
+from omnigen.model.cache import ConditionCache, copies_per_row
 from omnigen.model.embeddings import (
     FinalLayer,
     PatchEmbed,
@@ -155,7 +155,9 @@ class OmniGenModel(nn.Module):
     ) -> torch.Tensor:
         """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] -> velocity (B, C, H, W).
 
-        Give exactly one of ``condition`` (full pass) or ``cache`` (a prefilled condition).
+        Give exactly one of ``condition`` (full pass) or ``cache`` (a prefilled condition). Either may have
+        fewer rows than x (Bc dividing B): each of its rows then serves B // Bc consecutive rows of x
+        (several images of one prompt), broadcast rather than stored once per image.
         ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
         their residual from an earlier step (``omnigen.step_cache``).
         """
@@ -166,12 +168,15 @@ class OmniGenModel(nn.Module):
         n = step.shape[1] - 1
         if cache is not None:
             sequence = step
-            positions, mask, rope = self._cached_step_inputs(cache, n)
+            positions, mask, rope = self._cached_step_inputs(cache, n, x.shape[0])
         else:
-            token_mask = condition.token_mask
-            sequence = torch.cat([self.embed_condition(condition), step], dim=1)  # (B, Lc + 1 + N, D)
+            copies = copies_per_row(x.shape[0], condition.batch_size)
+            token_mask = condition.token_mask.repeat_interleave(copies, dim=0)  # (B, Lc)
+            spans = [row for row in condition.image_spans for _ in range(copies)]
+            embeds = self.embed_condition(condition).repeat_interleave(copies, dim=0)  # (B, Lc, D)
+            sequence = torch.cat([embeds, step], dim=1)  # (B, Lc + 1 + N, D)
             positions = masks.full_positions(token_mask, n)
-            mask = masks.full_mask(token_mask, condition.image_spans, n)
+            mask = masks.full_mask(token_mask, spans, n)
             rope = self.llm.rotary(positions, positions[:, -1])
         run = partial(
             self.llm,
@@ -189,16 +194,18 @@ class OmniGenModel(nn.Module):
         return self._velocity(hidden, t_emb, height, width)
 
     def _cached_step_inputs(
-        self, cache: ConditionCache, n: int
+        self, cache: ConditionCache, n: int, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """Positions, mask (None when the step can run mask-free) and rotary of a step; the same at every
-        step, so built once per cache and output size."""
-        if n not in cache.step_inputs:
-            positions = masks.step_positions(cache.token_mask, n)
-            mask_free = cache.mask_free and bool(cache.token_mask.all())
-            mask = None if mask_free else masks.step_mask(cache.token_mask, n)
-            cache.step_inputs[n] = (positions, mask, self.llm.rotary(positions, positions[:, -1]))
-        return cache.step_inputs[n]
+        """Positions, mask (None when the step can run mask-free) and rotary of a step over ``batch`` rows;
+        the same at every step, so built once per cache, output size and row count."""
+        key = (n, batch)
+        if key not in cache.step_inputs:
+            token_mask = cache.step_token_mask(batch)  # (B, Lc)
+            positions = masks.step_positions(token_mask, n)
+            mask_free = cache.mask_free and bool(token_mask.all())
+            mask = None if mask_free else masks.step_mask(token_mask, n)
+            cache.step_inputs[key] = (positions, mask, self.llm.rotary(positions, positions[:, -1]))
+        return cache.step_inputs[key]
 
     def _layers_with_step_cache(
         self,

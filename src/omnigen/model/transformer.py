@@ -3,12 +3,15 @@
 Besides the plain pass it can: run a sub-range of its layers (the step cache runs the first layer, then
 decides whether to run the rest), keep an fp32 residual stream under fp16 weights (``fp16_guard``), and
 run its layers spread over several devices (``layer_devices``, set by ``omnigen.placement``), moving the
-hidden states from one device to the next.
+hidden states from one device to the next, or stream offloaded weights and keys/values to the device layer
+by layer (``omnigen.model.offload``).
 
 Legend: B batch, L query length, Lc cached length, D hidden.
 """
 
 from __future__ import annotations
+
+from contextlib import closing
 
 import torch
 from torch import nn
@@ -17,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from omnigen.config import TransformerConfig
 from omnigen.model.cache import ConditionCache
 from omnigen.model.layers import Block, RMSNorm, RotaryEmbedding
+from omnigen.model.offload import OffloadedWeights, Streamer, stream_layers
 
 
 class Transformer(nn.Module):
@@ -33,6 +37,8 @@ class Transformer(nn.Module):
         self.fp16_guard = True
         # Device of each layer when the stack is split over devices (omnigen.placement); None: one device.
         self.layer_devices: list[torch.device] | None = None
+        # Host master weights of the layers under ``offload_layers`` (omnigen.model.offload); None: off.
+        self.offloaded: OffloadedWeights | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -55,7 +61,8 @@ class Transformer(nn.Module):
 
         ``past``: a filled cache whose keys/values are prepended at every layer.
         ``collect``: an empty cache that receives this call's keys/values (a prefill).
-        ``offload_layers``: layers live on the CPU and visit ``x.device`` one at a time.
+        ``offload_layers``: the layers' weights live on the host (``self.offloaded``) and stream to
+        ``x.device`` one layer at a time (``omnigen.model.offload``).
         ``rope``: precomputed rotary cos/sin for ``position_ids`` (skips recomputing them).
         ``layer_range``: run only layers [start, stop) (default all).
         ``normalize``: apply the final norm; without it the raw residual stream is returned (fp32 when the
@@ -66,23 +73,32 @@ class Transformer(nn.Module):
             rope = self.rotary(position_ids, row_max_position)
         start, stop = (0, len(self.layers)) if layer_range is None else layer_range
         home = x.device
+        if offload_layers and self.offloaded is None:
+            raise ValueError(
+                "offload_layers=True needs omnigen.model.offload.offload_layers(transformer) first"
+            )
+        weights = self.offloaded if offload_layers else None
+        placed = self.layer_devices
+        devices = [home] * len(self.layers) if offload_layers or placed is None else placed
         if self.compute_dtype == torch.float16 and self.fp16_guard:
             x = x.float()
-        for index in range(start, stop):
-            layer = self.layers[index]
-            if offload_layers:
-                layer.to(x.device)
-            elif self.layer_devices is not None and x.device != self.layer_devices[index]:
-                x, rope, mask = _move(self.layer_devices[index], x, rope, mask)
-            layer_past = None if past is None else past.get(index, x.device)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, kv = checkpoint(layer, x, rope, mask, layer_past, use_reentrant=False)
-            else:
-                x, kv = layer(x, rope, mask, layer_past)
-            if collect is not None:
-                collect.append(kv)
-            if offload_layers:
-                layer.to("cpu")
+        streamer = Streamer()
+        kv_layers = None if past is None else past.layers
+        on_host = offload_layers or (past is not None and past.offload)
+        run = stream_layers(range(start, stop), devices, streamer, weights, kv_layers, stream=on_host)
+        with closing(run) as layers:
+            for index, layer_past in layers:
+                if x.device != devices[index]:
+                    x, rope, mask = _move(devices[index], x, rope, mask)
+                layer = self.layers[index]
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x, kv = checkpoint(layer, x, rope, mask, layer_past, use_reentrant=False)
+                else:
+                    x, kv = layer(x, rope, mask, layer_past)
+                if collect is not None:
+                    collect.append(streamer.to_host(kv) if collect.offload else kv)
+        if collect is not None and collect.offload:
+            streamer.finish()  # the host copies are complete before anyone reads them
         x = x.to(home)
         return self.finish(x) if normalize else x
 
