@@ -193,10 +193,13 @@ class GenerationConfig:
                     )
 
     def replace(self, **overrides: Any) -> GenerationConfig:
-        """This config with ``overrides`` (None = keep the default), validated; unknown names are errors."""
+        """This config with ``overrides`` (None = keep the default), validated; an unknown name is a
+        TypeError."""
         unknown = sorted(set(overrides) - set(names()))
-        if unknown:
-            raise ValueError(f"unknown generation parameter(s) {unknown}; allowed: {names()}")
+        if unknown:  # a TypeError, as Python's own for a call with an unknown keyword
+            raise TypeError(
+                f"unexpected keyword argument {unknown[0]!r}: not a generation parameter; allowed: {names()}"
+            )
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     # ------------------------------------------------------------------ files
