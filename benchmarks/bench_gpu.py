@@ -44,7 +44,8 @@ from bench_fullsize import build_random_model, full_config, input_images  # noqa
 from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, flops  # noqa: E402
 
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig  # noqa: E402
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline  # noqa: E402
+from omnigen.generation import GenerationConfig
+from omnigen.pipeline import OmniGenPipeline  # noqa: E402
 from omnigen.processor import cfg_prompts  # noqa: E402
 from omnigen.quantize import quantize_int8  # noqa: E402
 from omnigen.sampling import make_noise  # noqa: E402
@@ -134,7 +135,7 @@ def build(args: argparse.Namespace, device: Device) -> OmniGenPipeline:
     config = tiny_config() if args.tiny else full_config()
     model = build_random_model(config, torch.bfloat16, device.device)
     vae = build_vae("tiny" if args.tiny else "sdxl").to(device.device, torch.bfloat16)
-    defaults = GenerationDefaults(height=args.size, width=args.size, max_input_image_size=args.size)
+    defaults = GenerationConfig(height=args.size, width=args.size, max_input_image_size=args.size)
     return OmniGenPipeline(model, AutoencoderKLCodec(vae), build_tokenizer(), defaults, device.device)
 
 

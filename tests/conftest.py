@@ -111,10 +111,11 @@ def model(config):
 
 @pytest.fixture(scope="session")
 def pipeline(model, tokenizer):
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.vae import AutoencoderKLCodec
 
-    defaults = GenerationDefaults(
+    defaults = GenerationConfig(
         height=32,
         width=32,
         num_inference_steps=3,
@@ -140,13 +141,13 @@ def rgb_image():
 def model_folder(tmp_path_factory, model, tokenizer):
     """An official-layout folder (config.json, model.safetensors, tokenizer.json, vae/)."""
     from omnigen.checkpoint import save_model
-    from omnigen.pipeline import GenerationDefaults
+    from omnigen.generation import GenerationConfig
 
     folder = tmp_path_factory.mktemp("tiny-omnigen")
     save_model(model, folder)
     tokenizer.save(folder)
     tiny_vae().save_pretrained(str(folder / "vae"))
-    GenerationDefaults(
+    GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
     ).save(folder)
     return folder

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
-import inspect
 import io
 import socket
 import threading
@@ -101,7 +100,7 @@ def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> Non
 
 
 def test_openapi_schema_documents_every_parameter(pipeline):
-    from omnigen.pipeline import OmniGenPipeline
+    from omnigen import generation
 
     with client_for(pipeline) as client:
         schema = client.get("/openapi.json").json()
@@ -111,9 +110,9 @@ def test_openapi_schema_documents_every_parameter(pipeline):
     content = post["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     properties = set(content["application/json"]["schema"]["properties"])
-    internal = {"self", "input_images", "callback_on_step_end", "progress", "output_type"}
-    parameters = set(inspect.signature(OmniGenPipeline.__call__).parameters) - internal
+    parameters = {"prompt", *generation.names("request")}
     assert parameters <= properties, parameters - properties
+    assert not set(generation.names("operator")) & properties  # memory modes are serve flags
     assert {"images", "response_format"} <= properties
     assert content["multipart/form-data"]["schema"]["properties"]["images"]["items"]["format"] == "binary"
     assert "image/png" in post["responses"]["200"]["content"]

@@ -3,7 +3,7 @@
 Folder layouts understood by ``resolve_layout``:
 - official OmniGen-v1 (and ours): ``config.json`` (Phi-3 form) + ``model.safetensors`` (original key
   names, optionally sharded with ``model.safetensors.index.json``) + tokenizer files + optional ``vae/``
-  (ours may carry ``codec.json`` instead of ``vae/`` and ``generation_config.json``);
+  (ours may carry ``codec.json`` instead of ``vae/`` and ``omnigen_generation.json``);
 - diffusers: ``transformer/`` (config.json + diffusion_pytorch_model*.safetensors), ``vae/``,
   ``tokenizer/``; weights renamed through ``keymap``.
 Never unpickles anything.

@@ -15,7 +15,6 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -186,7 +185,7 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
             "id": settings.model_name,
             "object": "model",
             "owned_by": "omnigen",
-            "defaults": asdict(pipeline.defaults),
+            "defaults": pipeline.defaults.to_dict(),
             "image_multiple": config.image_multiple,
             "max_image_size": config.max_image_size,
             "limits": settings.limits(),

@@ -18,49 +18,55 @@ from typing import Any, Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omnigen import generation
 from omnigen.serve.settings import ServeSettings
 from omnigen.tags import validate_image_tags
 
 MAX_SEED = 2**53  # exact in JSON numbers
 
 
-class GenerationRequest(BaseModel):
-    """Body of POST /v1/images/generations. Unset fields take the model's defaults."""
+def _request_field(name: str) -> tuple[Any, Any]:
+    """The pydantic type and Field of one request-scope field of GenerationConfig (unset: the model's)."""
+    param = generation.param(name)
+    limits: dict[str, Any] = {}
+    if param.low is not None:
+        limits["gt" if param.low_open else "ge"] = param.low
+    if param.high is not None:
+        limits["le"] = param.high
+    if name == "seed":
+        limits["le"] = MAX_SEED
+    if param.kind == "float":
+        limits["allow_inf_nan"] = False
+    kind = Literal[param.choices] if param.choices else param.python_type  # type: ignore[valid-type]
+    return kind | None, Field(
+        None, description=f"{param.help} ({param.describe()}; unset: the model's)", **limits
+    )
 
-    model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(description="instruction; input image k is referenced as <img><|image_k|></img>")
-    images: list[str] = Field(
-        default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
-    )
-    model: str | None = Field(None, description="must name the served model when given")
-    negative_prompt: str | None = None
-    height: int | None = Field(None, ge=1)
-    width: int | None = Field(None, ge=1)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    img_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    use_img_guidance: bool = True
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when unset; returned either way")
-    use_kv_cache: bool = True
-    offload_kv_cache: bool = True
-    offload_model: bool = False
-    separate_cfg_infer: bool = True
-    use_input_image_size_as_output: bool = False
-    max_input_image_size: int | None = Field(None, ge=1)
-    num_images_per_prompt: int = Field(1, ge=1)
-    step_cache_threshold: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="reuse the decoder's output on near-identical steps"
-    )
-    mask_free_attention: bool = True
-    vae_tiling: bool = False
-    response_format: Literal["png", "b64_json"] = Field(
-        "png", description="png: the image itself (one image only); b64_json: JSON with base64 PNGs"
-    )
+# Body of POST /v1/images/generations: the request-scope fields of GenerationConfig, plus the request's own.
+# The operator-scope fields (memory modes) are flags of ``omnigen serve``, never a request's.
+GenerationRequest = create_model(
+    "GenerationRequest",
+    __config__=ConfigDict(extra="forbid"),
+    prompt=(str, Field(description="instruction; input image k is referenced as <img><|image_k|></img>")),
+    images=(
+        list[str],
+        Field(
+            default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
+        ),
+    ),
+    model=(str | None, Field(None, description="must name the served model when given")),
+    response_format=(
+        Literal["png", "b64_json"],
+        Field("png", description="png: the image itself (one image only); b64_json: JSON with base64 PNGs"),
+    ),
+    **{name: _request_field(name) for name in generation.names("request")},
+)
+REQUEST_ONLY = ("prompt", "images", "model", "response_format")
 
 
 class ImageData(BaseModel):
@@ -281,22 +287,28 @@ def pipeline_kwargs(
             f"model {req.model!r} is not served; use {settings.model_name!r}",
             field="model",
         )
-    d = pipe.defaults
-    steps = req.num_inference_steps or d.num_inference_steps
-    if steps > settings.max_steps:
-        message = f"num_inference_steps={steps} exceeds the limit max_steps={settings.max_steps}"
+    overrides = req.model_dump(exclude=set(REQUEST_ONLY), exclude_none=True)
+    try:
+        cfg = pipe.defaults.replace(**overrides)
+    except (ValueError, TypeError) as err:
+        where = next((name for name in overrides if name in str(err)), None)
+        raise ApiError(422, "invalid_request", str(err), field=where) from err
+    if cfg.num_inference_steps > settings.max_steps:
+        message = (
+            f"num_inference_steps={cfg.num_inference_steps} exceeds the limit max_steps={settings.max_steps}"
+        )
         raise ApiError(400, "limit_exceeded", message, limit="max_steps", field="num_inference_steps")
-    if req.num_images_per_prompt > settings.max_outputs:
-        message = f"num_images_per_prompt={req.num_images_per_prompt} exceeds the limit max_outputs={settings.max_outputs}"
+    if cfg.num_images_per_prompt > settings.max_outputs:
+        message = f"num_images_per_prompt={cfg.num_images_per_prompt} exceeds the limit max_outputs={settings.max_outputs}"
         raise ApiError(400, "limit_exceeded", message, limit="max_outputs", field="num_images_per_prompt")
-    if req.response_format == "png" and req.num_images_per_prompt > 1:
+    if req.response_format == "png" and cfg.num_images_per_prompt > 1:
         message = "response_format 'png' returns one image; use 'b64_json' for num_images_per_prompt > 1"
         raise ApiError(400, "invalid_request", message, field="response_format")
     try:
         validate_image_tags(req.prompt, len(images))
     except ValueError as err:
         raise ApiError(400, "invalid_request", str(err), field="prompt") from err
-    if req.use_input_image_size_as_output:
+    if cfg.use_input_image_size_as_output:
         if len(images) != 1:
             raise ApiError(
                 400,
@@ -304,11 +316,11 @@ def pipeline_kwargs(
                 "use_input_image_size_as_output needs exactly one input image",
                 field="images",
             )
-        longest = req.max_input_image_size or d.max_input_image_size
+        longest = cfg.max_input_image_size
         scale = min(1.0, longest / max(images[0].size))
         pixels = images[0].width * images[0].height * scale * scale
     else:
-        height, width = req.height or d.height, req.width or d.width
+        height, width = cfg.height, cfg.width
         try:
             pipe.model.config.check_image_size(height, width, "output")
         except (ValueError, TypeError) as err:
@@ -319,6 +331,12 @@ def pipeline_kwargs(
     if pixels > settings.max_pixels:
         message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
         raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
-    kwargs = req.model_dump(exclude={"images", "model", "response_format"})
-    kwargs.update(prompt=req.prompt, input_images=images or None, num_inference_steps=steps)
-    return kwargs
+    tokens = pipe.condition_tokens(req.prompt, [image.size for image in images], cfg.max_input_image_size)
+    if tokens > settings.max_condition_tokens:
+        message = (
+            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size} "
+            f"make {tokens} condition tokens; limit max_condition_tokens is {settings.max_condition_tokens} "
+            "(use smaller or fewer images, or a lower max_input_image_size)"
+        )
+        raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
+    return {"prompt": req.prompt, "input_images": images or None, **overrides}

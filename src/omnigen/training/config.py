@@ -123,7 +123,12 @@ class TrainConfig:
     )
     val_every: int = field(default=0, metadata={"help": "steps between validations (0: checkpoint_every)"})
     val_samples: int = field(default=256, metadata={"help": "validate on the first N val_data rows"})
-    generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
+    generation: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "omnigen_generation.json of the result: fields of omnigen.generation.GenerationConfig"
+        },
+    )
 
     def __post_init__(self) -> None:
         choices = {
@@ -164,6 +169,9 @@ class TrainConfig:
             _check_int("grow_intermediate", self.grow_intermediate, 1)
         if not isinstance(self.keep_raw_resolution, bool):
             raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
+        from omnigen.generation import GenerationConfig
+
+        GenerationConfig.from_dict(self.generation, "generation")  # a bad key or value fails at load
         if self.latent_cache is not None and (
             not isinstance(self.latent_cache, str) or not self.latent_cache
         ):

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
+from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.pipeline import GenerationDefaults
 from omnigen.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
@@ -410,4 +410,4 @@ def export(model: OmniGenModel, tokenizer: Tokenizer, codec, folder: Path, gener
     save_model(model, folder)
     tokenizer.save(folder)
     codec.save(folder)
-    GenerationDefaults(**generation).save(folder)
+    GenerationConfig.from_dict(generation, "generation").save(folder)
