@@ -282,3 +282,74 @@ def test_other_samplers_run_with_the_cache_and_both_cfg_modes(pipeline, rgb_imag
         torch.testing.assert_close(out, no_cache, atol=1e-4, rtol=1e-4)
     shifted = pipeline(prompt, time_shift=3.0, **kwargs)
     assert not torch.allclose(shifted, euler, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ condition budget
+
+
+def test_resized_size_matches_resize_and_crop(rgb_image):
+    from omnigen.processor import resize_and_crop, resized_size
+
+    for width, height, longest in [(40, 36, 32), (100, 30, 32), (130, 140, 32), (20, 24, 64), (33, 17, 16)]:
+        image = rgb_image(width, height)
+        assert resized_size(width, height, longest, 4) == resize_and_crop(image, longest, 4).size
+
+
+def test_condition_tokens_is_the_prefill_length(pipeline, rgb_image):
+    prompt = "<img><|image_1|></img> and <img><|image_2|></img> side by side"
+    images = [rgb_image(40, 36), rgb_image(24, 64)]
+    real = pipeline.processor(prompt, images, 32)
+    assert pipeline.condition_tokens(prompt, [im.size for im in images], 32) == len(real.input_ids)
+    assert pipeline.condition_tokens(prompt, [im.size for im in images], 16) < len(real.input_ids)
+
+
+def test_service_refuses_a_condition_over_the_budget(pipeline, rgb_image):
+    import base64
+    import io
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from omnigen.serve.app import create_app
+    from omnigen.serve.settings import ServeSettings
+
+    buffer = io.BytesIO()
+    rgb_image(32, 32).save(buffer, format="PNG")
+    body = {
+        "prompt": "<img><|image_1|></img> make it blue",
+        "images": [base64.b64encode(buffer.getvalue()).decode()],
+        "num_inference_steps": 1,
+        "response_format": "b64_json",
+    }
+    tokens = pipeline.condition_tokens(body["prompt"], [(32, 32)])
+    with TestClient(create_app(pipeline, ServeSettings(max_condition_tokens=tokens - 1))) as client:
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["limit"] == "max_condition_tokens" and f"{tokens} condition tokens" in error["message"]
+        assert f"max_condition_tokens is {tokens - 1}" in error["message"]
+        assert client.get("/v1/models").json()["data"][0]["limits"]["max_condition_tokens"] == tokens - 1
+    with TestClient(create_app(pipeline, ServeSettings(max_condition_tokens=tokens))) as client:
+        assert client.post("/v1/images/generations", json=body).status_code == 200
+
+
+def test_batch_refuses_a_condition_over_the_budget(pipeline, rgb_image, tmp_path):
+    from omnigen.batch import read_requests, run_batch
+
+    rgb_image(40, 36).save(tmp_path / "in.png")
+    lines = [
+        {"id": "small", "prompt": "a red circle", "num_inference_steps": 1},
+        {
+            "id": "big",
+            "prompt": "<img><|image_1|></img> blue",
+            "input_images": ["in.png"],
+            "num_inference_steps": 1,
+        },
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    requests, bad = read_requests(tmp_path / "r.jsonl")
+    assert not bad
+    budget = pipeline.condition_tokens(requests[1].prompt, [(40, 36)]) - 1
+    report = run_batch(pipeline, requests, tmp_path / "out", max_condition_tokens=budget, progress=False)
+    assert report.generated == 1 and [b.line for b in report.bad_lines] == [2]
+    assert f"the budget max_condition_tokens is {budget}" in report.bad_lines[0].reason

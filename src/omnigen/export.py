@@ -230,7 +230,7 @@ def export(
 
     if layout not in LAYOUTS:  # before loading anything
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae)
+    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=None)  # as stored
     stored = next(pipe.model.parameters()).dtype
     if lora is not None:
         if stored != torch.float32:  # merge at full precision

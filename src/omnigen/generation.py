@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 GENERATION_FILE = "omnigen_generation.json"
 OLD_GENERATION_FILE = "generation_config.json"  # our name before transformers' file of that name collided
 SCOPES = ("request", "operator", "model")
+# The default budget of condition tokens (prompt text + every input image) per request of ``omnigen serve``
+# and line of ``omnigen batch``: three 1024 x 1024 inputs of OmniGen-v1 (3 x 4096) and a long prompt.
+MAX_CONDITION_TOKENS = 16384
 DEFAULT_NEGATIVE_PROMPT = (
     "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
     "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "

@@ -39,7 +39,7 @@ from omnigen.generation import GenerationConfig
 from omnigen.guidance import branch_rows, guided_velocity
 from omnigen.model import OmniGenModel
 from omnigen.placement import place_for_call, resolve_dtype
-from omnigen.processor import OmniGenProcessor, cfg_prompts
+from omnigen.processor import OmniGenProcessor, cfg_prompts, resized_size
 from omnigen.sampling import make_noise
 from omnigen.solvers import plan, solve
 from omnigen.step_cache import StepCache
@@ -205,6 +205,17 @@ class OmniGenPipeline:
             image.info["seed"] = seed + k
             pil.append(image)
         return pil
+
+    def condition_tokens(
+        self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
+    ) -> int:
+        """Tokens of the conditional prompt (its text and every input image, given as (width, height)
+        before resizing): the length of one prefill row, what a service budgets before running it."""
+        longest = self.defaults.replace(max_input_image_size=max_input_image_size).max_input_image_size
+        multiple = self.model.config.image_multiple
+        sizes = [resized_size(w, h, longest, multiple) for w, h in image_sizes]
+        stand_ins = [torch.zeros(1).expand(3, h, w) for w, h in sizes]  # shapes only, no memory
+        return len(self.processor(prompt, stand_ins).input_ids)
 
     def _encode_images(self, conditions: list[ProcessedPrompt]) -> list[list[torch.Tensor]]:
         """Latents of every input image, each distinct tensor encoded once."""

@@ -61,6 +61,16 @@ def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
         raise ValueError(f"cannot read input image {name}: {err}") from err
 
 
+def resized_size(width: int, height: int, max_size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) that ``resize_and_crop`` gives an image of this size, without touching pixels."""
+    while min(width, height) >= 2 * max_size:
+        width, height = width // 2, height // 2
+    if max(width, height) > max_size:
+        scale = max_size / max(width, height)
+        width, height = round(width * scale), round(height * scale)
+    return width - width % multiple, height - height % multiple
+
+
 def resize_and_crop(image: Image.Image, max_size: int, multiple: int) -> Image.Image:
     """Halve with a box filter while the short side is ≥ 2·max_size, scale (bicubic) so the long side is
     at most max_size, then centre-crop each side down to a multiple of ``multiple``."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from omnigen.cli_args import add_model_args, load_pipeline
+from omnigen.generation import MAX_CONDITION_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def add_batch_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-condition-tokens",
+        type=int,
+        default=MAX_CONDITION_TOKENS,
+        help=f"budget of prompt + input-image tokens per request; 0: none (default: {MAX_CONDITION_TOKENS})",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +111,7 @@ def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs): 
             barrier=ctx.barrier,
             model=str(args.model) if args.model is not None else None,
             progress=not args.no_progress,
+            max_condition_tokens=args.max_condition_tokens or None,
             **kwargs,
         )
     finally:

@@ -72,6 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=d.max_outputs,
         help=f"num_images_per_prompt (default: {d.max_outputs})",
     )
+    p.add_argument(
+        "--max-condition-tokens",
+        type=int,
+        default=d.max_condition_tokens,
+        help=f"prompt + input-image tokens per request (default: {d.max_condition_tokens})",
+    )
     p.set_defaults(func=_run)
 
 
@@ -84,6 +90,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         max_steps=args.max_steps,
         max_images=args.max_images,
         max_outputs=args.max_outputs,
+        max_condition_tokens=args.max_condition_tokens,
         timeout_s=args.timeout,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.model_name,

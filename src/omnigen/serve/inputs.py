@@ -334,4 +334,12 @@ def pipeline_kwargs(
     if pixels > settings.max_pixels:
         message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
         raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
+    tokens = pipe.condition_tokens(req.prompt, [image.size for image in images], cfg.max_input_image_size)
+    if tokens > settings.max_condition_tokens:
+        message = (
+            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size} "
+            f"make {tokens} condition tokens; limit max_condition_tokens is {settings.max_condition_tokens} "
+            "(use smaller or fewer images, or a lower max_input_image_size)"
+        )
+        raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
     return {"prompt": req.prompt, "input_images": images or None, **overrides}
