@@ -118,6 +118,10 @@ def test_openapi_schema_documents_every_parameter(pipeline):
     assert "image/png" in post["responses"]["200"]["content"]
     assert {"400", "401", "404", "413", "429", "500", "504"} <= set(post["responses"])
     assert "ErrorResponse" in schema["components"]["schemas"]
+    edit_form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert {"image", "mask", "prompt", "n", "size", *generation.names("request")} <= set(
+        edit_form["schema"]["properties"]
+    )
 
 
 def test_health_and_models(pipeline):
