@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
 import os
 import socket
@@ -279,6 +280,13 @@ class MaskingPipeline:
         return self._pipe(prompt, input_images=input_images, **kwargs)
 
 
+class NoMaskPipeline(MaskingPipeline):
+    """A pipeline without masked editing (no `mask` parameter)."""
+
+    def __call__(self, *args, **kwargs):
+        return self._pipe(*args, **kwargs)
+
+
 class FailingPipeline(MaskingPipeline):
     def __call__(self, *args, **kwargs):
         raise RuntimeError("out of memory")
@@ -309,14 +317,31 @@ def test_mask_becomes_the_pipelines_white_is_regenerate_mask(pipeline, rgb_image
     assert refused.status_code == 400 and "no alpha channel" in refused.json()["error"]["message"]
 
 
-def test_mask_is_refused_until_the_pipeline_has_one(pipeline, rgb_image):
-    with TestClient(create_app(pipeline, ServeSettings())) as http:
+def test_mask_is_refused_by_a_pipeline_without_masked_editing(pipeline, rgb_image):
+    with TestClient(create_app(NoMaskPipeline(pipeline), ServeSettings())) as http:
         response = http.post(EDITS, data={"prompt": "make it blue"}, files=edit_parts(rgb_image, rgba_mask()))
         stats = http.get("/health").json()
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "mask" and "mask not supported yet" in error["message"]
     assert stats["jobs"]["accepted"] == 0
+
+
+def test_masked_edit_keeps_the_opaque_pixels(pipeline, rgb_image):
+    """Through the real pipeline once it has masked editing (omnigen.inpaint): the opaque half is kept."""
+    if "mask" not in inspect.signature(pipeline).parameters:
+        pytest.skip(
+            "masked editing (omnigen.inpaint) is not in OmniGenPipeline yet; the route refuses a mask"
+        )
+    source = rgb_image(32, 32, seed=4)
+    with TestClient(create_app(pipeline, ServeSettings())) as http:
+        data = {"prompt": "make it blue", "seed": "1", "response_format": "png"}
+        response = http.post(EDITS, data=data, files=edit_parts(rgb_image, rgba_mask()))
+    assert response.status_code == 200, response.text
+    with Image.open(io.BytesIO(response.content)) as out:
+        assert out.size == (32, 32)
+        kept = (16, 0, 32, 32)  # the mask's opaque right half
+        assert out.convert("RGB").crop(kept).tobytes() == source.crop(kept).tobytes()
 
 
 def test_prompt_tags_are_prepended_only_when_missing():
