@@ -79,6 +79,7 @@ SUBSTITUTIONS = (
     Substitution("--port 7860", "--port {demo_port}", "a free port"),
     Substitution("--port 8000", "--port {serve_port}", "a free port"),
     Substitution("localhost:8000", "localhost:{serve_port}", "the same free port"),
+    Substitution("127.0.0.1:8000", "127.0.0.1:{serve_port}", "the same free port"),
     Substitution("curl -s ", "curl -s --fail-with-body ", "an HTTP error fails the command"),
 )
 
@@ -122,7 +123,20 @@ def test_readme_blocks_run(tmp_path, model_folder, monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     namespace: dict = {"__name__": "readme"}
     report: list[str] = []
+    servers: list[subprocess.Popen] = []  # a shell block's servers live through the next block (its client)
+    try:
+        _run_blocks(scratch, values, env, namespace, report, servers)
+    finally:
+        for proc in servers:
+            _stop(proc)
+    skipped = [line for line in report if "SKIPPED" in line or "not run" in line]
+    print(f"\nREADME blocks ({len(skipped)} skipped or set-up parts):\n" + "\n".join(report))
+    assert any(line.endswith("ran") for line in report)
+
+
+def _run_blocks(scratch: Path, values: dict, env: dict, namespace: dict, report: list, servers: list) -> None:
     for block in read_blocks(README.read_text()):
+        started_before = list(servers)
         if block.marker == "skip":
             report.append(f"{block.where}: SKIPPED, marked in the README: {block.argument}")
             continue
@@ -134,16 +148,16 @@ def test_readme_blocks_run(tmp_path, model_folder, monkeypatch):
             _run_python(block, text, namespace)
             report.append(f"{block.where}: ran")
         elif block.language in RUN_LANGUAGES:
-            _run_shell(block, text, scratch, env, report)
+            _run_shell(block, text, scratch, env, report, servers)
         elif block.language in DATA_LANGUAGES:
             report.append(f"{block.where}: data, not a command")
         else:
             pytest.fail(
                 f"{block.where}: a block in {block.language or 'no language'}: label it {RUN_LANGUAGES}"
             )
-    skipped = [line for line in report if "SKIPPED" in line or "not run" in line]
-    print(f"\nREADME blocks ({len(skipped)} skipped or set-up parts):\n" + "\n".join(report))
-    assert any(line.endswith("ran") for line in report)
+        for proc in started_before:
+            _stop(proc)
+            servers.remove(proc)
 
 
 # ------------------------------------------------------------------------------------------- runners
@@ -154,40 +168,36 @@ def _run_python(block: Block, text: str, namespace: dict) -> None:
         pytest.fail(f"{block.where} failed:\n{text}\n{traceback.format_exc(limit=-3)}")
 
 
-def _run_shell(block: Block, text: str, scratch: Path, env: dict, report: list[str]) -> None:
-    servers: list[tuple[subprocess.Popen, Path]] = []
-    try:
-        for command in shell_commands(Block(block.line, block.language, text)):
-            parts = chain(command.text)
-            for part in parts:
-                reason = _setup_reason(part)
-                if reason:
-                    report.append(
-                        f"README.md:{command.line}: not run, set-up ({reason}; {SETUP_NOTE}): {part}"
-                    )
-            rest = " && ".join(part for part in parts if not _setup_reason(part))
-            if not rest:
-                continue
-            where = f"README.md:{command.line}"
-            server = next((path for prefix, path in SERVERS.items() if rest.startswith(prefix)), None)
-            if server is not None:
-                servers.append(_start_server(where, rest, server, scratch, env))
-                report.append(f"{where}: started and answered {server}, stopped after its block: {rest}")
-                continue
-            proc = subprocess.run(
-                ["bash", "-c", rest],
-                cwd=scratch,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=COMMAND_TIMEOUT_S,
-            )
-            if proc.returncode != 0:
-                pytest.fail(f"{where} exited {proc.returncode}: {rest}\n{_tail(proc.stdout + proc.stderr)}")
-            report.append(f"{where}: ran: {rest}")
-    finally:
-        for proc, _ in servers:
-            _stop(proc)
+def _run_shell(
+    block: Block, text: str, scratch: Path, env: dict, report: list[str], servers: list[subprocess.Popen]
+) -> None:
+    """Runs a shell block's commands; servers it starts join `servers` (stopped after the next block)."""
+    for command in shell_commands(Block(block.line, block.language, text)):
+        parts = chain(command.text)
+        for part in parts:
+            reason = _setup_reason(part)
+            if reason:
+                report.append(f"README.md:{command.line}: not run, set-up ({reason}; {SETUP_NOTE}): {part}")
+        rest = " && ".join(part for part in parts if not _setup_reason(part))
+        if not rest:
+            continue
+        where = f"README.md:{command.line}"
+        server = next((path for prefix, path in SERVERS.items() if rest.startswith(prefix)), None)
+        if server is not None:
+            servers.append(_start_server(where, rest, server, scratch, env)[0])
+            report.append(f"{where}: started and answered {server}, stopped after the next block: {rest}")
+            continue
+        proc = subprocess.run(
+            ["bash", "-c", rest],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"{where} exited {proc.returncode}: {rest}\n{_tail(proc.stdout + proc.stderr)}")
+        report.append(f"{where}: ran: {rest}")
 
 
 def _start_server(where: str, command: str, path: str, scratch: Path, env: dict):

@@ -14,7 +14,10 @@ API_KEY_ENV = "OMNIGEN_API_KEY"
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = ServeSettings()
-    p = sub.add_parser("serve", help="HTTP API: POST /v1/images/generations (FastAPI + uvicorn)")
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API in OpenAI's Images API shape: /v1/images/generations, /v1/images/edits (FastAPI)",
+    )
     add_model_args(p, device_default="cpu")
     g = p.add_argument_group("memory modes (for every request; not a request field)")
     add_generation_args(g, scopes=("operator",))
