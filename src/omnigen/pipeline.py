@@ -33,9 +33,11 @@ from PIL import Image
 from omnigen.checkpoint import load_model, resolve_model_path
 from omnigen.collate import collate
 from omnigen.guidance import combine
+from omnigen.inpaint import CanvasMask, MaskedEdit, prepare_masks
 from omnigen.model import ConditionCache, OmniGenModel
 from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
-from omnigen.sampling import euler_sample, make_noise
+from omnigen.sampling import make_noise
+from omnigen.solvers import plan, solve
 from omnigen.step_cache import StepCache
 from omnigen.tokenizer import Tokenizer
 from omnigen.types import Condition, ProcessedPrompt
@@ -190,6 +192,8 @@ class OmniGenPipeline:
         step_cache_threshold: float | None = None,
         mask_free_attention: bool = True,
         vae_tiling: bool = False,
+        mask=None,  # noqa: ANN001 - omnigen.inpaint.MaskLike, or a list of them (one per prompt)
+        mask_blur: float = 0,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
 
@@ -203,8 +207,13 @@ class OmniGenPipeline:
         attention without a mask when the rows have no padding (exact; off only for comparisons).
         ``vae_tiling``: decode with diffusers' tiled decoder (less memory for large images; the result
         differs slightly where tiles blend; no effect with a codec that has no tiled decoder).
+
+        ``mask`` (``omnigen.inpaint``): regenerate only where it is white on the first input image (the
+        canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
+        seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
         """
         d = self.defaults
+        height_given, width_given = height, width
         prompts, images = self._normalise(prompt, input_images)
         pick = lambda value, default: default if value is None else value  # noqa: E731
         height, width = pick(height, d.height), pick(width, d.width)
@@ -231,6 +240,10 @@ class OmniGenPipeline:
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if step_cache_threshold is not None:
             StepCache(step_cache_threshold, steps)  # validates the threshold
+        masks = prepare_masks(
+            mask, images, mask_blur, max_input, self.model.config.image_multiple, not isinstance(prompt, str)
+        )
+        _check_mask_size(masks, height_given, width_given)
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
@@ -241,6 +254,7 @@ class OmniGenPipeline:
             tuple(proc.pixel_values[0].shape[-2:]) if use_input_image_size_as_output else (height, width)
             for proc in processed
         ]
+        sizes = [size if m is None else m.size for size, m in zip(sizes, masks)]
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
@@ -272,15 +286,20 @@ class OmniGenPipeline:
                 [seed + i * num_images_per_prompt for i in rows],
                 num_images_per_prompt,
                 options,
+                [masks[i] for i in rows],
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
+        flat_masks = [m for m in masks for _ in range(num_images_per_prompt)]
+        if output_type == "pt":
+            flat = [x if m is None else m.composite(x) for x, m in zip(flat, flat_masks)]
         if output_type != "pil":
             return torch.stack(flat)
         pil = []
-        for k, pixels in enumerate(flat):
+        for k, (pixels, m) in enumerate(zip(flat, flat_masks)):
             image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
+            image = image if m is None else m.composite_image(image)
             image.info["seed"] = seed + k
             pil.append(image)
         return pil
@@ -306,6 +325,7 @@ class OmniGenPipeline:
         seeds: list[int],
         per_prompt: int,
         options: _SamplingOptions,
+        masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents)."""
         config = self.model.config
@@ -340,7 +360,11 @@ class OmniGenPipeline:
         )
         callback = options.callback
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
-        z = euler_sample(velocity, z, options.steps, callback=step_callback, progress=options.progress)
+        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
+        project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
+        z = solve(
+            velocity, z, plan("euler", options.steps), project, step_callback, progress=options.progress
+        )
         if step_cache is not None:
             logger.info(
                 "step cache: ran all layers at %d of %d steps", step_cache.num_computed, options.steps
@@ -478,6 +502,16 @@ class OmniGenPipeline:
         from omnigen import lora
 
         lora.unload_lora(self.model)
+
+
+def _check_mask_size(masks: list[CanvasMask | None], height: int | None, width: int | None) -> None:
+    """With a mask the output has the canvas's size; an explicit other height/width is an error."""
+    for m in masks:
+        if m is not None and (height not in (None, m.size[0]) or width not in (None, m.size[1])):
+            raise ValueError(
+                f"with a mask the output has the canvas's size {m.size[0]}x{m.size[1]} (height x width), "
+                f"got height={height}, width={width}; leave them unset"
+            )
 
 
 @contextmanager
