@@ -232,6 +232,16 @@ def prepare_masks(
     return out
 
 
+def check_output_size(masks: Sequence[CanvasMask | None], height: int | None, width: int | None) -> None:
+    """With a mask the output has the canvas's size; an explicit other height/width is an error."""
+    for m in masks:
+        if m is not None and (height not in (None, m.size[0]) or width not in (None, m.size[1])):
+            raise ValueError(
+                f"with a mask the output has the canvas's size {m.size[0]}x{m.size[1]} (height x width), "
+                f"got height={height}, width={width}; leave them unset"
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # Latent space: the per-step blend
 # --------------------------------------------------------------------------------------------------

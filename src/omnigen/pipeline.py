@@ -33,7 +33,7 @@ from PIL import Image
 from omnigen.checkpoint import load_model, resolve_model_path
 from omnigen.collate import collate
 from omnigen.guidance import combine
-from omnigen.inpaint import CanvasMask, MaskedEdit, prepare_masks
+from omnigen.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
 from omnigen.model import ConditionCache, OmniGenModel
 from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
 from omnigen.sampling import make_noise
@@ -192,7 +192,7 @@ class OmniGenPipeline:
         step_cache_threshold: float | None = None,
         mask_free_attention: bool = True,
         vae_tiling: bool = False,
-        mask=None,  # noqa: ANN001 - omnigen.inpaint.MaskLike, or a list of them (one per prompt)
+        mask: MaskLike | Sequence[MaskLike | None] | None = None,
         mask_blur: float = 0,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -243,7 +243,7 @@ class OmniGenPipeline:
         masks = prepare_masks(
             mask, images, mask_blur, max_input, self.model.config.image_multiple, not isinstance(prompt, str)
         )
-        _check_mask_size(masks, height_given, width_given)
+        check_output_size(masks, height_given, width_given)
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
@@ -502,16 +502,6 @@ class OmniGenPipeline:
         from omnigen import lora
 
         lora.unload_lora(self.model)
-
-
-def _check_mask_size(masks: list[CanvasMask | None], height: int | None, width: int | None) -> None:
-    """With a mask the output has the canvas's size; an explicit other height/width is an error."""
-    for m in masks:
-        if m is not None and (height not in (None, m.size[0]) or width not in (None, m.size[1])):
-            raise ValueError(
-                f"with a mask the output has the canvas's size {m.size[0]}x{m.size[1]} (height x width), "
-                f"got height={height}, width={width}; leave them unset"
-            )
 
 
 @contextmanager
