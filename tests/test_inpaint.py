@@ -18,6 +18,7 @@ EDIT = "make it blue <img><|image_1|></img>"
 def run(pipeline, prompt, images=None, **kw):
     kw.setdefault("seed", 3)
     kw.setdefault("progress", False)
+    kw.setdefault("num_inference_steps", 2)
     return pipeline(prompt, images, **kw)
 
 
@@ -26,7 +27,7 @@ def box_mask(width, height, box):
     array = np.zeros((height, width), dtype=np.uint8)
     left, top, right, bottom = box
     array[top:bottom, left:right] = 255
-    return Image.fromarray(array, mode="L")
+    return Image.fromarray(array)
 
 
 def kept(cm: CanvasMask) -> np.ndarray:
@@ -46,6 +47,8 @@ def test_pixels_outside_the_mask_are_the_inputs(pipeline, rgb_image, size, separ
     outside = np.asarray(mask) == 0
     assert np.array_equal(out[outside], source[outside])
     assert (out[~outside] != source[~outside]).any(), "the masked region was not regenerated"
+    if size != (16, 24):
+        return
     # the same in the tensor output, against the tensor the pipeline encodes
     pixels = run(pipeline, EDIT, [image], mask=mask, separate_cfg_infer=separate_cfg_infer, output_type="pt")
     assert pixels.shape == (1, 3, height, width)
@@ -54,13 +57,18 @@ def test_pixels_outside_the_mask_are_the_inputs(pipeline, rgb_image, size, separ
     )
 
 
-@pytest.mark.parametrize("separate_cfg_infer", [True, False])
-def test_shipped_model_changes_only_the_masked_cell(separate_cfg_infer):
-    from omnigen.data import miniworld as mw
-    from omnigen.data import miniworld_scene as ms
+@pytest.fixture(scope="module")
+def shipped():
     from omnigen.pipeline import OmniGenPipeline
 
-    pipe = OmniGenPipeline.from_pretrained(None)
+    return OmniGenPipeline.from_pretrained(None)
+
+
+@pytest.mark.parametrize("separate_cfg_infer", [True, False])
+def test_shipped_model_changes_only_the_masked_cell(shipped, separate_cfg_infer):
+    from omnigen.data import miniworld as mw
+    from omnigen.data import miniworld_scene as ms
+
     sample = mw.generate(1, 0, "heldout", tasks=["edit/recolour"])[0]
     source = ms.Scene.from_dict(sample.meta["input_scenes"][0])
     changed = [o.cell for o in source.objects if o.to_dict() not in sample.meta["scene"]["objects"]]
@@ -69,12 +77,13 @@ def test_shipped_model_changes_only_the_masked_cell(separate_cfg_infer):
     c = ms.cell_size(16)
     mask = np.zeros((16, 16), dtype=bool)
     mask[top : top + c, left : left + c] = True
-    kw = dict(seed=0, num_inference_steps=6, progress=False, separate_cfg_infer=separate_cfg_infer)
-    masked = np.asarray(pipe(sample.instruction, [sample.input_images[0]], mask=mask, **kw)[0])
-    free = np.asarray(pipe(sample.instruction, [sample.input_images[0]], **kw)[0])
+    kw = dict(seed=0, num_inference_steps=4, progress=False, separate_cfg_infer=separate_cfg_infer)
     source_pixels = sample.input_images[0]
+    masked = np.asarray(shipped(sample.instruction, [source_pixels], mask=mask, **kw)[0])
     assert np.array_equal(masked[~mask], source_pixels[~mask])
-    assert (free[~mask] != source_pixels[~mask]).any(), "the unmasked edit also regenerates the rest"
+    if separate_cfg_infer:
+        free = np.asarray(shipped(sample.instruction, [source_pixels], **kw)[0])
+        assert (free[~mask] != source_pixels[~mask]).any(), "the unmasked edit also regenerates the rest"
 
 
 def test_no_mask_is_todays_sampler_bit_for_bit(pipeline, rgb_image, monkeypatch):
@@ -207,7 +216,7 @@ def test_blend_follows_the_inputs_flow_path_outside_the_mask():
 def test_masks_of_every_kind_read_the_same():
     array = np.zeros((6, 8), dtype=np.uint8)
     array[1:4, 2:5] = 255
-    want = Image.fromarray(array, mode="L")
+    want = Image.fromarray(array)
     rgba = np.zeros((6, 8, 4), dtype=np.uint8)
     rgba[..., :3] = 255  # white everywhere, but only the stroke is opaque
     rgba[..., 3] = array
@@ -216,7 +225,7 @@ def test_masks_of_every_kind_read_the_same():
         want.convert("1"),
         want.convert("RGB"),
         want.convert("P"),
-        Image.fromarray(rgba, mode="RGBA"),
+        Image.fromarray(rgba),
         Image.fromarray(array.astype(np.uint16) * 257),
         array > 0,
         array,
@@ -224,6 +233,7 @@ def test_masks_of_every_kind_read_the_same():
         np.repeat(array[..., None], 3, axis=2),
         torch.from_numpy(array > 0),
         torch.from_numpy(array / 255.0).float()[None],
+        torch.from_numpy(array / 255.0).bfloat16(),
     ]
     for kind in kinds:
         assert np.array_equal(np.asarray(load_mask(kind)), array), type(kind)

@@ -67,10 +67,8 @@ def _array_to_l(array: np.ndarray) -> Image.Image:
     elif array.dtype != np.uint8:
         raise TypeError(f"a mask array must be bool, uint8, uint16 or float in [0, 1], got {array.dtype}")
     if array.ndim == 2:
-        return Image.fromarray(array, mode="L")
-    return _image_to_l(
-        Image.fromarray(np.ascontiguousarray(array), mode="RGB" if array.shape[-1] == 3 else "RGBA")
-    )
+        return Image.fromarray(array)
+    return _image_to_l(Image.fromarray(np.ascontiguousarray(array)))  # uint8 (H, W, 3|4): RGB or RGBA
 
 
 def _image_to_l(image: Image.Image) -> Image.Image:
@@ -84,7 +82,7 @@ def _image_to_l(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         luma = np.asarray(rgba.convert("L"), dtype=np.float64)
         alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
-        return Image.fromarray(np.rint(luma * alpha / 255.0).astype(np.uint8), mode="L")
+        return Image.fromarray(np.rint(luma * alpha / 255.0).astype(np.uint8))
     return image.convert("L")
 
 
@@ -95,6 +93,7 @@ def load_mask(mask: MaskLike) -> Image.Image:
         return _image_to_l(mask)
     if isinstance(mask, torch.Tensor):
         array = mask.detach().cpu()
+        array = array.float() if array.is_floating_point() else array  # numpy has no bfloat16
         if array.ndim == 3 and array.shape[0] in (1, 3, 4):
             array = array.permute(1, 2, 0)
         return _array_to_l(array.numpy())
@@ -172,7 +171,7 @@ class CanvasMask:
         got = np.asarray(output.convert("RGB"), dtype=np.float64)
         m = self.mask.double().numpy()[..., None]
         mixed = np.where(m == 1, got, np.where(m == 0, canvas, np.rint(m * got + (1 - m) * canvas)))
-        result = Image.fromarray(mixed.astype(np.uint8), mode="RGB")
+        result = Image.fromarray(mixed.astype(np.uint8))
         result.info.update(output.info)
         return result
 
