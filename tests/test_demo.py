@@ -200,13 +200,6 @@ def test_examples_cover_every_family_and_match_the_generator(tmp_path):
     assert json.loads((tmp_path / "examples.json").read_text())[0]["family"] == "text-to-image"
 
 
-def test_few_shot_template_matches_training():
-    from omnigen.demo_examples import FEW_SHOT_TEMPLATE
-    from omnigen.training.x2i import FEW_SHOT_TEMPLATE as TRAINING_TEMPLATE
-
-    assert FEW_SHOT_TEMPLATE == TRAINING_TEMPLATE
-
-
 def test_every_example_runs(pipeline):
     from PIL import Image
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
+from omnigen.tags import validate_image_tags
 
 EXAMPLES_FILE = "examples.json"
 MAX_INPUT_IMAGES = 3  # the demo's image slots (the original OmniGen app offers three)
@@ -39,11 +39,6 @@ EXAMPLE_KINDS: tuple[tuple[str, str], ...] = (
     ("few-shot", "few_shot/invert"),
     ("few-shot", "few_shot/wrapped"),
 )
-# Same as omnigen.training.x2i.FEW_SHOT_TEMPLATE (kept equal by tests/test_demo.py).
-FEW_SHOT_TEMPLATE = (
-    "Here is an example. Instruction: {example_instruction} Output: {example_output} "
-    "Now do the same for a new input. Instruction: {query_instruction}"
-)
 
 
 @dataclass(frozen=True)
@@ -52,6 +47,8 @@ class DemoExample:
     task: str  # miniworld task kind
     prompt: str
     images: tuple[Path, ...]  # tag k <-> images[k - 1]
+    seed: int = 0  # the generation seed the gallery documents (and the demo fills in)
+    sample: int | None = None  # the heldout sample seed it was drawn with (example_sample rebuilds it)
 
     @property
     def label(self) -> str:
@@ -74,7 +71,11 @@ def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
         if len(images) > MAX_INPUT_IMAGES:
             raise ValueError(f"{path}: example {index} has {len(images)} images (max {MAX_INPUT_IMAGES})")
         validate_image_tags(row["prompt"], len(images))
-        examples.append(DemoExample(row["family"], row["task"], row["prompt"], images))
+        examples.append(
+            DemoExample(
+                row["family"], row["task"], row["prompt"], images, row.get("seed", 0), row.get("sample")
+            )
+        )
     return examples
 
 
@@ -97,25 +98,39 @@ def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
 
 def _compose(sample) -> tuple[str, list]:  # noqa: ANN001
     """Prompt and images of a sample; few-shot samples get the training wrapper (example first)."""
-    if sample.few_shot is None:
-        return sample.instruction, list(sample.input_images)
-    shot = sample.few_shot
-    offset = len(shot["input_images"]) + 1
-    text = FEW_SHOT_TEMPLATE.format(
-        example_instruction=shot["instruction"],
-        example_output=image_tag(offset),
-        query_instruction=renumber_image_tags(sample.instruction, offset),
-    )
-    return text, [*shot["input_images"], shot["output_image"], *sample.input_images]
+    from omnigen.eval.miniworld import compose_few_shot
+
+    return compose_few_shot(sample.instruction, sample.input_images, sample.few_shot)
 
 
-def write_examples(folder: str | Path, seed: int = 7, size: int = 16) -> list[DemoExample]:
-    """Draw EXAMPLE_KINDS from the miniature world's heldout split; write PNGs and examples.json."""
+def example_kind(number: int) -> str:
+    """The miniworld kind example `number` is drawn from (its EXAMPLE_KINDS entry)."""
+    return EXAMPLE_KINDS[number][1]
+
+
+def example_sample(number: int, sample_seed: int, size: int = 16):  # noqa: ANN201
+    """The heldout sample behind example `number` (meta and target image, for scoring)."""
+    return _sample_for(example_kind(number), sample_seed, size)
+
+
+def write_examples(
+    folder: str | Path,
+    seed: int = 7,
+    size: int = 16,
+    picks: dict[int, tuple[int, int]] | None = None,
+) -> list[DemoExample]:
+    """Draw EXAMPLE_KINDS from the miniature world's heldout split; write PNGs and examples.json.
+
+    Example `number` is drawn with sample seed ``seed + number`` and documents generation seed 0,
+    unless ``picks[number] = (sample_seed, generation_seed)`` says otherwise
+    (scripts/pick_example_seeds.py chooses them with a model).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for number, (family, kind) in enumerate(EXAMPLE_KINDS):
-        sample = _sample_for(kind, seed + number, size)
+        sample_seed, generation_seed = (picks or {}).get(number, (seed + number, 0))
+        sample = example_sample(number, sample_seed, size)
         prompt, arrays = _compose(sample)
         stem = f"{number:02d}_{kind.replace('/', '_')}"
         names = []
@@ -123,9 +138,30 @@ def write_examples(folder: str | Path, seed: int = 7, size: int = 16) -> list[De
             names.append(f"{stem}_{k}.png")
             Image.fromarray(array).save(folder / names[-1], optimize=True)
         task = f"few_shot/{sample.meta['task']}" if kind == "few_shot/wrapped" else kind
-        rows.append({"family": family, "task": task, "prompt": prompt, "images": names})
+        rows.append(
+            {"family": family, "task": task, "prompt": prompt, "images": names}
+            | {"seed": generation_seed, "sample": sample_seed}
+        )
     (folder / EXAMPLES_FILE).write_text(json.dumps(rows, indent=1) + "\n")
     return load_examples(folder)
+
+
+def check_example(pipe, number: int, example: DemoExample, seed: int | None = None) -> bool:  # noqa: ANN001
+    """Whether `pipe` gets example `number` right (the miniworld scorer) at `seed` (default: its own)."""
+    import numpy as np
+
+    from omnigen.eval.miniworld_score import score_sample
+
+    if example.sample is None:
+        raise ValueError(f"example {number} ({example.label}) records no sample seed; redraw the gallery")
+    sample = example_sample(number, example.sample, pipe.defaults.height)
+    image = pipe(
+        example.prompt,
+        input_images=[Image.open(path) for path in example.images] or None,
+        seed=example.seed if seed is None else seed,
+        progress=False,
+    )[0]
+    return bool(score_sample(sample.meta, np.asarray(image.convert("RGB")), sample.output_image)["correct"])
 
 
 def main(argv: list[str] | None = None) -> int:

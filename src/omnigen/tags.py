@@ -1,12 +1,17 @@
 """Image tags in prompts: ``<img><|image_k|></img>``, k = 1..n, each image referenced exactly once.
 
-The one place that parses and validates them; the inference processor and the X2I data reader both
-call ``validate_image_tags``.
+The one place that parses and validates them (the inference processor and the X2I data reader both
+call ``validate_image_tags``) and that composes a few-shot prompt (``compose_few_shot``: training data,
+evaluation and the demo's gallery all call it).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 IMAGE_TAG_PATTERN = re.compile(r"<img><\|image_(\d+)\|></img>")
 BARE_TAG_PATTERN = re.compile(r"<\|image_(\d+)\|>")
@@ -81,3 +86,33 @@ def renumber_image_tags(text: str, offset: int) -> str:
 # --------------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------------
+
+
+# A worked example prepended to the query (the paper's few-shot format).
+FEW_SHOT_TEMPLATE = (
+    "Here is an example. Instruction: {example_instruction} Output: {example_output} "
+    "Now do the same for a new input. Instruction: {query_instruction}"
+)
+
+
+def compose_few_shot(
+    instruction: str,
+    input_images: Sequence[_T],
+    example_instruction: str,
+    example_inputs: Sequence[_T],
+    example_output: _T,
+) -> tuple[str, list[_T]]:
+    """Final prompt and ordered images (tag k <-> images[k-1]) of a query with one worked example.
+
+    FEW_SHOT_TEMPLATE is filled: the example's images are tags 1..m, its output tag m+1, the query's
+    images m+2... (the query's own tags renumbered). Works for any image type (paths, arrays, PIL).
+    """
+    offset = len(example_inputs) + 1
+    text = FEW_SHOT_TEMPLATE.format(
+        example_instruction=example_instruction,
+        example_output=image_tag(offset),
+        query_instruction=renumber_image_tags(instruction, offset),
+    )
+    images = [*example_inputs, example_output, *input_images]
+    validate_image_tags(text, len(images))
+    return text, images

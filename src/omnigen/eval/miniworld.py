@@ -1,8 +1,7 @@
 """``omnigen eval miniworld``: generate a split of the miniature world, run the pipeline, score it.
 
-Owns the in-memory few-shot prompt composition (`compose_few_shot`, the same rule as
-`omnigen.training.x2i.compose_instruction`, over any image type), batching of the samples and the
-summary: accuracy per family and per task (`omnigen.eval.miniworld_score`), and for the few-shot-only
+Owns the sample-to-prompt step (`compose_few_shot`, over `tags.compose_few_shot`), batching of the
+samples and the summary: accuracy per family and per task (`omnigen.eval.miniworld_score`), and for the few-shot-only
 tasks the score with the worked example against the same query without it. Writes nothing itself.
 
 Seeds: sample i is generated with noise seed `seed + i`; its no-example twin uses the same seed, so the
@@ -19,13 +18,12 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from omnigen import tags
 from omnigen.batch.runner import Job, consecutive_batches
 from omnigen.data import miniworld as mw
 from omnigen.data.miniworld_tasks import FEW_SHOT_ONLY_TASKS
 from omnigen.eval.common import format_table
 from omnigen.eval.miniworld_score import score_sample, summarize
-from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
-from omnigen.training.x2i import FEW_SHOT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +34,17 @@ MAIN, NO_EXAMPLE = "main", "no_example"
 def compose_few_shot(
     instruction: str, input_images: Sequence[_T], few_shot: Mapping[str, Any] | None
 ) -> tuple[str, list[_T]]:
-    """Final prompt and ordered images (tag k <-> images[k-1]). Without an example: unchanged. With one
-    ({"instruction", "input_images", "output_image"}): FEW_SHOT_TEMPLATE filled, example images are tags
-    1..m, the example output tag m+1, the query's images m+2... (x2i.compose_instruction's rule)."""
+    """Final prompt and ordered images of a miniworld sample (its `few_shot` dict
+    {"instruction", "input_images", "output_image"} or None): ``tags.compose_few_shot``'s rule."""
     if few_shot is None:
         return instruction, list(input_images)
-    example_inputs = list(few_shot["input_images"] or [])
-    offset = len(example_inputs) + 1
-    text = FEW_SHOT_TEMPLATE.format(
-        example_instruction=few_shot["instruction"],
-        example_output=image_tag(offset),
-        query_instruction=renumber_image_tags(instruction, offset),
+    return tags.compose_few_shot(
+        instruction,
+        input_images,
+        few_shot["instruction"],
+        list(few_shot["input_images"] or []),
+        few_shot["output_image"],
     )
-    images = [*example_inputs, few_shot["output_image"], *input_images]
-    validate_image_tags(text, len(images))
-    return text, images
 
 
 @dataclass(frozen=True)

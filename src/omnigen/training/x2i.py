@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from omnigen.tags import image_tag, renumber_image_tags, validate_image_tags
+from omnigen.tags import compose_few_shot, validate_image_tags
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ FEW_SHOT_KEYS = ("instruction", "input_images", "output_image")
 
 # Few-shot prompt (paper: an in-context example is prepended to the query). The example keeps its tags
 # 1..m, its output image is tag m+1 and the query's tags are shifted by m+1.
-FEW_SHOT_TEMPLATE = (
-    "Here is an example. Instruction: {example_instruction} Output: {example_output} "
-    "Now do the same for a new input. Instruction: {query_instruction}"
-)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -103,23 +99,18 @@ class _RowError(Exception):
 
 
 def compose_instruction(sample: X2ISample) -> tuple[str, list[Path]]:
-    """Final instruction text and its ordered image paths (tag k <-> paths[k-1]).
-
-    Without a few-shot example this is (instruction, input_images). With one, FEW_SHOT_TEMPLATE is
-    filled: example images are tags 1..m, the example output is tag m+1, query images are m+2...
-    """
+    """Final instruction text and its ordered image paths (tag k <-> paths[k-1]): the sample's own
+    without a few-shot example, ``tags.compose_few_shot``'s with one."""
     if sample.few_shot is None:
         return sample.instruction, list(sample.input_images)
     example = sample.few_shot
-    offset = len(example.input_images) + 1
-    text = FEW_SHOT_TEMPLATE.format(
-        example_instruction=example.instruction,
-        example_output=image_tag(offset),
-        query_instruction=renumber_image_tags(sample.instruction, offset),
+    return compose_few_shot(
+        sample.instruction,
+        sample.input_images,
+        example.instruction,
+        example.input_images,
+        example.output_image,
     )
-    images = [*example.input_images, example.output_image, *sample.input_images]
-    validate_image_tags(text, len(images))
-    return text, images
 
 
 # --------------------------------------------------------------------------------------------------
