@@ -212,6 +212,28 @@ def test_blend_follows_the_inputs_flow_path_outside_the_mask():
     assert MaskedEdit.prepare([None, None], _ScaleCodec(), noise) is None
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
+def test_every_solver_ends_on_the_inputs_latents_outside_the_mask(solver):
+    from omnigen.solvers import plan, solve
+
+    canvas = Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    m = torch.zeros(8, 8)
+    m[2:6, 4:] = 1.0
+    noise = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    edit = MaskedEdit.prepare([CanvasMask(canvas, m)], _ScaleCodec(), noise)
+    seen = []
+
+    def velocity(x, t):  # a field that would pull everything towards 0.3
+        seen.append(x.clone())
+        return 0.3 - x
+
+    got = solve(velocity, noise, plan(solver, 5), project=lambda x, t: edit.blend(x, t, noise))
+    keep = latent_mask(m, 2)[0] == 0
+    assert torch.equal(got[0][:, keep], edit.latents[0][:, keep])
+    assert not torch.equal(got[0][:, ~keep], edit.latents[0][:, ~keep])
+    assert len(seen) == 5
+
+
 # ---------------------------------------------------------------------------------------- mask input
 def test_masks_of_every_kind_read_the_same():
     array = np.zeros((6, 8), dtype=np.uint8)

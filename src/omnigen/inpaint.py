@@ -310,7 +310,8 @@ def outpaint(
     """Pad ``image`` by the given pixels on each side with ``fill`` (an RGB triple or a colour name) and
     return (padded image, mask): the mask is white over the padding. ``multiple`` > 1 grows the right and
     bottom padding until both sides are multiples of it (the pipeline centre-crops other sizes; 16 for
-    OmniGen-v1, ``model.config.image_multiple``)."""
+    OmniGen-v1, ``model.config.image_multiple``). The padded canvas is resized like any input image, so
+    give the call a ``max_input_image_size`` that holds it to keep its resolution."""
     picture = load_image(image)
     pads = {"left": left, "right": right, "top": top, "bottom": bottom, "multiple": multiple}
     for name, value in pads.items():
