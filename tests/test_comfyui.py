@@ -1,0 +1,410 @@
+"""The ComfyUI nodes (comfyui/), through a stand-in for ComfyUI's executor (tests/comfy_harness.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from comfy_harness import (
+    Executor,
+    FakeComfy,
+    InterruptProcessingException,
+    NodeError,
+    PromptError,
+    check_mappings,
+    core_nodes,
+    load_custom_node,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "comfyui"
+EXAMPLES = ROOT / "src" / "omnigen" / "assets" / "examples"
+WORKFLOW = PACKAGE / "workflows" / "omnigen_edit.json"
+LOADER = {
+    "class_type": "OmniGenLoader",
+    "inputs": {
+        "model_path": "",
+        "dtype": "auto",
+        "device": "cpu",
+        "offload_model": False,
+        "offload_kv_cache": True,
+    },
+}
+SETTINGS = {
+    "width": 16,
+    "height": 16,
+    "use_input_image_size": False,
+    "steps": 3,
+    "guidance_scale": 2.0,
+    "img_guidance_scale": 1.5,
+    "seed": 7,
+    "sampler": "euler",
+    "batch_size": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def package():
+    # The folder name a user gives the link (a dash, so it cannot hide the omnigen library).
+    return load_custom_node(PACKAGE, "omnigen-comfyui")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    inputs, outputs = tmp_path_factory.mktemp("input"), tmp_path_factory.mktemp("output")
+    for name in ("02_edit_recolour_1.png", "06_subject_pair_1.png", "06_subject_pair_2.png"):
+        shutil.copy(EXAMPLES / name, inputs / name)
+    return inputs, outputs
+
+
+@pytest.fixture(scope="module")
+def executor(package, folders):
+    """One executor for the module: the loader runs once and is reused from the cache, as in ComfyUI."""
+    return Executor({**core_nodes(*folders), **package.NODE_CLASS_MAPPINGS})
+
+
+def graph(prompt: str, images: tuple[str, ...] = (), **changes) -> dict:
+    nodes = {"1": LOADER}
+    generate = {"pipe": ["1", 0], "prompt": prompt, **SETTINGS, **changes}
+    for k, name in enumerate(images, start=1):
+        nodes[f"img{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        generate[f"image_{k}"] = [f"img{k}", 0]
+    nodes["gen"] = {"class_type": "OmniGenGenerate", "inputs": generate}
+    nodes["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": "t"}}
+    return nodes
+
+
+def run_image(executor: Executor, nodes: dict) -> tuple[torch.Tensor, object]:
+    results = executor.run(nodes)
+    return results["gen"]["outputs"][0][0], results["1"]["outputs"][0][0].pipeline
+
+
+def pipeline_pixels(pipeline, prompt: str, images: tuple[str, ...] = (), **changes) -> torch.Tensor:
+    """The pipeline's own output for the same settings (pixels in [-1, 1])."""
+    s = {**SETTINGS, **changes}
+    return pipeline(
+        prompt,
+        input_images=[Image.open(EXAMPLES / name) for name in images] or None,
+        height=s["height"],
+        width=s["width"],
+        num_inference_steps=s["steps"],
+        guidance_scale=s["guidance_scale"],
+        img_guidance_scale=s["img_guidance_scale"],
+        seed=s["seed"],
+        use_input_image_size_as_output=s["use_input_image_size"],
+        num_images_per_prompt=s["batch_size"],
+        output_type="pt",
+        progress=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ registration
+def test_package_registers_both_nodes_without_comfyui(package):
+    assert "comfy" not in sys.modules  # nothing of ComfyUI was needed to import it
+    assert set(package.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(package.NODE_DISPLAY_NAME_MAPPINGS) == set(package.NODE_CLASS_MAPPINGS)
+    generate = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"]
+    assert generate.RETURN_TYPES == ("IMAGE",)
+    assert package.NODE_CLASS_MAPPINGS["OmniGenLoader"].RETURN_TYPES == ("OMNIGEN_PIPE",)
+    spec = generate.INPUT_TYPES()
+    assert spec["required"]["pipe"] == ("OMNIGEN_PIPE",)
+    assert spec["required"]["sampler"][0] == ["euler", "heun", "dpmpp_2m"]
+    assert {k: v[0] for k, v in spec["optional"].items()} == {
+        "image_1": "IMAGE",
+        "image_2": "IMAGE",
+        "image_3": "IMAGE",
+        "mask": "MASK",
+    }
+    # FUNCTION takes every declared input by name, and the optional ones have defaults.
+    parameters = inspect.signature(getattr(generate, generate.FUNCTION)).parameters
+    assert set(spec["required"]) | set(spec["optional"]) == set(parameters) - {"self"}
+    assert all(parameters[name].default is None for name in spec["optional"])
+
+
+def test_the_mapping_check_rejects_a_broken_node():
+    class Broken:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("INT", {"default": 1})}}
+
+        RETURN_TYPES = ("IMAGE",)
+        RETURN_NAMES = ("a", "b")
+        FUNCTION = "run"
+        CATEGORY = "x"
+
+        def run(self, x):
+            return (x,)
+
+    module = type(sys)("broken")
+    module.NODE_CLASS_MAPPINGS = {"Broken": Broken}
+    with pytest.raises(TypeError, match="RETURN_NAMES"):
+        check_mappings(module)
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("change", "kind", "name"),
+    [
+        (lambda g: g["gen"]["inputs"].pop("prompt"), "required_input_missing", "prompt"),
+        (lambda g: g["gen"]["inputs"].update(pipe=["img1", 0]), "return_type_mismatch", "pipe"),
+        (lambda g: g["gen"]["inputs"].update(image_1=["1", 0]), "return_type_mismatch", "image_1"),
+        (lambda g: g["gen"]["inputs"].update(steps="many"), "invalid_input_type", "steps"),
+        (lambda g: g["gen"]["inputs"].update(steps=0), "value_smaller_than_min", "steps"),
+        (lambda g: g["gen"]["inputs"].update(seed=-1), "value_smaller_than_min", "seed"),
+        (lambda g: g["gen"]["inputs"].update(guidance_scale=31.0), "value_bigger_than_max", "guidance_scale"),
+        (lambda g: g["gen"]["inputs"].update(width=8), "value_smaller_than_min", "width"),
+        (lambda g: g["gen"]["inputs"].update(sampler="ddim"), "value_not_in_list", "sampler"),
+        (lambda g: g["1"]["inputs"].update(dtype="int8"), "value_not_in_list", "dtype"),
+        (lambda g: g["1"]["inputs"].pop("device"), "required_input_missing", "device"),
+        (lambda g: g["gen"]["inputs"].update(pipe=["1", 3]), "bad_linked_input", "pipe"),
+    ],
+)
+def test_validation_rejects_bad_inputs(executor, change, kind, name):
+    nodes = json.loads(json.dumps(graph("<img><|image_1|></img> x", ("02_edit_recolour_1.png",))))
+    change(nodes)
+    calls = len(executor.calls)
+    with pytest.raises(PromptError) as info:
+        executor.run(nodes)
+    assert [(e["type"], e["input_name"]) for e in info.value.errors] == [(kind, name)]
+    assert len(executor.calls) == calls  # refused before any node ran
+
+
+def test_a_prompt_without_an_output_node_is_refused(executor):
+    nodes = graph("a red square")
+    del nodes["save"]
+    with pytest.raises(PromptError, match="prompt_no_outputs"):
+        executor.run(nodes)
+
+
+# ------------------------------------------------------------------------------------------ execution
+def test_text_to_image_equals_the_pipeline(executor, folders):
+    image, pipeline = run_image(executor, graph("a green square under a big violet triangle on gray"))
+    assert image.shape == (1, 16, 16, 3) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1 and image.std() > 0
+    pixels = pipeline_pixels(pipeline, "a green square under a big violet triangle on gray")
+    assert torch.equal(image, (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+    # The pipeline's PIL output is the same picture.
+    pil = pipeline("a green square under a big violet triangle on gray", **_pil_kwargs())[0]
+    assert torch.equal((image[0] * 255).to(torch.uint8), torch.from_numpy(np.array(pil)))
+    saved = sorted(folders[1].glob("t_*.png"))[-1]
+    assert np.array_equal(np.array(Image.open(saved)), np.array(pil))
+
+
+def _pil_kwargs() -> dict:
+    s = SETTINGS
+    return dict(
+        height=s["height"],
+        width=s["width"],
+        num_inference_steps=s["steps"],
+        guidance_scale=s["guidance_scale"],
+        img_guidance_scale=s["img_guidance_scale"],
+        seed=s["seed"],
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "images", "size"),
+    [
+        ("<img><|image_1|></img> make the orange circle green", ("02_edit_recolour_1.png",), True),
+        (
+            "put the triangle of <img><|image_1|></img> in the middle right and the circle of "
+            "<img><|image_2|></img> at the centre. the background is black",
+            ("06_subject_pair_1.png", "06_subject_pair_2.png"),
+            False,
+        ),
+    ],
+)
+def test_image_inputs_equal_the_pipeline(executor, prompt, images, size):
+    nodes = graph(prompt, images, use_input_image_size=size, batch_size=2)
+    image, pipeline = run_image(executor, nodes)
+    expected = pipeline_pixels(pipeline, prompt, images, use_input_image_size=size, batch_size=2)
+    assert image.shape == (2, *expected.shape[-2:], 3)
+    assert torch.equal(image, (expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+    assert not torch.equal(image[0], image[1])  # seeds seed and seed + 1
+
+
+def test_the_loader_runs_once_for_several_prompts(executor):
+    run_image(executor, graph("a red square", seed=1))
+    run_image(executor, graph("a red square", seed=2))
+    assert [c[1] for c in executor.calls].count("OmniGenLoader") == 1  # same inputs: ComfyUI's cache
+
+
+def test_the_example_workflow_runs(executor, folders):
+    workflow = json.loads(WORKFLOW.read_text())
+    results = executor.run(workflow)
+    image = results["3"]["outputs"][0][0]
+    pipeline = results["1"]["outputs"][0][0].pipeline
+    settings = {k: workflow["3"]["inputs"][k] for k in SETTINGS}
+    expected = pipeline_pixels(
+        pipeline, workflow["3"]["inputs"]["prompt"], ("02_edit_recolour_1.png",), **settings
+    )
+    assert image.shape == (1, 16, 16, 3)  # use_input_image_size: the 16x16 input's size, not 1024
+    assert torch.equal(image, (expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+    saved = results["4"]["ui"]["images"][0]["filename"]
+    assert saved.startswith("omnigen_edit_") and (folders[1] / saved).is_file()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_1": None, "image_2": ["img1", 0]}, "connect the input images in order from image_1"),
+        ({"prompt": "no tag here"}, "image tags do not match 1 input image"),
+        ({"pipe": "not a pipe"}, "pipe must come from the OmniGen loader node"),
+        ({"image_1": "a file name"}, "image_1 must be a ComfyUI IMAGE tensor"),
+    ],
+)
+def test_node_errors_are_clear(executor, changes, message):
+    nodes = graph("<img><|image_1|></img> x", ("02_edit_recolour_1.png",))
+    for key, value in changes.items():
+        if value is None:
+            nodes["gen"]["inputs"].pop(key)
+        else:
+            nodes["gen"]["inputs"][key] = value
+    with pytest.raises(NodeError, match=message) as info:
+        executor.run(nodes)
+    assert isinstance(info.value.error, (ValueError, TypeError))
+
+
+def test_a_batch_on_an_image_input_is_refused(package):
+    collect_images = sys.modules["omnigen-comfyui.nodes"].collect_images
+    with pytest.raises(ValueError, match="image_1 holds a batch of 2 images"):
+        collect_images([torch.zeros(2, 8, 8, 3), None, None])
+    pictures = collect_images([torch.full((1, 8, 6, 3), 128 / 255), torch.zeros(1, 8, 8, 3), None])
+    assert [p.size for p in pictures] == [(6, 8), (8, 8)] and np.array(pictures[0]).max() == 128
+
+
+# ------------------------------------------------------------------------------------------ mask and sampler
+def test_call_pipeline_passes_mask_and_sampler_only_when_used(package):
+    call_pipeline = sys.modules["omnigen-comfyui.nodes"].call_pipeline
+    seen = {}
+
+    def old_pipeline(prompt, output_type="pt"):
+        seen["old"] = prompt
+        return "ok"
+
+    assert call_pipeline(old_pipeline, {"prompt": "p"}) == "ok" and seen["old"] == "p"
+    with pytest.raises(ValueError, match="mask needs omnigen with mask support"):
+        call_pipeline(old_pipeline, {"prompt": "p"}, mask=Image.new("L", (4, 4)))
+    with pytest.raises(ValueError, match="sampler needs omnigen with sampler support"):
+        call_pipeline(old_pipeline, {"prompt": "p"}, sampler="heun")
+
+    def new_pipeline(prompt, mask=None, sampler="euler"):
+        seen["new"] = (mask, sampler)
+        return "ok"
+
+    mask = Image.new("L", (4, 4))
+    assert call_pipeline(new_pipeline, {"prompt": "p"}, mask=mask, sampler="dpmpp_2m") == "ok"
+    assert seen["new"] == (mask, "dpmpp_2m")
+
+    def broken_pipeline(prompt, mask=None):
+        raise TypeError("something else went wrong")
+
+    with pytest.raises(TypeError, match="something else"):  # other TypeErrors are not rewritten
+        call_pipeline(broken_pipeline, {"prompt": "p"}, mask=mask)
+
+
+def test_mask_input_reaches_the_pipeline(executor, folders):
+    nodes = graph("<img><|image_1|></img> make the orange circle green", ("02_edit_recolour_1.png",))
+    nodes["mask"] = {"class_type": "LoadImage", "inputs": {"image": "mask.png"}}
+    nodes["gen"]["inputs"].update(mask=["mask", 1], use_input_image_size=True)
+    source = Image.open(EXAMPLES / "02_edit_recolour_1.png")
+    alpha = np.full((source.height, source.width), 255, np.uint8)
+    alpha[: source.height // 2] = 0  # transparent top half: LoadImage's MASK is 1 there (regenerate)
+    Image.fromarray(np.dstack([np.array(source.convert("RGB")), alpha])).save(folders[0] / "mask.png")
+    _, pipeline = run_image(executor, graph("a red square"))
+    if "mask" not in inspect.signature(pipeline.__call__).parameters:
+        with pytest.raises(NodeError, match="mask needs omnigen with mask support"):
+            executor.run(nodes)
+        return
+    image = executor.run(nodes)["gen"]["outputs"][0][0][0]
+    kept = torch.from_numpy(np.array(source.convert("RGB"))[source.height // 2 :]).float() / 255
+    assert torch.allclose(image[source.height // 2 :], kept, atol=1 / 255)
+
+
+def test_mask_conversion_follows_comfyui():
+    to_pil = sys.modules["omnigen-comfyui.convert"].mask_to_pil
+    mask = torch.zeros(1, 4, 6)
+    mask[0, :2] = 1.0
+    picture = to_pil(mask)
+    assert picture.mode == "L" and picture.size == (6, 4)
+    assert np.array_equal(np.array(picture), np.where(np.arange(4)[:, None] < 2, 255, 0).repeat(6, 1))
+    with pytest.raises(ValueError, match="mask must be a MASK"):
+        to_pil(torch.zeros(2, 4, 6))
+
+
+# ------------------------------------------------------------------------------------------ ComfyUI services
+def test_progress_and_cancel_go_through_comfyui(executor, monkeypatch):
+    run_image(executor, graph("a blue circle", steps=1))  # the loader is cached before counting checks
+    fake = FakeComfy(cancel_after=3).install(monkeypatch)
+    executor.interrupt = fake.check  # ComfyUI checks once before each node function too
+    try:
+        with pytest.raises(NodeError) as info:
+            executor.run(graph("a blue circle", steps=4, seed=11))
+    finally:
+        executor.interrupt = None
+    assert isinstance(info.value.error, InterruptProcessingException)
+    assert fake.progress == [(1, 4), (2, 4)]  # cancelled after the second of four steps
+
+    fake.cancel_after = None
+    fake.progress.clear()
+    image, _ = run_image(executor, graph("a blue circle", steps=4, seed=11))
+    assert fake.progress == [(1, 4), (2, 4), (3, 4), (4, 4)] and image.shape == (1, 16, 16, 3)
+
+
+def test_auto_device_asks_comfyui(package, monkeypatch):
+    host = sys.modules["omnigen-comfyui.host"]
+    assert host.torch_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fake = FakeComfy(device="meta").install(monkeypatch)
+    assert host.torch_device() == torch.device("meta")
+    host.free_memory(1000, torch.device("cpu"))
+    host.free_memory(1000, torch.device("meta"))
+    assert fake.freed == [(1000, torch.device("meta"))]  # the CPU is never "freed"
+
+
+def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
+    loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
+        loader.load("", "auto", "cuda", False, True)
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ([torch.zeros(1, 4, 4, 3)], "want a 1-tuple"),  # a list, not a tuple
+        ((torch.zeros(1, 4, 4, 3), 1), "want a 1-tuple"),
+        ((torch.zeros(1, 4, 4, 4),), r"an IMAGE is \(B, H, W, 3\)"),
+        ((torch.full((1, 4, 4, 3), 2.0),), r"values must lie in \[0, 1\]"),
+    ],
+)
+def test_the_harness_holds_nodes_to_comfyui_conventions(folders, returned, message):
+    class Source:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "run"
+        CATEGORY = "test"
+
+        def run(self):
+            return returned
+
+    runner = Executor({**core_nodes(*folders), "Source": Source})
+    with pytest.raises(NodeError, match=message):
+        runner.run(
+            {
+                "1": {"class_type": "Source", "inputs": {}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+            }
+        )
