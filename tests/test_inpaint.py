@@ -301,6 +301,8 @@ def test_bad_mask_calls_raise_clear_errors(pipeline, rgb_image):
         run(pipeline, EDIT, [rgb_image()], mask=white, mask_blur=-1)
     with pytest.raises(ValueError, match="canvas's size 32x32"):
         run(pipeline, EDIT, [rgb_image()], mask=white, height=16)
+    got = run(pipeline, EDIT, [rgb_image()], mask=white, height=16, use_input_image_size_as_output=True)
+    assert got[0].size == (32, 32)
     # a tiny white spot of a large mask survives the resize; one pixel of rounding in the ratio is fine
     spot = box_mask(320, 320, (100, 100, 104, 104))
     assert prepare_canvas_mask(spot, rgb_image(), 0, 32, 4).mask.max() > 0

@@ -232,12 +232,13 @@ def prepare_masks(
 
 
 def check_output_size(masks: Sequence[CanvasMask | None], height: int | None, width: int | None) -> None:
-    """With a mask the output has the canvas's size; an explicit other height/width is an error."""
+    """With a mask the output has the canvas's size; an explicit other height/width is an error (unless the
+    call says ``use_input_image_size_as_output``, which ignores them)."""
     for m in masks:
         if m is not None and (height not in (None, m.size[0]) or width not in (None, m.size[1])):
             raise ValueError(
                 f"with a mask the output has the canvas's size {m.size[0]}x{m.size[1]} (height x width), "
-                f"got height={height}, width={width}; leave them unset"
+                f"got height={height}, width={width}; leave them unset (or use_input_image_size_as_output=True)"
             )
 
 

@@ -243,7 +243,8 @@ class OmniGenPipeline:
         masks = prepare_masks(
             mask, images, mask_blur, max_input, self.model.config.image_multiple, not isinstance(prompt, str)
         )
-        check_output_size(masks, height_given, width_given)
+        if not use_input_image_size_as_output:
+            check_output_size(masks, height_given, width_given)
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
