@@ -256,7 +256,8 @@ def test_euler_through_solvers_equals_the_old_integrator(pipeline, rgb_image, mo
     prompt = "<img><|image_1|></img> make it blue"
     new = pipeline(prompt, **kwargs)
 
-    def old(velocity, x, schedule, callback=None, progress=False):
+    def old(velocity, x, schedule, project=None, callback=None, progress=False):
+        assert project is None  # no mask
         return euler_sample(velocity, x, schedule.num_steps, callback=callback)
 
     monkeypatch.setattr(omnigen.pipeline, "solve", old)

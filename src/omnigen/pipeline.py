@@ -37,6 +37,7 @@ from omnigen.checkpoint import load_model, resolve_model_path
 from omnigen.collate import collate
 from omnigen.generation import GenerationConfig
 from omnigen.guidance import branch_rows, guided_velocity
+from omnigen.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
 from omnigen.model import OmniGenModel
 from omnigen.placement import place_model, resolve_dtype
 from omnigen.processor import OmniGenProcessor, cfg_prompts, resized_size
@@ -136,6 +137,7 @@ class OmniGenPipeline:
         callback_on_step_end: StepEndCallback | None = None,
         progress: bool = True,
         output_type: str = "pil",
+        mask: MaskLike | Sequence[MaskLike | None] | None = None,
         **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -145,6 +147,10 @@ class OmniGenPipeline:
         ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
+
+        ``mask`` (``omnigen.inpaint``): regenerate only where it is white on the first input image (the
+        canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
+        seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
         """
         cfg = self.defaults.replace(**overrides)
         prompts, images = self._normalise(prompt, input_images)
@@ -160,6 +166,16 @@ class OmniGenPipeline:
             StepCache(cfg.step_cache_threshold, cfg.num_inference_steps)  # validates the threshold
         plan(cfg.sampler, cfg.num_inference_steps, cfg.time_shift or 1.0)  # validates the schedule
         seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
+        masks = prepare_masks(
+            mask,
+            images,
+            cfg.mask_blur,
+            cfg.max_input_image_size,
+            self.model.config.image_multiple,
+            not isinstance(prompt, str),
+        )
+        if not cfg.use_input_image_size_as_output:
+            check_output_size(masks, overrides.get("height"), overrides.get("width"))
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [
@@ -176,6 +192,7 @@ class OmniGenPipeline:
             else (cfg.height, cfg.width)
             for proc in processed
         ]
+        sizes = [size if m is None else m.size for size, m in zip(sizes, masks)]
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
@@ -193,15 +210,20 @@ class OmniGenPipeline:
                 [seed + i * per_prompt for i in rows],
                 cfg,
                 (callback_on_step_end, progress, output_type != "latent"),
+                [masks[i] for i in rows],
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
+        flat_masks = [m for m in masks for _ in range(per_prompt)]
+        if output_type == "pt":
+            flat = [x if m is None else m.composite(x) for x, m in zip(flat, flat_masks)]
         if output_type != "pil":
             return torch.stack(flat)
         pil = []
-        for k, pixels in enumerate(flat):
+        for k, (pixels, m) in enumerate(zip(flat, flat_masks)):
             image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
+            image = image if m is None else m.composite_image(image)
             image.info["seed"] = seed + k
             pil.append(image)
         return pil
@@ -238,6 +260,7 @@ class OmniGenPipeline:
         seeds: list[int],
         cfg: GenerationConfig,
         hooks: tuple[StepEndCallback | None, bool, bool],
+        masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
         ``hooks``: (step-end callback, progress bar, decode)."""
@@ -268,7 +291,9 @@ class OmniGenPipeline:
         )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
-        z = solve(velocity, z, schedule, callback=step_callback, progress=progress)
+        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
+        project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
+        z = solve(velocity, z, schedule, project, callback=step_callback, progress=progress)
         if step_cache is not None:
             logger.info("step cache: ran all layers at %d of %d steps", step_cache.num_computed, steps)
         if decode:
