@@ -42,13 +42,14 @@ from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, reference
 from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig
+from omnigen.generation import DEFAULT_NEGATIVE_PROMPT, GenerationConfig
 from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
 from omnigen.model.embeddings import sincos_2d
 from omnigen.model.layers import RMSNorm
 from omnigen.model.offload import MAX_RESIDENT_LAYERS
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
-from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
+from omnigen.pipeline import OmniGenPipeline
+from omnigen.processor import OmniGenProcessor, cfg_prompts
 from omnigen.vae import AutoencoderKLCodec
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json"
@@ -98,7 +99,7 @@ def build_random_model(
 
 
 def build_pipeline(model: OmniGenModel, size: int, device: torch.device | str = "cpu") -> OmniGenPipeline:
-    defaults = GenerationDefaults(height=size, width=size, max_input_image_size=size)
+    defaults = GenerationConfig(height=size, width=size, max_input_image_size=size)
     codec = AutoencoderKLCodec(build_vae("tiny")).to(device)
     return OmniGenPipeline(model, codec, build_tokenizer(), defaults, device)
 

@@ -44,7 +44,8 @@ from bench_fullsize import build_random_model, full_config, input_images
 from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, flops
 
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.generation import GenerationConfig
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.processor import cfg_prompts
 from omnigen.quantize import quantize_int8
 from omnigen.sampling import make_noise
@@ -134,7 +135,7 @@ def build(args: argparse.Namespace, device: Device) -> OmniGenPipeline:
     config = tiny_config() if args.tiny else full_config()
     model = build_random_model(config, torch.bfloat16, device.device)
     vae = build_vae("tiny" if args.tiny else "sdxl").to(device.device, torch.bfloat16)
-    defaults = GenerationDefaults(height=args.size, width=args.size, max_input_image_size=args.size)
+    defaults = GenerationConfig(height=args.size, width=args.size, max_input_image_size=args.size)
     return OmniGenPipeline(model, AutoencoderKLCodec(vae), build_tokenizer(), defaults, device.device)
 
 

@@ -64,10 +64,11 @@ from omnigen import masks
 from omnigen.collate import collate
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
 from omnigen.flow import time_grid
+from omnigen.generation import GenerationConfig
 from omnigen.guidance import combine
 from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.processor import cfg_prompts
 from omnigen.quantize import linear_weight_bytes, quantize_int8
 from omnigen.sampling import make_noise
@@ -422,7 +423,7 @@ class Bench:
         self.ref = OmniGenTransformer2DModel(**config.to_diffusers_dict())
         self.ref.load_state_dict(ours_to_diffusers(model.state_dict(), config))
         self.ref.eval()
-        defaults = GenerationDefaults(
+        defaults = GenerationConfig(
             height=args.size, width=args.size, num_inference_steps=args.steps, max_input_image_size=args.size
         )
         self.pipe = OmniGenPipeline(

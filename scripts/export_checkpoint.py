@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from omnigen.checkpoint import build_model, save_model
-from omnigen.pipeline import GenerationDefaults
+from omnigen.generation import GenerationConfig
 from omnigen.tokenizer import Tokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.vae import IdentityCodec
@@ -39,7 +39,7 @@ def main() -> None:
     save_model(model, args.out, dtype=torch.float16 if args.fp16 else None)
     Tokenizer.from_file(config.tokenizer_file()).save(args.out)
     IdentityCodec(channels=model.config.in_channels).save(args.out)
-    GenerationDefaults(**config.generation).save(args.out)
+    GenerationConfig.from_dict(config.generation, "generation").save(args.out)
     (args.out / "training.json").write_text(
         json.dumps({"run": str(args.run), "checkpoint": step, "weights": weights}, indent=1)
     )

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from omnigen.checkpoint import build_model
 from omnigen.eval.miniworld import evaluate
 from omnigen.eval.miniworld_score import summarize
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.generation import GenerationConfig
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.tokenizer import Tokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.vae import IdentityCodec
@@ -33,7 +34,7 @@ def score(run: Path, step_dir: Path, n: int) -> dict:
         model,
         IdentityCodec(model.config.in_channels),
         Tokenizer.from_file(config.tokenizer_file()),
-        GenerationDefaults(**config.generation),
+        GenerationConfig.from_dict(config.generation, "generation"),
     )
     result = evaluate(pipe, "heldout", n, data_seed=1, progress=False)
     families = summarize(result.records)

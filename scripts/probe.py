@@ -50,7 +50,9 @@ def main() -> None:
     parser.add_argument("--final-n", type=int, default=336, help="samples of the final look")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--nice", type=int, default=0)
-    parser.add_argument("--stop-at", type=int, default=None, help="end the probe at this step (default: the config's)")
+    parser.add_argument(
+        "--stop-at", type=int, default=None, help="end the probe at this step (default: the config's)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -111,10 +111,11 @@ def model(config):
 
 @pytest.fixture(scope="session")
 def pipeline(model, tokenizer):
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.vae import AutoencoderKLCodec
 
-    defaults = GenerationDefaults(
+    defaults = GenerationConfig(
         height=32,
         width=32,
         num_inference_steps=3,
@@ -140,13 +141,69 @@ def rgb_image():
 def model_folder(tmp_path_factory, model, tokenizer):
     """An official-layout folder (config.json, model.safetensors, tokenizer.json, vae/)."""
     from omnigen.checkpoint import save_model
-    from omnigen.pipeline import GenerationDefaults
+    from omnigen.generation import GenerationConfig
 
     folder = tmp_path_factory.mktemp("tiny-omnigen")
     save_model(model, folder)
     tokenizer.save(folder)
     tiny_vae().save_pretrained(str(folder / "vae"))
-    GenerationDefaults(
+    GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
     ).save(folder)
     return folder
+
+
+def tiny_clip_dino_folders(folder):
+    """A tiny random CLIP (text + vision, with its processor) and a tiny ViT as DINO, saved under `folder`
+    as transformers folders: (clip_dir, dino_dir)."""
+    import json
+
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=8,
+    )
+    clip_dir = folder / "clip"
+    transformers.CLIPModel(config).save_pretrained(clip_dir)
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
+    dino_dir = folder / "dino"
+    vit = transformers.ViTConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    transformers.ViTModel(vit, add_pooling_layer=False).save_pretrained(dino_dir)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    return clip_dir, dino_dir

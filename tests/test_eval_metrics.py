@@ -151,54 +151,10 @@ def test_segmentation_iou_known_values_and_accumulation():
 
 @pytest.fixture(scope="module")
 def tiny_clip_dino(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("models")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(0)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=8,
-    )
-    clip_dir = folder / "clip"
-    transformers.CLIPModel(config).save_pretrained(clip_dir)
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip_dir)
-    dino_dir = folder / "dino"
-    vit = transformers.ViTConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=16,
-    )
-    transformers.ViTModel(vit, add_pooling_layer=False).save_pretrained(dino_dir)
-    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino_dir)
+    pytest.importorskip("transformers")
+    from conftest import tiny_clip_dino_folders
+
+    clip_dir, dino_dir = tiny_clip_dino_folders(tmp_path_factory.mktemp("models"))
     return metrics.ClipFeatures.from_pretrained(str(clip_dir)), metrics.DinoFeatures.from_pretrained(
         str(dino_dir)
     )

@@ -20,9 +20,10 @@ from omnigen.checkpoint import atomic_folder
 from omnigen.cli import main
 from omnigen.collate import collate
 from omnigen.config import OmniGenConfig
+from omnigen.generation import GenerationConfig
 from omnigen.keymap import diffusers_to_ours, ours_to_diffusers
 from omnigen.model import OmniGenModel
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.quantize import quantize_int8
 from omnigen.tokenizer import Tokenizer
 from omnigen.vae import AutoencoderKLCodec, IdentityCodec
@@ -30,7 +31,7 @@ from test_reference import PROMPT, build_rows, encode, reference_row_velocity
 from torchvision_shim import Transforms
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DEFAULTS = GenerationDefaults(
+DEFAULTS = GenerationConfig(
     height=32,
     width=32,
     num_inference_steps=2,
@@ -184,7 +185,10 @@ def test_original_layout_round_trip_and_dtype(tmp_path, rgb_image):
     half = pipe.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(str(half / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
-    assert next(OmniGenPipeline.from_pretrained(half).model.parameters()).dtype == torch.bfloat16
+    kept = OmniGenPipeline.from_pretrained(half, dtype=None)  # None: the stored dtype
+    assert next(kept.model.parameters()).dtype == torch.bfloat16
+    # the default, dtype="auto", is float32 on the CPU whatever the file holds
+    assert next(OmniGenPipeline.from_pretrained(half).model.parameters()).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------ LoRA, CLI

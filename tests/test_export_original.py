@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from conftest import make_tokenizer_backend, random_model, tiny_config
 from omnigen.collate import collate
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.generation import GenerationConfig
+from omnigen.pipeline import OmniGenPipeline
 from omnigen.processor import OmniGenProcessor, cfg_prompts
 from omnigen.tokenizer import Tokenizer
 from omnigen.vae import AutoencoderKLCodec
@@ -64,9 +65,7 @@ def test_original_package_loads_the_export_and_matches_per_cfg_row(tmp_path):
     # crossed by these rows, so the Phi-3 long factors of our config.json are in use on both sides.
     config = tiny_config(latent_downsample=8, pos_embed_max_size=192)
     tokenizer = Tokenizer(make_tokenizer_backend())
-    pipe = OmniGenPipeline(
-        random_model(config), AutoencoderKLCodec(vae_8x()), tokenizer, GenerationDefaults()
-    )
+    pipe = OmniGenPipeline(random_model(config), AutoencoderKLCodec(vae_8x()), tokenizer, GenerationConfig())
     folder = pipe.save_pretrained(tmp_path / "model", layout="original")
     image = tmp_path / "input.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 32, 3), dtype=np.uint8)).save(image)

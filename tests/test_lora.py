@@ -46,10 +46,11 @@ def velocity(model, inputs):
 
 
 def make_pipeline(tokenizer, seed=0):
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.vae import AutoencoderKLCodec
 
-    defaults = GenerationDefaults(
+    defaults = GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
     )
     return OmniGenPipeline(

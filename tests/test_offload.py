@@ -30,10 +30,11 @@ def run(pipeline, prompt, images=None, **kw):
 
 
 def make_pipeline(model, tokenizer):
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.vae import AutoencoderKLCodec
 
-    defaults = GenerationDefaults(
+    defaults = GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
     )
     return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)

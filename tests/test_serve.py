@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
-import inspect
 import io
 import socket
 import threading
@@ -101,24 +100,28 @@ def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> Non
 
 
 def test_openapi_schema_documents_every_parameter(pipeline):
-    from omnigen.pipeline import OmniGenPipeline
+    from omnigen import generation
 
     with client_for(pipeline) as client:
         schema = client.get("/openapi.json").json()
         assert client.get("/docs").status_code == 200
-    assert {"/health", "/v1/models", URL} <= set(schema["paths"])
+    assert {"/health", "/v1/models", URL, "/v1/images/edits"} <= set(schema["paths"])
     post = schema["paths"][URL]["post"]
     content = post["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     properties = set(content["application/json"]["schema"]["properties"])
-    internal = {"self", "input_images", "callback_on_step_end", "progress", "output_type"}
-    parameters = set(inspect.signature(OmniGenPipeline.__call__).parameters) - internal
+    parameters = {"prompt", *generation.names("request")}
     assert parameters <= properties, parameters - properties
+    assert not set(generation.names("operator")) & properties  # memory modes are serve flags
     assert {"images", "response_format"} <= properties
     assert content["multipart/form-data"]["schema"]["properties"]["images"]["items"]["format"] == "binary"
     assert "image/png" in post["responses"]["200"]["content"]
-    assert {"400", "401", "413", "422", "429", "504"} <= set(post["responses"])
+    assert {"400", "401", "404", "413", "429", "500", "504"} <= set(post["responses"])
     assert "ErrorResponse" in schema["components"]["schemas"]
+    edit_form = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert {"image", "mask", "prompt", "n", "size", *generation.names("request")} <= set(
+        edit_form["schema"]["properties"]
+    )
 
 
 def test_health_and_models(pipeline):
@@ -127,6 +130,7 @@ def test_health_and_models(pipeline):
         models = client.get("/v1/models").json()
     assert health["status"] == "ok" and health["queue_size"] == 8 and health["jobs"]["accepted"] == 0
     (card,) = models["data"]
+    assert models["object"] == "list" and card["object"] == "model" and isinstance(card["created"], int)
     assert card["id"] == "tiny" and card["defaults"]["height"] == pipeline.defaults.height
     assert card["limits"]["max_steps"] == 7 and card["image_multiple"] == 4
 
@@ -136,7 +140,8 @@ def test_health_and_models(pipeline):
 
 def test_png_response_equals_the_pipeline(pipeline):
     with client_for(pipeline) as client:
-        response = client.post(URL, json={"prompt": "a red circle", "seed": 5, "width": 24})
+        body = {"prompt": "a red circle", "seed": 5, "width": 24, "response_format": "png"}
+        response = client.post(URL, json=body)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert response.headers["x-seed"] == "5"
     image = Image.open(io.BytesIO(response.content))
@@ -179,9 +184,9 @@ def test_json_base64_and_multipart_uploads_agree(pipeline, rgb_image):
 
 def test_unset_seed_is_random_and_reported(pipeline):
     with client_for(pipeline) as client:
-        first = client.post(URL, json={"prompt": "a cat"})
+        first = client.post(URL, json={"prompt": "a cat", "response_format": "png"})
         seed = int(first.headers["x-seed"])
-        again = client.post(URL, json={"prompt": "a cat", "seed": seed})
+        again = client.post(URL, json={"prompt": "a cat", "seed": seed, "response_format": "png"})
     assert first.content == again.content
 
 
@@ -191,7 +196,7 @@ NOISE = Image.frombytes("RGB", (64, 64), __import__("random").Random(0).randbyte
 
 
 @pytest.mark.parametrize(
-    ("request_kwargs", "settings", "status", "error_type", "limit", "message"),
+    ("request_kwargs", "settings", "status", "code", "limit", "message"),
     [
         ({"json": {"prompt": "<img><|image_1|></img>", "images": ["%%%not base64"]}}, {}, 400, "invalid_base64", None, "images[0] is not valid base64"),
         ({"json": {"prompt": "<img><|image_1|></img>", "images": [b64(b"hello, not an image")]}}, {}, 400, "invalid_image", None, "images[0] is not a readable image"),
@@ -202,16 +207,16 @@ NOISE = Image.frombytes("RGB", (64, 64), __import__("random").Random(0).randbyte
         ({"json": {"prompt": "x", "images": [b64(png_bytes(NOISE))] * 4}}, {}, 400, "limit_exceeded", "max_images", "4 input images given; at most 3"),
         ({"data": {"prompt": "x"}, "files": [("images", ("a.png", png_bytes(NOISE), "image/png"))] * 4}, {}, 400, "limit_exceeded", "max_images", "at most 3"),
         ({"json": {"prompt": "<img><|image_1|></img>", "images": [b64(png_bytes(NOISE))]}}, {"max_input_pixels": 1000}, 400, "limit_exceeded", "max_input_pixels", "more than 1000 pixels"),
-        ({"json": {"prompt": "a cat", "colour": "red"}}, {}, 422, "invalid_request", None, "unknown field 'colour'"),
-        ({"data": {"prompt": "a cat", "colour": "red"}}, {}, 422, "invalid_request", None, "unknown field 'colour'"),
-        ({"json": {"height": 32}}, {}, 422, "invalid_request", None, "prompt: Field required"),
-        ({"json": {"prompt": "a cat", "height": "tall"}}, {}, 422, "invalid_request", None, "height:"),
-        ({"json": {"prompt": "a cat", "height": 30}}, {}, 400, "invalid_request", None, "must be a positive multiple of 4"),
+        ({"json": {"prompt": "a cat", "colour": "red"}}, {}, 400, "unknown_parameter", None, "unknown field 'colour'"),
+        ({"data": {"prompt": "a cat", "colour": "red"}}, {}, 400, "unknown_parameter", None, "unknown field 'colour'"),
+        ({"json": {"height": 32}}, {}, 400, "invalid_value", None, "prompt: Field required"),
+        ({"json": {"prompt": "a cat", "height": "tall"}}, {}, 400, "invalid_value", None, "height:"),
+        ({"json": {"prompt": "a cat", "height": 30}}, {}, 400, "invalid_value", None, "must be a positive multiple of 4"),
         ({"json": {"prompt": "a cat", "num_inference_steps": 8}}, {"max_steps": 7}, 400, "limit_exceeded", "max_steps", "max_steps=7"),
         ({"json": {"prompt": "a cat", "height": 64, "width": 64}}, {"max_pixels": 32 * 32}, 400, "limit_exceeded", "max_pixels", "max_pixels=1024"),
         ({"json": {"prompt": "a cat", "num_images_per_prompt": 5, "response_format": "b64_json"}}, {}, 400, "limit_exceeded", "max_outputs", "max_outputs=4"),
-        ({"json": {"prompt": "a cat", "num_images_per_prompt": 2}}, {}, 400, "invalid_request", None, "use 'b64_json'"),
-        ({"json": {"prompt": "make <img><|image_1|></img> blue"}}, {}, 400, "invalid_request", None, "image tags do not match 0 input image(s)"),
+        ({"json": {"prompt": "a cat", "num_images_per_prompt": 2, "response_format": "png"}}, {}, 400, "invalid_value", None, "use 'b64_json'"),
+        ({"json": {"prompt": "make <img><|image_1|></img> blue"}}, {}, 400, "invalid_value", None, "image tags do not match 0 input image(s)"),
         ({"json": {"prompt": "a" * 50}}, {"max_prompt_chars": 10}, 400, "limit_exceeded", "max_prompt_chars", "max_prompt_chars is 10"),
         ({"json": {"prompt": "a cat", "model": "other"}}, {}, 404, "model_not_found", None, "'other' is not served"),
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, {}, 400, "invalid_json", None, "not valid JSON"),
@@ -219,14 +224,15 @@ NOISE = Image.frombytes("RGB", (64, 64), __import__("random").Random(0).randbyte
     ],
 )  # fmt: skip
 def test_bad_inputs_are_rejected_with_a_named_error(
-    pipeline, request_kwargs, settings, status, error_type, limit, message
+    pipeline, request_kwargs, settings, status, code, limit, message
 ):
     with client_for(pipeline, **settings) as client:
         response = client.post(URL, **request_kwargs)
         stats = client.get("/health").json()
     assert response.status_code == status, response.text[:300]
     error = response.json()["error"]
-    assert error["type"] == error_type and error.get("limit") == limit
+    assert {"message", "type", "param", "code"} <= set(error)  # OpenAI's error shape
+    assert error["type"] == "invalid_request_error" and error["code"] == code and error.get("limit") == limit
     assert message in error["message"]
     assert stats["jobs"]["accepted"] == 0  # rejected before taking a queue slot
 
@@ -236,12 +242,15 @@ def test_api_key_is_required_everywhere_but_health(pipeline):
         assert client.get("/health").status_code == 200
         for method, path in (("get", "/v1/models"), ("get", "/openapi.json"), ("post", URL)):
             missing = getattr(client, method)(path)
-            assert missing.status_code == 401 and missing.json()["error"]["type"] == "unauthorized"
+            error = missing.json()["error"]
+            assert missing.status_code == 401 and error["code"] == "invalid_api_key"
+            assert error["type"] == "authentication_error"
             assert missing.headers["www-authenticate"] == "Bearer"
         assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert client.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
-        ok = client.post(URL, json={"prompt": "a cat", "seed": 1}, headers={"Authorization": "Bearer s3cret"})
+        body = {"prompt": "a cat", "seed": 1, "response_format": "png"}
+        ok = client.post(URL, json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
 
 
@@ -285,7 +294,8 @@ def test_queue_full_gets_429_with_retry_after(pipeline):
         for thread in pool:
             thread.join(30)
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
-    assert full.json()["error"] == {**full.json()["error"], "type": "queue_full", "limit": "queue_size"}
+    error = full.json()["error"]
+    assert error == {**error, "type": "rate_limit_error", "code": "queue_full", "limit": "queue_size"}
     assert sorted(r.status_code for r in results) == [200, 200]
 
 
@@ -339,7 +349,12 @@ def test_load_50_clients_against_a_queue_of_8(pipeline):
         async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
 
             async def one(i: int):
-                body = {"prompt": prompts[i % 2], "seed": i % 3, "num_inference_steps": 2}
+                body = {
+                    "prompt": prompts[i % 2],
+                    "seed": i % 3,
+                    "num_inference_steps": 2,
+                    "response_format": "png",
+                }
                 return i, await client.post(URL, json=body)
 
             async def release_when_all_arrived() -> None:
@@ -365,7 +380,7 @@ def test_load_50_clients_against_a_queue_of_8(pipeline):
             assert response.content == expected[(prompts[i % 2], i % 3)], f"request {i}: wrong image"
         else:
             assert (
-                int(response.headers["retry-after"]) >= 1 and response.json()["error"]["type"] == "queue_full"
+                int(response.headers["retry-after"]) >= 1 and response.json()["error"]["code"] == "queue_full"
             )
     assert stats["jobs"] == {"accepted": 9, "rejected": 41, "completed": 9, "failed": 0, "cancelled": 0}
     assert stats["waiting"] == 0 and not stats["running"]
@@ -433,7 +448,8 @@ def test_omnigen_serve_command(model_folder, tmp_path):
                 time.sleep(0.2)
         assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
         key = {"Authorization": "Bearer from-env"}
-        response = httpx.post(base + URL, json={"prompt": "a cat", "seed": 0}, headers=key, timeout=30)
+        body = {"prompt": "a cat", "seed": 0, "response_format": "png"}
+        response = httpx.post(base + URL, json=body, headers=key, timeout=30)
         assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (32, 32)
     finally:
         process.terminate()

@@ -20,8 +20,9 @@ import shutil
 
 import pytest
 
+from omnigen.generation import DEFAULT_NEGATIVE_PROMPT
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import ASSISTANT, DEFAULT_NEGATIVE_PROMPT, END, PREAMBLE, USER, apply_template
+from omnigen.processor import ASSISTANT, END, PREAMBLE, USER, apply_template
 from omnigen.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -508,14 +508,15 @@ def _random_pixel_model(layers):
 def _edit_latents(model, root, samples, folder):
     """The final latents of 3 guided steps on the world's first edit sample, through a saved model folder."""
     from omnigen.checkpoint import save_model
-    from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+    from omnigen.generation import GenerationConfig
+    from omnigen.pipeline import OmniGenPipeline
     from omnigen.tokenizer import Tokenizer
     from omnigen.vae import IdentityCodec
 
     save_model(model, folder)
     Tokenizer.from_file(root / "tokenizer.json").save(folder)
     IdentityCodec(channels=3).save(folder)
-    GenerationDefaults(height=16, width=16, max_input_image_size=16).save(folder)
+    GenerationConfig(height=16, width=16, max_input_image_size=16).save(folder)
     edit = next(s for s in samples if s.input_images)
     return OmniGenPipeline.from_pretrained(folder)(
         edit.instruction,

@@ -4,12 +4,13 @@ Public API only; importing this package loads no weights and has no side effects
 """
 
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
-from omnigen.pipeline import GenerationDefaults, OmniGenPipeline
+from omnigen.generation import GenerationConfig
+from omnigen.pipeline import OmniGenPipeline
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GenerationDefaults",
+    "GenerationConfig",
     "OmniGenConfig",
     "OmniGenPipeline",
     "RopeScaling",

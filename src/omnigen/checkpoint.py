@@ -3,7 +3,7 @@
 Folder layouts understood by ``resolve_layout``:
 - official OmniGen-v1 (and ours): ``config.json`` (Phi-3 form) + ``model.safetensors`` (original key
   names, optionally sharded with ``model.safetensors.index.json``) + tokenizer files + optional ``vae/``
-  (ours may carry ``codec.json`` instead of ``vae/`` and ``generation_config.json``);
+  (ours may carry ``codec.json`` instead of ``vae/`` and ``omnigen_generation.json``);
 - diffusers: ``transformer/`` (config.json + diffusion_pytorch_model*.safetensors), ``vae/``,
   ``tokenizer/``; weights renamed through ``keymap``.
 Never unpickles anything.
@@ -243,8 +243,14 @@ def load_model(
         model.load_state_dict({name: tensor}, strict=False, assign=True)
     model.materialize_buffers(device)
     model.eval()
+    shape = config.transformer
     logger.info(
-        "loaded %s OmniGen model (%d parameters) from %s", layout.kind, model.num_parameters(), folder
+        "loaded the model in %s (%s layout; %d layers, hidden %d, %s parameters)",
+        folder,
+        layout.kind,
+        shape.num_layers,
+        shape.hidden_size,
+        f"{model.num_parameters():,}",
     )
     return model, layout
 

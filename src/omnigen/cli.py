@@ -11,50 +11,61 @@ logger = logging.getLogger("omnigen")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from omnigen.cli_args import add_generation_args, add_model_args
+
     p = sub.add_parser("generate", help="generate an image from a prompt (and input images)")
     p.add_argument("prompt", help="the instruction; reference input images as <img><|image_1|></img>, ...")
     p.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="input image (repeat, in order)"
     )
     p.add_argument(
-        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
+        "-o",
+        "--output",
+        default="output.png",
+        help="output image path: .png, .jpg, .webp, ... (default: output.png)",
     )
-    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
-    p.add_argument("-o", "--output", default="output.png", help="output PNG path (default: output.png)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="Euler steps")
-    p.add_argument("--guidance", type=float, default=None, help="text guidance scale")
-    p.add_argument("--img-guidance", type=float, default=None, help="image guidance scale")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1, help="images for the prompt (-o gets _k suffixes)")
-    p.add_argument("--use-input-size", action="store_true", help="output size = the input image's size")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; image k uses seed + k (default: 0)")
+    add_model_args(p, device_default="cpu")
+    add_generation_args(p, skip=("seed",))
     p.set_defaults(func=_run_generate)
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from omnigen.pipeline import OmniGenPipeline
+def check_output_path(output: str, count: int = 1) -> list[Path]:
+    """The files ``-o`` will be written to, checked before anything is generated: a file name (not a
+    folder) with an extension Pillow can write, in a folder that exists (or can be made) and is writable."""
+    import os
 
-    pipe = OmniGenPipeline.from_pretrained(args.model, device=args.device, vae_path=args.vae)
-    images = pipe(
-        args.prompt,
-        input_images=args.image or None,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        img_guidance_scale=args.img_guidance,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        num_images_per_prompt=args.num_images,
-        use_input_image_size_as_output=args.use_input_size,
-    )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for k, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}")
+    from PIL import Image
+
+    out = Path(output)
+    if output.endswith(("/", os.sep)) or out.is_dir():
+        raise ValueError(f"-o {output!r} is a folder; give a file path such as {out / 'image.png'}")
+    writable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    if out.suffix.lower() not in writable:
+        raise ValueError(
+            f"-o {output!r}: unknown image extension {out.suffix or '(none)'!r}; use one of .png, .jpg, .webp, "
+            f"... ({len(writable)} known)"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"-o {output!r}: cannot create its folder {out.parent}: {err.strerror}") from None
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
+    for path in paths:
+        target = path if path.exists() else path.parent
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"-o {output!r}: {target} is not writable")
+    return paths
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from omnigen.cli_args import generation_overrides, load_pipeline
+
+    overrides = generation_overrides(args) | {"seed": args.seed}
+    paths = check_output_path(args.output, overrides.get("num_images_per_prompt", 1))
+    pipe = load_pipeline(args)
+    images = pipe(args.prompt, input_images=args.image or None, **overrides)
+    for path, image in zip(paths, images, strict=True):
         image.save(path)
         logger.info("wrote %s (%dx%d, seed %s)", path, image.width, image.height, image.info.get("seed"))
     return 0

@@ -1,7 +1,8 @@
 """Web UI: ``build_demo(pipeline) -> gr.Blocks`` and the ``omnigen demo`` subcommand.
 
 This module owns the demo's controls (those of the original OmniGen app: prompt with image tags, three
-image slots, size, guidance, steps, seed, cache/offload/CFG switches, input size), turning their values
+image slots, then one control per request field of ``GenerationConfig``; the memory modes are
+``omnigen demo`` flags), turning their values
 into one pipeline call (``run_generation``, testable without gradio), the live progress bar and the
 clickable example gallery. Gradio is imported only inside the functions that need it, and nothing is
 loaded or launched at import: the CLI builds the pipeline and launches the Blocks.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import html
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from omnigen import generation
+from omnigen.checks import check_float, check_int
 from omnigen.demo_examples import MAX_INPUT_IMAGES, DemoExample, default_examples_dir, load_examples
 
 if TYPE_CHECKING:
@@ -70,30 +72,6 @@ class DemoResult:
         return f"Seed used: {self.seed} · {self.image.width}x{self.image.height} px · {self.seconds:.1f} s"
 
 
-def _as_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
-    """An integral number from a UI field (sliders send floats), or ValueError naming the field."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"between {low} and {high}"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value
-
-
-def _as_float(name: str, value: Any) -> float:
-    if (
-        value is None
-        or isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-    ):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
 def collect_images(values: Mapping[str, Any]) -> list[Image.Image]:
     """The filled image slots in order; a filled slot after an empty one is an error (tags would shift)."""
     images: list[Image.Image] = []
@@ -114,6 +92,44 @@ def collect_images(values: Mapping[str, Any]) -> list[Image.Image]:
     return images
 
 
+# Request-scope fields of GenerationConfig the demo has no control for, and why (a test checks that every
+# other field has one). The operator-scope memory modes are ``omnigen demo`` flags.
+NOT_CONTROLS = {
+    "seed": "its own Seed box with 'Randomize seed'",
+    "num_images_per_prompt": "the demo shows one image",
+    "mask_blur": "the demo has no mask input",
+}
+# The UI ranges of the sliders (the allowed ranges are GenerationConfig's): (low, high, step).
+SLIDERS = {
+    "guidance_scale": (1.0, 5.0, 0.1),
+    "img_guidance_scale": (1.0, 2.0, 0.1),
+    "num_inference_steps": (1, 100, 1),
+    "step_cache_threshold": (0.0, 0.5, 0.01),
+}
+SIDES = ("height", "width", "max_input_image_size")
+
+
+def control_fields() -> list[str]:
+    """The GenerationConfig fields with a demo control, in the config's order."""
+    return [name for name in generation.names("request") if name not in NOT_CONTROLS]
+
+
+def _value(name: str, value: Any) -> Any:
+    """A UI value as the config's type (sliders send floats; an empty box is None = the default)."""
+    param = generation.param(name)
+    if name == "step_cache_threshold" and value == 0:
+        return None  # 0 on the slider: every step runs every layer (exact)
+    if value is None or (isinstance(value, str) and param.kind != "str" and not value.strip()):
+        return None
+    if param.kind == "int":
+        return check_int(name, value)
+    if param.kind == "float":
+        return check_float(name, value)
+    if param.kind == "bool":
+        return bool(value)
+    return value
+
+
 def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     """The UI's values (keyed by control name) -> keyword arguments of OmniGenPipeline.__call__."""
     prompt = values.get("prompt")
@@ -126,28 +142,12 @@ def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     elif values.get("seed") is None:
         raise ValueError("Enter a seed, or tick 'Randomize seed'")
     else:
-        seed = _as_int("seed", values["seed"], 0, MAX_SEED)
+        seed = check_int("seed", values["seed"], 0, MAX_SEED)
     images = collect_images(values)
-    # a negative threshold is the pipeline's to reject (StepCache's message)
-    threshold = _as_float("step cache threshold", values.get("step_cache_threshold", 0.0))
-    return dict(
-        prompt=prompt.strip(),
-        input_images=images or None,
-        height=_as_int("height", values["height"]),
-        width=_as_int("width", values["width"]),
-        num_inference_steps=_as_int("inference steps", values["num_inference_steps"], 1, 1000),
-        guidance_scale=_as_float("guidance scale", values["guidance_scale"]),
-        img_guidance_scale=_as_float("image guidance scale", values["img_guidance_scale"]),
-        negative_prompt=values.get("negative_prompt") or "",
-        seed=seed,
-        use_kv_cache=bool(values["use_kv_cache"]),
-        offload_kv_cache=bool(values["offload_kv_cache"]),
-        offload_model=bool(values["offload_model"]),
-        separate_cfg_infer=bool(values["separate_cfg_infer"]),
-        use_input_image_size_as_output=bool(values["use_input_image_size_as_output"]),
-        max_input_image_size=_as_int("max input image size", values["max_input_image_size"]),
-        step_cache_threshold=threshold or None,  # 0: every step runs every layer (exact)
-    )
+    kwargs = {name: _value(name, values.get(name)) for name in control_fields() if name in values}
+    if "negative_prompt" in kwargs:
+        kwargs["negative_prompt"] = kwargs["negative_prompt"] or ""
+    return dict(prompt=prompt.strip(), input_images=images or None, seed=seed, **kwargs)
 
 
 def run_generation(
@@ -158,9 +158,9 @@ def run_generation(
     ``on_step(done, total)`` is called after every sampling step (the progress bar).
     """
     kwargs = pipeline_arguments(values)
-    if kwargs["use_input_image_size_as_output"] and not kwargs["input_images"]:
+    if kwargs.get("use_input_image_size_as_output") and not kwargs["input_images"]:
         raise ValueError("'Use input image size as output' needs an input image in slot 1")
-    total = kwargs["num_inference_steps"]
+    total = kwargs.get("num_inference_steps") or pipe.defaults.num_inference_steps
 
     def step_end(_pipe: Any, step: int, _t: float, _latents: Any) -> None:
         if on_step is not None:
@@ -171,10 +171,30 @@ def run_generation(
     return DemoResult(image, int(image.info.get("seed", kwargs["seed"])), time.perf_counter() - start)
 
 
+def _field_control(gr: Any, name: str, pipe: OmniGenPipeline) -> Any:
+    """The control of one GenerationConfig field, from its metadata and the model's default."""
+    param, value = generation.param(name), getattr(pipe.defaults, name)
+    config = pipe.model.config
+    label = param.label or name.replace("_", " ").capitalize()
+    common = {"label": label, "info": param.help, "elem_id": _elem_id(name)}
+    if param.kind == "bool":
+        return gr.Checkbox(value, **common)
+    if param.kind == "choice":
+        return gr.Dropdown(list(param.choices), value=value, **common)
+    if param.kind == "str":
+        return gr.Textbox(value, lines=2, **common)
+    if name in SIDES:
+        multiple, largest = config.image_multiple, config.max_image_size
+        top = largest if name != "max_input_image_size" else max(largest, value)
+        return gr.Slider(multiple, top, min(value, top), step=multiple, **common)
+    if name in SLIDERS:
+        low, high, step = SLIDERS[name]
+        return gr.Slider(low, max(high, value or low), value or low, step=step, **common)
+    return gr.Number(value, precision=0 if param.kind == "int" else None, minimum=param.low, **common)
+
+
 def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
     """Every input control, keyed by the name `pipeline_arguments` reads."""
-    d, config = pipe.defaults, pipe.model.config
-    multiple, largest = config.image_multiple, config.max_image_size
     c: dict[str, Any] = {}
     c["prompt"] = gr.Textbox(
         label="Prompt",
@@ -192,83 +212,18 @@ def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
                 height=200,
                 elem_id=_elem_id(slot),
             )
-    with gr.Row():
-        c["height"] = gr.Slider(
-            multiple,
-            largest,
-            min(d.height, largest),
-            step=multiple,
-            label="Height",
-            elem_id=_elem_id("height"),
-        )
-        c["width"] = gr.Slider(
-            multiple, largest, min(d.width, largest), step=multiple, label="Width", elem_id=_elem_id("width")
-        )
-    c["guidance_scale"] = gr.Slider(
-        1.0,
-        max(5.0, d.guidance_scale),
-        d.guidance_scale,
-        step=0.1,
-        label="Guidance scale",
-        elem_id=_elem_id("guidance_scale"),
-    )
-    c["img_guidance_scale"] = gr.Slider(
-        1.0,
-        max(2.0, d.img_guidance_scale),
-        d.img_guidance_scale,
-        step=0.1,
-        label="Image guidance scale",
-        elem_id=_elem_id("img_guidance_scale"),
-    )
-    c["num_inference_steps"] = gr.Slider(
-        1,
-        max(100, d.num_inference_steps),
-        d.num_inference_steps,
-        step=1,
-        label="Inference steps",
-        elem_id=_elem_id("num_inference_steps"),
-    )
+    main = ("height", "width", "guidance_scale", "img_guidance_scale", "num_inference_steps")
+    for name in main:
+        c[name] = _field_control(gr, name, pipe)
     with gr.Row():
         c["seed"] = gr.Number(
             0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id=_elem_id("seed")
         )
         c["randomize_seed"] = gr.Checkbox(False, label="Randomize seed", elem_id=_elem_id("randomize_seed"))
     with gr.Accordion("Advanced", open=False):
-        c["negative_prompt"] = gr.Textbox(
-            d.negative_prompt, label="Negative prompt", lines=2, elem_id=_elem_id("negative_prompt")
-        )
-        c["max_input_image_size"] = gr.Slider(
-            multiple,
-            max(largest, d.max_input_image_size),
-            d.max_input_image_size,
-            step=multiple,
-            label="Max input image size (longer side)",
-            elem_id=_elem_id("max_input_image_size"),
-        )
-        c["use_input_image_size_as_output"] = gr.Checkbox(
-            False,
-            label="Use input image size as output (one input image; ignores height/width)",
-            elem_id=_elem_id("use_input_image_size_as_output"),
-        )
-        with gr.Row():
-            c["separate_cfg_infer"] = gr.Checkbox(
-                True, label="Separate CFG inference (less memory)", elem_id=_elem_id("separate_cfg_infer")
-            )
-            c["use_kv_cache"] = gr.Checkbox(True, label="KV cache", elem_id=_elem_id("use_kv_cache"))
-            c["offload_kv_cache"] = gr.Checkbox(
-                True, label="Offload KV cache to CPU", elem_id=_elem_id("offload_kv_cache")
-            )
-            c["offload_model"] = gr.Checkbox(
-                False, label="Offload model to CPU", elem_id=_elem_id("offload_model")
-            )
-        c["step_cache_threshold"] = gr.Slider(
-            0.0,
-            0.5,
-            value=0.0,
-            step=0.01,
-            label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",
-            elem_id=_elem_id("step_cache_threshold"),
-        )
+        for name in control_fields():
+            if name not in main:
+                c[name] = _field_control(gr, name, pipe)
     return c
 
 
@@ -355,20 +310,25 @@ def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = Non
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from omnigen.cli_args import add_generation_args, add_model_args
+
     p = sub.add_parser("demo", help="launch the web UI (gradio)")
-    p.add_argument(
-        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
-    )
-    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p, device_default="cpu")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="(default: 7860)")
+    g = p.add_argument_group("memory modes (for every user of the demo)")
+    add_generation_args(g, scopes=("operator",))
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from omnigen.pipeline import OmniGenPipeline
+    import importlib.util
 
-    pipe = OmniGenPipeline.from_pretrained(args.model, device=args.device, vae_path=args.vae)
+    from omnigen.cli_args import generation_overrides, load_pipeline
+
+    if importlib.util.find_spec("gradio") is None:  # say so before the model loads
+        raise ImportError("the demo needs gradio: pip install 'omnigen-unified[demo]'")
+    modes = generation_overrides(args, generation.names("operator"))
+    pipe = load_pipeline(args).with_defaults(**modes)
     launch_demo(build_demo(pipe), host=args.host, port=args.port)
     return 0

@@ -14,7 +14,7 @@
   ``diffusers.OmniGenPipeline.from_pretrained`` loads. It needs an ``AutoencoderKL`` codec; a pixel-space
   model is refused with a ``ValueError``.
 
-Both layouts also get our ``generation_config.json`` (ignored by the other loaders). Weights are written
+Both layouts also get our ``omnigen_generation.json`` (ignored by the other loaders). Weights are written
 with safetensors only, the whole folder atomically (``checkpoint.atomic_folder``). A LoRA adapter must be
 merged first (``pipe.merge_lora()``; it is folded into the plain weights); a quantized model is refused.
 """
@@ -230,7 +230,7 @@ def export(
 
     if layout not in LAYOUTS:  # before loading anything
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae)
+    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=None)  # as stored
     stored = next(pipe.model.parameters()).dtype
     if lora is not None:
         if stored != torch.float32:  # merge at full precision

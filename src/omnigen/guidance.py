@@ -4,11 +4,24 @@ Text + image guidance (OmniGen, after InstructPix2Pix):
     v = uncond + s_img * (img_cond - uncond) + s_txt * (cond - img_cond)
 Text-only guidance (no input images):
     v = uncond + s_txt * (cond - uncond)
+
+Beside the pure combiners, the guided velocity of a sampling run: ``branch_rows`` assembles the CFG
+branches' prompts (each branch a block of rows of the condition batch, in the reference's order
+[cond | uncond | img_cond]) and ``guided_velocity`` prefills them and returns v(z, t) for the solver.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from omnigen.generation import GenerationConfig
+    from omnigen.model import OmniGenModel
+    from omnigen.step_cache import StepCache
+    from omnigen.types import Condition, ProcessedPrompt
 
 
 def text_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -28,3 +41,66 @@ def combine(branches: list[torch.Tensor], scale: float, img_scale: float) -> tor
     if len(branches) == 3:
         return text_image_guidance(branches[0], branches[1], branches[2], scale, img_scale)
     raise ValueError(f"expected 2 or 3 CFG branches, got {len(branches)}")
+
+
+def branch_rows(processor: Any, processed: list[ProcessedPrompt], branches: list) -> list[list]:
+    """Per CFG branch, the processed prompt of every row: one row per prompt, whatever the images per
+    prompt (the model broadcasts each condition row, and its cache row, over the prompt's images, so the
+    prefill and the cache do not grow with them). ``branches``: the samples' ``processor.CfgPrompts``."""
+    names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
+    rows = []
+    for name in names:
+        texts = [getattr(b, name) for b in branches]
+        prompts = [
+            processed[i] if name == "cond" else processor(text, images, template=True)
+            for i, (text, images) in enumerate(texts)
+        ]
+        rows.append(prompts)
+    return rows
+
+
+def guided_velocity(
+    model: OmniGenModel,
+    conditions: list[Condition],
+    num_branches: int,
+    num_output_tokens: int,
+    config: GenerationConfig,
+    step_cache: StepCache | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """v(z, t) with guidance. ``conditions``: one per branch (separate CFG) or one holding every branch's
+    rows; with ``config.use_kv_cache`` they are prefilled into caches once, here."""
+    caches = [
+        model.prefill(
+            c,
+            num_output_tokens,
+            offload_cache=config.offload_kv_cache,
+            offload_layers=config.offload_model,
+            mask_free=config.mask_free_attention,
+        )
+        if config.use_kv_cache
+        else None
+        for c in conditions
+    ]
+
+    def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = None if caches[index] is not None else conditions[index]
+        return model(
+            z,
+            t,
+            condition=cond,
+            cache=caches[index],
+            offload_layers=config.offload_model,
+            step_cache=step_cache,
+            branch=index,
+        ).float()
+
+    def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if step_cache is not None:
+            step_cache.begin_step()
+        scale, img_scale = config.guidance_scale, config.img_guidance_scale
+        if len(conditions) == 1:  # all branches in one batch
+            out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
+            return combine(list(out.chunk(num_branches)), scale, img_scale)
+        return combine([run(k, z, t) for k in range(num_branches)], scale, img_scale)
+
+    return velocity

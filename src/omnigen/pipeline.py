@@ -5,6 +5,11 @@ reference's order). With ``separate_cfg_infer`` each branch runs as its own batc
 run together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
 output tokens run at each step.
 
+Every generation parameter, its default and its allowed range is a field of
+``omnigen.generation.GenerationConfig``; the pipeline's ``defaults`` is the model folder's, and a call's
+keyword overrides are validated by ``defaults.replace``. The solver is ``omnigen.solvers`` (``sampler``,
+``time_shift``); the guided velocity over the CFG branches is ``omnigen.guidance``'s.
+
 Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --options``):
 - ``mask_free_attention`` (on): a cached step whose rows have no padding (separate CFG with one prompt)
   runs its attention without a mask; exact.
@@ -19,78 +24,34 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
 from omnigen.checkpoint import load_model, resolve_model_path
 from omnigen.collate import collate
-from omnigen.guidance import combine
-from omnigen.model import ConditionCache, OmniGenModel
-from omnigen.placement import place_model
-from omnigen.processor import DEFAULT_NEGATIVE_PROMPT, OmniGenProcessor, cfg_prompts
-from omnigen.sampling import euler_sample, make_noise
+from omnigen.generation import GenerationConfig
+from omnigen.guidance import branch_rows, guided_velocity
+from omnigen.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
+from omnigen.model import OmniGenModel
+from omnigen.placement import place_model, resolve_dtype
+from omnigen.processor import OmniGenProcessor, cfg_prompts, resized_size
+from omnigen.sampling import make_noise
+from omnigen.solvers import plan, solve
 from omnigen.step_cache import StepCache
 from omnigen.tokenizer import Tokenizer
-from omnigen.types import Condition, ProcessedPrompt
-from omnigen.vae import AutoencoderKLCodec, LatentCodec, load_codec, to_uint8
+from omnigen.types import ProcessedPrompt
+from omnigen.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
 
 logger = logging.getLogger(__name__)
 
-GENERATION_CONFIG = "generation_config.json"
 StepEndCallback = Callable[["OmniGenPipeline", int, float, torch.Tensor], "torch.Tensor | None"]
-
-
-@dataclass(frozen=True)
-class GenerationDefaults:
-    """Per-model defaults for the call's arguments (the reference's defaults for OmniGen-v1)."""
-
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 50
-    guidance_scale: float = 3.0
-    img_guidance_scale: float = 1.6
-    max_input_image_size: int = 1024
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-
-    @classmethod
-    def load(cls, folder: Path) -> GenerationDefaults:
-        path = folder / GENERATION_CONFIG
-        if not path.is_file():
-            return cls()
-        data = json.loads(path.read_text())
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
-        return cls(**data)
-
-    def save(self, folder: str | Path) -> None:
-        (Path(folder) / GENERATION_CONFIG).write_text(json.dumps(asdict(self), indent=1))
-
-
-@dataclass(frozen=True)
-class _SamplingOptions:
-    steps: int
-    scale: float
-    img_scale: float
-    use_kv_cache: bool
-    offload_kv_cache: bool
-    offload_model: bool
-    separate_cfg_infer: bool
-    callback: StepEndCallback | None
-    progress: bool
-    decode: bool
-    step_cache_threshold: float | None = None
-    mask_free_attention: bool = True
-    vae_tiling: bool = False
+OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
 def default_model_path() -> Path:
@@ -104,7 +65,7 @@ class OmniGenPipeline:
         model: OmniGenModel,
         codec: LatentCodec,
         tokenizer: Tokenizer,
-        defaults: GenerationDefaults | None = None,
+        defaults: GenerationConfig | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if codec.channels != model.config.in_channels:
@@ -118,7 +79,7 @@ class OmniGenPipeline:
         self.model = model.eval()
         self.codec = codec
         self.tokenizer = tokenizer
-        self.defaults = defaults or GenerationDefaults()
+        self.defaults = defaults or GenerationConfig()
         self.device = torch.device(device)
         self.processor = OmniGenProcessor(tokenizer, model.config, self.defaults.max_input_image_size)
 
@@ -127,12 +88,15 @@ class OmniGenPipeline:
         cls,
         name_or_path: str | Path | None = None,
         device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
+        dtype: str | torch.dtype | None = "auto",
         vae_path: str | Path | None = None,
     ) -> OmniGenPipeline:
-        """A local folder (official, diffusers or ours), a hub id, or None for the shipped model."""
+        """A local folder (official, diffusers or ours), a hub id, or None for the shipped model.
+
+        ``dtype``: "auto" (bfloat16 on CUDA, float16 where bfloat16 is unsupported, float32 elsewhere),
+        "float32", "bfloat16", "float16", a torch dtype, or None (the stored dtype)."""
         folder = default_model_path() if name_or_path is None else resolve_model_path(name_or_path)
-        model, layout = load_model(folder, device=device, dtype=dtype)
+        model, layout = load_model(folder, device=device, dtype=resolve_dtype(dtype, device))
         codec = (
             AutoencoderKLCodec.from_pretrained(vae_path) if vae_path is not None else load_codec(layout.root)
         )
@@ -141,7 +105,7 @@ class OmniGenPipeline:
                 f"{folder} has no vae/ folder or codec.json; pass vae_path= (e.g. a local copy of stabilityai/sdxl-vae)"
             )
         tokenizer = Tokenizer.from_file(layout.tokenizer_dir)
-        return cls(model, codec.to(device), tokenizer, GenerationDefaults.load(layout.root), device)
+        return cls(model, codec.to(device), tokenizer, GenerationConfig.load(layout.root), device)
 
     # ------------------------------------------------------------------ inputs
     def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:
@@ -170,99 +134,72 @@ class OmniGenPipeline:
         self,
         prompt: str | Sequence[str],
         input_images: Sequence | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        img_guidance_scale: float | None = None,
-        use_img_guidance: bool = True,
-        negative_prompt: str | None = None,
-        seed: int | None = None,
-        use_kv_cache: bool = True,
-        offload_kv_cache: bool = True,
-        offload_model: bool = False,
-        separate_cfg_infer: bool = True,
-        use_input_image_size_as_output: bool = False,
-        max_input_image_size: int | None = None,
-        num_images_per_prompt: int = 1,
         callback_on_step_end: StepEndCallback | None = None,
         progress: bool = True,
         output_type: str = "pil",
-        step_cache_threshold: float | None = None,
-        mask_free_attention: bool = True,
-        vae_tiling: bool = False,
+        mask: MaskLike | Sequence[MaskLike | None] | None = None,
+        **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
 
+        ``overrides``: any field of ``GenerationConfig`` (None keeps this pipeline's default); a bad value
+        raises a ValueError/TypeError naming the field and its range.
         ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
 
-        ``step_cache_threshold``: None (default) runs every layer at every step; a number >= 0 turns on step
-        caching with that accumulated relative-change threshold (``omnigen.step_cache``; 0 is exact, about
-        0.05-0.2 skips steps at some cost in fidelity). ``mask_free_attention``: run the cached steps'
-        attention without a mask when the rows have no padding (exact; off only for comparisons).
-        ``vae_tiling``: decode with diffusers' tiled decoder (less memory for large images; the result
-        differs slightly where tiles blend; no effect with a codec that has no tiled decoder).
+        ``mask`` (``omnigen.inpaint``): regenerate only where it is white on the first input image (the
+        canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
+        seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
         """
-        d = self.defaults
+        cfg = self.defaults.replace(**overrides)
         prompts, images = self._normalise(prompt, input_images)
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        height, width = pick(height, d.height), pick(width, d.width)
-        steps = pick(num_inference_steps, d.num_inference_steps)
-        scale, img_scale = (
-            pick(guidance_scale, d.guidance_scale),
-            pick(img_guidance_scale, d.img_guidance_scale),
-        )
-        negative = pick(negative_prompt, d.negative_prompt)
-        max_input = pick(max_input_image_size, d.max_input_image_size)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt' or 'latent', got {output_type!r}")
-        if use_input_image_size_as_output and any(len(x) != 1 for x in images):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
+            )
+        if cfg.use_input_image_size_as_output and any(len(x) != 1 for x in images):
             raise ValueError("use_input_image_size_as_output needs exactly one input image per prompt")
-        if not use_input_image_size_as_output:
-            self.model.config.check_image_size(height, width, "output")
-        if seed is None:
-            seed = random.randrange(2**31)
-        elif not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if step_cache_threshold is not None:
-            StepCache(step_cache_threshold, steps)  # validates the threshold
+        if not cfg.use_input_image_size_as_output:
+            self.model.config.check_image_size(cfg.height, cfg.width, "output")
+        if cfg.step_cache_threshold is not None:
+            StepCache(cfg.step_cache_threshold, cfg.num_inference_steps)  # validates the threshold
+        plan(cfg.sampler, cfg.num_inference_steps, cfg.time_shift or 1.0)  # validates the schedule
+        seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
+        masks = prepare_masks(
+            mask,
+            images,
+            cfg.mask_blur,
+            cfg.max_input_image_size,
+            self.model.config.image_multiple,
+            not isinstance(prompt, str),
+        )
+        if not cfg.use_input_image_size_as_output:
+            check_output_size(masks, overrides.get("height"), overrides.get("width"))
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
-        pixels = [[self.processor.prepare_image(img, max_input) for img in imgs] for imgs in images]
+        pixels = [
+            [self.processor.prepare_image(img, cfg.max_input_image_size) for img in imgs] for imgs in images
+        ]
         processed = [self.processor(p, imgs) for p, imgs in zip(prompts, pixels, strict=True)]
-        use_img_cfg = use_img_guidance and any(images)
-        branches = [cfg_prompts(p, imgs, negative, use_img_cfg) for p, imgs in zip(prompts, pixels)]
+        use_img_cfg = cfg.use_img_guidance and any(images)
+        branches = [
+            cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(prompts, pixels)
+        ]
         sizes = [
-            tuple(proc.pixel_values[0].shape[-2:]) if use_input_image_size_as_output else (height, width)
+            tuple(proc.pixel_values[0].shape[-2:])
+            if cfg.use_input_image_size_as_output
+            else (cfg.height, cfg.width)
             for proc in processed
         ]
+        sizes = [size if m is None else m.size for size, m in zip(sizes, masks)]
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
-        self._place_model(offload_model)
-        options = _SamplingOptions(
-            steps,
-            scale,
-            img_scale,
-            use_kv_cache,
-            offload_kv_cache,
-            offload_model,
-            separate_cfg_infer,
-            callback_on_step_end,
-            progress,
-            decode=output_type != "latent",
-            step_cache_threshold=step_cache_threshold,
-            mask_free_attention=mask_free_attention,
-            vae_tiling=vae_tiling,
-        )
+        place_model(self.model, self.device, offload_layers=cfg.offload_model)
+        per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
             rows = [i for i, s in enumerate(sizes) if s == size]
@@ -270,21 +207,37 @@ class OmniGenPipeline:
                 [processed[i] for i in rows],
                 [branches[i] for i in rows],
                 size,
-                [seed + i * num_images_per_prompt for i in rows],
-                num_images_per_prompt,
-                options,
+                [seed + i * per_prompt for i in rows],
+                cfg,
+                (callback_on_step_end, progress, output_type != "latent"),
+                [masks[i] for i in rows],
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
+        flat_masks = [m for m in masks for _ in range(per_prompt)]
+        if output_type == "pt":
+            flat = [x if m is None else m.composite(x) for x, m in zip(flat, flat_masks)]
         if output_type != "pil":
             return torch.stack(flat)
         pil = []
-        for k, pixels in enumerate(flat):
+        for k, (pixels, m) in enumerate(zip(flat, flat_masks)):
             image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
+            image = image if m is None else m.composite_image(image)
             image.info["seed"] = seed + k
             pil.append(image)
         return pil
+
+    def condition_tokens(
+        self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
+    ) -> int:
+        """Tokens of the conditional prompt (its text and every input image, given as (width, height)
+        before resizing): the length of one prefill row, what a service budgets before running it."""
+        longest = self.defaults.replace(max_input_image_size=max_input_image_size).max_input_image_size
+        multiple = self.model.config.image_multiple
+        sizes = [resized_size(w, h, longest, multiple) for w, h in image_sizes]
+        stand_ins = [torch.zeros(1).expand(3, h, w) for w, h in sizes]  # shapes only, no memory
+        return len(self.processor(prompt, stand_ins).input_ids)
 
     def _encode_images(self, conditions: list[ProcessedPrompt]) -> list[list[torch.Tensor]]:
         """Latents of every input image, each distinct tensor encoded once."""
@@ -305,102 +258,49 @@ class OmniGenPipeline:
         branches: list,
         size: tuple[int, int],
         seeds: list[int],
-        per_prompt: int,
-        options: _SamplingOptions,
+        cfg: GenerationConfig,
+        hooks: tuple[StepEndCallback | None, bool, bool],
+        masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
-        """Sample the prompts of one output size; returns, per prompt, its images (or latents)."""
-        config = self.model.config
-        names = ["cond", "uncond"] + (["img_cond"] if branches[0].img_cond is not None else [])
-        # Each branch: one row per prompt, whatever ``per_prompt``: the model broadcasts each condition row
-        # (and its cache row) over the prompt's images, so the prefill and the cache do not grow with it.
-        branch_prompts = []
-        for name in names:
-            texts = [getattr(b, name) for b in branches]
-            procs = [
-                processed[i] if name == "cond" else self.processor(text, imgs, template=True)
-                for i, (text, imgs) in enumerate(texts)
-            ]
-            branch_prompts.append(procs)
-        all_prompts = [p for group in branch_prompts for p in group]
-        latents = self._encode_images(all_prompts)
+        """Sample the prompts of one output size; returns, per prompt, its images (or latents).
+        ``hooks``: (step-end callback, progress bar, decode)."""
+        callback, progress, decode = hooks
+        config, per_prompt = self.model.config, cfg.num_images_per_prompt
+        rows = branch_rows(self.processor, processed, branches)
+        all_rows = [p for group in rows for p in group]
+        latents = self._encode_images(all_rows)
         dtype = next(self.model.parameters()).dtype
-        conditions = [
-            collate(group, latents[k * len(group) : (k + 1) * len(group)], config.transformer.pad_token_id)
-            for k, group in enumerate(branch_prompts)
-        ]
-        if not options.separate_cfg_infer:
-            conditions = [collate(all_prompts, latents, config.transformer.pad_token_id)]
+        pad = config.transformer.pad_token_id
+        if cfg.separate_cfg_infer:
+            conditions = [
+                collate(group, latents[k * len(group) : (k + 1) * len(group)], pad)
+                for k, group in enumerate(rows)
+            ]
+        else:
+            conditions = [collate(all_rows, latents, pad)]
         conditions = [c.to(self.device, dtype) for c in conditions]
 
         h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
-        all_seeds = [s + j for s in seeds for j in range(per_prompt)]
-        z = make_noise((config.in_channels, h, w), all_seeds, self.device)
-        threshold = options.step_cache_threshold
-        step_cache = None if threshold is None else StepCache(threshold, options.steps)
-        velocity = self._velocity_fn(
-            conditions, len(names), config.num_image_tokens(*size), options, step_cache
+        z = make_noise(
+            (config.in_channels, h, w), [s + j for s in seeds for j in range(per_prompt)], self.device
         )
-        callback = options.callback
+        steps = cfg.num_inference_steps
+        step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
+        velocity = guided_velocity(
+            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache
+        )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
-        z = euler_sample(velocity, z, options.steps, callback=step_callback, progress=options.progress)
+        schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
+        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
+        project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
+        z = solve(velocity, z, schedule, project, callback=step_callback, progress=progress)
         if step_cache is not None:
-            logger.info(
-                "step cache: ran all layers at %d of %d steps", step_cache.num_computed, options.steps
-            )
-        if options.decode:
-            with _vae_tiling(self.codec, options.vae_tiling):
+            logger.info("step cache: ran all layers at %d of %d steps", step_cache.num_computed, steps)
+        if decode:
+            with tiled_decoding(self.codec, cfg.vae_tiling):
                 z = self.codec.decode(z)
         pixels = z.float().cpu()
         return [list(pixels[i * per_prompt : (i + 1) * per_prompt]) for i in range(len(processed))]
-
-    def _velocity_fn(
-        self,
-        conditions: list[Condition],
-        num_branches: int,
-        n: int,
-        options: _SamplingOptions,
-        step_cache: StepCache | None = None,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """v(z, t) with guidance; the conditions are prefilled into caches once, here."""
-        model = self.model
-        caches: list[ConditionCache | None] = [
-            model.prefill(
-                c,
-                n,
-                offload_cache=options.offload_kv_cache,
-                offload_layers=options.offload_model,
-                mask_free=options.mask_free_attention,
-            )
-            if options.use_kv_cache
-            else None
-            for c in conditions
-        ]
-
-        def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            cond = None if caches[index] is not None else conditions[index]
-            return model(
-                z,
-                t,
-                condition=cond,
-                cache=caches[index],
-                offload_layers=options.offload_model,
-                step_cache=step_cache,
-                branch=index,
-            ).float()
-
-        def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if step_cache is not None:
-                step_cache.begin_step()
-            if len(conditions) == 1:  # all branches in one batch
-                out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
-                return combine(list(out.chunk(num_branches)), options.scale, options.img_scale)
-            return combine([run(k, z, t) for k in range(num_branches)], options.scale, options.img_scale)
-
-        return velocity
-
-    def _place_model(self, offload_model: bool) -> None:
-        """Layers streamed from the host with ``offload_model``, else on their devices (``place_model``)."""
-        place_model(self.model, self.device, offload_layers=offload_model)
 
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
@@ -420,10 +320,10 @@ class OmniGenPipeline:
             layer.compile(mode=mode, dynamic=dynamic)
         return self
 
-    def with_defaults(self, **changes) -> OmniGenPipeline:
-        """A pipeline sharing this one's model with some defaults changed."""
+    def with_defaults(self, **changes: Any) -> OmniGenPipeline:
+        """A pipeline sharing this one's model with some defaults changed (validated)."""
         return OmniGenPipeline(
-            self.model, self.codec, self.tokenizer, replace(self.defaults, **changes), self.device
+            self.model, self.codec, self.tokenizer, self.defaults.replace(**changes), self.device
         )
 
     def save_pretrained(
@@ -462,18 +362,3 @@ class OmniGenPipeline:
         from omnigen import lora
 
         lora.unload_lora(self.model)
-
-
-@contextmanager
-def _vae_tiling(codec: LatentCodec, enabled: bool) -> Iterator[None]:
-    """Turn on diffusers' tiled decoding for the duration of a decode, then restore the VAE's setting."""
-    vae = getattr(codec, "vae", None)
-    if not enabled or vae is None or not hasattr(vae, "use_tiling"):
-        yield
-        return
-    before = vae.use_tiling
-    vae.use_tiling = True
-    try:
-        yield
-    finally:
-        vae.use_tiling = before

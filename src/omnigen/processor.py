@@ -27,12 +27,6 @@ USER = "<|user|>\n"
 PREAMBLE = "Generate an image according to the following instructions\n"
 END = "<|end|>\n"
 ASSISTANT = "<|assistant|>\n<|diffusion|>"
-DEFAULT_NEGATIVE_PROMPT = (
-    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
-    "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
-    "bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, "
-    "missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers."
-)
 PLACEHOLDER_ID = 0  # ids inside an image span are never embedded; the value is irrelevant
 
 
@@ -65,6 +59,16 @@ def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
             return opened.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read input image {name}: {err}") from err
+
+
+def resized_size(width: int, height: int, max_size: int, multiple: int) -> tuple[int, int]:
+    """(width, height) that ``resize_and_crop`` gives an image of this size, without touching pixels."""
+    while min(width, height) >= 2 * max_size:
+        width, height = width // 2, height // 2
+    if max(width, height) > max_size:
+        scale = max_size / max(width, height)
+        width, height = round(width * scale), round(height * scale)
+    return width - width % multiple, height - height % multiple
 
 
 def resize_and_crop(image: Image.Image, max_size: int, multiple: int) -> Image.Image:

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -125,3 +127,19 @@ def load_codec(folder: str | Path) -> LatentCodec | None:
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like the reference's ``.to(uint8)``."""
     return ((pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@contextmanager
+def tiled_decoding(codec: LatentCodec, enabled: bool) -> Iterator[None]:
+    """Turn on diffusers' tiled decoding for the duration of a decode, then restore the VAE's setting
+    (no effect for a codec without a tiled decoder)."""
+    vae = getattr(codec, "vae", None)
+    if not enabled or vae is None or not hasattr(vae, "use_tiling"):
+        yield
+        return
+    before = vae.use_tiling
+    vae.use_tiling = True
+    try:
+        yield
+    finally:
+        vae.use_tiling = before

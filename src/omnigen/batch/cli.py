@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from omnigen.cli_args import add_model_args, load_pipeline
+from omnigen.generation import MAX_CONDITION_TOKENS
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,14 +55,17 @@ def init_distributed(device: str | None = None) -> DistContext:
     )
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
-    )
-    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available)")
+def add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The model flags (``omnigen.cli_args``) and the batching flags of ``batch`` and ``eval``."""
+    add_model_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--max-condition-tokens",
+        type=int,
+        default=MAX_CONDITION_TOKENS,
+        help=f"budget of prompt + input-image tokens per request; 0: none (default: {MAX_CONDITION_TOKENS})",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="skip",
         help="bad lines and failed batches: report and go on (skip, default) or stop (fatal)",
     )
-    add_model_args(p)
+    add_batch_args(p)
     p.set_defaults(func=_run)
 
 
@@ -91,11 +97,10 @@ def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
     """Load the pipeline of ``args`` on this rank's device and run ``requests`` into ``out`` (every rank);
     shared by ``omnigen batch`` and the ``omnigen eval`` generators. Returns this rank's BatchReport."""
     from omnigen.batch.runner import run_batch
-    from omnigen.pipeline import OmniGenPipeline
 
     ctx = init_distributed(args.device)
     try:
-        pipe = OmniGenPipeline.from_pretrained(args.model, device=ctx.device, vae_path=args.vae)
+        pipe = load_pipeline(args, ctx.device)
         return run_batch(
             pipe,
             requests,
@@ -106,6 +111,7 @@ def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
             barrier=ctx.barrier,
             model=str(args.model) if args.model is not None else None,
             progress=not args.no_progress,
+            max_condition_tokens=args.max_condition_tokens or None,
             **kwargs,
         )
     finally:

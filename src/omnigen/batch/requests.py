@@ -21,25 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omnigen import generation
+from omnigen.checks import check_int
 from omnigen.tags import validate_image_tags
 
-# Generation parameters a request may set, with their JSON types (pipeline.__call__ keyword names).
-PARAMETERS: dict[str, type] = {
-    "height": int,
-    "width": int,
-    "num_inference_steps": int,
-    "guidance_scale": float,
-    "img_guidance_scale": float,
-    "use_img_guidance": bool,
-    "negative_prompt": str,
-    "max_input_image_size": int,
-    "use_input_image_size_as_output": bool,
-    "separate_cfg_infer": bool,
-    "use_kv_cache": bool,
-    "offload_kv_cache": bool,
-    "offload_model": bool,
-    "step_cache_threshold": float,
-}
+# Generation parameters a line may set: every request- and operator-scope field of GenerationConfig but
+# the two the format has its own keys for ("seed", and "n" for num_images_per_prompt).
+PARAMETERS: tuple[str, ...] = tuple(
+    name
+    for name in generation.names("request") + generation.names("operator")
+    if name not in ("seed", "num_images_per_prompt")
+)
 KEYS = ("id", "prompt", "input_images", "n", "seed", "meta", *PARAMETERS)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -140,13 +132,12 @@ def _parse_line(raw: bytes, number: int, base: Path, default_seed: int, check_fi
         validate_image_tags(prompt, len(images))
     except ValueError as err:
         raise _LineError(f"'prompt': {err}") from None
-    n = row.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise _LineError(f"'n' must be a positive int, got {n!r}")
-    seed = row.get("seed", default_seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _LineError(f"'seed' must be an int >= 0, got {seed!r}")
-    params = {key: _typed(key, row[key]) for key in PARAMETERS if key in row}
+    try:
+        n = check_int("'n'", row.get("n", 1), 1)
+        seed = check_int("'seed'", row.get("seed", default_seed), 0)
+        params = {key: generation.param(key).check(repr(key), row[key]) for key in PARAMETERS if key in row}
+    except (TypeError, ValueError) as err:
+        raise _LineError(str(err)) from None
     return Request(request_id, prompt, images, n, seed, params, row.get("meta"), number)
 
 
@@ -160,12 +151,3 @@ def _images(value: Any, base: Path, check_files: bool) -> tuple[str, ...]:
     if missing:
         raise _LineError(f"input image(s) not found: {missing}")
     return paths
-
-
-def _typed(key: str, value: Any) -> Any:
-    kind = PARAMETERS[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _LineError(f"{key!r} must be {kind.__name__}, got {value!r:.60}")
-    return value

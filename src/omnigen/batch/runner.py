@@ -24,7 +24,6 @@ k of a call with seed + k.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -36,9 +35,10 @@ from typing import Any, Literal
 from PIL import PngImagePlugin
 from tqdm.auto import tqdm
 
-from omnigen.batch.requests import PARAMETERS, BadLine, Request, RequestError
+from omnigen.batch.params import resolve_params
+from omnigen.batch.requests import BadLine, Request, RequestError
 from omnigen.checkpoint import atomic_write
-from omnigen.processor import load_image, resize_and_crop
+from omnigen.generation import MAX_CONDITION_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -81,46 +81,6 @@ class BatchReport:
 # --------------------------------------------------------------------------------------------------
 # Parameters and records
 # --------------------------------------------------------------------------------------------------
-
-
-def _call_defaults(pipe: Any) -> dict[str, Any]:
-    """Keyword defaults of pipe.__call__ for the boolean flags (the pipeline's own defaults)."""
-    signature = inspect.signature(type(pipe).__call__)
-    return {
-        name: p.default
-        for name, p in signature.parameters.items()
-        if name in PARAMETERS and p.default is not inspect.Parameter.empty and p.default is not None
-    }
-
-
-def resolve_params(
-    pipe: Any, request: Request, call_defaults: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Every generation parameter of `request` with the pipeline's defaults filled in; height and width
-    are the size of the image that will come out. Raises ValueError for sizes the model cannot make."""
-    d = pipe.defaults
-    params: dict[str, Any] = {
-        "height": d.height,
-        "width": d.width,
-        "num_inference_steps": d.num_inference_steps,
-        "guidance_scale": float(d.guidance_scale),
-        "img_guidance_scale": float(d.img_guidance_scale),
-        "negative_prompt": d.negative_prompt,
-        "max_input_image_size": d.max_input_image_size,
-        **(call_defaults if call_defaults is not None else _call_defaults(pipe)),
-        **request.params,
-    }
-    config = pipe.model.config
-    pipe.processor.check_max_input_image_size(params["max_input_image_size"])
-    if params.get("use_input_image_size_as_output"):
-        if len(request.input_images) != 1:
-            raise ValueError("use_input_image_size_as_output needs exactly one input image")
-        image = load_image(request.input_images[0])
-        width, height = resize_and_crop(image, params["max_input_image_size"], config.image_multiple).size
-        params["height"], params["width"] = height, width
-    else:
-        config.check_image_size(params["height"], params["width"], "output")
-    return params
 
 
 def expected_record(request: Request, k: int, params: dict[str, Any], model: str | None, file: str) -> dict:
@@ -217,13 +177,12 @@ def consecutive_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]
 
 
 def _validate(
-    pipe: Any, requests: Sequence[Request], on_error: OnError
+    pipe: Any, requests: Sequence[Request], on_error: OnError, max_condition_tokens: int | None
 ) -> tuple[dict[int, dict[str, Any]], list[BadLine]]:
-    call_defaults = _call_defaults(pipe)
     params, bad = {}, []
     for index, request in enumerate(requests):
         try:
-            params[index] = resolve_params(pipe, request, call_defaults)
+            params[index] = resolve_params(pipe, request, max_condition_tokens)
         except (ValueError, TypeError, OSError) as err:
             if on_error == "fatal":
                 raise RequestError(f"line {request.line} (id {request.id!r}): {err}") from err
@@ -250,19 +209,21 @@ def run_batch(
     layout: Layout = default_layout,
     bad_lines: Sequence[BadLine] = (),
     progress: bool = True,
+    max_condition_tokens: int | None = MAX_CONDITION_TOKENS,
 ) -> BatchReport:
     """Generate every image of `requests` not already done into `out_dir`; this rank's share only.
 
     Every rank must call this with the same arguments (except `rank`); `barrier` synchronises them (None
     for one process). `bad_lines` (from reading the file) are written to errors.jsonl with the lines that
-    fail here. A failing batch is logged and recorded (on_error="skip") or raised ("fatal").
+    fail here (a condition over `max_condition_tokens`, None for no budget, is one). A failing batch is
+    logged and recorded (on_error="skip") or raised ("fatal").
     """
     if on_error not in ("skip", "fatal"):
         raise ValueError(f"on_error must be 'skip' or 'fatal', got {on_error!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sync = barrier or (lambda: None)
-    params, invalid = _validate(pipe, requests, on_error)
+    params, invalid = _validate(pipe, requests, on_error, max_condition_tokens)
     bad = [*bad_lines, *invalid]
     expected = {
         (requests[i].id, k): expected_record(requests[i], k, p, model, layout(requests[i], k))

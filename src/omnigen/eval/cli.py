@@ -13,34 +13,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omnigen.batch.cli import add_model_args
+from omnigen.batch.cli import add_batch_args
+from omnigen.batch.requests import PARAMETERS
+from omnigen.cli_args import add_generation_args, generation_overrides, load_pipeline
 
 logger = logging.getLogger(__name__)
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None, help="text guidance scale")
-    p.add_argument("--img-guidance", type=float, default=None, help="image guidance scale")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0, help="noise seed (image k of a prompt: seed + k)")
+def _add_generation_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """The generation flags of GenerationConfig (the batch request keys) and the base seed."""
     p.add_argument(
-        "--step-cache",
-        type=float,
-        default=None,
-        help="step-cache threshold (omnigen.step_cache; default off = exact sampling)",
+        "--seed", type=int, default=0, help="noise seed (image k of a prompt: seed + k; default 0)"
     )
+    add_generation_args(p, skip=("seed", "num_images_per_prompt", *skip))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    pairs = {
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "img_guidance_scale": args.img_guidance,
-        "negative_prompt": args.negative_prompt,
-        "step_cache_threshold": args.step_cache,
-    }
-    return {k: v for k, v in pairs.items() if v is not None}
+    return generation_overrides(args, [name for name in PARAMETERS if hasattr(args, name)])
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,18 +50,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--data-seed", type=int, default=0, help="seed of the generated split (default 0)")
     m.add_argument("--size", type=int, default=16, help="image side (default 16)")
     m.add_argument("--tasks", nargs="*", default=None, help="restrict to task kinds or families")
-    _add_generation_args(m)
-    add_model_args(m)
+    _add_generation_args(m, skip=("height", "width"))  # --size
+    add_batch_args(m)
     m.set_defaults(func=_run_miniworld, batch_size=16)
 
     g = ev.add_parser("geneval", help="generate GenEval's prompts in the layout its official scorer reads")
     g.add_argument("metadata", help="GenEval's prompts/evaluation_metadata.jsonl")
     g.add_argument("--out", required=True, help="output folder (<index>/samples/<k>.png)")
     g.add_argument("--n-samples", type=int, default=4, help="images per prompt (GenEval: 4)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
     _add_generation_args(g)
-    add_model_args(g)
+    add_batch_args(g)
     g.set_defaults(func=_run_geneval)
 
     s = ev.add_parser("geneval-summary", help="table of the official GenEval scorer's results JSONL")
@@ -86,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--limit", type=int, default=None, help="first N samples only")
     _add_scoring_args(e)
     _add_generation_args(e)
-    add_model_args(e)
+    add_batch_args(e)
     e.set_defaults(func=_run_emu_edit)
 
     d = ev.add_parser("dreambench", help="DreamBench: subject-driven generation, DINO / CLIP-I / CLIP-T")
@@ -96,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--template", default=None, help="prompt template with {prompt} and {cls}")
     _add_scoring_args(d)
     _add_generation_args(d)
-    add_model_args(d)
+    add_batch_args(d)
     d.set_defaults(func=_run_dreambench)
 
     c = ev.add_parser("control", help="controllability (ControlNet++ protocol): canny, hed, depth, seg")
@@ -120,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", default=None, help="scores JSON (default: OUT/control_<kind>.json)")
     c.add_argument("--score-only", action="store_true", help="score the images already in OUT")
     _add_generation_args(c)
-    add_model_args(c)
+    add_batch_args(c)
     c.set_defaults(func=_run_control)
 
 
@@ -159,14 +146,10 @@ def _print(text: str) -> None:
 
 
 def _run_miniworld(args: argparse.Namespace) -> int:
-    import torch
-
     from omnigen.eval import miniworld
     from omnigen.eval.common import write_json
-    from omnigen.pipeline import OmniGenPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = OmniGenPipeline.from_pretrained(args.model, device=device, vae_path=args.vae)
+    pipe = load_pipeline(args)
     started = time.perf_counter()
     result = miniworld.evaluate(
         pipe,
@@ -208,9 +191,7 @@ def _run_geneval(args: argparse.Namespace) -> int:
     from omnigen.eval import geneval
 
     metadata = geneval.read_metadata(args.metadata)
-    params = _overrides(args) | {
-        k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None
-    }
+    params = _overrides(args)
     requests = geneval.build_requests(metadata, args.n_samples, args.seed, params)
     out = Path(args.out)
     if os.environ.get("RANK", "0") == "0":

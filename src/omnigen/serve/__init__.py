@@ -1,6 +1,8 @@
 """HTTP service (``omnigen serve``): one shared pipeline behind a bounded job queue.
 
 ``settings`` holds the limits, ``worker`` the queue and the thread that runs the pipeline (no web
-framework there), ``inputs`` request parsing, limits and the error format, ``app`` the FastAPI routes,
-``cli`` the subcommand. Importing this package imports neither FastAPI nor torch.
+framework there), ``inputs`` request parsing and limits, ``errors`` the error format (OpenAI's),
+``jobs`` the generation path every route takes, ``openai`` the routes (OpenAI's Images API with our
+fields as extensions), ``app`` the FastAPI app (state, API key, error handlers, ``/health``), ``cli``
+the subcommand. Importing this package imports neither FastAPI nor torch.
 """

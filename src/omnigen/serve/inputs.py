@@ -1,9 +1,10 @@
-"""Request side of the HTTP service: the request/response models, the error type and parsing.
+"""Request side of the HTTP service: our request schema and the parsing of a request's body.
 
-This module owns the body formats of POST /v1/images/generations (JSON with base64 images, multipart or
-url-encoded forms with image uploads), the request limits of ``ServeSettings`` and the error format
-``{"error": {"type", "message", "limit", "field"}}``. ``parse_request`` + ``pipeline_kwargs`` check a
-request completely, so that a bad one never takes a queue slot. No routes here (``app``).
+This module owns ``GenerationRequest`` (the request-scope fields of ``GenerationConfig`` plus the request's
+own), the body formats (JSON with base64 images; multipart or url-encoded forms with image uploads under
+the route's image field names, and named extra file fields such as ``mask``) and the request limits of
+``ServeSettings``. ``parse_request`` + ``pipeline_kwargs`` check a request completely, so that a bad one
+never takes a queue slot. OpenAI's spellings of the fields are ``openai``'s; no routes here.
 """
 
 from __future__ import annotations
@@ -13,100 +14,71 @@ import binascii
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omnigen import generation
+from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
 from omnigen.tags import validate_image_tags
 
 MAX_SEED = 2**53  # exact in JSON numbers
 
 
-class GenerationRequest(BaseModel):
-    """Body of POST /v1/images/generations. Unset fields take the model's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str = Field(description="instruction; input image k is referenced as <img><|image_k|></img>")
-    images: list[str] = Field(
-        default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
-    )
-    model: str | None = Field(None, description="must name the served model when given")
-    negative_prompt: str | None = None
-    height: int | None = Field(None, ge=1)
-    width: int | None = Field(None, ge=1)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    img_guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
-    use_img_guidance: bool = True
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when unset; returned either way")
-    use_kv_cache: bool = True
-    offload_kv_cache: bool = True
-    offload_model: bool = False
-    separate_cfg_infer: bool = True
-    use_input_image_size_as_output: bool = False
-    max_input_image_size: int | None = Field(None, ge=1)
-    num_images_per_prompt: int = Field(1, ge=1)
-    step_cache_threshold: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="reuse the decoder's output on near-identical steps"
-    )
-    mask_free_attention: bool = True
-    vae_tiling: bool = False
-    response_format: Literal["png", "b64_json"] = Field(
-        "png", description="png: the image itself (one image only); b64_json: JSON with base64 PNGs"
+def _request_field(name: str) -> tuple[Any, Any]:
+    """The pydantic type and Field of one request-scope field of GenerationConfig (unset: the model's)."""
+    param = generation.param(name)
+    limits: dict[str, Any] = {}
+    if param.low is not None:
+        limits["gt" if param.low_open else "ge"] = param.low
+    if param.high is not None:
+        limits["le"] = param.high
+    if name == "seed":
+        limits["le"] = MAX_SEED
+    if param.kind == "float":
+        limits["allow_inf_nan"] = False
+    kind = Literal[param.choices] if param.choices else param.python_type  # type: ignore[valid-type]
+    return kind | None, Field(
+        None, description=f"{param.help} ({param.describe()}; unset: the model's)", **limits
     )
 
 
-class ImageData(BaseModel):
-    b64_json: str
-    seed: int
-    width: int
-    height: int
+# Our request body: the request-scope fields of GenerationConfig, plus the request's own. The operator-scope
+# fields (memory modes) are flags of ``omnigen serve``, never a request's. ``openai`` adds OpenAI's names.
+GenerationRequest = create_model(
+    "GenerationRequest",
+    __config__=ConfigDict(extra="forbid"),
+    prompt=(str, Field(description="instruction; input image k is referenced as <img><|image_k|></img>")),
+    images=(
+        list[str],
+        Field(
+            default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
+        ),
+    ),
+    model=(str | None, Field(None, description="must name the served model when given")),
+    response_format=(
+        Literal["b64_json", "png", "url"],
+        Field(
+            "b64_json",
+            description="b64_json: JSON with base64 PNGs (OpenAI's shape); png: the image itself (one image "
+            "only, header X-Seed); url: refused (the service keeps no images to link to)",
+        ),
+    ),
+    **{name: _request_field(name) for name in generation.names("request")},
+)
 
 
-class GenerationResponse(BaseModel):
-    created: int
-    model: str
-    data: list[ImageData]
-
-
-class ErrorDetail(BaseModel):
-    type: str
-    message: str
-    limit: str | None = None
-    field: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ApiError(Exception):
-    """A client-facing error: HTTP status + the JSON error body (+ headers, e.g. Retry-After)."""
-
-    def __init__(
-        self,
-        status: int,
-        type: str,
-        message: str,
-        *,
-        limit: str | None = None,
-        field: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.detail = ErrorDetail(type=type, message=message, limit=limit, field=field)
-
-    def response(self) -> JSONResponse:
-        body = {"error": self.detail.model_dump(exclude_none=True)}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+@dataclass
+class ParsedRequest:
+    req: BaseModel  # GenerationRequest or a subclass of it
+    images: list[Image.Image]  # decoded RGB input images, in order
+    files: dict[str, bytes] = field(default_factory=dict)  # the extra file fields (raw bytes)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -143,8 +115,9 @@ def decode_base64(text: str, field: str, settings: ServeSettings) -> bytes:
         raise ApiError(400, "invalid_base64", f"{field} is not valid base64: {err}", field=field) from err
 
 
-def decode_image(data: bytes, field: str, settings: ServeSettings) -> Image.Image:
-    """RGB image from uploaded bytes; size limits are checked before pixels are decoded."""
+def decode_image(data: bytes, field: str, settings: ServeSettings, mode: str | None = "RGB") -> Image.Image:
+    """The image (converted to ``mode``; None: as stored) from uploaded bytes; size limits are checked
+    before pixels are decoded."""
     if len(data) > settings.max_upload_bytes:
         raise _too_large(f"{field} is {len(data)} bytes, more than {settings.max_upload_bytes}", field)
     try:
@@ -159,7 +132,7 @@ def decode_image(data: bytes, field: str, settings: ServeSettings) -> Image.Imag
         raise _pixels_error(field, settings)
     try:
         image.load()
-        return image.convert("RGB")
+        return image if mode is None else image.convert(mode)
     except (OSError, SyntaxError, ValueError) as err:
         raise ApiError(
             400, "invalid_image", f"{field} is a truncated or corrupt image: {err}", field=field
@@ -171,29 +144,36 @@ def _pixels_error(field: str, settings: ServeSettings) -> ApiError:
     return ApiError(400, "limit_exceeded", message, limit="max_input_pixels", field=field)
 
 
-def _validation_error(err: ValidationError) -> ApiError:
-    problems, first = [], None
+def _validation_error(err: ValidationError, schema: type[BaseModel]) -> ApiError:
+    problems, first, code = [], None, "invalid_value"
     for item in err.errors():
         where = ".".join(str(part) for part in item["loc"]) or "body"
         first = first or where
         if item["type"] == "extra_forbidden":
-            allowed = ", ".join(GenerationRequest.model_fields)
+            allowed = ", ".join(schema.model_fields)
             problems.append(f"unknown field {where!r} (allowed: {allowed})")
+            code = "unknown_parameter"
         else:
             problems.append(f"{where}: {item['msg']}")
-    return ApiError(422, "invalid_request", "; ".join(problems), field=first)
+    return ApiError(400, code, "; ".join(problems), field=first)
 
 
-def _check_image_count(count: int, settings: ServeSettings) -> None:
+def _check_image_count(count: int, settings: ServeSettings, field: str) -> None:
     if count > settings.max_images:
         message = f"{count} input images given; at most {settings.max_images} allowed (limit max_images)"
-        raise ApiError(400, "limit_exceeded", message, limit="max_images", field="images")
+        raise ApiError(400, "limit_exceeded", message, limit="max_images", field=field)
 
 
 async def parse_request(
-    request: Request, settings: ServeSettings
-) -> tuple[GenerationRequest, list[Image.Image]]:
-    """JSON or multipart body -> validated request + decoded input images (all limits but queueing)."""
+    request: Request,
+    settings: ServeSettings,
+    schema: type[BaseModel] = GenerationRequest,
+    image_fields: tuple[str, ...] = ("images",),
+    file_fields: tuple[str, ...] = (),
+) -> ParsedRequest:
+    """JSON or multipart body -> validated request + decoded input images + the raw extra files (all
+    limits but queueing). In a form, the images are the file parts named one of ``image_fields``; in JSON,
+    the base64 strings of ``images``."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     per_image = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
     body = await read_body(request, settings.max_images * per_image + settings.max_prompt_chars * 4 + 65536)
@@ -205,70 +185,96 @@ async def parse_request(
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         if isinstance(data.get("images"), list):
-            _check_image_count(len(data["images"]), settings)
-        req = _validate(data)
+            _check_image_count(len(data["images"]), settings, "images")
+        req = _validate(data, schema)
         blobs = [
             (f"images[{k}]", decode_base64(text, f"images[{k}]", settings))
             for k, text in enumerate(req.images)
         ]
+        files: dict[str, bytes] = {}
     elif media_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        req, blobs = await _parse_multipart(request, body, settings, per_image)
+        form = _FormFields(schema, image_fields, file_fields)
+        req, blobs, files = await form.parse(request, body, settings, per_image)
     else:
         message = (
             f"unsupported content type {media_type or 'none'!r}: send application/json or multipart/form-data"
         )
         raise ApiError(415, "unsupported_media_type", message)
-    return req, [decode_image(data, name, settings) for name, data in blobs]
+    images = [decode_image(data, name, settings) for name, data in blobs]
+    return ParsedRequest(req, images, files)
 
 
-async def _parse_multipart(
-    request: Request, body: bytes, settings: ServeSettings, per_image: int
-) -> tuple[GenerationRequest, list[tuple[str, bytes]]]:
-    request._body = body  # the bounded read above; Starlette's form parser streams from it
-    try:
-        form = await request.form(max_files=settings.max_images + 8, max_fields=64, max_part_size=per_image)
-    except StarletteHTTPException as err:
-        raise ApiError(400, "invalid_multipart", str(err.detail)) from err
-    fields: dict[str, Any] = {}
-    images: list[UploadFile | str] = []
-    for key, value in form.multi_items():
-        if key == "images":
-            images.append(value)
-        elif key in fields:
-            raise ApiError(422, "invalid_request", f"field {key!r} given twice", field=key)
-        elif isinstance(value, UploadFile):
-            raise ApiError(
-                422, "invalid_request", f"unexpected file field {key!r}; upload images as 'images'", field=key
-            )
-        else:
-            fields[key] = value
-    _check_image_count(len(images), settings)
-    req = _validate(fields)
-    blobs = []
-    for k, item in enumerate(images):
-        name = f"images[{k}]"
+@dataclass(frozen=True)
+class _FormFields:
+    """How one route reads a form: its schema, the names its images come under, its extra file fields."""
+
+    schema: type[BaseModel]
+    image_fields: tuple[str, ...]
+    file_fields: tuple[str, ...]
+
+    async def parse(
+        self, request: Request, body: bytes, settings: ServeSettings, per_image: int
+    ) -> tuple[BaseModel, list[tuple[str, bytes]], dict[str, bytes]]:
+        request._body = body  # the bounded read above; Starlette's form parser streams from it
+        limits = {"max_files": settings.max_images + 8, "max_fields": 64, "max_part_size": per_image}
+        try:
+            form = await request.form(**limits)
+        except StarletteHTTPException as err:
+            raise ApiError(400, "invalid_multipart", str(err.detail)) from err
+        fields: dict[str, Any] = {}
+        images: list[tuple[str, UploadFile | str]] = []
+        files: dict[str, UploadFile] = {}
+        for key, value in form.multi_items():
+            if key in self.image_fields:
+                images.append((key, value))
+            elif key in fields or key in files:
+                raise ApiError(400, "invalid_value", f"field {key!r} given twice", field=key)
+            elif isinstance(value, UploadFile) and key in self.file_fields:
+                files[key] = value
+            elif isinstance(value, UploadFile):
+                names = " or ".join(repr(name) for name in self.image_fields)
+                message = f"unexpected file field {key!r}; upload images as {names}"
+                raise ApiError(400, "unknown_parameter", message, field=key)
+            else:
+                fields[key] = value
+        _check_image_count(len(images), settings, self.image_fields[0])
+        req = _validate(fields, self.schema)
+        blobs = [(name, await self._read(item, name, settings)) for name, item in _numbered(images)]
+        extra = {key: await self._read(item, key, settings) for key, item in files.items()}
+        await form.close()
+        return req, blobs, extra
+
+    @staticmethod
+    async def _read(item: UploadFile | str, name: str, settings: ServeSettings) -> bytes:
         if isinstance(item, UploadFile):
-            data = await item.read(settings.max_upload_bytes + 1)
-            blobs.append((f"{name} ({item.filename})" if item.filename else name, data))
-        else:
-            blobs.append((name, decode_base64(item, name, settings)))
-    await form.close()
-    return req, blobs
+            return await item.read(settings.max_upload_bytes + 1)
+        return decode_base64(item, name, settings)
 
 
-def _validate(data: dict[str, Any]) -> GenerationRequest:
+def _numbered(images: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """('image[]', upload) parts -> ('image[0] (in.png)', upload): the names errors use."""
+    named = []
+    for k, (key, item) in enumerate(images):
+        name = f"{key.removesuffix('[]')}[{k}]"
+        filename = getattr(item, "filename", None)
+        named.append((f"{name} ({filename})" if filename else name, item))
+    return named
+
+
+def _validate(data: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
     try:
-        return GenerationRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
-        raise _validation_error(err) from err
+        raise _validation_error(err, schema) from err
 
 
 def pipeline_kwargs(
-    req: GenerationRequest, images: list[Image.Image], pipe: Any, settings: ServeSettings
+    req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings
 ) -> dict[str, Any]:
-    """Keyword arguments of OmniGenPipeline.__call__, after every limit and model constraint."""
+    """Keyword arguments of OmniGenPipeline.__call__ for a ``GenerationRequest`` (or a subclass: only
+    GenerationConfig's fields are passed on), after every limit and model constraint."""
     if not req.prompt.strip():
-        raise ApiError(400, "invalid_request", "prompt is empty", field="prompt")
+        raise ApiError(400, "invalid_value", "prompt is empty", field="prompt")
     if len(req.prompt) > settings.max_prompt_chars:
         message = (
             f"prompt has {len(req.prompt)} characters; limit max_prompt_chars is {settings.max_prompt_chars}"
@@ -281,44 +287,59 @@ def pipeline_kwargs(
             f"model {req.model!r} is not served; use {settings.model_name!r}",
             field="model",
         )
-    d = pipe.defaults
-    steps = req.num_inference_steps or d.num_inference_steps
-    if steps > settings.max_steps:
-        message = f"num_inference_steps={steps} exceeds the limit max_steps={settings.max_steps}"
+    overrides = req.model_dump(include=set(generation.names("request")), exclude_none=True)
+    try:
+        cfg = pipe.defaults.replace(**overrides)
+    except (ValueError, TypeError) as err:
+        where = next((name for name in overrides if name in str(err)), None)
+        raise ApiError(400, "invalid_value", str(err), field=where) from err
+    if cfg.num_inference_steps > settings.max_steps:
+        message = (
+            f"num_inference_steps={cfg.num_inference_steps} exceeds the limit max_steps={settings.max_steps}"
+        )
         raise ApiError(400, "limit_exceeded", message, limit="max_steps", field="num_inference_steps")
-    if req.num_images_per_prompt > settings.max_outputs:
-        message = f"num_images_per_prompt={req.num_images_per_prompt} exceeds the limit max_outputs={settings.max_outputs}"
+    if cfg.num_images_per_prompt > settings.max_outputs:
+        message = (
+            f"num_images_per_prompt={cfg.num_images_per_prompt} exceeds the limit "
+            f"max_outputs={settings.max_outputs}"
+        )
         raise ApiError(400, "limit_exceeded", message, limit="max_outputs", field="num_images_per_prompt")
-    if req.response_format == "png" and req.num_images_per_prompt > 1:
-        message = "response_format 'png' returns one image; use 'b64_json' for num_images_per_prompt > 1"
-        raise ApiError(400, "invalid_request", message, field="response_format")
+    if req.response_format == "png" and cfg.num_images_per_prompt > 1:
+        message = "response_format 'png' returns one image; use 'b64_json' for n (num_images_per_prompt) > 1"
+        raise ApiError(400, "invalid_value", message, field="response_format")
     try:
         validate_image_tags(req.prompt, len(images))
     except ValueError as err:
-        raise ApiError(400, "invalid_request", str(err), field="prompt") from err
-    if req.use_input_image_size_as_output:
+        raise ApiError(400, "invalid_value", str(err), field="prompt") from err
+    if cfg.use_input_image_size_as_output:
         if len(images) != 1:
             raise ApiError(
                 400,
-                "invalid_request",
+                "invalid_value",
                 "use_input_image_size_as_output needs exactly one input image",
                 field="images",
             )
-        longest = req.max_input_image_size or d.max_input_image_size
+        longest = cfg.max_input_image_size
         scale = min(1.0, longest / max(images[0].size))
         pixels = images[0].width * images[0].height * scale * scale
     else:
-        height, width = req.height or d.height, req.width or d.width
+        height, width = cfg.height, cfg.width
         try:
             pipe.model.config.check_image_size(height, width, "output")
         except (ValueError, TypeError) as err:
             raise ApiError(
-                400, "invalid_request", str(err), field="height" if "height" in str(err) else "width"
+                400, "invalid_value", str(err), field="height" if "height" in str(err) else "width"
             ) from err
         pixels = height * width
     if pixels > settings.max_pixels:
         message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
         raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
-    kwargs = req.model_dump(exclude={"images", "model", "response_format"})
-    kwargs.update(prompt=req.prompt, input_images=images or None, num_inference_steps=steps)
-    return kwargs
+    tokens = pipe.condition_tokens(req.prompt, [image.size for image in images], cfg.max_input_image_size)
+    if tokens > settings.max_condition_tokens:
+        message = (
+            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size} "
+            f"make {tokens} condition tokens; limit max_condition_tokens is {settings.max_condition_tokens} "
+            "(use smaller or fewer images, or a lower max_input_image_size)"
+        )
+        raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
+    return {"prompt": req.prompt, "input_images": images or None, **overrides}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omnigen.checks import check_float, check_int
+from omnigen.generation import MAX_CONDITION_TOKENS
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -17,25 +20,19 @@ class ServeSettings:
     max_images: int = 3  # input images
     max_outputs: int = 4  # num_images_per_prompt
     max_prompt_chars: int = 4000
+    max_condition_tokens: int = MAX_CONDITION_TOKENS  # prompt text + every input image, after resizing
     timeout_s: float = 300.0  # from arrival to answer, queueing included
     api_key: str | None = None
     model_name: str = "omnigen"
 
     def __post_init__(self) -> None:
-        for name in ("queue_size", "max_upload_bytes", "max_pixels", "max_input_pixels", "max_steps"):
-            self._positive_int(name)
-        for name in ("max_images", "max_outputs", "max_prompt_chars"):
-            self._positive_int(name, allow_zero=name == "max_images")
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be a positive number, got {self.timeout_s!r}")
+        positive = ("queue_size", "max_upload_bytes", "max_pixels", "max_input_pixels", "max_steps")
+        for name in (*positive, "max_outputs", "max_prompt_chars", "max_condition_tokens"):
+            check_int(name, getattr(self, name), 1)
+        check_int("max_images", self.max_images, 0)
+        check_float("timeout_s", self.timeout_s, 0, low_open=True)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
-
-    def _positive_int(self, name: str, allow_zero: bool = False) -> None:
-        value = getattr(self, name)
-        low = 0 if allow_zero else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
     def limits(self) -> dict[str, int | float]:
         """The request limits as published by GET /v1/models."""
@@ -47,6 +44,7 @@ class ServeSettings:
             "max_images",
             "max_outputs",
             "max_prompt_chars",
+            "max_condition_tokens",
             "timeout_s",
         )
         return {name: getattr(self, name) for name in names}

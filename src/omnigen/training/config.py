@@ -177,7 +177,12 @@ class TrainConfig:
     )
     val_every: int = field(default=0, metadata={"help": "steps between validations (0: checkpoint_every)"})
     val_samples: int = field(default=256, metadata={"help": "validate on the first N val_data rows"})
-    generation: dict = field(default_factory=dict, metadata={"help": "generation_config.json of the result"})
+    generation: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "omnigen_generation.json of the result: fields of omnigen.generation.GenerationConfig"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -219,6 +224,9 @@ class TrainConfig:
             if not self.init_from:
                 raise ValueError("grow_intermediate widens a trained model: it needs `init_from`")
             _check_int("grow_intermediate", self.grow_intermediate, 1)
+        from omnigen.generation import GenerationConfig
+
+        GenerationConfig.from_dict(self.generation, "generation")  # a bad key or value fails at load
         if self.latent_cache is not None and not self.latent_cache:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 

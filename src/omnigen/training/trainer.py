@@ -30,8 +30,8 @@ import torch
 
 from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
+from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.pipeline import GenerationDefaults
 from omnigen.tokenizer import Tokenizer
 from omnigen.training import checkpointing, distributed
 from omnigen.training.batches import BatchBuilder
@@ -210,4 +210,4 @@ def export(model: OmniGenModel, tokenizer: Tokenizer, codec, folder: Path, gener
     save_model(model, folder)
     tokenizer.save(folder)
     codec.save(folder)
-    GenerationDefaults(**generation).save(folder)
+    GenerationConfig.from_dict(generation, "generation").save(folder)

@@ -1,0 +1,85 @@
+"""Command-line arguments shared by every entry point: the model-loading flags (``--model``, ``--vae``,
+``--device``, ``--dtype``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
+
+The single home of these flags; ``generate``, ``serve``, ``demo``, ``batch`` and every ``eval`` subcommand
+add them from here. The pipeline is imported by ``load_pipeline`` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Any
+
+from omnigen import generation
+from omnigen.generation import GenerationConfig
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # omnigen.placement.DTYPE_CHOICES
+
+
+def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
+    p.add_argument(
+        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
+    )
+    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none (default: none)")
+    where = "cuda if available, else cpu" if device_default is None else device_default
+    p.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:K (default: {where})")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights' dtype (default: auto = bfloat16 on CUDA, float16 where it has no bfloat16, float32 on CPU)",
+    )
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoids importing torch here
+    """The pipeline of ``--model/--vae/--dtype`` on ``device`` (default: ``--device``)."""
+    from omnigen.pipeline import OmniGenPipeline
+
+    target = pick_device(device or args.device)
+    return OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_generation_args(
+    p: argparse.ArgumentParser, scopes: Iterable[str] = ("request", "operator"), skip: Iterable[str] = ()
+) -> list[str]:
+    """A flag per field of ``GenerationConfig`` in ``scopes`` (but ``skip``), each defaulting to None =
+    the model's default; returns the field names added. Values are checked by the config, not here."""
+    skip, added = set(skip), []
+    defaults = GenerationConfig()
+    for name in generation.names():
+        param = generation.param(name)
+        if param.scope not in scopes or name in skip:
+            continue
+        shown = getattr(defaults, name)
+        shown = "" if name == "negative_prompt" else f"; OmniGen-v1: {shown}"
+        help_text = f"{param.help} (default: the model's{shown})"
+        options: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if param.kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif param.kind == "choice":
+            options["choices"] = param.choices
+        else:
+            options["type"] = param.python_type
+            options["metavar"] = param.kind.upper()
+        p.add_argument(flag(name), *param.aliases, **options)
+        added.append(name)
+    return added
+
+
+def generation_overrides(args: argparse.Namespace, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The generation flags the user gave (the others are None), checked against the config's ranges."""
+    wanted = generation.names() if names is None else list(names)
+    overrides = {k: getattr(args, k) for k in wanted if getattr(args, k, None) is not None}
+    GenerationConfig().replace(**overrides)  # a bad value fails here, before any model is loaded
+    return overrides

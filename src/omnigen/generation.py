@@ -1,0 +1,260 @@
+"""``GenerationConfig``: every generation parameter, its default, allowed range, help text and scope.
+
+The single home of the generation parameters. ``OmniGenPipeline`` holds one (the model folder's
+``omnigen_generation.json``, this dataclass serialised) and validates a call's keyword overrides with
+``GenerationConfig.replace``; the front ends (CLI ``generate``, ``batch`` request keys, the ``serve``
+request schema, the ``demo`` controls, the ``eval`` flags) derive their parameters from ``fields()`` and
+the metadata below, never from a list of their own.
+
+Scopes (``Param.scope``):
+- "request": what one caller of a shared front end (a service request, a batch line, a demo control) may set.
+- "operator": memory and speed modes; the one who starts ``omnigen serve`` / ``demo`` / ``batch`` chooses
+  them for everyone (command-line flags there), never a single request.
+- "model": facts of the model folder (``trained_sizes``); set in ``omnigen_generation.json`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from omnigen.checks import check_bool, check_choice, check_float, check_int, check_str
+from omnigen.solvers import SOLVERS
+
+logger = logging.getLogger(__name__)
+
+GENERATION_FILE = "omnigen_generation.json"
+OLD_GENERATION_FILE = "generation_config.json"  # our name before transformers' file of that name collided
+SCOPES = ("request", "operator", "model")
+# The default budget of condition tokens (prompt text + every input image) per request of ``omnigen serve``
+# and line of ``omnigen batch``: three 1024 x 1024 inputs of OmniGen-v1 (3 x 4096) and a long prompt.
+MAX_CONDITION_TOKENS = 16384
+DEFAULT_NEGATIVE_PROMPT = (
+    "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
+    "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
+    "bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, "
+    "missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers."
+)
+
+
+@dataclass(frozen=True)
+class Param:
+    """What a front end needs to know about one field."""
+
+    kind: str  # "int", "float", "bool", "str", "choice" or "sizes" (a list of ints)
+    help: str
+    scope: str = "request"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    optional: bool = False  # None allowed (its meaning is in the help)
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # extra command-line spellings, e.g. "--steps"
+    label: str = ""  # the demo's label (default: the name in words)
+
+    def check(self, name: str, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        if self.kind == "int":
+            return check_int(name, value, self.low, self.high)
+        if self.kind == "float":
+            return check_float(name, value, self.low, self.high, self.low_open)
+        if self.kind == "bool":
+            return check_bool(name, value)
+        if self.kind == "str":
+            return check_str(name, value)
+        if self.kind == "choice":
+            return check_choice(name, value, self.choices)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list of ints, got {value!r:.60}")
+        return tuple(check_int(f"{name}[{k}]", v, 1) for k, v in enumerate(value))
+
+    @property
+    def python_type(self) -> type:
+        return {"int": int, "float": float, "bool": bool, "str": str, "choice": str}.get(self.kind, tuple)
+
+    def describe(self) -> str:
+        """The allowed values in words (for help texts and errors)."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind in ("int", "float") and (self.low is not None or self.high is not None):
+            low = "" if self.low is None else (f"> {self.low}" if self.low_open else f">= {self.low}")
+            high = "" if self.high is None else f"<= {self.high}"
+            return " and ".join(x for x in (low, high) if x)
+        return self.kind
+
+
+def _param(default: Any, kind: str, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"param": Param(kind, help, **kwargs)})
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Defaults of ``OmniGenPipeline.__call__`` (OmniGen-v1's own defaults unless a model folder says
+    otherwise). Construction validates every field; model-dependent rules (multiples of the image patch,
+    the largest size) are the model config's (``OmniGenConfig.check_image_size``)."""
+
+    height: int = _param(1024, "int", "output height in pixels", low=1, label="Height")
+    width: int = _param(1024, "int", "output width in pixels", low=1, label="Width")
+    num_inference_steps: int = _param(
+        50, "int", "velocity evaluations of the sampler", low=1, aliases=("--steps",), label="Inference steps"
+    )
+    guidance_scale: float = _param(
+        3.0, "float", "text guidance scale", low=0, aliases=("--guidance",), label="Guidance scale"
+    )
+    img_guidance_scale: float = _param(
+        1.6, "float", "image guidance scale", low=0, aliases=("--img-guidance",), label="Image guidance scale"
+    )
+    use_img_guidance: bool = _param(True, "bool", "image guidance when the prompt has input images")
+    negative_prompt: str = _param(
+        DEFAULT_NEGATIVE_PROMPT, "str", "the unconditional branch's prompt", label="Negative prompt"
+    )
+    max_input_image_size: int = _param(
+        1024,
+        "int",
+        "longer side input images are resized to",
+        low=1,
+        label="Max input image size (longer side)",
+    )
+    use_input_image_size_as_output: bool = _param(
+        False,
+        "bool",
+        "output size = the (resized) input image's size",
+        aliases=("--use-input-size",),
+        label="Use input image size as output (one input image; ignores height/width)",
+    )
+    seed: int | None = _param(
+        None, "int", "noise seed; image k uses seed + k (None: random)", low=0, optional=True
+    )
+    num_images_per_prompt: int = _param(1, "int", "images per prompt", low=1, aliases=("--num-images",))
+    sampler: str = _param("euler", "choice", "ODE solver (omnigen.solvers)", choices=SOLVERS)
+    time_shift: float | None = _param(
+        None,
+        "float",
+        "time-grid shift s > 0 (flow.shift_time; None: no shift)",
+        low=0,
+        low_open=True,
+        optional=True,
+    )
+    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0)
+    step_cache_threshold: float | None = _param(
+        None,
+        "float",
+        "skip layers at near-identical steps (omnigen.step_cache; None: off)",
+        low=0,
+        optional=True,
+        aliases=("--step-cache",),
+        label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",
+    )
+    vae_tiling: bool = _param(False, "bool", "decode large images tile by tile")
+    use_kv_cache: bool = _param(
+        True, "bool", "prefill the condition once", scope="operator", label="KV cache"
+    )
+    offload_kv_cache: bool = _param(
+        True,
+        "bool",
+        "keep the condition cache in host memory",
+        scope="operator",
+        label="Offload KV cache to CPU",
+    )
+    offload_model: bool = _param(
+        False,
+        "bool",
+        "decoder layers visit the device one at a time",
+        scope="operator",
+        label="Offload model to CPU",
+    )
+    separate_cfg_infer: bool = _param(
+        True,
+        "bool",
+        "run each CFG branch as its own batch",
+        scope="operator",
+        label="Separate CFG inference (less memory)",
+    )
+    mask_free_attention: bool = _param(
+        True, "bool", "unpadded cached steps attend without a mask (exact)", scope="operator"
+    )
+    trained_sizes: tuple[int, ...] = _param(
+        (), "sizes", "image sides the model was trained at (empty: any)", scope="model"
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, param(f.name).check(f.name, getattr(self, f.name)))
+        if self.trained_sizes and not self.use_input_image_size_as_output:
+            for name in ("height", "width"):
+                if getattr(self, name) not in self.trained_sizes:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)}: this model was trained at sides "
+                        f"{list(self.trained_sizes)} only (trained_sizes)"
+                    )
+
+    def replace(self, **overrides: Any) -> GenerationConfig:
+        """This config with ``overrides`` (None = keep the default), validated; an unknown name is a
+        TypeError."""
+        unknown = sorted(set(overrides) - set(names()))
+        if unknown:  # a TypeError, as Python's own for a call with an unknown keyword
+            raise TypeError(
+                f"unexpected keyword argument {unknown[0]!r}: not a generation parameter; allowed: {names()}"
+            )
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["trained_sizes"] = list(self.trained_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "generation config") -> GenerationConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"{where} must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(names()))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {names()}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GenerationConfig:
+        """The folder's ``omnigen_generation.json``; else our old ``generation_config.json`` (a
+        transformers file of that name, which carries ``transformers_version``, is not ours and is
+        ignored); else the defaults."""
+        folder = Path(folder)
+        for name in (GENERATION_FILE, OLD_GENERATION_FILE):
+            path = folder / name
+            if not path.is_file():
+                continue
+            data = json.loads(path.read_text())
+            if name == OLD_GENERATION_FILE and isinstance(data, dict) and "transformers_version" in data:
+                logger.debug("%s is transformers' generation config, not ours: ignored", path)
+                continue
+            return cls.from_dict(data, str(path))
+        return cls()
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / GENERATION_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def param(name: str) -> Param:
+    return _FIELDS[name].metadata["param"]
+
+
+def names(scope: str | None = None) -> list[str]:
+    """Field names (of one scope, or all), in declaration order."""
+    return [f.name for f in fields(GenerationConfig) if scope is None or param(f.name).scope == scope]
+
+
+def default(name: str) -> Any:
+    f = _FIELDS[name]
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+_FIELDS = {f.name: f for f in fields(GenerationConfig)}

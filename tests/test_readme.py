@@ -1,0 +1,484 @@
+"""The README is tested: every command of its bash/sh/console blocks and every Python block runs, in order,
+in a scratch folder that links the repository's src/, configs/, docs/, ... (so relative paths work and
+nothing is written into the repository). Python blocks share one namespace, as in one session.
+
+What a snippet needs and CI has not (the official weights, a GPU, a second machine, a download, hours) is
+replaced by a documented substitution (SUBSTITUTIONS: README text -> test text, applied to every block),
+or built here (PREPARED). Set-up steps (SETUP) are not run here: .ci/run runs the README's test command,
+which this file checks. A block the test cannot run must carry ``<!-- readme-test: skip (reason) -->`` in
+the README; the run lists and counts them (and every set-up step and data block), nothing is left out
+silently. ``pytest -s tests/test_readme.py`` prints that list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from readme_blocks import DATA_LANGUAGES, RUN_LANGUAGES, Block, chain, read_blocks, shell_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+COMMAND_TIMEOUT_S = 300
+SERVER_START_S = 180
+
+
+@dataclass(frozen=True)
+class Substitution:
+    readme: str
+    test: str  # {name} fields are filled from the run's values (tiny folders, free ports)
+    why: str
+
+
+SUBSTITUTIONS = (
+    Substitution(
+        "/models/OmniGen-v1", "{model}", "the official weights: a tiny random model in the official layout"
+    ),
+    Substitution("/models/sdxl-vae", "{vae}", "the SDXL VAE: that folder's tiny AutoencoderKL (vae/)"),
+    Substitution('device="cuda"', 'device="cpu"', "no GPU in CI"),
+    Substitution('["cuda:0", "cuda:1"]', '["cpu", "cpu"]', "two GPUs: the CPU twice"),
+    Substitution(
+        "python -m pytest -q\n", "python -m pytest -q --collect-only\n", "the suite itself: collected only"
+    ),
+    Substitution("--n 200000", "--n 16", "the training set's size"),
+    Substitution("--n 512", "--n 4", "the validation set's size"),
+    Substitution("--n 600", "--n 4", "the evaluation's sample count"),
+    Substitution(
+        "omnigen train --config configs/miniworld_v2.yaml ",
+        "omnigen train --config configs/miniworld_v2.yaml "
+        "'stages=[{{resolution: 16, steps: 2, batch_size: 4, lr: 5.0e-4}}]' val_samples=4 ",
+        "the shipped model's 6,500-step stage: 2 steps",
+    ),
+    Substitution(
+        "resolution: 512, steps: 2000, batch_size: 4",
+        "resolution: 32, steps: 2, batch_size: 2",
+        "a fine-tuning run: 2 steps at the tiny model's size",
+    ),
+    Substitution("--nproc_per_node 8", "--nproc_per_node 1", "8 GPUs: one CPU process"),
+    Substitution(
+        "--nnodes 2 --node_rank 0 --master_addr HOST",
+        "--nnodes 1 --node_rank 0 --master_addr 127.0.0.1",
+        "a second machine: none",
+    ),
+    Substitution("/models/clip-vit-large-patch14", "{clip}", "CLIP ViT-L/14: a tiny random CLIP"),
+    Substitution("/models/dino-vits16", "{dino}", "DINO ViT-S/16: a tiny random ViT"),
+    Substitution("--resolution 512", "--resolution 16", "the shipped model draws 16x16 images"),
+    Substitution("--port 7860", "--port {demo_port}", "a free port"),
+    Substitution("--port 8000", "--port {serve_port}", "a free port"),
+    Substitution("localhost:8000", "localhost:{serve_port}", "the same free port"),
+    Substitution("127.0.0.1:8000", "127.0.0.1:{serve_port}", "the same free port"),
+    Substitution("curl -s ", "curl -s --fail-with-body ", "an HTTP error fails the command"),
+)
+
+# Set-up steps of a command chain: not run here (they install into the interpreter running this test).
+SETUP = (
+    (re.compile(r"^python3? -m venv \S+$"), "creates a virtual environment"),
+    (re.compile(r"^\. \S+/bin/activate$"), "activates it"),
+    (re.compile(r"^pip install "), "installs into it"),
+)
+SETUP_NOTE = (
+    "CI's .ci/run runs these steps of the README's test command, the dev extras included "
+    "(test_ci_runs_the_readme_test_command)"
+)
+
+# Commands that serve until stopped: started, waited for (this path answers 200), stopped after the block.
+SERVERS = {"omnigen demo": "/", "omnigen serve": "/health"}
+
+PREPARED = {
+    "evaluation_metadata.jsonl": "GenEval's prompt file: two rows",
+    "emu_edit/": "facebook/emu_edit_test_set's parquet layout: one test row",
+    "dreambooth/dataset/": "google/dreambooth's dataset/ folder: one subject, one photo",
+    "multigen/": "the MultiGen-20M validation parquet layout: one row",
+    "images of a JSONL file the README writes": "a random 32x32 image for every path its rows name",
+}
+
+
+def test_readme_blocks_run(tmp_path, model_folder, monkeypatch):
+    import torch._dynamo
+
+    scratch = tmp_path / "readme"
+    scratch.mkdir()
+    for name in ("src", "configs", "docs", "scripts", "benchmarks", "tests", "pyproject.toml", "README.md"):
+        if (ROOT / name).exists():
+            (scratch / name).symlink_to(ROOT / name)
+    values = _values(tmp_path, model_folder)
+    _prepare(scratch)
+    env = _environment()
+    monkeypatch.chdir(scratch)
+    # pipe.compile() is called, but compiling takes minutes on a CPU: blocks run eagerly
+    # (tests/test_performance.py checks compiled blocks against eager ones)
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    namespace: dict = {"__name__": "readme"}
+    report: list[str] = []
+    servers: list[subprocess.Popen] = []  # a shell block's servers live through the next block (its client)
+    try:
+        _run_blocks(scratch, values, env, namespace, report, servers)
+    finally:
+        for proc in servers:
+            _stop(proc)
+    skipped = [line for line in report if "SKIPPED" in line or "not run" in line]
+    print(f"\nREADME blocks ({len(skipped)} skipped or set-up parts):\n" + "\n".join(report))
+    assert any(line.endswith("ran") for line in report)
+
+
+def _run_blocks(scratch: Path, values: dict, env: dict, namespace: dict, report: list, servers: list) -> None:
+    for block in read_blocks(README.read_text()):
+        started_before = list(servers)
+        if block.marker == "skip":
+            report.append(f"{block.where}: SKIPPED, marked in the README: {block.argument}")
+            continue
+        text = _substitute(block.text, values)
+        if block.marker == "file":
+            _write_file(scratch / block.argument, text)
+            report.append(f"{block.where}: written to {block.argument}")
+        elif block.language == "python":
+            _run_python(block, text, namespace)
+            report.append(f"{block.where}: ran")
+        elif block.language in RUN_LANGUAGES:
+            _run_shell(block, text, scratch, env, report, servers)
+        elif block.language in DATA_LANGUAGES:
+            report.append(f"{block.where}: data, not a command")
+        else:
+            pytest.fail(
+                f"{block.where}: a block in {block.language or 'no language'}: label it {RUN_LANGUAGES}"
+            )
+        for proc in started_before:
+            _stop(proc)
+            servers.remove(proc)
+
+
+# ------------------------------------------------------------------------------------------- runners
+def _run_python(block: Block, text: str, namespace: dict) -> None:
+    try:
+        exec(compile(text, block.where, "exec"), namespace)
+    except Exception:
+        pytest.fail(f"{block.where} failed:\n{text}\n{traceback.format_exc(limit=-3)}")
+
+
+def _run_shell(
+    block: Block, text: str, scratch: Path, env: dict, report: list[str], servers: list[subprocess.Popen]
+) -> None:
+    """Runs a shell block's commands; servers it starts join `servers` (stopped after the next block)."""
+    for command in shell_commands(Block(block.line, block.language, text)):
+        parts = chain(command.text)
+        for part in parts:
+            reason = _setup_reason(part)
+            if reason:
+                report.append(f"README.md:{command.line}: not run, set-up ({reason}; {SETUP_NOTE}): {part}")
+        rest = " && ".join(part for part in parts if not _setup_reason(part))
+        if not rest:
+            continue
+        where = f"README.md:{command.line}"
+        server = next((path for prefix, path in SERVERS.items() if rest.startswith(prefix)), None)
+        if server is not None:
+            servers.append(_start_server(where, rest, server, scratch, env)[0])
+            report.append(f"{where}: started and answered {server}, stopped after the next block: {rest}")
+            continue
+        proc = subprocess.run(
+            ["bash", "-c", rest],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"{where} exited {proc.returncode}: {rest}\n{_tail(proc.stdout + proc.stderr)}")
+        report.append(f"{where}: ran: {rest}")
+
+
+def _start_server(where: str, command: str, path: str, scratch: Path, env: dict):
+    port = re.search(r"--port (\d+)", command)
+    if port is None:
+        pytest.fail(f"{where}: a server command without --port: {command}")
+    log = scratch / f"server_{port.group(1)}.log"
+    proc = subprocess.Popen(
+        ["bash", "-c", "exec " + command],
+        cwd=scratch,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{where} exited {proc.returncode}: {command}\n{_tail(log.read_text())}")
+        try:
+            with opener.open(f"http://127.0.0.1:{port.group(1)}{path}", timeout=5) as answer:
+                if answer.status == 200:
+                    return proc, log
+        except OSError:
+            time.sleep(0.5)
+    _stop(proc)
+    pytest.fail(
+        f"{where} did not answer {path} within {SERVER_START_S} s: {command}\n{_tail(log.read_text())}"
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _setup_reason(part: str) -> str | None:
+    return next((reason for pattern, reason in SETUP if pattern.match(part)), None)
+
+
+def _tail(text: str, n: int = 4000) -> str:
+    return text[-n:]
+
+
+# ----------------------------------------------------------------------------------- inputs and values
+def _substitute(text: str, values: dict) -> str:
+    for sub in SUBSTITUTIONS:
+        text = text.replace(sub.readme, sub.test.format(**values))
+    return text
+
+
+def _values(tmp_path: Path, model_folder: Path) -> dict:
+    from conftest import tiny_clip_dino_folders  # transformers: a dev dependency, so no skip
+
+    folder = tmp_path / "scorers"
+    folder.mkdir()
+    clip, dino = tiny_clip_dino_folders(folder)
+    return {
+        "model": str(model_folder),
+        "vae": str(model_folder / "vae"),
+        "clip": str(clip),
+        "dino": str(dino),
+        "demo_port": _free_port(),
+        "serve_port": _free_port(),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        no_proxy="localhost,127.0.0.1",
+        NO_PROXY="localhost,127.0.0.1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+    )
+    return env
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(seed))
+
+
+def _write_file(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if path.suffix == ".jsonl":  # X2I rows: draw the images they name
+        for k, line in enumerate(text.splitlines()):
+            row = json.loads(line)
+            for sample in (row, row.get("few_shot") or {}):
+                for name in [*sample.get("input_images", []), sample.get("output_image")]:
+                    if name and not (path.parent / name).exists():
+                        _image(path.parent / name, seed=k)
+
+
+def _prepare(scratch: Path) -> None:
+    """The data the README tells the reader to download (PREPARED), in tiny versions."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+        {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"},
+    ]
+    (scratch / "evaluation_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    emu = {
+        "instruction": ["make it red"],
+        "image": pa.array([{"bytes": _png(1), "path": None}], type=image_type),
+        "task": ["color"],
+        "split": ["test"],
+        "idx": [0],
+        "hash": ["h"],
+        "input_caption": ["a cat"],
+        "output_caption": ["a red cat"],
+    }
+    (scratch / "emu_edit" / "data").mkdir(parents=True)
+    pq.write_table(pa.table(emu), scratch / "emu_edit" / "data" / "test-00000-of-00001.parquet")
+
+    dataset = scratch / "dreambooth" / "dataset"
+    _image(dataset / "dog" / "00.png", seed=2)
+    (dataset / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\ndog,dog\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n"
+        "'a {0} {1} in the jungle'.format(unique_token, class_token)\n]\n\nLive Subject Prompts\n\n"
+        "prompt_list = [\n'a {0} {1} wearing a red hat'.format(unique_token, class_token)\n]\n"
+    )
+
+    control = {
+        "image": pa.array([{"bytes": _png(3), "path": None}], type=image_type),
+        "text": ["a white square"],
+    }
+    (scratch / "multigen").mkdir()
+    pq.write_table(pa.table(control), scratch / "multigen" / "validation-00000-of-00001.parquet")
+
+
+# ------------------------------------------------------------------------- checks of the README itself
+def _runnable_text() -> str:
+    return "".join(b.text for b in read_blocks(README.read_text()) if b.marker != "skip")
+
+
+@pytest.mark.parametrize("sub", SUBSTITUTIONS, ids=lambda s: s.readme.strip())
+def test_every_substitution_is_used(sub):
+    assert sub.readme in _runnable_text(), f"stale substitution (the README no longer has {sub.readme!r})"
+
+
+def test_every_block_is_run_or_data():
+    for block in read_blocks(README.read_text()):
+        assert block.language in RUN_LANGUAGES + DATA_LANGUAGES, f"{block.where}: unknown language"
+
+
+def _setup_commands() -> list[str]:
+    first = read_blocks(README.read_text())[0]
+    return [c.text.split("  #")[0].strip() for c in shell_commands(first)]
+
+
+def test_readme_opens_with_two_setup_commands_in_their_own_venvs():
+    commands = _setup_commands()
+    assert len(commands) == 2, commands
+    venvs = [re.search(r"python3 -m venv (\S+)", c).group(1) for c in commands]
+    assert venvs[0] != venvs[1], f"both set-up commands create {venvs[0]}: the second reuses the first's"
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert all(f"{venv}/" in ignored for venv in venvs), (venvs, ignored)
+    assert "omnigen generate" in commands[0] and "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
+    ci_parts = {part for line in ci.splitlines() for part in chain(" ".join(line.split()))}
+    missing = [part for part in chain(_setup_commands()[1]) if part not in ci_parts]
+    assert not missing, f".ci/run does not run these parts of the README's test command: {missing}"
+
+
+# ------------------------------------------------------------------------------------ the block reader
+MARKDOWN = """# t
+
+<!-- readme-test: skip (needs a GPU) -->
+```bash
+omnigen generate x --device cuda
+```
+
+```sh
+# a comment
+omnigen a \\
+   --b c   # trailing
+omnigen d && omnigen e
+```
+
+<!-- readme-test: file my.yaml -->
+
+```yaml
+a: 1
+```
+
+```console
+$ omnigen --help
+usage: omnigen
+```
+"""
+
+
+def test_block_reader_markers_commands_and_errors():
+    blocks = read_blocks(MARKDOWN)
+    assert [(b.language, b.marker, b.argument) for b in blocks] == [
+        ("bash", "skip", "needs a GPU"),
+        ("sh", None, ""),
+        ("yaml", "file", "my.yaml"),
+        ("console", None, ""),
+    ]
+    assert [(c.line, c.text) for c in shell_commands(blocks[1])] == [
+        (10, "omnigen a --b c   # trailing"),
+        (12, "omnigen d && omnigen e"),
+    ]
+    assert chain(shell_commands(blocks[1])[1].text) == ["omnigen d", "omnigen e"]
+    assert [c.text for c in shell_commands(blocks[3])] == ["omnigen --help"]
+    with pytest.raises(ValueError, match="never closed"):
+        read_blocks("```bash\nls\n")
+    with pytest.raises(ValueError, match="without a reason"):
+        read_blocks("<!-- readme-test: skip -->\n```bash\nls\n```\n")
+    with pytest.raises(ValueError, match="malformed"):
+        read_blocks("<!-- readme-test: sikp (x) -->\n```bash\nls\n```\n")
+
+
+# ------------------------------------------------------------------------- what a new user ran into
+def test_the_load_log_names_the_folder_and_its_layout(model_folder, caplog):
+    from omnigen.checkpoint import load_model
+
+    with caplog.at_level("INFO", logger="omnigen.checkpoint"):
+        load_model(model_folder)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "omnigen.checkpoint"]
+    assert str(model_folder) in message and "official layout; 2 layers, hidden 32" in message, message
+
+
+def test_demo_without_gradio_says_so_before_loading_a_model(monkeypatch, caplog):
+    from omnigen.cli import main
+    from omnigen.pipeline import OmniGenPipeline
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio fails, find_spec finds nothing
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the gradio check")
+
+    monkeypatch.setattr(OmniGenPipeline, "from_pretrained", no_loading)
+    assert main(["demo"]) == 2
+    assert "the demo needs gradio: pip install 'omnigen-unified[demo]'" in caplog.text
+
+
+def test_the_code_map_names_every_module():
+    text = README.read_text()
+    table = text[text.index("## Code map") :].split("\n## ")[0]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", table))
+    package = ROOT / "src" / "omnigen"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        folder = relative.split("/")[0] + "/"
+        if path.name != "__init__.py" and relative not in named and folder not in named:
+            missing.append(relative)
+    assert not missing, f"README's code map lacks {missing}"
