@@ -38,7 +38,7 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(args: argparse.Namespace, device: str | None = None):  # noqa: ANN201 - avoids importing torch here
+def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoids importing torch here
     """The pipeline of ``--model/--vae/--dtype`` on ``device`` (default: ``--device``)."""
     from omnigen.pipeline import OmniGenPipeline
 

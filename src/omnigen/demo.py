@@ -256,7 +256,7 @@ def build_demo(pipe: OmniGenPipeline, examples: list[DemoExample] | None = None)
                 )
                 result = gr.Textbox(label="Result", interactive=False, elem_id=ELEM_RESULT)
 
-        def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Image.Image, str]:  # noqa: B008
+        def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Image.Image, str]:
             settings = {name: values[component] for name, component in controls.items()}
             progress(0, desc="starting")
             try:
