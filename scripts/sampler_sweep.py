@@ -67,7 +67,8 @@ def run_config(pipe, samples, items, args, **call: Any) -> tuple[list[np.ndarray
     seconds = time.perf_counter() - start
     images = [outputs[(item.index, MAIN)] for item in items]
     correct = [
-        score_sample(s.meta, image, s.output_image)["correct"] for s, image in zip(samples, images, strict=True)
+        score_sample(s.meta, image, s.output_image)["correct"]
+        for s, image in zip(samples, images, strict=True)
     ]
     row = {
         "strict": float(np.mean(correct)),
@@ -152,7 +153,9 @@ def parse_shift(text: str) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=120, help="held-out samples")
     parser.add_argument("--model", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--data-seed", type=int, default=1)
@@ -170,6 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the cache counter below listens at INFO
+    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # unknown words: once per call, not news
 
     pipe = OmniGenPipeline.from_pretrained(args.model)
     samples = mw.generate(args.n, args.data_seed, "heldout", size=args.size)
@@ -215,7 +219,9 @@ def main() -> None:
         if setting.get("step_cache") is not None:
             row["full_steps_fraction"] = counter.computed / max(counter.total, 1)
         rows.append(row)
-        print(f"[{k + 1}/{len(todo)}] {label(row)} {row['evaluations']}: strict {row['strict']:.3f}", flush=True)
+        print(
+            f"[{k + 1}/{len(todo)}] {label(row)} {row['evaluations']}: strict {row['strict']:.3f}", flush=True
+        )
         if args.json is not None:
             args.json.write_text(json.dumps({"meta": meta, "reference": reference, "rows": rows}, indent=1))
 
