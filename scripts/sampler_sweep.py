@@ -180,20 +180,9 @@ def main() -> None:
     items = [item for item in build_items(samples, args.seed) if item.variant == MAIN]
     meta = {k: getattr(args, k) for k in ("n", "model", "data_seed", "seed", "size", "batch_size", "threads")}
     meta["torch"] = torch.__version__
-    done: dict[tuple, dict] = {}
-    reference: dict[str, Any] | None = None
-    ref_path = None if args.json is None else args.json.with_suffix(".reference.npz")
-    if args.json is not None and args.json.is_file() and not args.fresh:
-        old = json.loads(args.json.read_text())
-        if old.get("meta") == meta and ref_path.is_file():
-            done = {key(r): r for r in old["rows"]}
-            reference = old["reference"]
-            ref_images = list(np.load(ref_path)["images"])
-    if reference is None:
-        ref_images, reference = run_config(pipe, samples, items, args, num_inference_steps=REFERENCE_STEPS)
-        reference.update(sampler="euler", time_shift=None, evaluations=REFERENCE_STEPS)
-        if ref_path is not None:
-            np.savez_compressed(ref_path, images=np.stack(ref_images))
+    # the weights themselves: a new model in the same folder must not resume the old one's rows
+    meta["weights_sum"] = float(sum(p.detach().double().abs().sum() for p in pipe.model.parameters()))
+    done, reference, ref_images = resume_or_reference(pipe, samples, items, args, meta)
 
     counter = _CacheCounter()
     logging.getLogger("omnigen.pipeline").addHandler(counter)
@@ -225,6 +214,30 @@ def main() -> None:
         if args.json is not None:
             args.json.write_text(json.dumps({"meta": meta, "reference": reference, "rows": rows}, indent=1))
 
+    report(rows, reference)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"meta": meta, "reference": reference, "rows": rows}, indent=1))
+    if args.plot is not None:
+        plot(rows, reference, args.plot)
+
+
+def resume_or_reference(pipe, samples, items, args, meta) -> tuple[dict, dict, list[np.ndarray]]:
+    """The rows already measured (from ``--json`` with the same settings) and the 50-step reference:
+    its row and its outputs, run now unless they were kept beside the JSON."""
+    ref_path = None if args.json is None else args.json.with_suffix(".reference.npz")
+    if args.json is not None and args.json.is_file() and not args.fresh:
+        old = json.loads(args.json.read_text())
+        if old.get("meta") == meta and ref_path.is_file():
+            return {key(r): r for r in old["rows"]}, old["reference"], list(np.load(ref_path)["images"])
+    ref_images, reference = run_config(pipe, samples, items, args, num_inference_steps=REFERENCE_STEPS)
+    reference.update(sampler="euler", time_shift=None, evaluations=REFERENCE_STEPS)
+    if ref_path is not None:
+        np.savez_compressed(ref_path, images=np.stack(ref_images))
+    return {}, reference, ref_images
+
+
+def report(rows: list[dict[str, Any]], reference: dict[str, Any]) -> None:
+    """Add each row's time relative to Euler at 25 steps, and print the table."""
     base = next((r for r in rows if key(r) == ("euler", None, BASELINE_STEPS, None)), reference)
     for row in [reference, *rows]:
         row["rel_time"] = row["seconds"] / base["seconds"]
@@ -241,11 +254,7 @@ def main() -> None:
         for r in [reference, *rows]
     ]
     print(format_table(["sampler", "evals", "cache", "strict", "psnr_vs_50", "seconds", "rel_time"], table))
-    print(f"load average (1 min) at start / end: {os.getloadavg()[0]:.2f} now; per row in the JSON")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"meta": meta, "reference": reference, "rows": rows}, indent=1))
-    if args.plot is not None:
-        plot(rows, reference, args.plot)
+    print(f"load average (1 min) now: {os.getloadavg()[0]:.2f}; each row's, before and after, in the JSON")
 
 
 if __name__ == "__main__":
