@@ -43,7 +43,19 @@ from omnigen.solvers import SOLVERS
 
 REFERENCE_STEPS = 50
 BASELINE_STEPS = 25
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+METRICS = {"strict": "strict accuracy (miniworld heldout)", "psnr": "PSNR (dB) against 50-step Euler"}
 
 
 class _CacheCounter(logging.Handler):
@@ -100,18 +112,21 @@ def label(row: dict[str, Any]) -> str:
     return row["sampler"] + shift
 
 
-def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> None:
-    """Strict accuracy vs evaluations, a line per sampler/shift (drawn with PIL: no matplotlib here)."""
+def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path, metric: str = "strict") -> None:
+    """``metric`` vs evaluations, a line per sampler/shift (drawn with PIL: no matplotlib here); for
+    strict accuracy a grey line marks the 50-step reference."""
     width, height, margin = 900, 560, 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     lines: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         if row.get("step_cache") is None:
-            lines.setdefault(label(row), []).append((row["evaluations"], row["strict"]))
+            lines.setdefault(label(row), []).append((row["evaluations"], row[metric]))
     budgets = sorted({e for points in lines.values() for e, _ in points} | {REFERENCE_STEPS})
-    accs = [a for points in lines.values() for _, a in points] + [reference["strict"]]
-    low, high = max(0.0, min(accs) - 0.05), min(1.0, max(accs) + 0.05)
+    accs = [a for points in lines.values() for _, a in points]
+    accs += [reference["strict"]] if metric == "strict" else []
+    pad = 0.05 * (max(accs) - min(accs)) + (0.05 if metric == "strict" else 0.5)
+    low, high = min(accs) - pad, max(accs) + pad
     x0, x1, y0, y1 = margin, width - 230, height - margin, margin
 
     def xy(e: float, a: float) -> tuple[float, float]:
@@ -127,12 +142,13 @@ def plot(rows: list[dict[str, Any]], reference: dict[str, Any], path: Path) -> N
         a = low + k * (high - low) / 5
         _, y = xy(budgets[0], a)
         draw.line([x0 - 5, y, x0, y], fill="black")
-        draw.text((x0 - 40, y - 6), f"{a:.2f}", fill="black")
+        draw.text((x0 - 45, y - 6), f"{a:.2f}" if metric == "strict" else f"{a:.1f}", fill="black")
     draw.text(((x0 + x1) // 2 - 120, height - 30), "transformer evaluations (log scale)", fill="black")
-    draw.text((10, 20), "strict accuracy (miniworld heldout)", fill="black")
-    _, ref_y = xy(budgets[0], reference["strict"])
-    draw.line([x0, ref_y, x1, ref_y], fill=(150, 150, 150))
-    draw.text((x1 + 10, ref_y - 6), f"euler {REFERENCE_STEPS}", fill=(120, 120, 120))
+    draw.text((10, 20), METRICS[metric], fill="black")
+    if metric == "strict":
+        _, ref_y = xy(budgets[0], reference["strict"])
+        draw.line([x0, ref_y, x1, ref_y], fill=(150, 150, 150))
+        draw.text((x1 + 10, ref_y - 6), f"euler {REFERENCE_STEPS}", fill=(120, 120, 120))
     for k, (name, points) in enumerate(sorted(lines.items())):
         colour = COLOURS[k % len(COLOURS)]
         dashed = k >= len(COLOURS)
@@ -167,7 +183,9 @@ def main() -> None:
     parser.add_argument("--shifts", type=parse_shift, nargs="+", default=[None, 2.0, 3.0])
     parser.add_argument("--cache-thresholds", type=float, nargs="*", default=[0.05, 0.1, 0.2])
     parser.add_argument("--json", type=Path, default=None, help="write (and resume from) the results here")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG: strict accuracy vs evaluations")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="PNG: strict accuracy vs evaluations (and PSNR: OUT.psnr.png)"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore the rows already in --json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -219,6 +237,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"meta": meta, "reference": reference, "rows": rows}, indent=1))
     if args.plot is not None:
         plot(rows, reference, args.plot)
+        plot(rows, reference, args.plot.with_suffix(".psnr.png"), metric="psnr")
 
 
 def resume_or_reference(pipe, samples, items, args, meta) -> tuple[dict, dict, list[np.ndarray]]:
