@@ -73,6 +73,15 @@ def add_generation_args(
             options["type"] = param.python_type
             options["metavar"] = param.kind.upper()
         p.add_argument(flag(name), *param.aliases, **options)
+        if param.choice_flags:  # "--fast" = "--preset fast"
+            for choice in param.choices:
+                p.add_argument(
+                    flag(choice),
+                    dest=name,
+                    action="store_const",
+                    const=choice,
+                    help=f"= {flag(name)} {choice}",
+                )
         added.append(name)
     return added
 

@@ -98,6 +98,7 @@ NOT_CONTROLS = {
     "seed": "its own Seed box with 'Randomize seed'",
     "num_images_per_prompt": "the demo shows one image",
     "mask_blur": "the demo has no mask input",
+    "preset": "its sampler and steps controls always send their values, which win over a preset",
 }
 # The UI ranges of the sliders (the allowed ranges are GenerationConfig's): (low, high, step).
 SLIDERS = {
