@@ -286,11 +286,17 @@ def build_demo(pipe: OmniGenPipeline, examples: list[DemoExample] | None = None)
         )
         if examples:
             gr.Examples(
-                examples=[
+                examples=[  # each example brings its documented seed (examples.json)
                     [ex.prompt, *[str(p) for p in ex.images], *[None] * (MAX_INPUT_IMAGES - len(ex.images))]
+                    + [ex.seed, False]
                     for ex in examples
                 ],
-                inputs=[controls["prompt"], *[controls[slot] for slot in IMAGE_SLOTS]],
+                inputs=[
+                    controls["prompt"],
+                    *[controls[slot] for slot in IMAGE_SLOTS],
+                    controls["seed"],
+                    controls["randomize_seed"],
+                ],
                 example_labels=[ex.label for ex in examples],
                 examples_per_page=len(examples),
                 label="Examples (click one, then Generate)",

@@ -1,0 +1,60 @@
+"""What a new user meets first: the shipped miniature model on the README's own prompt, the demo
+gallery at its documented seeds, and sizes it was not trained at."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from omnigen.data import miniworld_text as mt
+from omnigen.demo_examples import check_example, load_examples
+from omnigen.eval.miniworld_score import scene_scores
+from omnigen.pipeline import OmniGenPipeline
+from omnigen.tags import IMAGE_TAG_PATTERN
+
+README_PROMPT = "a red circle in the top left on a white background"  # README command 1
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return OmniGenPipeline.from_pretrained(None)
+
+
+def test_readme_prompt_is_drawn_right_at_seven_of_eight_seeds(shipped):
+    """Measured on the shipped weights: right at seeds 0-2 and 4-7; seed 3 draws a square (README)."""
+    want = {
+        "background": "white",
+        "objects": [
+            {"shape": "circle", "colour": "red", "size": mt.DEFAULT_SIZE, "cell": "top left", "dot": None}
+            | {"size_named": False}
+        ],
+    }
+    results = []
+    for seed in range(8):
+        image = np.asarray(shipped(README_PROMPT, seed=seed, progress=False)[0].convert("RGB"))
+        results.append(scene_scores(want, image)["scene_ok"])
+    assert sum(results) >= 7, results
+
+
+def test_gallery_examples_are_right_at_their_documented_seeds(shipped):
+    """scripts/pick_example_seeds.py found a right (sample, seed) pair for 14 of the 16 kinds; the two
+    subject kinds had none in 16 tries (the subject's 1-px identity dot is lost), as the README says."""
+    wrong = [ex.label for n, ex in enumerate(load_examples()) if not check_example(shipped, n, ex)]
+    assert len(wrong) <= 2 and all(label.startswith("subject-driven") for label in wrong), wrong
+
+
+def test_gallery_prompts_use_only_known_words(shipped):
+    tokenizer = shipped.tokenizer
+    texts = [README_PROMPT, *(IMAGE_TAG_PATTERN.sub(" ", example.prompt) for example in load_examples())]
+    unknown = {
+        text: tokenizer.backend.encode(text).tokens
+        for text in texts
+        if tokenizer.unk_token_id in tokenizer.backend.encode(text).ids
+    }
+    assert unknown == {}
+
+
+def test_a_size_it_was_not_trained_at_is_refused(shipped):
+    assert shipped.defaults.trained_sizes == (16,)
+    with pytest.raises(ValueError, match=r"\[16\]"):
+        shipped(README_PROMPT, height=32, width=32, progress=False)
