@@ -155,10 +155,10 @@ def test_training_config_checks_its_generation_section():
         "stages": [{"resolution": 16, "steps": 1, "batch_size": 1, "lr": 1e-4}],
     }
     with pytest.raises(ValueError, match="generation: unknown keys \\['steps'\\]"):
-        TrainConfig(**fields, generation={"steps": 3})
+        TrainConfig.from_dict({**fields, "generation": {"steps": 3}})
     with pytest.raises(ValueError, match="generation: guidance_scale"):
-        TrainConfig(**fields, generation={"guidance_scale": -1})
-    assert TrainConfig(**fields, generation={"num_inference_steps": 3}).generation == {
+        TrainConfig.from_dict({**fields, "generation": {"guidance_scale": -1}})
+    assert TrainConfig.from_dict({**fields, "generation": {"num_inference_steps": 3}}).generation == {
         "num_inference_steps": 3
     }
 
