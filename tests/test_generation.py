@@ -149,7 +149,7 @@ def test_training_config_checks_its_generation_section():
     from omnigen.training.config import TrainConfig
 
     fields = {
-        "model": "tiny",
+        "init_from": "unused-folder",
         "out_dir": "unused",
         "data": ["x.jsonl"],
         "stages": [{"resolution": 16, "steps": 1, "batch_size": 1, "lr": 1e-4}],
