@@ -229,7 +229,7 @@ def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
                 c[slot] = gr.Image(label=f"<img><|image_{k}|></img>", height=200, **common)
                 continue
             c[slot] = gr.ImageMask(  # paint to regenerate only there (every other pixel is kept exactly)
-                label="<img><|image_1|></img> (paint a mask to edit only there)",
+                label="<img><|image_1|></img> (brush: edit only there)",
                 brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=2),
                 layers=False,
                 transforms=(),
