@@ -230,10 +230,11 @@ def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
                 continue
             c[slot] = gr.ImageMask(  # paint to regenerate only there (every other pixel is kept exactly)
                 label="<img><|image_1|></img> (brush: edit only there)",
-                brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=2),
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=2),  # its alpha is read
                 layers=False,
                 transforms=(),
                 height=260,
+                scale=2,
                 **common,
             )
     main = ("height", "width", "guidance_scale", "img_guidance_scale", "num_inference_steps")
