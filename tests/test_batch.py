@@ -213,6 +213,8 @@ def test_masked_requests_keep_every_pixel_outside_their_mask(pipeline, tmp_path,
         pipeline, read_requests(write_jsonl(tmp_path / "r.jsonl", rows))[0], out, progress=False
     )
     assert (again.already_done, again.generated) == (2, 1)
+    redone = np.asarray(Image.open(out / "masked" / "0.png"))  # a batch of masked rows only
+    assert np.array_equal(redone[box > 0], np.asarray(sources["a.png"])[box > 0])
 
 
 def test_bad_masks_are_bad_lines(pipeline, tmp_path, rgb_image):

@@ -324,6 +324,8 @@ def _generate(pipe: Any, requests: Sequence[Request], batch: list[Job], params: 
     prompts = [requests[job.request].prompt for job in batch]
     images = [list(requests[job.request].input_images) for job in batch]
     masks = [requests[job.request].mask for job in batch]  # one per prompt (None: unmasked)
+    if all(masks):  # the output is each canvas (params hold its size): no explicit size for the model
+        params = {k: v for k, v in params.items() if k not in ("height", "width")}
     outputs = pipe(
         prompts,
         input_images=images if any(images) else None,
