@@ -149,7 +149,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     cache_bytes: list[int] = []
     prefill = model.prefill
 
-    def counting_prefill(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def counting_prefill(*a, **kw):
         cache = prefill(*a, **kw)
         cache_bytes.append(cache.nbytes())
         return cache

@@ -40,16 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_fullsize import build_random_model, full_config, input_images  # noqa: E402
-from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, flops  # noqa: E402
+from bench_fullsize import build_random_model, full_config, input_images
+from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, flops
 
-from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig  # noqa: E402
+from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
 from omnigen.generation import GenerationConfig
-from omnigen.pipeline import OmniGenPipeline  # noqa: E402
-from omnigen.processor import cfg_prompts  # noqa: E402
-from omnigen.quantize import quantize_int8  # noqa: E402
-from omnigen.sampling import make_noise  # noqa: E402
-from omnigen.vae import AutoencoderKLCodec  # noqa: E402
+from omnigen.pipeline import OmniGenPipeline
+from omnigen.processor import cfg_prompts
+from omnigen.quantize import quantize_int8
+from omnigen.sampling import make_noise
+from omnigen.vae import AutoencoderKLCodec
 
 CONTENDERS = ("batched", "separate", "compile", "int8", "fp8", "offload_model", "diffusers")
 GUIDANCE, IMG_GUIDANCE, SEED = 3.0, 1.6, 0
@@ -88,7 +88,7 @@ class Device:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def measure(self):  # noqa: ANN201 - a context manager with .gb
+    def measure(self):  # a context manager with .gb
         return _CudaPeak(self.device) if self.cuda else _HostPeak()
 
     def matmul_peak(self, dtype: torch.dtype) -> float:
@@ -117,7 +117,7 @@ class _CudaPeak:
         torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.gb = torch.cuda.max_memory_allocated(self.device) / 1e9
 
 
@@ -126,7 +126,7 @@ class _HostPeak:
         self.rss = PeakRSS().__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.rss.__exit__(*exc)
         self.gb = self.rss.delta_mb * 2**20 / 1e9
 
@@ -139,7 +139,7 @@ def build(args: argparse.Namespace, device: Device) -> OmniGenPipeline:
     return OmniGenPipeline(model, AutoencoderKLCodec(vae), build_tokenizer(), defaults, device.device)
 
 
-def ours(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, **options):  # noqa: ANN003, ANN201
+def ours(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, **options):
     prompt, k = TASKS[task]
     images = input_images(args.size, k)
 
@@ -163,7 +163,7 @@ def quantized(pipe: OmniGenPipeline, kind: str) -> OmniGenPipeline:
     """A copy of the pipeline whose decoder linears are int8 or fp8 weight-only (torchao)."""
     try:
         from torchao.quantization import quantize_
-    except Exception as err:  # noqa: BLE001 - missing or broken install
+    except Exception as err:  # missing or broken install
         raise Skip(f"torchao not importable ({type(err).__name__}: {err}); pip install torchao") from err
     copy_ = pipe.with_defaults()
     copy_.model = copy.deepcopy(pipe.model)
@@ -174,7 +174,7 @@ def quantized(pipe: OmniGenPipeline, kind: str) -> OmniGenPipeline:
         from torchao.quantization import Float8WeightOnlyConfig
 
         quantize_(copy_.model.llm.layers, Float8WeightOnlyConfig())
-    except Exception as err:  # noqa: BLE001 - fp8 needs a recent torchao and a device that has fp8
+    except Exception as err:  # fp8 needs a recent torchao and a device that has fp8
         raise Skip(f"fp8 weight-only unavailable here ({type(err).__name__}: {err})") from err
     return copy_
 
@@ -191,14 +191,14 @@ def compiled(pipe: OmniGenPipeline, backend: str) -> OmniGenPipeline:
     return copy_
 
 
-def diffusers_call(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, device: Device):  # noqa: ANN201
+def diffusers_call(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, device: Device):
     """diffusers' OmniGenPipeline on our weights (shared storage), VAE and token ids, our initial noise."""
     try:
         import torchvision  # noqa: F401 - diffusers' OmniGen processor needs it
         from diffusers import FlowMatchEulerDiscreteScheduler, OmniGenTransformer2DModel
         from diffusers import OmniGenPipeline as DiffusersPipeline
         from transformers import PreTrainedTokenizerFast
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise Skip(f"diffusers' pipeline unavailable ({type(err).__name__}: {err})") from err
     from omnigen.keymap import ours_to_diffusers
 
@@ -236,7 +236,7 @@ def diffusers_call(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, d
     return call
 
 
-def _pil(array):  # noqa: ANN001, ANN202
+def _pil(array):
     from PIL import Image
 
     return Image.fromarray(array)
@@ -247,7 +247,7 @@ def model_gb(pipe: OmniGenPipeline) -> float:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9
 
 
-def contender_call(name: str, pipe: OmniGenPipeline, task: str, args: argparse.Namespace, device: Device):  # noqa: ANN201
+def contender_call(name: str, pipe: OmniGenPipeline, task: str, args: argparse.Namespace, device: Device):
     """(call(steps) -> final latents, whether its FLOPs are the cached ones, GB resident on the device that
     the contender does not use: the original weights beside a compiled or quantized copy)."""
     if name == "batched":
@@ -268,7 +268,7 @@ def contender_call(name: str, pipe: OmniGenPipeline, task: str, args: argparse.N
     return diffusers_call(pipe, task, args, device), False, 0.0
 
 
-def timed(call, device: Device, args: argparse.Namespace, steps: int) -> tuple[float, float, torch.Tensor]:  # noqa: ANN001
+def timed(call, device: Device, args: argparse.Namespace, steps: int) -> tuple[float, float, torch.Tensor]:
     """Warm-up (2 steps: compiles, allocates, loads kernels), then the median seconds of ``--reps`` calls
     of ``steps`` steps to the final latents, the peak memory (GB) and the latents."""
     call(min(2, steps))
@@ -307,7 +307,7 @@ def task_flops(pipe: OmniGenPipeline, task: str, args: argparse.Namespace) -> di
     )
 
 
-def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.Tensor | None, bool]:  # noqa: ANN001
+def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.Tensor | None, bool]:
     """Seconds for ``--steps`` steps, peak GB, final latents (None when fewer steps ran), cached FLOPs?
 
     ``offload_model`` streams every layer's weights from the host at each forward (slow), so it runs
@@ -320,7 +320,7 @@ def run_contender(name, pipe, task, args, device) -> tuple[float, float, torch.T
     return seconds, gb - unused_gb, latents, cached
 
 
-def run_task(pipe, task, args, device, peak, started) -> None:  # noqa: ANN001
+def run_task(pipe, task, args, device, peak, started) -> None:
     work = task_flops(pipe, task, args)
     baseline, decode_s = None, None
     for name in [c for c in args.contenders.split(",") if c]:
@@ -332,7 +332,7 @@ def run_task(pipe, task, args, device, peak, started) -> None:  # noqa: ANN001
         except Skip as skip:
             print(f"{task:5} {name:14} skipped: {skip}", flush=True)
             continue
-        except Exception as err:  # noqa: BLE001 - one failing contender must not end the run
+        except Exception as err:  # one failing contender must not end the run
             print(f"{task:5} {name:14} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
             continue
         finally:

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_fullsize import build_random_model, full_config  # noqa: E402
+from bench_fullsize import build_random_model, full_config
 
-from omnigen.checkpoint import save_model  # noqa: E402
+from omnigen.checkpoint import save_model
 
 CHILD = """
 import sys, torch

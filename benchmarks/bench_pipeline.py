@@ -144,7 +144,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.process.memory_info().rss)
             time.sleep(0.005)
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.running = False
         self.thread.join()
 
@@ -260,7 +260,7 @@ def options_report(
         raise SystemExit(f"unknown --options {unknown}; allowed: {sorted(allowed)}")
     calls: list[int] = []
 
-    def timed(target: OmniGenPipeline, **kw) -> tuple[float, torch.Tensor, int]:  # noqa: ANN003
+    def timed(target: OmniGenPipeline, **kw) -> tuple[float, torch.Tensor, int]:
         times, out = [], None
         hook = target.model.llm.layers[-1].register_forward_hook(lambda *a: calls.append(1))
         try:
@@ -439,7 +439,7 @@ class Bench:
         prompt, k = TASKS[task]
         imgs, args, pipe = self.images[:k], self.args, self.pipe
 
-        def ours(separate: bool):  # noqa: ANN202
+        def ours(separate: bool):
             return pipe(
                 prompt,
                 imgs or None,
@@ -449,7 +449,7 @@ class Bench:
                 output_type="latent",
             )
 
-        def theirs():  # noqa: ANN202
+        def theirs():
             return reference_sample(
                 self.ref, pipe, prompt, imgs, args.size, args.steps, 3.0, 1.6, 0, per_row=False
             )[0]

@@ -90,7 +90,7 @@ def run_trainer(config, warmup: int) -> float:
     return config.stages[0].batch_size / per_step
 
 
-def plain_setup(config):  # noqa: ANN001, ANN201
+def plain_setup(config):
     """The same model init and the same batch as the trainer, built once."""
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         base = args.url.rstrip("/") if args.url else stack.enter_context(local_server(args))
         results, wall = asyncio.run(run_load(args, base))
-    print(report(results, wall))  # noqa: T201
+    print(report(results, wall))
     return 0
 
 

@@ -52,7 +52,7 @@ def main() -> None:
         report.append(
             {"example": example.label, "picked": n in picks, "right": sum(tried[n]), "tried": len(tried[n])}
         )
-    print(json.dumps(report, indent=1))  # noqa: T201
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

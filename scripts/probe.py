@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_curve import score, training_minutes  # noqa: E402
+from learning_curve import score, training_minutes
 
-from omnigen.training.config import TrainConfig  # noqa: E402
-from omnigen.training.trainer import train  # noqa: E402
+from omnigen.training.config import TrainConfig
+from omnigen.training.trainer import train
 
 PROBES = Path("docs/probes")
 

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -39,6 +40,25 @@ def test_generate_with_tiny_model_folder(model_folder, tmp_path, rgb_image):
     )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (32, 32)
+
+
+def test_generate_fast_equals_the_presets_settings(model_folder, tmp_path):
+    from omnigen.cli import main
+    from omnigen.generation import PRESETS
+
+    fast = PRESETS["fast"]
+    common = ["generate", "a red circle", "--model", str(model_folder), "--seed", "1"]
+    assert main([*common, "--fast", "-o", str(tmp_path / "fast.png")]) == 0
+    explicit = ["--sampler", fast["sampler"], "--steps", str(fast["num_inference_steps"])]
+    if fast["time_shift"] is not None:
+        explicit += ["--time-shift", str(fast["time_shift"])]
+    assert main([*common, *explicit, "-o", str(tmp_path / "explicit.png")]) == 0
+    assert main([*common, "-o", str(tmp_path / "default.png")]) == 0
+    pixels = {
+        name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("fast", "explicit", "default")
+    }
+    assert np.array_equal(pixels["fast"], pixels["explicit"])
+    assert not np.array_equal(pixels["fast"], pixels["default"])
 
 
 def test_generate_reports_bad_input_without_traceback(model_folder, tmp_path):

@@ -52,7 +52,7 @@ def torchrun(config, stop_after: int | None = None, timeout: int = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(world, tmp_path_factory):  # noqa: F811
+def single(world, tmp_path_factory):
     """One process, global batch 6 (the whole miniworld): a full fine-tune and a LoRA run of a random base
     (random, not freshly initialised: a zeroed head would give the adapter no gradient)."""
     from conftest import random_model
@@ -88,7 +88,7 @@ def assert_same_curve(got: list[float], expected: list[float]) -> float:
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_two_processes_match_one(world, single, tmp_path, kind):  # noqa: F811
+def test_two_processes_match_one(world, single, tmp_path, kind):
     """2 ranks x batch 3 == 1 process x batch 6 (training and validation losses); the FSDP run also stops
     at step 2 and resumes."""
     root, _ = world
@@ -112,7 +112,7 @@ def test_two_processes_match_one(world, single, tmp_path, kind):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
-def test_lora_two_processes_match_one(world, single, tmp_path, kind):  # noqa: F811
+def test_lora_two_processes_match_one(world, single, tmp_path, kind):
     """LoRA (frozen base, mixed requires_grad inside each sharded block); FSDP stops and resumes."""
     root, _ = world
     config = _config(root, tmp_path / kind, 3, distributed=kind, init_from=single["base"], **LORA)

@@ -67,6 +67,52 @@ def test_pipeline_call_validates_through_the_config(pipeline):
         pipeline("a red circle", guidance=2.0)
 
 
+def test_fast_preset_fills_its_fields_and_explicit_values_win():
+    fast = generation.PRESETS["fast"]
+    assert fast["num_inference_steps"] < GenerationConfig().num_inference_steps  # it is a fast preset
+    model = GenerationConfig(num_inference_steps=25, time_shift=2.5, guidance_scale=2.0)  # a model's file
+    cfg = model.replace(preset="fast")
+    assert cfg.preset == "fast" and {k: getattr(cfg, k) for k in fast} == fast
+    assert cfg.guidance_scale == 2.0  # fields outside the preset keep the model's value
+    explicit = model.replace(preset="fast", num_inference_steps=13, sampler="heun")
+    assert (explicit.num_inference_steps, explicit.sampler, explicit.time_shift) == (
+        13,
+        "heun",
+        fast["time_shift"],
+    )
+    later = cfg.replace(num_inference_steps=30)  # a config carrying the preset keeps later explicit values
+    assert later.num_inference_steps == 30 and later.sampler == fast["sampler"]
+    assert model.replace(preset=None) == model  # None keeps the default, as for every field
+    loaded = GenerationConfig.from_dict({"preset": "fast", "num_inference_steps": 7})
+    assert loaded.num_inference_steps == 7 and loaded.sampler == fast["sampler"]
+    assert GenerationConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="preset must be one of 'fast', got 'slow'"):
+        model.replace(preset="slow")
+
+
+def test_pipeline_preset_equals_its_settings(pipeline, rgb_image):
+    fast = generation.PRESETS["fast"]
+    kwargs = dict(input_images=[rgb_image()], seed=2, output_type="latent", progress=False)
+    prompt = "<img><|image_1|></img> make it blue"
+    preset = pipeline(prompt, preset="fast", **kwargs)
+    assert torch.equal(preset, pipeline(prompt, **{**fast, **kwargs}))
+    assert not torch.allclose(preset, pipeline(prompt, **kwargs), atol=1e-5)  # not the default
+    mixed = pipeline(prompt, preset="fast", num_inference_steps=3, **kwargs)
+    assert torch.equal(mixed, pipeline(prompt, **{**fast, "num_inference_steps": 3, **kwargs}))
+
+
+def test_fast_switch_is_the_preset_flag(no_model):
+    from omnigen.cli_args import generation_overrides
+
+    parser = _subparser("generate")
+    args = parser.parse_args(["a red circle", "--fast", "--steps", "5", "-o", "x.png"])
+    overrides = generation_overrides(args)
+    assert (overrides["preset"], overrides["num_inference_steps"]) == ("fast", 5)
+    assert parser.parse_args(["a red circle", "--preset", "fast", "-o", "x.png"]).preset == "fast"
+    assert parser.parse_args(["a red circle", "-o", "x.png"]).preset is None
+    assert "--fast" in parser.format_help()
+
+
 # ------------------------------------------------------------------------------------------ files
 
 

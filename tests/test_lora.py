@@ -267,3 +267,28 @@ def test_lora_training_resumes_exactly(world, tmp_path):  # noqa: F811
         adapters.append(load_file(str(tmp_path / name / "final" / lora.WEIGHTS_NAME)))
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 8
     assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) <= 1e-6
+
+
+def test_lora_settings_are_typed_validated_and_round_trip(world, tmp_path):  # noqa: F811
+    from omnigen.training.config import LoraSettings, TrainConfig
+
+    root, _ = world
+    config = make_config(root, tmp_path / "run", 1, lora={"rank": 4, "target_modules": ["qkv_proj"]})
+    assert config.lora == LoraSettings(rank=4, alpha=4, target_modules=("qkv_proj",), dropout=0.0)
+    assert config.lora.arguments() == {"rank": 4, "alpha": 4, "target_modules": ("qkv_proj",), "dropout": 0.0}
+    assert LoraSettings(rank=2).target_modules == lora.DEFAULT_TARGET_MODULES
+    again = TrainConfig.from_dict(json.loads(config.to_json()))  # train_config.json / the torchrun test
+    assert again == config
+    for bad, message in (
+        ({"rank": 0}, "lora.rank must be a positive int, got 0"),
+        ({"rank": 2, "alpha": -1}, "lora.alpha must be a positive number, got -1"),
+        ({"rank": 2, "dropout": 1.0}, "lora.dropout must be in \\[0, 1\\), got 1.0"),
+        ({"rank": 2, "target_modules": []}, "lora.target_modules must be a non-empty list"),
+        ({"rank": 2, "scale": 1}, "unknown lora keys \\['scale'\\]"),
+        ({"alpha": 2}, "lora needs `rank`"),
+        ([4], "lora must be a mapping"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_config(root, tmp_path / "run", 1, lora=bad)
+    with pytest.raises(TypeError, match="lora.target_modules must be a list of str, got str 'qkv_proj'"):
+        make_config(root, tmp_path / "run", 1, lora={"rank": 2, "target_modules": "qkv_proj"})

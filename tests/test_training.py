@@ -162,6 +162,45 @@ def test_bad_config_keys_are_named(world, tmp_path):
         TrainConfig.load(path.rename(tmp_path / "c.toml"))
 
 
+def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data: x.jsonl\nout_dir: o\nmodel: {a: 1}\nweight_decay: 1e-2\n"
+        "stages: [{resolution: 16, steps: 1, batch_size: 1, lr: 1e-5}]\n"
+    )
+    config = TrainConfig.load(path)
+    assert isinstance(config.stages[0].lr, float) and config.stages[0].lr == 1e-5
+    assert config.weight_decay == 0.01
+    assert TrainConfig.load(path, ["clip_grad=5E-1"]).clip_grad == 0.5
+    with pytest.raises(TypeError, match="seed must be int, got str 'x'"):
+        TrainConfig.load(path, ["seed=x"])
+    with pytest.raises(TypeError, match="ema_decay must be float, got bool True"):
+        TrainConfig.load(path, ["ema_decay=true"])
+    with pytest.raises(TypeError, match="stage lr must be float, got str 'fast'"):
+        TrainConfig.load(path, ["stages=[{resolution: 16, steps: 1, batch_size: 1, lr: fast}]"])
+    with pytest.raises(TypeError, match="lora.dropout must be float, got str 'some'"):
+        TrainConfig.load(path, ["lora={rank: 2, dropout: some}"])
+    with pytest.raises(TypeError, match="data must be a list of str, got list \\[1\\]"):
+        TrainConfig.load(path, ["data=[1]"])
+
+
+def test_a_missing_data_set_fails_first_saying_how_to_make_it(world, tmp_path):
+    root, _ = world
+    missing = tmp_path / "mw"
+    with pytest.raises(
+        ValueError,
+        match=f"data: {missing}/train.jsonl does not exist.*omnigen data miniworld --out {missing} --n N`",
+    ):
+        train(make_config(root, tmp_path / "run", 1, data=str(missing / "train.jsonl")), device="cpu")
+    assert not (tmp_path / "run").exists()  # nothing started
+    with pytest.raises(ValueError, match="val_data: .*heldout.jsonl does not exist.*--n N --split heldout`"):
+        train(make_config(root, tmp_path / "run", 1, val_data=str(missing / "heldout.jsonl")), device="cpu")
+    with pytest.raises(ValueError, match="tokenizer: .*tokenizer.json does not exist.*tokenizer.json there"):
+        train(make_config(root, tmp_path / "run", 1, tokenizer=str(missing / "tokenizer.json")), device="cpu")
+    with pytest.raises(ValueError, match="data: .*/\\*.jsonl does not exist"):
+        train(make_config(root, tmp_path / "run", 1, data=str(missing / "*.jsonl")), device="cpu")
+
+
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
     from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
@@ -293,6 +332,95 @@ def test_resume_reaches_the_same_parameters(world, tmp_path):
     b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000008" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    curves = [[json.loads(x) for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"]
+    assert [r["step"] for r in curves[1]] == list(range(1, 9))
+    assert [r["loss"] for r in curves[0]] == [r["loss"] for r in curves[1]]  # the same losses, exactly
+
+
+def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
+    """The files and keys a checkpoint holds (what a run written by earlier code resumes from): changing
+    any of them breaks resuming such runs, so this test pins them."""
+    from safetensors.torch import load_file
+
+    root, _ = world
+    train(make_config(root, tmp_path / "run", 2, ema_decay=0.9), device="cpu", stop_after=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_00000001"
+    folder = checkpoints / "step_00000001"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
+    state = json.loads((folder / "state.json").read_text())
+    assert list(state) == ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "optimizer"]
+    assert (state["step"], state["stage"], state["world_size"], state["base_model"]) == (1, 0, 1, None)
+    assert set(state["sampler"]) == {"epoch", "position", "seed", "num_replicas", "batch_size", "num_samples"}
+    assert set(state["optimizer"]) == {"param_groups", "scalars"}
+    model = load_file(str(folder / "model.safetensors"))
+    trainable = load_file(str(folder / "ema.safetensors")).keys()  # the EMA: every trainable parameter
+    assert set(model) - set(trainable) == {"pos_embed"}  # the model file also holds the buffer
+    optimizer = load_file(str(folder / "optimizer.safetensors"))
+    moments = ("exp_avg", "exp_avg_sq", "step")
+    assert set(optimizer) == {f"{name}.{moment}" for name in trainable for moment in moments}
+    assert state["optimizer"]["scalars"] == {}
+    groups = state["optimizer"]["param_groups"]
+    assert sorted(n for g in groups for n in g["params"]) == sorted(trainable)
+
+
+def test_resume_without_optimizer_state_for_unused_parameters(world, tmp_path):
+    """Text-to-image rows only: input_x_embedder never gets a gradient, so AdamW holds no state for it.
+    Resuming works and stays exact: the same losses, weights and optimizer state as a run straight
+    through (the unused parameter still without state)."""
+    from safetensors.torch import load_file
+
+    root, _ = world
+    rows = [r for r in (root / "train.jsonl").read_text().splitlines() if json.loads(r)["task_type"] == "t2i"]
+    (tmp_path / "t2i.jsonl").write_text("\n".join(rows) + "\n")
+    stage = {"resolution": 16, "steps": 4, "batch_size": 1, "lr": 3e-3}
+    kw = dict(data=[str(tmp_path / "t2i.jsonl")], image_root=str(root), stages=[stage], warmup_steps=0)
+    train(make_config(root, tmp_path / "a", 4, **kw), device="cpu")
+    split = make_config(root, tmp_path / "b", 4, **kw)
+    train(split, device="cpu", stop_after=2)
+    stopped = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000002" / "optimizer.safetensors"))
+    assert stopped and not any(k.startswith("input_x_embedder.") for k in stopped)
+    train(split, device="cpu")
+    curves = [
+        [json.loads(x)["loss"] for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"
+    ]
+    assert len(curves[1]) == 4 and curves[0] == curves[1]
+    for name in ("model", "optimizer"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / "step_00000004" / f"{name}.safetensors"))
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_sigterm_checkpoints_the_step_it_arrives_in_and_a_rerun_finishes(world, tmp_path, monkeypatch):
+    import signal
+
+    from omnigen.training import trainer
+
+    root, _ = world
+    real_step = trainer.train_step
+
+    def step_with_sigterm(run, step, *args):
+        if step == 1:  # arrives during the second step
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(run, step, *args)
+
+    monkeypatch.setattr(trainer, "train_step", step_with_sigterm)
+    config = make_config(root, tmp_path / "run", 4, warmup_steps=0)
+    before = signal.getsignal(signal.SIGTERM)
+    train(config, device="cpu")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000002"
+    assert not (tmp_path / "run" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is restored
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    train(config, device="cpu")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and (tmp_path / "run" / "final").is_dir()
 
 
 def test_grad_accum_and_batch_split_take_the_same_steps(world, tmp_path):
@@ -482,7 +610,7 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
     assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
     with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
-    with pytest.raises(ValueError, match="grow_layers must be an int >= 1, got 'deep'"):
+    with pytest.raises(TypeError, match="grow_layers must be int or None, got str 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
 
 

@@ -267,7 +267,7 @@ def save_model(model: OmniGenModel, folder: str | Path, dtype: torch.dtype | Non
     atomic_write(folder / "config.json", lambda path: model.config.save(path))
 
 
-def atomic_write(target: Path, write) -> None:  # noqa: ANN001 - write(path) -> None
+def atomic_write(target: Path, write) -> None:  # write(path) -> None
     """Write to a temporary file in the same folder, then rename over ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)

@@ -38,7 +38,7 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(args: argparse.Namespace, device: str | None = None):  # noqa: ANN201 - avoids importing torch here
+def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoids importing torch here
     """The pipeline of ``--model/--vae/--dtype`` on ``device`` (default: ``--device``)."""
     from omnigen.pipeline import OmniGenPipeline
 
@@ -73,6 +73,15 @@ def add_generation_args(
             options["type"] = param.python_type
             options["metavar"] = param.kind.upper()
         p.add_argument(flag(name), *param.aliases, **options)
+        if param.choice_flags:  # "--fast" = "--preset fast"
+            for choice in param.choices:
+                p.add_argument(
+                    flag(choice),
+                    dest=name,
+                    action="store_const",
+                    const=choice,
+                    help=f"= {flag(name)} {choice}",
+                )
         added.append(name)
     return added
 

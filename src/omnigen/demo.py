@@ -114,6 +114,7 @@ def collect_images(values: Mapping[str, Any]) -> list[Image.Image]:
 NOT_CONTROLS = {
     "seed": "its own Seed box with 'Randomize seed'",
     "num_images_per_prompt": "the demo shows one image",
+    "preset": "its sampler and steps controls always send their values, which win over a preset",
 }
 # The UI ranges of the sliders (the allowed ranges are GenerationConfig's): (low, high, step).
 SLIDERS = {
@@ -281,7 +282,7 @@ def build_demo(pipe: OmniGenPipeline, examples: list[DemoExample] | None = None)
                 )
                 result = gr.Textbox(label="Result", interactive=False, elem_id=ELEM_RESULT)
 
-        def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Image.Image, str]:  # noqa: B008
+        def on_generate(values: dict, progress: gr.Progress = gr.Progress()) -> tuple[Image.Image, str]:
             settings = {name: values[component] for name, component in controls.items()}
             progress(0, desc="starting")
             try:

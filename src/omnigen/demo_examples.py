@@ -79,7 +79,7 @@ def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
     return examples
 
 
-def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
+def _sample_for(kind: str, seed: int, size: int):
     """The first heldout sample of `kind` whose prompt needs at most MAX_INPUT_IMAGES images."""
     from omnigen.data import miniworld, miniworld_tasks
 
@@ -96,7 +96,7 @@ def _sample_for(kind: str, seed: int, size: int):  # noqa: ANN202
     raise ValueError(f"no heldout sample of {kind!r} with at most {MAX_INPUT_IMAGES} images")
 
 
-def _compose(sample) -> tuple[str, list]:  # noqa: ANN001
+def _compose(sample) -> tuple[str, list]:
     """Prompt and images of a sample; few-shot samples get the training wrapper (example first)."""
     from omnigen.eval.miniworld import compose_few_shot
 
@@ -108,7 +108,7 @@ def example_kind(number: int) -> str:
     return EXAMPLE_KINDS[number][1]
 
 
-def example_sample(number: int, sample_seed: int, size: int = 16):  # noqa: ANN201
+def example_sample(number: int, sample_seed: int, size: int = 16):
     """The heldout sample behind example `number` (meta and target image, for scoring)."""
     return _sample_for(example_kind(number), sample_seed, size)
 
@@ -146,7 +146,7 @@ def write_examples(
     return load_examples(folder)
 
 
-def check_example(pipe, number: int, example: DemoExample, seed: int | None = None) -> bool:  # noqa: ANN001
+def check_example(pipe, number: int, example: DemoExample, seed: int | None = None) -> bool:
     """Whether `pipe` gets example `number` right (the miniworld scorer) at `seed` (default: its own)."""
     import numpy as np
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     for example in write_examples(args.out, args.seed):
-        print(f"{example.label:32s} {len(example.images)} image(s)  {example.prompt}")  # noqa: T201
+        print(f"{example.label:32s} {len(example.images)} image(s)  {example.prompt}")
     return 0
 
 

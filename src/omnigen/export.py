@@ -166,7 +166,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _warn_if_not_original(config: OmniGenConfig, codec) -> None:  # noqa: ANN001 - a LatentCodec
+def _warn_if_not_original(config: OmniGenConfig, codec) -> None:  # a LatentCodec
     differ = {k: getattr(config, k) for k, v in ORIGINAL_GEOMETRY.items() if getattr(config, k) != v}
     if not hasattr(codec, "vae"):
         differ["codec"] = type(codec).__name__

@@ -31,7 +31,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module names
 
 
-def _peft():  # noqa: ANN202
+def _peft():
     try:
         import peft
     except ImportError as err:
@@ -52,7 +52,7 @@ def has_lora(model: torch.nn.Module) -> bool:
     return bool(lora_layers(model))
 
 
-def lora_config(model: torch.nn.Module):  # noqa: ANN201 - peft.LoraConfig
+def lora_config(model: torch.nn.Module):  # peft.LoraConfig
     """The LoraConfig of the injected adapter."""
     configs = getattr(model, "peft_config", None)
     if not has_lora(model) or not configs or ADAPTER_NAME not in configs:
@@ -66,7 +66,7 @@ def add_lora(
     alpha: float,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     dropout: float = 0.0,
-):  # noqa: ANN201 - peft.LoraConfig
+):  # peft.LoraConfig
     """Inject a fresh adapter (A random, B zero: the model's output is unchanged) and freeze the base.
 
     ``target_modules``: projection names (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``);
@@ -88,7 +88,7 @@ def add_lora(
     return config
 
 
-def _inject(model: torch.nn.Module, config) -> None:  # noqa: ANN001
+def _inject(model: torch.nn.Module, config) -> None:
     if has_lora(model):
         raise ValueError("the model already has a LoRA adapter; call unload_lora first")
     names = [name for name, _ in model.named_modules()]
@@ -138,7 +138,7 @@ def save_lora(
     return folder
 
 
-def read_adapter(folder: str | Path):  # noqa: ANN201 - (peft.LoraConfig, dict)
+def read_adapter(folder: str | Path):  # (peft.LoraConfig, dict)
     """The LoraConfig and the tensors (module names, no ``base_model.model.`` prefix) of a saved adapter."""
     peft = _peft()
     folder = Path(folder)
@@ -156,7 +156,7 @@ def read_adapter(folder: str | Path):  # noqa: ANN201 - (peft.LoraConfig, dict)
     }
 
 
-def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0):  # noqa: ANN201
+def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0):
     """Inject the adapter saved in ``folder`` and load its weights; every tensor must find its place.
 
     ``scale`` multiplies the adapter's contribution (1.0: as trained). Returns its LoraConfig.

@@ -108,7 +108,7 @@ class OmniGenPipeline:
         return cls(model, codec.to(device), tokenizer, GenerationConfig.load(layout.root), device)
 
     # ------------------------------------------------------------------ inputs
-    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:  # noqa: ANN001
+    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:
         if isinstance(prompt, str):
             prompts = [prompt]
             if input_images is not None and not isinstance(input_images, (list, tuple)):

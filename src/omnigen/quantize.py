@@ -84,7 +84,7 @@ def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
 def _torchao_available() -> bool:
     try:
         import torchao.quantization  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install (e.g. a torch mismatch) means "not available"
+    except Exception:  # a broken install (e.g. a torch mismatch) means "not available"
         return False
     return True
 

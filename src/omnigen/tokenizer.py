@@ -68,7 +68,7 @@ def named_special_tokens(config: dict) -> list[str]:
     return [name for name in dict.fromkeys(names) if name]
 
 
-def apply_tokenizer_config(backend, config: dict) -> None:  # noqa: ANN001 - tokenizers.Tokenizer
+def apply_tokenizer_config(backend, config: dict) -> None:  # tokenizers.Tokenizer
     """Apply tokenizer_config.json's added-token flags and bos/eos post-processor to ``backend`` in place,
     as transformers 4.x's fast tokenizers do (see the module docstring)."""
     from tokenizers import AddedToken, processors
@@ -99,7 +99,7 @@ def apply_tokenizer_config(backend, config: dict) -> None:  # noqa: ANN001 - tok
     )
 
 
-def _end_token(backend, config: dict, key: str, default: str) -> list[tuple[str, int]]:  # noqa: ANN001
+def _end_token(backend, config: dict, key: str, default: str) -> list[tuple[str, int]]:
     token = _content(config.get(key)) or default
     token_id = backend.token_to_id(token)
     if token_id is None:
@@ -114,7 +114,7 @@ class Tokenizer:
 
     def __init__(
         self,
-        backend,  # noqa: ANN001 - tokenizers.Tokenizer, imported lazily
+        backend,  # tokenizers.Tokenizer, imported lazily
         bos_token: str = "<s>",
         unk_token: str | None = None,
         sidecars: dict[str, str] | None = None,
@@ -166,7 +166,7 @@ class Tokenizer:
             self._warn_unknown(text, encoding)
         return encoding.ids
 
-    def _warn_unknown(self, text: str, encoding) -> None:  # noqa: ANN001 - tokenizers.Encoding
+    def _warn_unknown(self, text: str, encoding) -> None:  # tokenizers.Encoding
         words = [
             text[start:end]
             for token_id, (start, end), special in zip(

@@ -53,7 +53,7 @@ class IdentityCodec:
 
 
 class AutoencoderKLCodec:
-    def __init__(self, vae) -> None:  # noqa: ANN001 - diffusers.AutoencoderKL, imported lazily
+    def __init__(self, vae) -> None:  # diffusers.AutoencoderKL, imported lazily
         self.vae = vae.eval().requires_grad_(False)
         config = vae.config
         self.scaling = float(config.scaling_factor)
@@ -73,7 +73,7 @@ class AutoencoderKLCodec:
         return x.to(self.device, self.dtype).contiguous(memory_format=self.memory_format)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> AutoencoderKLCodec:  # noqa: ANN003
+    def from_pretrained(cls, path: str | Path, **kwargs) -> AutoencoderKLCodec:
         try:
             from diffusers import AutoencoderKL
         except ImportError as err:

@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):  # noqa: ANN001, ANN003, ANN201
+def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
     """Load the pipeline of ``args`` on this rank's device and run ``requests`` into ``out`` (every rank);
     shared by ``omnigen batch`` and the ``omnigen eval`` generators. Returns this rank's BatchReport."""
     from omnigen.batch.runner import run_batch

@@ -142,7 +142,7 @@ def _generate(args: argparse.Namespace, requests: list, out: Path, **kwargs: Any
 
 
 def _print(text: str) -> None:
-    print(text, flush=True)  # noqa: T201 - the CLI's output
+    print(text, flush=True)  # the CLI's output
 
 
 def _run_miniworld(args: argparse.Namespace) -> int:
@@ -213,7 +213,7 @@ def _run_geneval_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scorers(args: argparse.Namespace):  # noqa: ANN202
+def _scorers(args: argparse.Namespace):
     from omnigen.eval.metrics import ClipFeatures, DinoFeatures
 
     device = args.device or "cpu"

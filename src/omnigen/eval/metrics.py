@@ -26,7 +26,7 @@ CANNY_LOW, CANNY_HIGH = 100, 200  # the benchmark's OpenCV thresholds
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
-def _transformers():  # noqa: ANN202
+def _transformers():
     try:
         import transformers
     except ImportError as err:

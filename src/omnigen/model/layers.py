@@ -76,7 +76,7 @@ class RotaryEmbedding(nn.Module):
         for name, value in self._tables().items():
             setattr(self, name, value.to(device))
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
         """Module casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``) move the tables but keep them fp32.
 
         The frequencies must stay fp32 whatever the weights' dtype: in bf16, ``base_freq`` alone is off by

@@ -63,7 +63,7 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
     worker = Worker(pipeline, settings.queue_size)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):  # noqa: ANN202
+    async def lifespan(_app: FastAPI):
         worker.start()
         try:
             yield

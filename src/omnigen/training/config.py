@@ -7,6 +7,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omnigen.typecheck import check_fields, load_yaml
+
 if TYPE_CHECKING:
     from omnigen.config import OmniGenConfig
     from omnigen.training.loss import LossSettings
@@ -23,11 +25,60 @@ class Stage:
     lr: float
 
     def __post_init__(self) -> None:
+        check_fields(self, prefix="stage ")
         for name in ("resolution", "steps", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"stage {name} must be a positive int, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"stage lr must be positive, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """``lora:`` of a run: LoRA adapters instead of a full fine-tune (``omnigen.lora.add_lora``)."""
+
+    rank: int
+    alpha: float | None = None  # the scale is alpha / rank; None: alpha = rank (scale 1)
+    target_modules: tuple[str, ...] = field(default_factory=lambda: _default_lora_targets())
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        check_fields(self, prefix="lora.")
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", self.rank)
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must be a non-empty list of names, got []")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LoraSettings:
+        if isinstance(data, LoraSettings):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}}, got {data!r}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown lora keys {unknown}; allowed: {allowed}")
+        if "rank" not in data:
+            raise ValueError("lora needs `rank` (a positive int)")
+        return cls(**data)
+
+    def arguments(self) -> dict[str, Any]:
+        """``omnigen.lora.add_lora`` keyword arguments."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "target_modules": self.target_modules,
+            "dropout": self.dropout,
+        }
 
 
 @dataclass(frozen=True)
@@ -113,9 +164,12 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
     distributed: str = field(default="ddp", metadata={"help": "'ddp' or 'fsdp' under torchrun"})
-    lora: dict | None = field(
+    lora: LoraSettings | None = field(
         default=None,
-        metadata={"help": "LoRA instead of a full fine-tune: {rank, alpha, target_modules, dropout}"},
+        metadata={
+            "help": "LoRA instead of a full fine-tune: {rank, alpha (default rank), target_modules (default "
+            "the attention and MLP projections), dropout (default 0)}"
+        },
     )
     val_data: list[str] | None = field(
         default=None,
@@ -131,6 +185,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         choices = {
             "on_bad_row": ("error", "skip"),
             "check_images": ("verify", "exists"),
@@ -150,8 +205,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.model and not self.init_from:
             raise ValueError("give either `model` (a new model's config) or `init_from` (a model folder)")
-        if self.lora is not None:
-            check_lora(self.lora)
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise ValueError(
+                f"lora must be LoraSettings (from_dict builds it from a mapping), got {self.lora!r}"
+            )
         for name in ("edit_weight", "foreground_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -167,14 +224,10 @@ class TrainConfig:
             if not self.init_from:
                 raise ValueError("grow_intermediate widens a trained model: it needs `init_from`")
             _check_int("grow_intermediate", self.grow_intermediate, 1)
-        if not isinstance(self.keep_raw_resolution, bool):
-            raise ValueError(f"keep_raw_resolution must be true or false, got {self.keep_raw_resolution!r}")
         from omnigen.generation import GenerationConfig
 
         GenerationConfig.from_dict(self.generation, "generation")  # a bad key or value fails at load
-        if self.latent_cache is not None and (
-            not isinstance(self.latent_cache, str) or not self.latent_cache
-        ):
+        if self.latent_cache is not None and not self.latent_cache:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def loss_settings(self) -> LossSettings:
@@ -188,19 +241,6 @@ class TrainConfig:
             self.foreground_threshold,
             self.foreground_dilate,
         )
-
-    def lora_arguments(self) -> dict[str, Any] | None:
-        """``omnigen.lora.add_lora`` keyword arguments (alpha defaults to rank), or None."""
-        if self.lora is None:
-            return None
-        from omnigen.lora import DEFAULT_TARGET_MODULES
-
-        return {
-            "rank": self.lora["rank"],
-            "alpha": self.lora.get("alpha", self.lora["rank"]),
-            "target_modules": tuple(self.lora.get("target_modules", DEFAULT_TARGET_MODULES)),
-            "dropout": self.lora.get("dropout", 0.0),
-        }
 
     def model_config(self) -> OmniGenConfig:
         """The trained model's architecture: ``init_from``'s config (the model the trainer loads; with
@@ -250,6 +290,27 @@ class TrainConfig:
 
         return str(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
 
+    def check_paths(self) -> None:
+        """ValueError if a ``data``, ``val_data`` or ``tokenizer`` file (or glob) is not there, saying how
+        to make it; called before a run starts, so a missing data set fails before any model is built."""
+        import glob
+
+        named = [("data", p) for p in self.data] + [("val_data", p) for p in self.val_data or []]
+        if self.tokenizer is not None:
+            named.append(("tokenizer", self.tokenizer))
+        for name, path in named:
+            if glob.has_magic(path) and any(Path(m).is_file() for m in glob.glob(path, recursive=True)):
+                continue
+            if not glob.has_magic(path) and Path(path).is_file():
+                continue
+            folder = Path(path).parent if not glob.has_magic(path) else Path(path.split("*")[0]).parent
+            split = " --split heldout" if name == "val_data" else ""
+            raise ValueError(
+                f"{name}: {path} does not exist. Make the data set first, e.g. the miniature world: "
+                f"`omnigen data miniworld --out {folder} --n N{split}` (it writes SPLIT.jsonl, its images and "
+                "tokenizer.json there); the comment at the top of the shipped configs gives their commands"
+            )
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
@@ -279,6 +340,8 @@ class TrainConfig:
                 )
             stages.append(Stage(**stage))
         values["stages"] = stages
+        if values.get("lora") is not None:
+            values["lora"] = LoraSettings.from_dict(values["lora"])
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
@@ -286,8 +349,6 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """YAML (.yaml/.yml) or TOML (.toml); ``overrides`` are ``key=value`` with JSON/YAML values."""
-        import yaml
-
         path = Path(path)
         text = path.read_text()
         if path.suffix == ".toml":
@@ -295,7 +356,7 @@ class TrainConfig:
 
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         else:
             raise ValueError(f"config file must end in .yaml, .yml or .toml, got {path.name}")
         if not isinstance(data, dict):
@@ -304,34 +365,11 @@ class TrainConfig:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"override {item!r} must look like key=value")
-            data[key.strip()] = yaml.safe_load(value)
+            data[key.strip()] = load_yaml(value)
         return cls.from_dict(data)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
-
-
-LORA_KEYS = ("rank", "alpha", "target_modules", "dropout")
-
-
-def check_lora(lora: Any) -> None:
-    if not isinstance(lora, dict):
-        raise ValueError(f"lora must be a mapping {{rank, alpha, target_modules, dropout}}, got {lora!r}")
-    unknown = sorted(set(lora) - set(LORA_KEYS))
-    if unknown:
-        raise ValueError(f"unknown lora keys {unknown}; allowed: {list(LORA_KEYS)}")
-    rank = lora.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora.rank must be a positive int, got {rank!r}")
-    alpha = lora.get("alpha", rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"lora.alpha must be a positive number, got {alpha!r}")
-    dropout = lora.get("dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"lora.dropout must be in [0, 1), got {dropout!r}")
-    targets = lora.get("target_modules", ["qkv_proj"])
-    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"lora.target_modules must be a non-empty list of names, got {targets!r}")
 
 
 def describe_fields() -> str:
@@ -345,6 +383,12 @@ def describe_fields() -> str:
         )
         lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
     return "\n".join(lines)
+
+
+def _default_lora_targets() -> tuple[str, ...]:
+    from omnigen.lora import DEFAULT_TARGET_MODULES
+
+    return DEFAULT_TARGET_MODULES
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

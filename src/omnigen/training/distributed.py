@@ -82,7 +82,7 @@ def wrap(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return model
 
 
-def gradient_sync(train_model: torch.nn.Module, runtime: Runtime, enabled: bool):  # noqa: ANN201
+def gradient_sync(train_model: torch.nn.Module, runtime: Runtime, enabled: bool):
     """A context in which backward does (enabled) or does not (accumulating) reduce gradients."""
     if runtime.kind == "ddp" and not enabled:
         return train_model.no_sync()
@@ -140,7 +140,25 @@ def load_model(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """Every rank passes the full state (keyed by parameter name); each keeps its shard.
+
+    A parameter that never had a gradient has no AdamW state (e.g. ``input_x_embedder`` in a
+    text-to-image-only run): it must be listed in the saved param groups, and it stays without state,
+    as in a run that did not stop, so a later first gradient starts its moments at step 1 in both."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name for group in state["param_groups"] for name in group["params"]}
+    if all(isinstance(name, str) for name in saved) and names != saved:
+        missing, unexpected = sorted(names - saved), sorted(saved - names)
+        raise ValueError(
+            f"optimizer state does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    stateless = names - set(state["state"])
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+    if stateless:
+        by_name = dict(model.named_parameters())
+        for name in stateless:  # set_optimizer_state_dict gave them zero moments at step 1
+            optimizer.state.pop(by_name[name], None)
 
 
 @torch.no_grad()

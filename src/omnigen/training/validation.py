@@ -23,7 +23,7 @@ VAL_SEED_OFFSET = 7919  # the draws differ from the training seed's
 
 
 class Validator:
-    def __init__(self, config, train_builder: BatchBuilder, runtime: distributed.Runtime) -> None:  # noqa: ANN001
+    def __init__(self, config, train_builder: BatchBuilder, runtime: distributed.Runtime) -> None:
         samples = read_x2i(
             config.val_data,
             image_root=config.image_root,
