@@ -157,6 +157,94 @@ def test_outputs_equal_single_calls_with_the_recorded_seed(pipeline, tmp_path, i
         assert np.abs(saved.astype(int) - np.asarray(single).astype(int)).max() <= 2, row["file"]
 
 
+def test_masked_requests_keep_every_pixel_outside_their_mask(pipeline, tmp_path, rgb_image):
+    """Masked and unmasked lines in one batch (per-prompt masks as a list); each masked output has its
+    canvas's size and is the input outside the mask, and equals the single masked call."""
+    sources = {"a.png": rgb_image(32, 32, seed=1), "b.png": rgb_image(32, 32, seed=2)}
+    for name, image in sources.items():
+        image.save(tmp_path / name)
+    box = np.zeros((32, 32), dtype=np.uint8)
+    box[8:24, 4:20] = 255
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(box).save(tmp_path / "masks" / "m.png")
+    edit = "make it blue <img><|image_1|></img>"
+    rows = [
+        {"id": "masked", "prompt": edit, "input_images": ["a.png"], "mask": "masks/m.png"},
+        {"id": "plain", "prompt": edit, "input_images": ["b.png"]},
+        {"id": "masked2", "prompt": edit, "input_images": ["b.png"], "mask": "masks/m.png", "seed": 3},
+    ]
+    requests, bad = read_requests(write_jsonl(tmp_path / "r.jsonl", rows))
+    assert not bad and requests[0].mask == str((tmp_path / "masks" / "m.png").resolve())
+    out = tmp_path / "out"
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(pipeline, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs.get("mask"))
+            return pipeline(*args, **kwargs)
+
+    report = run_batch(Recording(), requests, out, batch_size=4, progress=False)
+    assert (report.generated, report.failed) == (3, 0)
+    assert any(isinstance(m, list) and None in m for m in calls), calls  # one batch, masks per prompt
+    keep = box == 0
+    for row in records(out):
+        saved = np.asarray(Image.open(out / row["file"]))
+        source = np.asarray(sources[Path(row["input_images"][0]).name])
+        assert (row["params"]["height"], row["params"]["width"]) == (32, 32)
+        if row["mask"] is None:
+            continue
+        assert np.array_equal(saved[keep], source[keep]), row["id"]
+        assert (saved[~keep] != source[~keep]).any()
+        single = pipeline(
+            row["prompt"],
+            input_images=row["input_images"],
+            mask=row["mask"],
+            seed=row["seed"],
+            progress=False,
+        )[0]
+        assert np.array_equal(saved, np.asarray(single)), row["id"]
+    # a changed mask is regenerated on a rerun
+    Image.fromarray(255 - box).save(tmp_path / "masks" / "m2.png")
+    rows[0]["mask"] = "masks/m2.png"
+    again = run_batch(
+        pipeline, read_requests(write_jsonl(tmp_path / "r.jsonl", rows))[0], out, progress=False
+    )
+    assert (again.already_done, again.generated) == (2, 1)
+    redone = np.asarray(Image.open(out / "masked" / "0.png"))  # a batch of masked rows only
+    assert np.array_equal(redone[box > 0], np.asarray(sources["a.png"])[box > 0])
+
+
+def test_bad_masks_are_bad_lines(pipeline, tmp_path, rgb_image):
+    rgb_image(32, 32).save(tmp_path / "a.png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    Image.new("L", (32, 16), 255).save(tmp_path / "wide.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    edit = {"prompt": "make it blue <img><|image_1|></img>", "input_images": ["a.png"]}
+    rows = [
+        {"id": "noimage", "prompt": "a red circle", "mask": "black.png"},
+        {"id": "missing", **edit, "mask": "nope.png"},
+        {"id": "notastring", **edit, "mask": 3},
+        {"id": "black", **edit, "mask": "black.png"},
+        {"id": "wide", **edit, "mask": "wide.png"},
+        {"id": "junk", **edit, "mask": "junk.png"},
+        {"id": "size", **edit, "mask": "wide.png".replace("wide", "a"), "height": 16},
+    ]
+    requests, bad = read_requests(write_jsonl(tmp_path / "r.jsonl", rows))
+    reasons = [b.reason for b in bad]
+    assert "'mask' needs 'input_images'" in reasons[0] and "mask not found" in reasons[1]
+    assert "'mask' must be a path" in reasons[2] and len(bad) == 3
+    report = run_batch(pipeline, requests, tmp_path / "out", bad_lines=bad, progress=False)
+    assert report.generated == 0
+    late = {b.reason.split("'")[1]: b.reason for b in report.bad_lines[3:]}
+    assert "all black" in late["black"] and "aspect ratios differ" in late["wide"]
+    assert "cannot read mask" in late["junk"] and "the canvas's size 32x32" in late["size"]
+    with pytest.raises(RequestError, match="all black"):
+        run_batch(pipeline, requests[:1], tmp_path / "out2", on_error="fatal", progress=False)
+
+
 def interrupting(pipe, calls: int):
     """A pipeline sharing `pipe`'s model whose call after `calls` calls raises KeyboardInterrupt."""
     from omnigen.pipeline import OmniGenPipeline

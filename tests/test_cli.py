@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -76,3 +77,70 @@ def test_generate_reports_bad_input_without_traceback(model_folder, tmp_path):
     )
     assert proc.returncode == 2
     assert "do not match 0 input image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _generate(model_folder, tmp_path, *extra):
+    return subprocess.run(
+        ["omnigen", "generate", "make it blue <img><|image_1|></img>", "--model", str(model_folder)]
+        + ["-o", str(tmp_path / "out.png"), "--steps", "2", *extra],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_generate_with_a_mask_keeps_the_pixels_outside_it(model_folder, tmp_path, rgb_image):
+    import numpy as np
+
+    source = rgb_image(32, 32, seed=2)
+    source.save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[4:20, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    proc = _generate(
+        model_folder, tmp_path, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")
+    )
+    assert proc.returncode == 0, proc.stderr
+    out, src = np.asarray(Image.open(tmp_path / "out.png")), np.asarray(source)
+    assert out.shape == src.shape
+    assert np.array_equal(out[mask == 0], src[mask == 0])
+    assert (out[mask > 0] != src[mask > 0]).any()
+
+
+def test_generate_outpaint_keeps_the_original(model_folder, tmp_path, rgb_image):
+    import numpy as np
+
+    source = rgb_image(16, 32, seed=3)
+    source.save(tmp_path / "in.png")
+    proc = _generate(model_folder, tmp_path, "--image", str(tmp_path / "in.png"), "--outpaint", "8,8,0,0")
+    assert proc.returncode == 0, proc.stderr
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == (32, 32, 3)
+    assert np.array_equal(out[:, 8:24], np.asarray(source))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_image", "--mask needs an input image"),
+        ("missing", "mask not found"),
+        ("not_an_image", "cannot read mask"),
+        ("black", "all black"),
+        ("aspect", "aspect ratios differ"),
+        ("bad_pads", "LEFT,RIGHT,TOP,BOTTOM"),
+    ],
+)
+def test_generate_bad_mask_is_a_clear_error_before_loading(tmp_path, rgb_image, case, message):
+    rgb_image(32, 32).save(tmp_path / "in.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    Image.new("L", (32, 32), 0).save(tmp_path / "black.png")
+    Image.new("L", (32, 16), 255).save(tmp_path / "wide.png")
+    image = [] if case == "no_image" else ["--image", str(tmp_path / "in.png")]
+    mask = {"missing": "nope.png", "not_an_image": "junk.png", "black": "black.png", "aspect": "wide.png"}
+    if case == "bad_pads":
+        extra = ["--outpaint", "8,8"]
+    else:
+        extra = ["--mask", str(tmp_path / mask.get(case, "black.png"))]
+    # a model folder that does not exist: the mask must be checked before any model is loaded
+    proc = _generate(tmp_path / "no-model", tmp_path, *image, *extra)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

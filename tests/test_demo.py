@@ -38,6 +38,7 @@ def ui_values(pipe, **changes):
         sampler="euler",
         time_shift=None,
         step_cache_threshold=0.0,
+        mask_blur=0.0,
         vae_tiling=False,
     )
     values.update(changes)
@@ -87,7 +88,9 @@ def test_build_demo_without_launching(pipeline):
     assert {"Randomize seed", "Sampler", "Negative prompt"} <= labels
     # the memory modes are `omnigen demo` flags, chosen for every user, not controls
     assert not {"KV cache", "Offload KV cache to CPU", "Offload model to CPU"} & labels
-    assert sum(1 for c in config["components"] if c["type"] == "image") == MAX_INPUT_IMAGES + 1
+    assert sum(1 for c in config["components"] if c["type"] == "image") == MAX_INPUT_IMAGES
+    assert by_id["omnigen-image-1"]["type"] == "imageeditor"  # the brush paints a mask on image 1
+    assert "Mask blur" in labels
     height = next(c for c in config["components"] if c["props"].get("label") == "Height")["props"]
     assert (height["value"], height["step"]) == (
         pipeline.defaults.height,
@@ -274,3 +277,60 @@ def test_omnigen_demo_command_serves_the_page(model_folder, tmp_path):
         process.terminate()
         process.wait(10)
         log.close()
+
+
+def editor_value(image, box=None, size=None):
+    """What image 1's editor sends: the background and one RGBA layer, transparent but for `box`."""
+    from PIL import Image
+
+    layer = Image.new("RGBA", size or image.size, (0, 0, 0, 0))
+    if box is not None:
+        layer.paste((255, 255, 255, 255), box)
+    return {"background": image.convert("RGBA"), "layers": [layer], "composite": image.convert("RGBA")}
+
+
+def test_brush_mask_keeps_every_pixel_outside_it(pipeline, rgb_image):
+    import numpy as np
+
+    source = rgb_image(32, 32, seed=5)
+    box = (6, 4, 22, 18)
+    values = ui_values(
+        pipeline, prompt="make it blue <img><|image_1|></img>", image_1=editor_value(source, box), height=16.0
+    )
+    kwargs = demo_module.pipeline_arguments(values)
+    assert "height" not in kwargs and kwargs["mask"].mode == "L"  # the output is the canvas
+    result = demo_module.run_generation(pipeline, values)
+    out, src = np.asarray(result.image), np.asarray(source)
+    keep = np.ones((32, 32), dtype=bool)
+    keep[box[1] : box[3], box[0] : box[2]] = False
+    assert result.image.size == (32, 32)
+    assert np.array_equal(out[keep], src[keep]) and (out[~keep] != src[~keep]).any()
+    (direct,) = pipeline(
+        "make it blue <img><|image_1|></img>", [source], mask=kwargs["mask"], seed=7, progress=False
+    )
+    assert result.image.tobytes() == direct.tobytes()
+    # the blur control reaches the pipeline: a feathered seam changes pixels just outside the box
+    blurred = demo_module.run_generation(pipeline, {**values, "mask_blur": 3.0})
+    assert (np.asarray(blurred.image)[keep] != src[keep]).any()
+    # nothing painted: today's unmasked edit
+    plain = demo_module.run_generation(pipeline, {**values, "image_1": editor_value(source), "height": 32.0})
+    (unmasked,) = pipeline("make it blue <img><|image_1|></img>", [source], seed=7, progress=False)
+    assert plain.image.tobytes() == unmasked.tobytes()
+
+
+def test_bad_brush_masks_give_clear_messages(pipeline, rgb_image):
+    source = rgb_image(32, 32, seed=5)
+    values = ui_values(pipeline, prompt="make it blue <img><|image_1|></img>")
+    wide = editor_value(source, (0, 0, 8, 8), size=(32, 16))
+    with pytest.raises(ValueError, match="aspect ratios differ"):
+        demo_module.run_generation(pipeline, {**values, "image_1": wide})
+    with pytest.raises(ValueError, match="mask_blur must be an int >= 0"):
+        demo_module.run_generation(
+            pipeline, {**values, "image_1": editor_value(source, (0, 0, 8, 8)), "mask_blur": -1.0}
+        )
+    demo = demo_module.build_demo(pipeline, examples=[])
+    (fn,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    names = {block: demo_module.control_name(block.elem_id) for block in fn.inputs}
+    inputs = {block: {**values, "image_1": wide}[name] for block, name in names.items()}
+    with pytest.raises(gr.Error, match="aspect ratios differ"):
+        fn.fn(inputs, progress=lambda *a, **k: None)

@@ -1,7 +1,7 @@
 """The demo in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
 
-Loads the page, picks an example, generates, checks the output image and the seed shown, and checks
-that a bad input shows its message. OMNIGEN_SCREENSHOTS=1 saves screenshots to docs/screenshots/;
+Loads the page, picks an example, generates, checks the output image and the seed shown, paints a mask
+on image 1 and checks that only the painted pixels change, and checks that a bad input shows its message. OMNIGEN_SCREENSHOTS=1 saves screenshots to docs/screenshots/;
 OMNIGEN_DEMO_MODEL=default uses the shipped model instead of the tiny test model.
 """
 
@@ -122,14 +122,22 @@ def _set_number(page, elem_id: str, value: int) -> None:
     box.press("Enter")
 
 
+def _wait_for_example(page) -> None:
+    """After an example's click: its prompt is in the box and its image on image 1's editor (a canvas)."""
+    prompt = page.locator("#omnigen-prompt textarea")
+    sync_api.expect(prompt).not_to_have_value("", timeout=TIMEOUT_MS)
+    page.wait_for_selector("#omnigen-image-1 canvas")
+    page.wait_for_timeout(1000)  # the editor draws the background image asynchronously
+
+
 def test_example_generates_an_image_of_the_requested_size(page, demo_pipeline):
     from PIL import Image
 
     d, multiple = demo_pipeline.defaults, demo_pipeline.model.config.image_multiple
     width, height, steps = d.width - multiple, d.height, 20
     page.get_by_text("editing: recolour", exact=True).click()
-    page.wait_for_selector("#omnigen-image-1 img")
-    assert "make the" in page.locator("#omnigen-prompt textarea").input_value()
+    _wait_for_example(page)
+    assert "turn the orange circle green" in page.locator("#omnigen-prompt textarea").input_value()
     _set_number(page, "omnigen-width", width)
     _set_number(page, "omnigen-num-inference-steps", steps)
     _set_number(page, "omnigen-seed", 1234)
@@ -176,3 +184,30 @@ def test_bad_input_shows_its_message(page):
     _shoot(page, "demo_error", full_page=False)  # the toast is fixed-position
     assert "Traceback" not in page.content()
     assert page.locator("#omnigen-output img").count() == 0
+
+
+def test_brush_on_image_1_regenerates_only_the_painted_pixels(page):
+    import numpy as np
+    from PIL import Image
+
+    from omnigen.demo_examples import default_examples_dir
+
+    page.get_by_text("editing: recolour", exact=True).click()
+    _wait_for_example(page)
+    canvas = page.locator("#omnigen-image-1 canvas").first
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 5, y + 3, steps=5)  # a short stroke of the brush
+    page.mouse.up()
+    _shoot(page, "demo_mask", full_page=False)
+    page.locator("#omnigen-generate").click()
+    output = page.locator("#omnigen-output img").first
+    output.wait_for()
+    got = Image.open(io.BytesIO(page.request.get(output.get_attribute("src")).body())).convert("RGB")
+    source = Image.open(default_examples_dir() / "02_edit_recolour_1.png").convert("RGB")
+    assert got.size == source.size  # a masked edit keeps the canvas's size
+    same = (np.asarray(got) == np.asarray(source)).all(-1)
+    assert 0 < (~same).sum() < same.size // 4, f"{(~same).sum()} of {same.size} pixels changed"
+    assert same[:3].all() and same[-3:].all(), "pixels far from the stroke changed"

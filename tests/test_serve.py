@@ -237,6 +237,67 @@ def test_bad_inputs_are_rejected_with_a_named_error(
     assert stats["jobs"]["accepted"] == 0  # rejected before taking a queue slot
 
 
+# ------------------------------------------------------------------------------------------ masks
+
+MASK_PROMPT = "make it blue <img><|image_1|></img>"
+
+
+def box_mask_png(size=(32, 32), box=(4, 4, 20, 24), mode="L") -> bytes:
+    mask = Image.new(mode, size, 0)
+    mask.paste(255 if mode == "L" else (255, 255, 255, 255), box)
+    return png_bytes(mask)
+
+
+@pytest.mark.parametrize("transport", ["json", "data_url", "multipart"])
+def test_mask_keeps_every_pixel_outside_it(pipeline, rgb_image, transport):
+    import numpy as np
+
+    source, mask = rgb_image(32, 32, seed=6), box_mask_png()
+    fields = {"prompt": MASK_PROMPT, "seed": 2, "mask_blur": 0, "response_format": "png"}
+    with client_for(pipeline) as client:
+        if transport == "multipart":
+            files = [
+                ("images", ("in.png", png_bytes(source), "image/png")),
+                ("mask", ("m.png", mask, "image/png")),
+            ]
+            response = client.post(URL, data={k: str(v) for k, v in fields.items()}, files=files)
+        else:
+            prefix = "data:image/png;base64," if transport == "data_url" else ""
+            body = {**fields, "images": [b64(png_bytes(source))], "mask": prefix + b64(mask)}
+            response = client.post(URL, json=body)
+    assert response.status_code == 200, response.text
+    out = np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+    keep = np.asarray(Image.open(io.BytesIO(mask))) == 0
+    assert out.shape == (32, 32, 3)
+    assert np.array_equal(out[keep], np.asarray(source)[keep])
+    assert (out[~keep] != np.asarray(source)[~keep]).any()
+    expected = pipeline(MASK_PROMPT, [source], mask=Image.open(io.BytesIO(mask)), seed=2, progress=False)[0]
+    assert out.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        ({"prompt": "make it blue", "images": [], "mask": b64(box_mask_png())}, 400, "invalid_value", "a mask needs an input image"),
+        ({"mask": "%%% not base64"}, 400, "invalid_base64", "mask is not valid base64"),
+        ({"mask": b64(b"not an image")}, 400, "invalid_image", "mask is not a readable image"),
+        ({"mask": b64(box_mask_png(box=(0, 0, 0, 0)))}, 400, "invalid_value", "all black"),
+        ({"mask": b64(box_mask_png(size=(32, 16)))}, 400, "invalid_value", "aspect ratios differ"),
+        ({"mask": b64(box_mask_png()), "height": 16, "width": 16}, 400, "invalid_value", "the canvas's size 32x32"),
+        ({"mask": b64(box_mask_png()), "mask_blur": -1}, 400, "invalid_value", "mask_blur"),
+    ],
+)  # fmt: skip
+def test_bad_masks_are_rejected_before_queueing(pipeline, rgb_image, body, status, code, message):
+    full = {"prompt": MASK_PROMPT, "images": [b64(png_bytes(rgb_image(32, 32)))], **body}
+    with client_for(pipeline) as client:
+        response = client.post(URL, json=full)
+        stats = client.get("/health").json()
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == code and message in error["message"], error
+    assert stats["jobs"]["accepted"] == 0
+
+
 def test_api_key_is_required_everywhere_but_health(pipeline):
     with client_for(pipeline, api_key="s3cret") as client:
         assert client.get("/health").status_code == 200

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import io
 import os
 import socket
@@ -323,16 +322,12 @@ def test_mask_is_refused_by_a_pipeline_without_masked_editing(pipeline, rgb_imag
         stats = http.get("/health").json()
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["param"] == "mask" and "mask not supported yet" in error["message"]
+    assert error["param"] == "mask" and "mask not supported" in error["message"]
     assert stats["jobs"]["accepted"] == 0
 
 
 def test_masked_edit_keeps_the_opaque_pixels(pipeline, rgb_image):
-    """Through the real pipeline once it has masked editing (omnigen.inpaint): the opaque half is kept."""
-    if "mask" not in inspect.signature(pipeline).parameters:
-        pytest.skip(
-            "masked editing (omnigen.inpaint) is not in OmniGenPipeline yet; the route refuses a mask"
-        )
+    """Through the real pipeline (omnigen.inpaint): the opaque half is kept exactly."""
     source = rgb_image(32, 32, seed=4)
     with TestClient(create_app(pipeline, ServeSettings())) as http:
         data = {"prompt": "make it blue", "seed": "1", "response_format": "png"}
@@ -391,3 +386,16 @@ def test_failures_are_server_errors_in_openai_shape(pipeline):
         "code": "generation_failed",
     }
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_fully_opaque_or_misshapen_edit_mask_is_a_400(pipeline, rgb_image):
+    opaque = png_bytes(Image.new("RGBA", (32, 32), (0, 0, 0, 255)))  # nothing transparent: nothing to edit
+    with TestClient(create_app(pipeline, ServeSettings())) as http:
+        black = http.post(EDITS, data={"prompt": "make it blue"}, files=edit_parts(rgb_image, opaque))
+        wide = http.post(
+            EDITS, data={"prompt": "make it blue"}, files=edit_parts(rgb_image, rgba_mask(32, 16))
+        )
+        stats = http.get("/health").json()
+    assert black.status_code == 400 and "all black" in black.json()["error"]["message"]
+    assert wide.status_code == 400 and "aspect ratios differ" in wide.json()["error"]["message"]
+    assert black.json()["error"]["param"] == "mask" and stats["jobs"]["accepted"] == 0

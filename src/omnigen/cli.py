@@ -25,6 +25,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="output image path: .png, .jpg, .webp, ... (default: output.png)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed; image k uses seed + k (default: 0)")
+    p.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpainting mask for the first --image (white = regenerate, black = keep); the output has "
+        "that image's size and every pixel outside the mask is kept exactly",
+    )
+    p.add_argument(
+        "--outpaint",
+        metavar="L,R,T,B",
+        help="pad the first --image by LEFT,RIGHT,TOP,BOTTOM pixels and generate only the padding",
+    )
     add_model_args(p, device_default="cpu")
     add_generation_args(p, skip=("seed",))
     p.set_defaults(func=_run_generate)
@@ -58,13 +69,46 @@ def check_output_path(output: str, count: int = 1) -> list[Path]:
     return paths
 
 
+def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tuple[int, ...] | None:
+    """``--mask`` / ``--outpaint`` checked before the model loads; the outpaint padding (L, R, T, B)."""
+    if mask is None and pads is None:
+        return None
+    option = "--mask" if mask is not None else "--outpaint"
+    if mask is not None and pads is not None:
+        raise ValueError("give --mask or --outpaint, not both (--outpaint makes its own mask)")
+    if not images:
+        raise ValueError(f"{option} needs an input image (--image PATH): it applies to the first one")
+    if pads is not None:
+        parts = pads.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"--outpaint {pads!r}: give LEFT,RIGHT,TOP,BOTTOM pixels, e.g. 0,8,0,0")
+        return tuple(int(p) for p in parts)
+    from omnigen.inpaint import check_aspect, load_mask
+    from omnigen.processor import load_image
+
+    loaded = load_mask(mask)
+    check_aspect(loaded.size, load_image(images[0]).size)
+    if loaded.getextrema()[1] == 0:
+        raise ValueError(
+            f"--mask {mask}: the mask is all black: nothing to edit (white marks what to regenerate)"
+        )
+    return None
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from omnigen.cli_args import generation_overrides, load_pipeline
 
     overrides = generation_overrides(args) | {"seed": args.seed}
     paths = check_output_path(args.output, overrides.get("num_images_per_prompt", 1))
+    pads = check_mask_args(args.mask, args.outpaint, args.image)
     pipe = load_pipeline(args)
-    images = pipe(args.prompt, input_images=args.image or None, **overrides)
+    inputs, mask = list(args.image), args.mask
+    if pads is not None:
+        from omnigen.inpaint import outpaint
+
+        multiple = pipe.model.config.image_multiple
+        inputs[0], mask = outpaint(inputs[0], *pads, multiple=multiple)
+    images = pipe(args.prompt, input_images=inputs or None, mask=mask, **overrides)
     for path, image in zip(paths, images, strict=True):
         image.save(path)
         logger.info("wrote %s (%dx%d, seed %s)", path, image.width, image.height, image.info.get("seed"))

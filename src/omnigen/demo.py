@@ -2,7 +2,7 @@
 
 This module owns the demo's controls (those of the original OmniGen app: prompt with image tags, three
 image slots, then one control per request field of ``GenerationConfig``; the memory modes are
-``omnigen demo`` flags), turning their values
+``omnigen demo`` flags; a brush on image 1 paints a mask, ``omnigen.inpaint``), turning their values
 into one pipeline call (``run_generation``, testable without gradio), the live progress bar and the
 clickable example gallery. Gradio is imported only inside the functions that need it, and nothing is
 loaded or launched at import: the CLI builds the pipeline and launches the Blocks.
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from omnigen import generation
 from omnigen.checks import check_float, check_int
@@ -72,12 +72,29 @@ class DemoResult:
         return f"Seed used: {self.seed} · {self.image.width}x{self.image.height} px · {self.seconds:.1f} s"
 
 
+def brush_mask(value: Any) -> Image.Image | None:
+    """The strokes painted on image 1 (the layers of its editor, RGBA on a transparent background) as an
+    'L' mask: painted = regenerate, untouched = keep exactly. None when nothing is painted."""
+    if not isinstance(value, Mapping):
+        return None
+    layers = [layer for layer in value.get("layers") or [] if isinstance(layer, Image.Image)]
+    if not layers:
+        return None
+    alpha = layers[0].convert("RGBA").getchannel("A")
+    for layer in layers[1:]:
+        alpha = ImageChops.lighter(alpha, layer.convert("RGBA").getchannel("A"))
+    return alpha if alpha.getextrema()[1] > 0 else None
+
+
 def collect_images(values: Mapping[str, Any]) -> list[Image.Image]:
-    """The filled image slots in order; a filled slot after an empty one is an error (tags would shift)."""
+    """The filled image slots in order; a filled slot after an empty one is an error (tags would shift).
+    Image 1 may be its editor's value (a dict): its background is the image."""
     images: list[Image.Image] = []
     empty: str | None = None
     for slot in IMAGE_SLOTS:
         image = values.get(slot)
+        if isinstance(image, Mapping):
+            image = image.get("background")
         if image is None:
             empty = empty or slot
             continue
@@ -97,7 +114,6 @@ def collect_images(values: Mapping[str, Any]) -> list[Image.Image]:
 NOT_CONTROLS = {
     "seed": "its own Seed box with 'Randomize seed'",
     "num_images_per_prompt": "the demo shows one image",
-    "mask_blur": "the demo has no mask input",
     "preset": "its sampler and steps controls always send their values, which win over a preset",
 }
 # The UI ranges of the sliders (the allowed ranges are GenerationConfig's): (low, high, step).
@@ -106,6 +122,7 @@ SLIDERS = {
     "img_guidance_scale": (1.0, 2.0, 0.1),
     "num_inference_steps": (1, 100, 1),
     "step_cache_threshold": (0.0, 0.5, 0.01),
+    "mask_blur": (0, 16, 1),
 }
 SIDES = ("height", "width", "max_input_image_size")
 
@@ -148,6 +165,9 @@ def pipeline_arguments(values: Mapping[str, Any]) -> dict[str, Any]:
     kwargs = {name: _value(name, values.get(name)) for name in control_fields() if name in values}
     if "negative_prompt" in kwargs:
         kwargs["negative_prompt"] = kwargs["negative_prompt"] or ""
+    mask = brush_mask(values.get(IMAGE_SLOTS[0]))
+    if mask is not None:  # the output is image 1's canvas: the size sliders do not apply
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")} | {"mask": mask}
     return dict(prompt=prompt.strip(), input_images=images or None, seed=seed, **kwargs)
 
 
@@ -205,13 +225,18 @@ def _controls(gr: Any, pipe: OmniGenPipeline) -> dict[str, Any]:
     )
     with gr.Row():
         for k, slot in enumerate(IMAGE_SLOTS, start=1):
-            c[slot] = gr.Image(
-                label=f"<img><|image_{k}|></img>",
-                type="pil",
-                format="png",
-                sources=["upload", "clipboard"],
-                height=200,
-                elem_id=_elem_id(slot),
+            common = dict(type="pil", format="png", sources=["upload", "clipboard"], elem_id=_elem_id(slot))
+            if k > 1:
+                c[slot] = gr.Image(label=f"<img><|image_{k}|></img>", height=200, **common)
+                continue
+            c[slot] = gr.ImageMask(  # paint to regenerate only there (every other pixel is kept exactly)
+                label="<img><|image_1|></img> (brush: edit only there)",
+                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed", default_size=2),  # its alpha is read
+                layers=False,
+                transforms=(),
+                height=260,
+                scale=2,
+                **common,
             )
     main = ("height", "width", "guidance_scale", "img_guidance_scale", "num_inference_steps")
     for name in main:

@@ -75,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "batch",
         help="generate every request of a JSONL file (resumable; torchrun for several processes)",
         description=(
-            "One JSON object per line: prompt, input_images, id, n, seed, meta and any generation parameter "
+            "One JSON object per line: prompt, input_images, mask, id, n, seed, meta and any generation parameter "
             f"({', '.join(PARAMETERS)}). Writes DIR/<id>/<k>.png and DIR/results.jsonl. "
             "A rerun skips finished images. Launch with torchrun --nproc_per_node N -m omnigen batch ..."
         ),

@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image
 
 from omnigen.batch.requests import PARAMETERS, Request
+from omnigen.inpaint import check_output_size, prepare_canvas_mask
 from omnigen.processor import load_image, resize_and_crop
 
 
@@ -30,6 +31,17 @@ def resolve_params(pipe: Any, request: Request, max_condition_tokens: int | None
         params["height"], params["width"] = height, width
     else:
         config.check_image_size(params["height"], params["width"], "output")
+    if request.mask is not None:  # the output is the canvas: its size joins the parameter group's key
+        canvas = prepare_canvas_mask(
+            request.mask,
+            request.input_images[0],
+            cfg.mask_blur,
+            cfg.max_input_image_size,
+            config.image_multiple,
+        )
+        if not cfg.use_input_image_size_as_output:
+            check_output_size([canvas], request.params.get("height"), request.params.get("width"))
+        params["height"], params["width"] = canvas.size
     return params
 
 

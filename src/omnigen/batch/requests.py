@@ -6,7 +6,8 @@ beyond an existence check, or write anything.
 A line (blank lines are not requests):
     required  "prompt" (str; input images referenced as <img><|image_k|></img>)
     optional  "id" (str of [A-Za-z0-9._-], default: the line number), "input_images" (list of paths,
-              relative to the JSONL's folder), "n" (samples, default 1), "seed" (int; image k uses
+              relative to the JSONL's folder), "mask" (a path like the images': regenerate the first
+              input image where it is white, keep it exactly where black), "n" (samples, default 1), "seed" (int; image k uses
               seed + k; default: the run's base seed plus the number of images of the requests before
               it, so seeds are consecutive across a file), "meta" (any JSON, copied to the results),
               and every generation parameter of `PARAMETERS`.
@@ -32,7 +33,7 @@ PARAMETERS: tuple[str, ...] = tuple(
     for name in generation.names("request") + generation.names("operator")
     if name not in ("seed", "num_images_per_prompt")
 )
-KEYS = ("id", "prompt", "input_images", "n", "seed", "meta", *PARAMETERS)
+KEYS = ("id", "prompt", "input_images", "mask", "n", "seed", "meta", *PARAMETERS)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -48,6 +49,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     meta: Any = None
     line: int = 0
+    mask: str | None = None  # resolved path of the first input image's mask
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,21 @@ def _parse_line(raw: bytes, number: int, base: Path, default_seed: int, check_fi
         params = {key: generation.param(key).check(repr(key), row[key]) for key in PARAMETERS if key in row}
     except (TypeError, ValueError) as err:
         raise _LineError(str(err)) from None
-    return Request(request_id, prompt, images, n, seed, params, row.get("meta"), number)
+    mask = _mask(row.get("mask"), images, base, check_files)
+    return Request(request_id, prompt, images, n, seed, params, row.get("meta"), number, mask)
+
+
+def _mask(value: Any, images: tuple[str, ...], base: Path, check_files: bool) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _LineError(f"'mask' must be a path (a non-empty string) or null, got {value!r:.80}")
+    if not images:
+        raise _LineError("'mask' needs 'input_images': it applies to the first input image, the canvas")
+    path = str((base / value).resolve())
+    if check_files and not Path(path).is_file():
+        raise _LineError(f"mask not found: {path}")
+    return path
 
 
 def _images(value: Any, base: Path, check_files: bool) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ Layout = Callable[[Request, int], str]
 OnError = Literal["skip", "fatal"]
 MERGED = "results.jsonl"
 ERRORS = "errors.jsonl"
-_COMPARED = ("file", "seed", "prompt", "input_images", "params", "model")
+_COMPARED = ("file", "seed", "prompt", "input_images", "mask", "params", "model")
 
 
 def default_layout(request: Request, k: int) -> str:
@@ -92,6 +92,7 @@ def expected_record(request: Request, k: int, params: dict[str, Any], model: str
         "seed": request.seed + k,
         "prompt": request.prompt,
         "input_images": list(request.input_images),
+        "mask": request.mask,
         "params": params,
         "model": model,
         "meta": request.meta,
@@ -322,9 +323,13 @@ def _run_one(
 def _generate(pipe: Any, requests: Sequence[Request], batch: list[Job], params: dict[str, Any]) -> list:
     prompts = [requests[job.request].prompt for job in batch]
     images = [list(requests[job.request].input_images) for job in batch]
+    masks = [requests[job.request].mask for job in batch]  # one per prompt (None: unmasked)
+    if all(masks):  # the output is each canvas (params hold its size): no explicit size for the model
+        params = {k: v for k, v in params.items() if k not in ("height", "width")}
     outputs = pipe(
         prompts,
         input_images=images if any(images) else None,
+        mask=masks if any(masks) else None,
         seed=batch[0].seed,
         num_images_per_prompt=1,
         progress=False,

@@ -61,6 +61,15 @@ GenerationRequest = create_model(
             default_factory=list, description="JSON: base64 images (data URLs allowed); multipart: file parts"
         ),
     ),
+    mask=(
+        str | None,
+        Field(
+            None,
+            description="base64 PNG (data URL allowed): regenerate the first input image where it is white, "
+            "keep it exactly where black (on /v1/images/edits: OpenAI's convention, transparent = edit; "
+            "multipart: a file part)",
+        ),
+    ),
     model=(str | None, Field(None, description="must name the served model when given")),
     response_format=(
         Literal["b64_json", "png", "url"],
@@ -176,7 +185,9 @@ async def parse_request(
     the base64 strings of ``images``."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     per_image = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
-    body = await read_body(request, settings.max_images * per_image + settings.max_prompt_chars * 4 + 65536)
+    body = await read_body(
+        request, (settings.max_images + 1) * per_image + settings.max_prompt_chars * 4 + 65536
+    )
     if media_type == "application/json":
         try:
             data = json.loads(body)
@@ -200,6 +211,10 @@ async def parse_request(
             f"unsupported content type {media_type or 'none'!r}: send application/json or multipart/form-data"
         )
         raise ApiError(415, "unsupported_media_type", message)
+    if getattr(req, "mask", None) is not None:
+        if "mask" in files:
+            raise ApiError(400, "invalid_value", "field 'mask' given twice", field="mask")
+        files["mask"] = decode_base64(req.mask, "mask", settings)
     images = [decode_image(data, name, settings) for name, data in blobs]
     return ParsedRequest(req, images, files)
 
@@ -266,6 +281,30 @@ def _validate(data: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
         return schema.model_validate(data)
     except ValidationError as err:
         raise _validation_error(err, schema) from err
+
+
+def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
+    """``{"mask": mask}`` for ``kwargs`` (``pipeline_kwargs``'s answer) after the pipeline's own mask checks
+    (an input image, readable, not all black, the canvas's aspect ratio and size), so a bad mask never
+    takes a queue slot; ``{}`` without a mask."""
+    if mask is None:
+        return {}
+    from omnigen.inpaint import check_output_size, prepare_canvas_mask
+
+    images = kwargs.get("input_images") or []
+    if not images:
+        message = "a mask needs an input image: it applies to the first input image, the canvas"
+        raise ApiError(400, "invalid_value", message, field="mask")
+    cfg = pipe.defaults.replace(**{k: v for k, v in kwargs.items() if k not in ("prompt", "input_images")})
+    try:
+        canvas = prepare_canvas_mask(
+            mask, images[0], cfg.mask_blur, cfg.max_input_image_size, pipe.model.config.image_multiple
+        )
+        if not cfg.use_input_image_size_as_output:
+            check_output_size([canvas], kwargs.get("height"), kwargs.get("width"))
+    except (ValueError, TypeError) as err:
+        raise ApiError(400, "invalid_value", str(err), field="mask") from err
+    return {"mask": mask}
 
 
 def pipeline_kwargs(

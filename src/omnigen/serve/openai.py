@@ -29,7 +29,13 @@ from PIL import ImageOps
 from pydantic import BaseModel, Field, create_model
 
 from omnigen.serve.errors import ApiError, ErrorResponse
-from omnigen.serve.inputs import GenerationRequest, decode_image, parse_request, pipeline_kwargs
+from omnigen.serve.inputs import (
+    GenerationRequest,
+    check_mask,
+    decode_image,
+    parse_request,
+    pipeline_kwargs,
+)
 from omnigen.serve.jobs import ClientGone, run_job
 from omnigen.serve.settings import ServeSettings
 from omnigen.serve.worker import GeneratedImage
@@ -131,18 +137,21 @@ def tagged_prompt(prompt: str, count: int) -> str:
     return " ".join(image_tag(k) for k in range(1, count + 1)) + " " + prompt
 
 
-def mask_kwargs(data: bytes | None, pipe: Any, settings: ServeSettings) -> dict[str, Any]:
-    """OpenAI's ``mask`` (fully transparent = edit there) as the pipeline's ``mask`` (white = regenerate)."""
+def request_mask(data: bytes | None, edit: bool, pipe: Any, settings: ServeSettings) -> Any:
+    """The request's ``mask`` as the pipeline's (white = regenerate): on edits OpenAI's (fully transparent =
+    edit there), on generations ours (white = regenerate, black = keep; read by ``omnigen.inpaint``)."""
     if data is None:
-        return {}
+        return None
     if "mask" not in inspect.signature(pipe).parameters:
-        message = "mask not supported yet: this pipeline has no masked editing; send the edit without 'mask'"
+        message = "mask not supported: this pipeline has no masked editing; send the request without 'mask'"
         raise ApiError(400, "unsupported_parameter", message, field="mask")
     image = decode_image(data, "mask", settings, mode=None)
+    if not edit:
+        return image
     if "A" not in image.getbands() and "transparency" not in image.info:
         message = "mask has no alpha channel: its transparent pixels mark where to edit; send an RGBA PNG"
         raise ApiError(400, "invalid_image", message, field="mask")
-    return {"mask": ImageOps.invert(image.convert("RGBA").getchannel("A"))}
+    return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
 def _checked_kwargs(req: Any, images: list, request: Request, edit: bool) -> dict[str, Any]:
@@ -182,12 +191,13 @@ async def _images(request: Request, edit: bool) -> Response:
     settings: ServeSettings = request.app.state.settings
     deadline = time.monotonic() + settings.timeout_s
     fields = EDIT_IMAGE_FIELDS if edit else ("images",)
-    parsed = await parse_request(request, settings, ImagesRequest, fields, ("mask",) if edit else ())
+    parsed = await parse_request(request, settings, ImagesRequest, fields, ("mask",))
     if edit and not parsed.images:
         raise ApiError(400, "missing_required_parameter", "an edit needs at least one 'image'", field="image")
     req = resolve(parsed.req, edit=edit, images=len(parsed.images))
     kwargs = _checked_kwargs(req, parsed.images, request, edit)
-    kwargs.update(mask_kwargs(parsed.files.get("mask"), request.app.state.pipeline, settings))
+    mask = request_mask(parsed.files.get("mask"), edit, request.app.state.pipeline, settings)
+    kwargs.update(check_mask(mask, kwargs, request.app.state.pipeline))
     try:
         results = await run_job(request, kwargs, deadline)
     except ClientGone:
@@ -199,13 +209,13 @@ async def _images(request: Request, edit: bool) -> Response:
 # ------------------------------------------------------------------------------------------ OpenAPI
 
 
-def _form_schema(title: str, images: dict[str, Any], mask: bool) -> dict[str, Any]:
+def _form_schema(title: str, images: dict[str, Any], edit: bool) -> dict[str, Any]:
     schema = json.loads(json.dumps(ImagesRequest.model_json_schema()))
     schema["title"] = title
     del schema["properties"]["images"]
     schema["properties"].update(images)
-    if mask:
-        schema["properties"]["mask"] = {"type": "string", "format": "binary", "description": "RGBA PNG"}
+    what = "RGBA PNG, transparent = edit (OpenAI's convention)" if edit else "PNG, white = regenerate"
+    schema["properties"]["mask"] = {"type": "string", "format": "binary", "description": what}
     return schema
 
 
