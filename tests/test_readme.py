@@ -60,7 +60,7 @@ SUBSTITUTIONS = (
         "omnigen train --config configs/miniworld_v2.yaml ",
         "omnigen train --config configs/miniworld_v2.yaml "
         "'stages=[{{resolution: 16, steps: 2, batch_size: 4, lr: 5.0e-4}}]' val_samples=4 ",
-        "the shipped model's 6,500-step stage: 2 steps",
+        "the shipped model's 9,000-step stage: 2 steps",
     ),
     Substitution(
         "resolution: 512, steps: 2000, batch_size: 4",

@@ -215,18 +215,7 @@ class OmniGenPipeline:
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
-        flat_masks = [m for m in masks for _ in range(per_prompt)]
-        if output_type == "pt":
-            flat = [x if m is None else m.composite(x) for x, m in zip(flat, flat_masks)]
-        if output_type != "pil":
-            return torch.stack(flat)
-        pil = []
-        for k, (pixels, m) in enumerate(zip(flat, flat_masks)):
-            image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
-            image = image if m is None else m.composite_image(image)
-            image.info["seed"] = seed + k
-            pil.append(image)
-        return pil
+        return _assemble(flat, [m for m in masks for _ in range(per_prompt)], output_type, seed)
 
     def condition_tokens(
         self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
@@ -362,3 +351,21 @@ class OmniGenPipeline:
         from omnigen import lora
 
         lora.unload_lora(self.model)
+
+
+def _assemble(
+    flat: list[torch.Tensor], masks: Sequence[CanvasMask | None], output_type: str, seed: int
+) -> list[Image.Image] | torch.Tensor:
+    """The call's outputs (image k, prompt-major): composited with their masks (``inpaint``) and stacked
+    ("pt", "latent") or turned into PIL images carrying their seed."""
+    if output_type == "pt":
+        flat = [x if m is None else m.composite(x) for x, m in zip(flat, masks)]
+    if output_type != "pil":
+        return torch.stack(flat)
+    pil = []
+    for k, (pixels, m) in enumerate(zip(flat, masks)):
+        image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
+        image = image if m is None else m.composite_image(image)
+        image.info["seed"] = seed + k
+        pil.append(image)
+    return pil
