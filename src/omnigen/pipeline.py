@@ -154,28 +154,7 @@ class OmniGenPipeline:
         """
         cfg = self.defaults.replace(**overrides)
         prompts, images = self._normalise(prompt, input_images)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
-            )
-        if cfg.use_input_image_size_as_output and any(len(x) != 1 for x in images):
-            raise ValueError("use_input_image_size_as_output needs exactly one input image per prompt")
-        if not cfg.use_input_image_size_as_output:
-            self.model.config.check_image_size(cfg.height, cfg.width, "output")
-        if cfg.step_cache_threshold is not None:
-            StepCache(cfg.step_cache_threshold, cfg.num_inference_steps)  # validates the threshold
-        plan(cfg.sampler, cfg.num_inference_steps, cfg.time_shift or 1.0)  # validates the schedule
-        seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
-        masks = prepare_masks(
-            mask,
-            images,
-            cfg.mask_blur,
-            cfg.max_input_image_size,
-            self.model.config.image_multiple,
-            not isinstance(prompt, str),
-        )
-        if not cfg.use_input_image_size_as_output:
-            check_output_size(masks, overrides.get("height"), overrides.get("width"))
+        seed, masks = self._check_call(cfg, prompt, images, mask, overrides, output_type)
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [
@@ -216,6 +195,34 @@ class OmniGenPipeline:
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
         return _assemble(flat, [m for m in masks for _ in range(per_prompt)], output_type, seed)
+
+    def _check_call(
+        self, cfg: GenerationConfig, prompt: Any, images: list, mask: Any, overrides: dict, output_type: str
+    ) -> tuple[int, list[CanvasMask | None]]:
+        """Everything a call can get wrong, checked before any work; returns (seed, per-prompt masks)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
+            )
+        if cfg.use_input_image_size_as_output and any(len(x) != 1 for x in images):
+            raise ValueError("use_input_image_size_as_output needs exactly one input image per prompt")
+        if not cfg.use_input_image_size_as_output:
+            self.model.config.check_image_size(cfg.height, cfg.width, "output")
+        if cfg.step_cache_threshold is not None:
+            StepCache(cfg.step_cache_threshold, cfg.num_inference_steps)  # validates the threshold
+        plan(cfg.sampler, cfg.num_inference_steps, cfg.time_shift or 1.0)  # validates the schedule
+        seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
+        masks = prepare_masks(
+            mask,
+            images,
+            cfg.mask_blur,
+            cfg.max_input_image_size,
+            self.model.config.image_multiple,
+            not isinstance(prompt, str),
+        )
+        if not cfg.use_input_image_size_as_output:
+            check_output_size(masks, overrides.get("height"), overrides.get("width"))
+        return seed, masks
 
     def condition_tokens(
         self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
