@@ -10,6 +10,18 @@ from omnigen.cli_args import add_generation_args, add_model_args
 from omnigen.serve.settings import ServeSettings
 
 API_KEY_ENV = "OMNIGEN_API_KEY"
+# ServeSettings field -> (flag, type, help): the service's queue and request limits, one row each.
+SETTING_FLAGS = {
+    "queue_size": ("--queue-size", int, "jobs that may wait, more get 429"),
+    "timeout_s": ("--timeout", float, "seconds per request, queueing included"),
+    "max_upload_bytes": ("--max-upload-bytes", int, "per input image"),
+    "max_pixels": ("--max-pixels", int, "output height x width"),
+    "max_input_pixels": ("--max-input-pixels", int, "per input image"),
+    "max_steps": ("--max-steps", int, "sampling steps per request"),
+    "max_images": ("--max-images", int, "input images per request"),
+    "max_outputs": ("--max-outputs", int, "num_images_per_prompt"),
+    "max_condition_tokens": ("--max-condition-tokens", int, "prompt + input-image tokens per request"),
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,71 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model-name", default=d.model_name, help=f"the id GET /v1/models reports (default: {d.model_name})"
     )
     p.add_argument(
-        "--queue-size",
-        type=int,
-        default=d.queue_size,
-        help=f"jobs that may wait, more get 429 (default: {d.queue_size})",
-    )
-    p.add_argument(
         "--api-key", default=None, help=f"require this key on every route but /health (env {API_KEY_ENV})"
     )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=d.timeout_s,
-        help=f"seconds per request, queueing included (default: {d.timeout_s})",
-    )
-    p.add_argument(
-        "--max-upload-bytes",
-        type=int,
-        default=d.max_upload_bytes,
-        help=f"per input image (default: {d.max_upload_bytes})",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=d.max_pixels,
-        help=f"output height x width (default: {d.max_pixels})",
-    )
-    p.add_argument(
-        "--max-input-pixels",
-        type=int,
-        default=d.max_input_pixels,
-        help=f"per input image (default: {d.max_input_pixels})",
-    )
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"(default: {d.max_steps})")
-    p.add_argument(
-        "--max-images",
-        type=int,
-        default=d.max_images,
-        help=f"input images per request (default: {d.max_images})",
-    )
-    p.add_argument(
-        "--max-outputs",
-        type=int,
-        default=d.max_outputs,
-        help=f"num_images_per_prompt (default: {d.max_outputs})",
-    )
-    p.add_argument(
-        "--max-condition-tokens",
-        type=int,
-        default=d.max_condition_tokens,
-        help=f"prompt + input-image tokens per request (default: {d.max_condition_tokens})",
-    )
+    for field, (flag, kind, what) in SETTING_FLAGS.items():
+        default = getattr(d, field)
+        p.add_argument(flag, dest=field, type=kind, default=default, help=f"{what} (default: {default})")
     p.set_defaults(func=_run)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(
-        queue_size=args.queue_size,
-        max_upload_bytes=args.max_upload_bytes,
-        max_pixels=args.max_pixels,
-        max_input_pixels=args.max_input_pixels,
-        max_steps=args.max_steps,
-        max_images=args.max_images,
-        max_outputs=args.max_outputs,
-        max_condition_tokens=args.max_condition_tokens,
-        timeout_s=args.timeout,
+        **{field: getattr(args, field) for field in SETTING_FLAGS},
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.model_name,
     )
