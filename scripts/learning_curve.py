@@ -1,6 +1,6 @@
 """Follow a training run: score each new checkpoint's EMA on the miniature world's held-out split.
 
-    python scripts/learning_curve.py RUN_DIR OUT.jsonl [--n 112] [--every 60] [--until-step 15000]
+    python scripts/learning_curve.py RUN_DIR OUT.jsonl [--n 112] [--every 60] [--until-step 15000] [--multiple 1000]
 
 One JSON line per checkpoint: step, minutes of training (summed over resumes), overall and per-family accuracy.
 Runs at low priority on one thread so the training keeps the CPU.
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=112)
     parser.add_argument("--every", type=float, default=60.0, help="seconds between looks")
     parser.add_argument("--until-step", type=int, default=None)
+    parser.add_argument("--multiple", type=int, default=1, help="score only steps divisible by this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.nice(10)
@@ -77,7 +78,7 @@ def main() -> None:
     while True:
         for step_dir in sorted((args.run / "checkpoints").glob("step_*")):
             step = int(step_dir.name.split("_")[1])
-            if step in done or not (step_dir / "ema.safetensors").is_file():
+            if step in done or step % args.multiple or not (step_dir / "ema.safetensors").is_file():
                 continue
             minutes = training_minutes(args.run).get(step)
             record = {

@@ -239,6 +239,28 @@ def test_ground_truth_scores_correct_and_blank_incorrect(many_samples: list[mw.S
         assert score.score_sample(s.meta, _blank(s), s.output_image)["correct"] is False, s.meta["task"]
 
 
+def test_object_errors_name_the_first_wrong_attribute(many_samples: list[mw.Sample]) -> None:
+    checked = 0
+    for s in _scene_output_samples(many_samples):
+        if s.meta["task"] == "t2i/relation":
+            continue
+        size, scene = s.meta["image_size"], world.Scene.from_dict(s.meta["scene"])
+        truth = score.score_sample(s.meta, s.output_image, s.output_image)
+        assert all(truth[f"wrong_{name}"] == 0 for name in score.OBJECT_ERRORS), truth
+        if not scene.objects:
+            continue
+        obj = scene.objects[0]
+        other = next(shape for shape in world.SHAPES if shape != obj.shape)
+        reshaped = world.Scene(scene.background, (replace(obj, shape=other), *scene.objects[1:]))
+        result = score.score_sample(s.meta, world.render_scene(reshaped, size), s.output_image)
+        assert result["wrong_shape"] == 1 and result["correct"] is False, (s.meta["task"], result)
+        removed = world.render_scene(world.Scene(scene.background, scene.objects[1:]), size)
+        result = score.score_sample(s.meta, removed, s.output_image)
+        assert result["wrong_missing"] == 1, (s.meta["task"], result)
+        checked += 1
+    assert checked > 50
+
+
 def _recoloured(scene: world.Scene) -> world.Scene:
     obj = scene.objects[0]
     used = {o.colour for o in scene.objects} | {obj.dot}
@@ -250,7 +272,10 @@ def test_wrong_colour_scores_incorrect(many_samples: list[mw.Sample]) -> None:
     for s in _scene_output_samples(many_samples):
         size, scene = s.meta["image_size"], world.Scene.from_dict(s.meta["scene"])
         wrong = world.render_scene(_recoloured(scene), size)
-        assert score.score_sample(s.meta, wrong, s.output_image)["correct"] is False, s.meta["task"]
+        result = score.score_sample(s.meta, wrong, s.output_image)
+        assert result["correct"] is False, s.meta["task"]
+        if s.meta["task"] != "t2i/relation":
+            assert result["wrong_colour"] == 1 and result["wrong_shape"] == 0, (s.meta["task"], result)
     for s in [x for x in many_samples if x.meta["task"] == "cv/segmentation"]:
         wrong = world.segmentation_map(
             _recoloured(world.Scene.from_dict(s.meta["scene"])), s.meta["image_size"]

@@ -120,13 +120,31 @@ def decode_scene(image: np.ndarray) -> tuple[str, dict[int, DecodedObject]]:
     return background, cells
 
 
-def _matches(found: DecodedObject | None, want: dict[str, Any]) -> bool:
-    """A decoded object is the wanted one (a scene object's dict); its size counts only when the
+OBJECT_ERRORS = ("missing", "shape", "colour", "size", "dot")  # checked in this order; the first one counts
+
+
+def object_error(found: DecodedObject | None, want: dict[str, Any]) -> str | None:
+    """Why a decoded object is not the wanted one (a scene object's dict), or None when it is: nothing
+    in the cell, then the first wrong attribute of OBJECT_ERRORS. Its size counts only when the
     instruction named it (no "size_named": false)."""
     if found is None:
-        return False
-    size_ok = found.size == want["size"] or want.get("size_named") is False
-    return size_ok and (found.shape, found.colour, found.dot) == (want["shape"], want["colour"], want["dot"])
+        return "missing"
+    for name in OBJECT_ERRORS[1:]:
+        if name == "size" and want.get("size_named") is False:
+            continue
+        if getattr(found, name) != want[name]:
+            return name
+    return None
+
+
+def _matches(found: DecodedObject | None, want: dict[str, Any]) -> bool:
+    return object_error(found, want) is None
+
+
+def _error_counts(errors: Iterable[str | None]) -> dict[str, int]:
+    """{"wrong_<kind>": count} for every kind of OBJECT_ERRORS (zeros included, so means are per sample)."""
+    counts = Counter(error for error in errors if error is not None)
+    return {f"wrong_{name}": counts[name] for name in OBJECT_ERRORS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,12 +197,15 @@ def scene_scores(scene_dict: dict[str, Any], image: np.ndarray) -> dict[str, Any
     """Background right, fraction of expected objects right in their cell, objects in other cells."""
     scene = ms.Scene.from_dict(scene_dict)
     background, cells = decode_scene(image)
-    hits = [_matches(cells.get(obj.cell), want) for obj, want in zip(scene.objects, scene_dict["objects"])]
+    errors = [
+        object_error(cells.get(obj.cell), want) for obj, want in zip(scene.objects, scene_dict["objects"])
+    ]
+    hits = [error is None for error in errors]
     extra = len(set(cells) - {obj.cell for obj in scene.objects})
     background_ok = background == scene.background
     object_acc = float(np.mean(hits)) if hits else 1.0
     return {"background_ok": background_ok, "object_acc": object_acc, "extra_objects": extra,
-            "scene_ok": background_ok and all(hits) and extra == 0}  # fmt: skip
+            **_error_counts(errors), "scene_ok": background_ok and all(hits) and extra == 0}  # fmt: skip
 
 
 def relation_scores(meta: dict[str, Any], image: np.ndarray) -> dict[str, Any]:
