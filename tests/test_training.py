@@ -201,6 +201,27 @@ def test_a_missing_data_set_fails_first_saying_how_to_make_it(world, tmp_path):
         train(make_config(root, tmp_path / "run", 1, data=str(missing / "*.jsonl")), device="cpu")
 
 
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(world, tmp_path):
+    from omnigen.tokenizer import Tokenizer
+
+    root, _ = world
+    needed = max(Tokenizer.from_file(root / "tokenizer.json").backend.get_vocab().values()) + 1
+    config = make_config(root, tmp_path / "run", 1, model={**PIXEL_MODEL, "vocab_size": needed - 1})
+    with pytest.raises(ValueError, match=f"has {needed} token ids .* holds {needed - 1}: set model.vocab_size"):
+        train(config, device="cpu")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_recipes_from_scratch_config_fits_the_worlds_tokenizer(tmp_path):
+    from omnigen.data.miniworld import save_tokenizer
+    from omnigen.tokenizer import Tokenizer
+
+    save_tokenizer(tmp_path / "tokenizer.json")
+    config = TrainConfig.load("configs/miniworld.yaml")
+    needed = max(Tokenizer.from_file(tmp_path / "tokenizer.json").backend.get_vocab().values()) + 1
+    assert config.model_config().transformer.vocab_size >= needed
+
+
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
     from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig

@@ -49,8 +49,20 @@ __all__ = ["export", "lr_at", "precompute_latents", "train"]
 logger = logging.getLogger(__name__)
 
 
+def _check_vocabulary(config: TrainConfig, tokenizer: Tokenizer) -> None:
+    """ValueError, before any model is built, when the tokenizer has ids the token embedding lacks."""
+    needed = max(tokenizer.backend.get_vocab().values()) + 1
+    rows = config.model_config().transformer.vocab_size
+    if needed > rows:
+        raise ValueError(
+            f"the tokenizer {config.tokenizer_file()} has {needed} token ids but the model's vocabulary "
+            f"holds {rows}: set model.vocab_size to at least {needed}"
+        )
+
+
 def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
     tokenizer = Tokenizer.from_file(config.tokenizer_file())
+    _check_vocabulary(config, tokenizer)
     if config.init_from:
         # fp32 master weights whatever the folder stores (the shipped model is fp16)
         model, _ = load_model(config.init_from, device=device, dtype=torch.float32)
