@@ -207,7 +207,9 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_trainin
     root, _ = world
     needed = max(Tokenizer.from_file(root / "tokenizer.json").backend.get_vocab().values()) + 1
     config = make_config(root, tmp_path / "run", 1, model={**PIXEL_MODEL, "vocab_size": needed - 1})
-    with pytest.raises(ValueError, match=f"has {needed} token ids .* holds {needed - 1}: set model.vocab_size"):
+    with pytest.raises(
+        ValueError, match=f"has {needed} token ids .* holds {needed - 1}: set model.vocab_size"
+    ):
         train(config, device="cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
