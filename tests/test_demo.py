@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -100,6 +101,20 @@ def test_build_demo_without_launching(pipeline):
     assert len(dataset["props"]["samples"]) == len(load_examples())
     generate = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
     assert len(generate) == 1 and generate[0].inputs_as_dict and generate[0].tracks_progress
+
+
+def test_a_model_with_trained_sizes_offers_only_those_sizes(pipeline):
+    from dataclasses import replace
+
+    pipe = copy.copy(pipeline)
+    pipe.defaults = replace(pipeline.defaults, height=16, width=16, trained_sizes=(16, 32))
+    config = demo_module.build_demo(pipe).get_config_file()
+    for label in ("Height", "Width"):
+        props = next(c for c in config["components"] if c["props"].get("label") == label)["props"]
+        assert [choice[1] for choice in props["choices"]] == [16, 32] and props["value"] == 16, props
+        assert "trained at 16, 32 px only" in props["info"]
+    arguments = demo_module.pipeline_arguments({"prompt": "a cat", "seed": 0, "height": 32, "width": 16})
+    assert (arguments["height"], arguments["width"]) == (32, 16)
 
 
 def test_run_generation_reports_progress_and_seed(pipeline):

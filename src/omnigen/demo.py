@@ -204,6 +204,10 @@ def _field_control(gr: Any, name: str, pipe: OmniGenPipeline) -> Any:
         return gr.Dropdown(list(param.choices), value=value, **common)
     if param.kind == "str":
         return gr.Textbox(value, lines=2, **common)
+    trained = pipe.defaults.trained_sizes
+    if name in ("height", "width") and trained:  # any other size is refused: offer only these
+        info = f"{param.help} This model was trained at {', '.join(map(str, trained))} px only."
+        return gr.Dropdown(list(trained), value=value, **(common | {"info": info}))
     if name in SIDES:
         multiple, largest = config.image_multiple, config.max_image_size
         top = largest if name != "max_input_image_size" else max(largest, value)
