@@ -280,7 +280,7 @@ def test_lora_settings_are_typed_validated_and_round_trip(world, tmp_path):  # n
     again = TrainConfig.from_dict(json.loads(config.to_json()))  # train_config.json / the torchrun test
     assert again == config
     for bad, message in (
-        ({"rank": 0}, "lora.rank must be a positive int, got 0"),
+        ({"rank": 0}, "lora.rank must be an int >= 1, got 0"),
         ({"rank": 2, "alpha": -1}, "lora.alpha must be a positive number, got -1"),
         ({"rank": 2, "dropout": 1.0}, "lora.dropout must be in \\[0, 1\\), got 1.0"),
         ({"rank": 2, "target_modules": []}, "lora.target_modules must be a non-empty list"),

@@ -7,6 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omnigen.checks import check_int
 from omnigen.typecheck import check_fields, load_yaml
 
 if TYPE_CHECKING:
@@ -27,8 +28,7 @@ class Stage:
     def __post_init__(self) -> None:
         check_fields(self, prefix="stage ")
         for name in ("resolution", "steps", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"stage {name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(f"stage {name}", getattr(self, name), 1)
         if not self.lr > 0:
             raise ValueError(f"stage lr must be positive, got {self.lr!r}")
 
@@ -46,8 +46,7 @@ class LoraSettings:
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         check_fields(self, prefix="lora.")
-        if self.rank < 1:
-            raise ValueError(f"lora.rank must be a positive int, got {self.rank!r}")
+        check_int("lora.rank", self.rank, 1)
         if self.alpha is None:
             object.__setattr__(self, "alpha", self.rank)
         if not self.alpha > 0:
@@ -212,18 +211,18 @@ class TrainConfig:
         for name in ("edit_weight", "foreground_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        _check_int("foreground_dilate", self.foreground_dilate, 0)
-        _check_int("length_groups", self.length_groups, 1)
-        _check_int("val_every", self.val_every, 0)
-        _check_int("val_samples", self.val_samples, 1)
+        check_int("foreground_dilate", self.foreground_dilate, 0)
+        check_int("length_groups", self.length_groups, 1)
+        check_int("val_every", self.val_every, 0)
+        check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:
             if not self.init_from:
                 raise ValueError("grow_layers deepens a trained model: it needs `init_from`")
-            _check_int("grow_layers", self.grow_layers, 1)
+            check_int("grow_layers", self.grow_layers, 1)
         if self.grow_intermediate is not None:
             if not self.init_from:
                 raise ValueError("grow_intermediate widens a trained model: it needs `init_from`")
-            _check_int("grow_intermediate", self.grow_intermediate, 1)
+            check_int("grow_intermediate", self.grow_intermediate, 1)
         from omnigen.generation import GenerationConfig
 
         GenerationConfig.from_dict(self.generation, "generation")  # a bad key or value fails at load
@@ -389,8 +388,3 @@ def _default_lora_targets() -> tuple[str, ...]:
     from omnigen.lora import DEFAULT_TARGET_MODULES
 
     return DEFAULT_TARGET_MODULES
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

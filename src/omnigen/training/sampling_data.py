@@ -13,10 +13,11 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 
+from omnigen.checks import check_int
 from omnigen.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ def make_buckets(
     Each bucket is the largest one with height * width <= max_pixels, sides rounded down. Returned
     sorted by ratio, duplicates removed.
     """
-    _check_positive_int(max_pixels, "max_pixels")
-    _check_positive_int(multiple, "multiple")
+    check_int("max_pixels", max_pixels, 1)
+    check_int("multiple", multiple, 1)
     if max_pixels < multiple * multiple:
         raise ValueError(f"max_pixels must be >= multiple**2 = {multiple * multiple}, got {max_pixels}")
     if len(ratios) == 0:
@@ -147,8 +148,8 @@ def _bucket_for_ratio(max_pixels: int, multiple: int, ratio: float) -> tuple[int
 
 def bucket_for(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The (height, width) bucket whose aspect ratio is closest (in log space); ties -> larger area."""
-    _check_positive_int(height, "height")
-    _check_positive_int(width, "width")
+    check_int("height", height, 1)
+    check_int("width", width, 1)
     if len(buckets) == 0:
         raise ValueError("buckets must not be empty")
     for bucket in buckets:
@@ -161,11 +162,6 @@ def bucket_for(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> t
         return round(distance, 9), -bucket[0] * bucket[1]
 
     return tuple(min(buckets, key=key))  # type: ignore[return-value]
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,11 +201,11 @@ class ShardedBucketSampler:
         lengths: Sequence[int] | None = None,
         length_groups: int = 1,
     ) -> None:
-        _check_positive_int(batch_size, "batch_size")
-        _check_positive_int(length_groups, "length_groups")
+        check_int("batch_size", batch_size, 1)
+        check_int("length_groups", length_groups, 1)
         if lengths is not None and len(lengths) != len(sizes):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(sizes)} samples")
-        _check_positive_int(num_replicas, "num_replicas")
+        check_int("num_replicas", num_replicas, 1)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an int in [0, {num_replicas - 1}], got {rank!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
