@@ -22,14 +22,18 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
         "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
     )
     p.add_argument("--vae", default=None, help="VAE folder when the model folder has none (default: none)")
-    where = "cuda if available, else cpu" if device_default is None else device_default
-    p.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:K (default: {where})")
+    add_device_arg(p, device_default)
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default="auto",
         help="weights' dtype (default: auto = bfloat16 on CUDA, float16 where it has no bfloat16, float32 on CPU)",
     )
+
+
+def add_device_arg(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
+    where = "cuda if available, else cpu" if device_default is None else device_default
+    p.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:K (default: {where})")
 
 
 def pick_device(device: str | None) -> str:

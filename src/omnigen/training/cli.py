@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from omnigen.cli_args import add_device_arg
 from omnigen.training.config import describe_fields
 
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="YAML or TOML training config")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_device_arg(p)
     p.set_defaults(func=_run)
 
 
