@@ -21,7 +21,7 @@ def shipped():
 
 
 def test_readme_prompt_is_drawn_right_at_seven_of_eight_seeds(shipped):
-    """Measured on the shipped weights: right at seeds 0-2 and 4-7; seed 3 draws a square (README)."""
+    """Measured on the shipped weights: right at seeds 0-2 and 4-7; seed 3 draws the wrong shape (README)."""
     want = {
         "background": "white",
         "objects": [
