@@ -198,3 +198,10 @@ def test_unknown_words_are_named_once(tokenizer, caplog):
     assert len(messages) == 1, messages
     assert all(f"'{w}'" in messages[0] for w in ("Hexagon", "and", "zebra"))
     assert "'red'" not in messages[0]
+
+
+def test_embedding_rows_cover_the_largest_id_of_a_vocabulary_with_gaps():
+    from omnigen.tokenizer import embedding_rows
+
+    assert embedding_rows({"<unk>": 0, "red": 1, "circle": 2}) == 3
+    assert embedding_rows({"<unk>": 0, "red": 7, "circle": 2}) == 8  # ids 3-6 unused: still rows for them

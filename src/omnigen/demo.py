@@ -206,7 +206,7 @@ def _field_control(gr: Any, name: str, pipe: OmniGenPipeline) -> Any:
         return gr.Textbox(value, lines=2, **common)
     trained = pipe.defaults.trained_sizes
     if name in ("height", "width") and trained:  # any other size is refused: offer only these
-        info = f"{param.help} This model was trained at {', '.join(map(str, trained))} px only."
+        info = f"{param.help.rstrip('.')}. This model was trained at {', '.join(map(str, trained))} px only."
         return gr.Dropdown(list(trained), value=value, **(common | {"info": info}))
     if name in SIDES:
         multiple, largest = config.image_multiple, config.max_image_size

@@ -49,6 +49,11 @@ POST_PROCESSOR_DEFAULTS = {
 SIDECARS = (CONFIG_FILE, "special_tokens_map.json")  # kept beside tokenizer.json and written back by save
 
 
+def embedding_rows(vocabulary: dict[str, int]) -> int:
+    """The token-embedding rows a vocabulary (token -> id) needs: its largest id + 1 (ids may have gaps)."""
+    return max(vocabulary.values()) + 1
+
+
 class TextTokenizer(Protocol):
     bos_token_id: int | None
 

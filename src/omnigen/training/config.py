@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omnigen.checks import check_int
+from omnigen.tokenizer import embedding_rows
 from omnigen.typecheck import check_fields, load_yaml
 
 if TYPE_CHECKING:
@@ -258,7 +259,7 @@ class TrainConfig:
                 config = replace(config, transformer=replace(config.transformer, intermediate_size=size))
             change = self.vocabulary_change()
             if change is not None:  # the trainer remaps the token embedding (training.grow)
-                size = max(change[1].values()) + 1
+                size = embedding_rows(change[1])
                 config = replace(config, transformer=replace(config.transformer, vocab_size=size))
             return config
         return OmniGenConfig.from_dict(self.model)

@@ -22,6 +22,7 @@ from torch import nn
 
 from omnigen.model.layers import Block
 from omnigen.model.omnigen import OmniGenModel
+from omnigen.tokenizer import embedding_rows
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def remap_vocabulary(
         raise ValueError(
             f"the old tokenizer has ids beyond the model's {old_table.shape[0]} embeddings: {unknown}"
         )
-    size = max(new_vocab.values()) + 1
+    size = embedding_rows(new_vocab)
     table = old_table.mean(dim=0, keepdim=True).repeat(size, 1)
     kept = [(new_vocab[token], index) for token, index in old_vocab.items() if token in new_vocab]
     rows, sources = zip(*kept, strict=True) if kept else ((), ())

@@ -32,7 +32,7 @@ from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
 from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.tokenizer import Tokenizer
+from omnigen.tokenizer import Tokenizer, embedding_rows
 from omnigen.training import checkpointing, distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 def _check_vocabulary(config: TrainConfig, tokenizer: Tokenizer) -> None:
     """ValueError, before any model is built, when the tokenizer has ids the token embedding lacks."""
-    needed = max(tokenizer.backend.get_vocab().values()) + 1
+    needed = embedding_rows(tokenizer.backend.get_vocab())
     rows = config.model_config().transformer.vocab_size
     if needed > rows:
         raise ValueError(
