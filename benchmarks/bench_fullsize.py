@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, reference_sample
+from bench_pipeline import TASKS, build_tokenizer, build_vae, reference_sample
+from peak_rss import PeakRSS
 from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig

@@ -41,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_fullsize import build_random_model, full_config, input_images
-from bench_pipeline import TASKS, PeakRSS, build_tokenizer, build_vae, flops
+from bench_pipeline import TASKS, build_tokenizer, build_vae, flops
+from peak_rss import PeakRSS
 
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
 from omnigen.generation import GenerationConfig

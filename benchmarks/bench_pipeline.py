@@ -48,7 +48,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -56,9 +55,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import psutil
 import torch
 from original_client import ORIGINAL_MODES, ORIGINAL_SEPARATE, OriginalSession
+from peak_rss import PeakRSS
 
 from omnigen import masks
 from omnigen.collate import collate
@@ -126,31 +125,6 @@ def build_vae(kind: str):
             block_out_channels=[16, 16, 32, 32],
         )
     return vae.eval()
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        self.process = psutil.Process()
-        self.base = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def reference_sample(

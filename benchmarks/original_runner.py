@@ -43,13 +43,14 @@ import importlib.machinery
 import json
 import os
 import sys
-import threading
 import time
 import traceback
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+from peak_rss import PeakRSS  # benchmarks/, this script's folder
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -135,33 +136,6 @@ def install_import_shims() -> None:
         )
         sys.modules["torchvision"] = _module("torchvision", transforms=transforms)
         sys.modules["torchvision.transforms"] = transforms
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms (as bench_pipeline's)."""
-
-    def __enter__(self) -> PeakRSS:
-        import psutil
-
-        self.process = psutil.Process()
-        self.base = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def mb(self, peak: int) -> float:
-        return (peak - self.base) / 2**20
 
 
 def load_original(folder: Path, dtype_name: str, posterior: str):
