@@ -158,13 +158,15 @@ def _can_compile() -> bool:
 
 @pytest.mark.skipif(not _can_compile(), reason="torch.compile needs inductor and a C++ compiler")
 def test_compiled_blocks_match_eager(tokenizer):
-    """About 40 s on a loaded 2-core CPU, almost all of it compiling one block."""
+    """About 40 s on a loaded 2-core CPU, almost all of it compiling one block; then with streaming offload."""
     pipe = make_pipeline(random_model(tiny_config()), tokenizer)
     eager = run(pipe, "a red cat")
     state = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     pipe.compile()
     assert pipe.model.state_dict().keys() == state.keys()
     torch.testing.assert_close(run(pipe, "a red cat"), eager, atol=5e-5, rtol=1e-5)
+    # streaming offload swaps each block's weights for copies around the compiled forward
+    torch.testing.assert_close(run(pipe, "a red cat", offload_model=True), eager, atol=5e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- int8 weights
