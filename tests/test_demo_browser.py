@@ -33,6 +33,7 @@ FLAGS = [
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 TIMEOUT_MS = 30_000
 STEP_DELAY_S = 0.05
+RECOLOUR = "editing: recolour"  # the gallery example both generating tests click
 
 pytestmark = [
     pytest.mark.browser,
@@ -139,10 +140,10 @@ def test_example_generates_an_image_of_the_requested_size(page, demo_pipeline):
     # A model trained at fixed sizes (the shipped one) offers only those: the example runs as documented
     # (its size, seed and step count); the tiny test model gets another width, seed and step count.
     documented = bool(d.trained_sizes)
-    (example,) = [e for e in load_examples() if e.label == "editing: recolour"]
+    (example,) = [e for e in load_examples() if e.label == RECOLOUR]
     width, height = (d.width if documented else d.width - multiple), d.height
     steps, seed = (d.num_inference_steps, example.seed) if documented else (20, 1234)
-    page.get_by_text("editing: recolour", exact=True).click()
+    page.get_by_text(RECOLOUR, exact=True).click()
     _wait_for_example(page)
     assert "turn the orange circle green" in page.locator("#omnigen-prompt textarea").input_value()
     if not documented:
@@ -200,7 +201,7 @@ def test_brush_on_image_1_regenerates_only_the_painted_pixels(page):
 
     from omnigen.demo_examples import default_examples_dir
 
-    page.get_by_text("editing: recolour", exact=True).click()
+    page.get_by_text(RECOLOUR, exact=True).click()
     _wait_for_example(page)
     canvas = page.locator("#omnigen-image-1 canvas").first
     box = canvas.bounding_box()
