@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # the bench vocabulary lacks most words
+    logging.getLogger("omnigen.text.tokenizer").setLevel(
+        logging.ERROR
+    )  # the bench vocabulary lacks most words
     config, dtype = full_config(args.layers), DTYPES[args.dtype]
     pipe = build_pipeline(build_random_model(config, dtype), args.size)
     prompt, count = TASKS["edit"]

@@ -44,14 +44,14 @@ from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig
 from omnigen.generation import DEFAULT_NEGATIVE_PROMPT, GenerationConfig
-from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
 from omnigen.model.embeddings import sincos_2d
 from omnigen.model.layers import RMSNorm
 from omnigen.model.offload import MAX_RESIDENT_LAYERS
+from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import OmniGenProcessor, cfg_prompts
-from omnigen.vae import AutoencoderKLCodec
+from omnigen.text.processor import OmniGenProcessor, cfg_prompts
+from omnigen.weights.keymap import ours_to_diffusers
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -362,7 +362,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # the bench vocabulary lacks most words
+    logging.getLogger("omnigen.text.tokenizer").setLevel(
+        logging.ERROR
+    )  # the bench vocabulary lacks most words
     if args.child:
         result = (child_ours if args.child == "ours" else child_reference)(args)
         result["peak_rss_gb"] = peak_rss_gb()

@@ -46,11 +46,11 @@ from peak_rss import PeakRSS
 
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
 from omnigen.generation import GenerationConfig
+from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import cfg_prompts
-from omnigen.quantize import quantize_int8
-from omnigen.sampling import make_noise
-from omnigen.vae import AutoencoderKLCodec
+from omnigen.sampling.euler import make_noise
+from omnigen.text.processor import cfg_prompts
+from omnigen.weights.quantize import quantize_int8
 
 CONTENDERS = ("batched", "separate", "compile", "int8", "fp8", "offload_model", "diffusers")
 GUIDANCE, IMG_GUIDANCE, SEED = 3.0, 1.6, 0
@@ -201,7 +201,7 @@ def diffusers_call(pipe: OmniGenPipeline, task: str, args: argparse.Namespace, d
         from transformers import PreTrainedTokenizerFast
     except Exception as err:
         raise Skip(f"diffusers' pipeline unavailable ({type(err).__name__}: {err})") from err
-    from omnigen.keymap import ours_to_diffusers
+    from omnigen.weights.keymap import ours_to_diffusers
 
     config = pipe.model.config
     with torch.device("meta"):
@@ -386,7 +386,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # the bench vocabulary lacks most words
+    logging.getLogger("omnigen.text.tokenizer").setLevel(
+        logging.ERROR
+    )  # the bench vocabulary lacks most words
     device = Device(args.device)
     if device.device.type == "cpu":
         torch.set_num_threads(args.threads)

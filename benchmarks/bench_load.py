@@ -25,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_fullsize import build_random_model, full_config
 
-from omnigen.checkpoint import save_model
+from omnigen.weights.checkpoint import save_model
 
 CHILD = """
 import sys, torch
 torch.set_num_threads(1)
 with torch.device("meta"):
     torch.empty(1) + 1
-from omnigen.checkpoint import build_model, load_config, load_model, resolve_layout
+from omnigen.weights.checkpoint import build_model, load_config, load_model, resolve_layout
 from safetensors.torch import load_file
 
 def rss(field):

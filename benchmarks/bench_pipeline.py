@@ -59,20 +59,19 @@ import torch
 from original_client import ORIGINAL_MODES, ORIGINAL_SEPARATE, OriginalSession
 from peak_rss import PeakRSS
 
-from omnigen import masks
-from omnigen.collate import collate
 from omnigen.config import OmniGenConfig, RopeScaling, TransformerConfig
-from omnigen.flow import time_grid
 from omnigen.generation import GenerationConfig
-from omnigen.guidance import combine
-from omnigen.keymap import ours_to_diffusers
-from omnigen.model import OmniGenModel
+from omnigen.model import OmniGenModel, masks
+from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import cfg_prompts
-from omnigen.quantize import linear_weight_bytes, quantize_int8
-from omnigen.sampling import make_noise
-from omnigen.tokenizer import Tokenizer
-from omnigen.vae import AutoencoderKLCodec
+from omnigen.sampling.euler import make_noise
+from omnigen.sampling.flow import time_grid
+from omnigen.sampling.guidance import combine
+from omnigen.text.collate import collate
+from omnigen.text.processor import cfg_prompts
+from omnigen.text.tokenizer import Tokenizer
+from omnigen.weights.keymap import ours_to_diffusers
+from omnigen.weights.quantize import linear_weight_bytes, quantize_int8
 
 WORDS = "a an the red blue green cat dog man woman photo of in on with make it wearing sitting desk".split()
 TASKS = {

@@ -47,7 +47,7 @@ MODEL = {
 
 
 def make_data(folder: Path, batch: int, size: int) -> tuple[Path, Path]:
-    from omnigen.data.miniworld import save_tokenizer, write_dataset
+    from omnigen.miniworld.world import save_tokenizer, write_dataset
 
     jsonl = write_dataset(folder, batch, seed=0, size=size)
     return jsonl, save_tokenizer(folder / "tokenizer.json")
@@ -94,12 +94,12 @@ def plain_setup(config):
     """The same model init and the same batch as the trainer, built once."""
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel
-    from omnigen.processor import OmniGenProcessor
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.model.vae import IdentityCodec
+    from omnigen.text.processor import OmniGenProcessor
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.batches import BatchBuilder
     from omnigen.training.sampling_data import ConditionDropout
     from omnigen.training.x2i import read_x2i
-    from omnigen.vae import IdentityCodec
 
     torch.manual_seed(config.seed)
     model = OmniGenModel(OmniGenConfig.from_dict(config.model))

@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from omnigen.checkpoint import save_model
 from omnigen.pipeline import OmniGenPipeline
+from omnigen.weights.checkpoint import save_model
 
 RUNNER = Path(__file__).with_name("original_runner.py")
 ORIGINAL_SEPARATE = "original (cache, separate CFG)"  # the original's default call

@@ -19,7 +19,7 @@ from .convert import image_to_pil, mask_to_pil, pixels_to_image
 from .host import Progress, check_interrupt, free_memory, torch_device
 
 try:
-    from omnigen.solvers import SOLVERS, step_kinds
+    from omnigen.sampling.solvers import SOLVERS, step_kinds
 except ImportError as error:  # ComfyUI's Python needs the library itself
     raise ImportError(
         "the OmniGen ComfyUI nodes need the omnigen package in ComfyUI's Python environment: "

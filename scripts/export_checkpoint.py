@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from omnigen.checkpoint import build_model, save_model
 from omnigen.generation import GenerationConfig
-from omnigen.tokenizer import Tokenizer
+from omnigen.model.vae import IdentityCodec
+from omnigen.text.tokenizer import Tokenizer
 from omnigen.training.config import TrainConfig
-from omnigen.vae import IdentityCodec
+from omnigen.weights.checkpoint import build_model, save_model
 
 
 def main() -> None:

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from omnigen.checkpoint import build_model
 from omnigen.eval.miniworld import evaluate
-from omnigen.eval.miniworld_score import summarize
 from omnigen.generation import GenerationConfig
+from omnigen.miniworld.score import summarize
+from omnigen.model.vae import IdentityCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.tokenizer import Tokenizer
+from omnigen.text.tokenizer import Tokenizer
 from omnigen.training.config import TrainConfig
-from omnigen.vae import IdentityCodec
+from omnigen.weights.checkpoint import build_model
 
 
 def score(run: Path, step_dir: Path, n: int) -> dict:

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from omnigen.data import miniworld as mw
-from omnigen.data import miniworld_scene as ms
 from omnigen.eval.common import format_table
-from omnigen.eval.miniworld_score import score_sample
+from omnigen.miniworld import scene as ms
+from omnigen.miniworld import world as mw
+from omnigen.miniworld.score import score_sample
 from omnigen.pipeline import OmniGenPipeline
 
 KINDS = ("edit/recolour", "edit/remove", "edit/add", "edit/resize")

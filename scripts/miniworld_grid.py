@@ -13,8 +13,8 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from omnigen.data.miniworld import generate
 from omnigen.eval.miniworld import build_items
+from omnigen.miniworld.world import generate
 from omnigen.pipeline import OmniGenPipeline
 
 FAMILIES = ("t2i", "edit", "subject", "condition", "cv", "few_shot")

@@ -12,7 +12,7 @@ import argparse
 import json
 import tempfile
 
-from omnigen.demo_examples import (
+from omnigen.demo.examples import (
     EXAMPLE_KINDS,
     check_example,
     default_examples_dir,

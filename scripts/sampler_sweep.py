@@ -2,7 +2,7 @@
 
     python scripts/sampler_sweep.py [--n 120] [--model PATH] [--threads 1] [--json OUT] [--plot OUT.png]
 
-For every sampler (``omnigen.solvers.SOLVERS``), time shift (``--shifts``; "none" = the unshifted grid;
+For every sampler (``omnigen.sampling.solvers.SOLVERS``), time shift (``--shifts``; "none" = the unshifted grid;
 ``flow.shift_time``: s > 1 spends more steps near the noise, s < 1 near the data) and budget of
 transformer evaluations (``--budgets``; the budget is ``num_inference_steps``, which ``solvers.plan``
 spends exactly, so Heun runs about budget / 2 steps), on the "heldout" split (data seed ``--data-seed``),
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from omnigen.data import miniworld as mw
 from omnigen.eval.common import format_table
 from omnigen.eval.miniworld import MAIN, build_items, generate
-from omnigen.eval.miniworld_score import psnr, score_sample
+from omnigen.miniworld import world as mw
+from omnigen.miniworld.score import psnr, score_sample
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.solvers import SOLVERS
+from omnigen.sampling.solvers import SOLVERS
 
 REFERENCE_STEPS = 50
 BASELINE_STEPS = 25
@@ -191,7 +191,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the cache counter below listens at INFO
-    logging.getLogger("omnigen.tokenizer").setLevel(logging.ERROR)  # unknown words: once per call, not news
+    logging.getLogger("omnigen.text.tokenizer").setLevel(
+        logging.ERROR
+    )  # unknown words: once per call, not news
 
     pipe = OmniGenPipeline.from_pretrained(args.model)
     samples = mw.generate(args.n, args.data_seed, "heldout", size=args.size)

@@ -32,7 +32,7 @@ def make_tokenizer_backend():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
 
     return Tokenizer(make_tokenizer_backend())
 
@@ -112,8 +112,8 @@ def model(config):
 @pytest.fixture(scope="session")
 def pipeline(model, tokenizer):
     from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
-    from omnigen.vae import AutoencoderKLCodec
 
     defaults = GenerationConfig(
         height=32,
@@ -140,8 +140,8 @@ def rgb_image():
 @pytest.fixture(scope="session")
 def model_folder(tmp_path_factory, model, tokenizer):
     """An official-layout folder (config.json, model.safetensors, tokenizer.json, vae/)."""
-    from omnigen.checkpoint import save_model
     from omnigen.generation import GenerationConfig
+    from omnigen.weights.checkpoint import save_model
 
     folder = tmp_path_factory.mktemp("tiny-omnigen")
     save_model(model, folder)

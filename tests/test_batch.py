@@ -345,7 +345,7 @@ def _env() -> dict:
 
 
 def test_cli_bad_line_fatal_names_the_line(model_folder, tmp_path, caplog):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     path = write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "a cat"}, "{oops"])
     argv = ["batch", str(path), "--out", str(tmp_path / "o"), "--model", str(model_folder), "--no-progress"]
@@ -376,7 +376,7 @@ def test_kill_mid_run_then_resume(model_folder, tmp_path):
     proc.wait()
     done_before = {(r["id"], r["k"]) for r in rank_records(out)}
     assert 2 <= len(done_before) < 12, "the run should have been killed part-way"
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     assert main([*args, "--batch-size", "4"]) == 0  # the rerun, in this process
     keys = Counter((r["id"], r["k"]) for r in rank_records(out))

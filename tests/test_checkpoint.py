@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnigen.checkpoint import CheckpointError, load_model, save_model
 from omnigen.config import OmniGenConfig
-from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
 from omnigen.pipeline import OmniGenPipeline
+from omnigen.weights.checkpoint import CheckpointError, load_model, save_model
+from omnigen.weights.keymap import ours_to_diffusers
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -43,7 +43,7 @@ def test_generate_with_tiny_model_folder(model_folder, tmp_path, rgb_image):
 
 
 def test_generate_fast_equals_the_presets_settings(model_folder, tmp_path):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
     from omnigen.generation import PRESETS
 
     fast = PRESETS["fast"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from omnigen.config import RopeScaling, TransformerConfig
-from omnigen.flow import interpolate, time_grid, velocity_target
 from omnigen.model.layers import RotaryEmbedding
-from omnigen.processor import apply_template
-from omnigen.vae import to_uint8
+from omnigen.model.vae import to_uint8
+from omnigen.sampling.flow import interpolate, time_grid, velocity_target
+from omnigen.text.processor import apply_template
 
 
 def test_euler_grid_is_i_over_n():

@@ -13,8 +13,8 @@ import torch
 torch.set_num_threads(1)
 gr = pytest.importorskip("gradio")
 
-from omnigen import demo as demo_module  # noqa: E402
-from omnigen.demo_examples import FAMILIES, MAX_INPUT_IMAGES, load_examples, write_examples  # noqa: E402
+from omnigen.demo import app as demo_module  # noqa: E402
+from omnigen.demo.examples import FAMILIES, MAX_INPUT_IMAGES, load_examples, write_examples  # noqa: E402
 
 
 def ui_values(pipe, **changes):
@@ -47,7 +47,7 @@ def ui_values(pipe, **changes):
 
 
 def test_import_is_light_and_subcommands_parse():
-    code = "import sys, omnigen.demo, omnigen.serve.cli; print(sorted({'gradio', 'fastapi', 'uvicorn'} & set(sys.modules)))"
+    code = "import sys, omnigen.demo.app, omnigen.serve.cli; print(sorted({'gradio', 'fastapi', 'uvicorn'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     import argparse
@@ -60,7 +60,7 @@ def test_import_is_light_and_subcommands_parse():
     serve_cli.register(sub)
     args = parser.parse_args(["demo", "--port", "1234", "--model", "x"])
     assert (args.func.__module__, args.port, args.host, args.model) == (
-        "omnigen.demo",
+        "omnigen.demo.app",
         1234,
         "127.0.0.1",
         "x",

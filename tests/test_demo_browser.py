@@ -84,7 +84,7 @@ def demo_pipeline(model_folder):
 
 @pytest.fixture(scope="module")
 def demo_url(demo_pipeline):
-    from omnigen.demo import build_demo, launch_demo
+    from omnigen.demo.app import build_demo, launch_demo
 
     demo = build_demo(SlowSteps(demo_pipeline, STEP_DELAY_S))
     port = _free_port()
@@ -134,7 +134,7 @@ def _wait_for_example(page) -> None:
 def test_example_generates_an_image_of_the_requested_size(page, demo_pipeline):
     from PIL import Image
 
-    from omnigen.demo_examples import load_examples
+    from omnigen.demo.examples import load_examples
 
     d, multiple = demo_pipeline.defaults, demo_pipeline.model.config.image_multiple
     # A model trained at fixed sizes (the shipped one) offers only those: the example runs as documented
@@ -199,7 +199,7 @@ def test_brush_on_image_1_regenerates_only_the_painted_pixels(page):
     import numpy as np
     from PIL import Image
 
-    from omnigen.demo_examples import default_examples_dir
+    from omnigen.demo.examples import default_examples_dir
 
     page.get_by_text(RECOLOUR, exact=True).click()
     _wait_for_example(page)

@@ -56,9 +56,9 @@ def single(world, tmp_path_factory):
     """One process, global batch 6 (the whole miniworld): a full fine-tune and a LoRA run of a random base
     (random, not freshly initialised: a zeroed head would give the adapter no gradient)."""
     from conftest import random_model
-    from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
     from omnigen.training.trainer import train
+    from omnigen.weights.checkpoint import save_model
     from test_training import PIXEL_MODEL
 
     root, _ = world

@@ -401,7 +401,7 @@ def test_control_canny_and_annotated_kinds_end_to_end(tmp_path):
 
 
 def test_cli_geneval_and_control_canny(model_folder, tmp_path, capsys):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text(json.dumps({"tag": "single_object", "prompt": "a photo of a cat"}) + "\n")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from omnigen.data import miniworld as mw
-from omnigen.data.miniworld_tasks import FEW_SHOT_ONLY_TASKS
 from omnigen.eval import miniworld as ev
+from omnigen.miniworld import world as mw
+from omnigen.miniworld.tasks import FEW_SHOT_ONLY_TASKS
 
 torch.set_num_threads(1)
 TASKS = ["few_shot/invert", "few_shot/mirror", "t2i/objects", "edit/move", "cv/edges"]
@@ -102,7 +102,7 @@ def test_outputs_are_scored_against_their_own_samples():
 
 
 def test_cli_writes_json_and_prints_tables(model_folder, tmp_path, capsys):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     out = tmp_path / "mw.json"
     argv = [

@@ -1,4 +1,4 @@
-"""Both checkpoint layouts out (``omnigen.export``): the diffusers layout loads in
+"""Both checkpoint layouts out (``omnigen.weights.export``): the diffusers layout loads in
 ``diffusers.OmniGenPipeline`` and its transformer equals ours row by row; both layouts load back in ours;
 LoRA-merged and pixel-space models; atomic writes. The original package itself: test_export_original.py.
 """
@@ -16,17 +16,17 @@ from diffusers.pipelines.omnigen import processor_omnigen as ref
 from safetensors import safe_open
 
 from conftest import make_tokenizer_backend, random_model, tiny_config, tiny_vae
-from omnigen.checkpoint import atomic_folder
-from omnigen.cli import main
-from omnigen.collate import collate
+from omnigen.cli.main import main
 from omnigen.config import OmniGenConfig
 from omnigen.generation import GenerationConfig
-from omnigen.keymap import diffusers_to_ours, ours_to_diffusers
 from omnigen.model import OmniGenModel
+from omnigen.model.vae import AutoencoderKLCodec, IdentityCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.quantize import quantize_int8
-from omnigen.tokenizer import Tokenizer
-from omnigen.vae import AutoencoderKLCodec, IdentityCodec
+from omnigen.text.collate import collate
+from omnigen.text.tokenizer import Tokenizer
+from omnigen.weights.checkpoint import atomic_folder
+from omnigen.weights.keymap import diffusers_to_ours, ours_to_diffusers
+from omnigen.weights.quantize import quantize_int8
 from test_reference import PROMPT, build_rows, encode, reference_row_velocity
 from torchvision_shim import Transforms
 
@@ -137,7 +137,7 @@ def test_pixel_space_model_gets_codec_json_in_original_and_is_refused_by_diffuse
     with pytest.raises(ValueError, match="pixel space .*IdentityCodec.*layout='original'"):
         pipe.save_pretrained(tmp_path / "d", layout="diffusers")
     assert not (tmp_path / "d").exists()
-    with caplog.at_level(logging.WARNING, logger="omnigen.export"):
+    with caplog.at_level(logging.WARNING, logger="omnigen.weights.export"):
         folder = pipe.save_pretrained(tmp_path / "o")
     assert "the original package cannot" in caplog.text and "IdentityCodec" in caplog.text
     assert (
@@ -155,7 +155,7 @@ def test_pixel_space_model_gets_codec_json_in_original_and_is_refused_by_diffuse
 def test_original_layout_has_the_official_files_and_key_names(tmp_path, caplog):
     config = tiny_config(pos_embed_max_size=192)
     pipe = make_pipe(config)
-    with caplog.at_level(logging.WARNING, logger="omnigen.export"):
+    with caplog.at_level(logging.WARNING, logger="omnigen.weights.export"):
         folder = pipe.save_pretrained(tmp_path / "o")
     # patch 2, 4 channels, a 192 table, a VAE: what the original builds; only the tiny VAE's factor differs
     assert "this model has {'latent_downsample': 2}" in caplog.text
@@ -193,7 +193,7 @@ def test_original_layout_round_trip_and_dtype(tmp_path, rgb_image):
 
 # ------------------------------------------------------------------------------------------ LoRA, CLI
 def test_export_merges_a_lora_adapter(tmp_path):
-    from omnigen import lora
+    from omnigen.weights import lora
 
     source = make_pipe().save_pretrained(tmp_path / "base")
     pipe = OmniGenPipeline.from_pretrained(source)

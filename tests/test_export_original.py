@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import make_tokenizer_backend, random_model, tiny_config
-from omnigen.collate import collate
 from omnigen.generation import GenerationConfig
+from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import OmniGenProcessor, cfg_prompts
-from omnigen.tokenizer import Tokenizer
-from omnigen.vae import AutoencoderKLCodec
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor, cfg_prompts
+from omnigen.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.original
 

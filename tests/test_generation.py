@@ -102,7 +102,7 @@ def test_pipeline_preset_equals_its_settings(pipeline, rgb_image):
 
 
 def test_fast_switch_is_the_preset_flag(no_model):
-    from omnigen.cli_args import generation_overrides
+    from omnigen.cli.args import generation_overrides
 
     parser = _subparser("generate")
     args = parser.parse_args(["a red circle", "--fast", "--steps", "5", "-o", "x.png"])
@@ -167,7 +167,7 @@ def test_training_config_checks_its_generation_section():
 
 
 def _subparser(command: str, *path: str) -> argparse.ArgumentParser:
-    from omnigen.cli import build_parser
+    from omnigen.cli.main import build_parser
 
     parser = build_parser()
     for name in (command, *path):
@@ -182,8 +182,8 @@ def _dests(parser: argparse.ArgumentParser) -> set[str]:
 
 def test_every_front_end_has_every_field():
     """A new GenerationConfig field fails here until each front end has it (or says why not)."""
-    from omnigen import demo
     from omnigen.batch.requests import KEYS
+    from omnigen.demo import app as demo
     from omnigen.serve.inputs import GenerationRequest
 
     request, operator = set(generation.names("request")), set(generation.names("operator"))
@@ -218,12 +218,12 @@ def test_help_shows_defaults():
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the CLI gets as far as loading a model."""
-    import omnigen.cli_args
+    import omnigen.cli.args
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(omnigen.cli_args, "load_pipeline", refuse)
+    monkeypatch.setattr(omnigen.cli.args, "load_pipeline", refuse)
 
 
 @pytest.mark.parametrize(
@@ -239,7 +239,7 @@ def no_model(monkeypatch):
     ],
 )
 def test_generate_rejects_bad_arguments_before_loading(argv, message, no_model, tmp_path, caplog):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     argv = [a.replace("OUTDIR", str(tmp_path)) for a in argv]
     if "-o" not in argv:
@@ -251,7 +251,7 @@ def test_generate_rejects_bad_arguments_before_loading(argv, message, no_model, 
 def test_generate_rejects_an_unwritable_output_before_loading(no_model, tmp_path, caplog):
     import os
 
-    from omnigen.cli import main
+    from omnigen.cli.main import main
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -269,7 +269,7 @@ def test_generate_rejects_an_unwritable_output_before_loading(no_model, tmp_path
 
 
 def test_dtype_resolution(monkeypatch):
-    from omnigen.placement import resolve_dtype
+    from omnigen.model.placement import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -296,7 +296,7 @@ def test_from_pretrained_dtype(model_folder):
 def test_euler_through_solvers_equals_the_old_integrator(pipeline, rgb_image, monkeypatch):
     """sampler="euler" without a shift is bit-equal to ``sampling.euler_sample`` (today's path)."""
     import omnigen.pipeline
-    from omnigen.sampling import euler_sample
+    from omnigen.sampling.euler import euler_sample
 
     kwargs = dict(input_images=[rgb_image()], seed=3, output_type="latent", progress=False)
     prompt = "<img><|image_1|></img> make it blue"
@@ -337,7 +337,7 @@ def test_other_samplers_run_with_the_cache_and_both_cfg_modes(pipeline, rgb_imag
 
 
 def test_resized_size_matches_resize_and_crop(rgb_image):
-    from omnigen.processor import resize_and_crop, resized_size
+    from omnigen.text.processor import resize_and_crop, resized_size
 
     for width, height, longest in [(40, 36, 32), (100, 30, 32), (130, 140, 32), (20, 24, 64), (33, 17, 16)]:
         image = rgb_image(width, height)

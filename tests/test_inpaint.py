@@ -1,4 +1,4 @@
-"""Masked editing (omnigen.inpaint): exact pixels outside the mask, the latent blend, mask input, outpaint."""
+"""Masked editing (omnigen.sampling.inpaint): exact pixels outside the mask, the latent blend, mask input, outpaint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from omnigen.flow import interpolate
-from omnigen.inpaint import CanvasMask, MaskedEdit, latent_mask, load_mask, outpaint, prepare_canvas_mask
-from omnigen.processor import to_tensor
-from omnigen.sampling import euler_sample
+from omnigen.sampling.euler import euler_sample
+from omnigen.sampling.flow import interpolate
+from omnigen.sampling.inpaint import (
+    CanvasMask,
+    MaskedEdit,
+    latent_mask,
+    load_mask,
+    outpaint,
+    prepare_canvas_mask,
+)
+from omnigen.text.processor import to_tensor
 
 EDIT = "make it blue <img><|image_1|></img>"
 
@@ -66,8 +73,8 @@ def shipped():
 
 @pytest.mark.parametrize("separate_cfg_infer", [True, False])
 def test_shipped_model_changes_only_the_masked_cell(shipped, separate_cfg_infer):
-    from omnigen.data import miniworld as mw
-    from omnigen.data import miniworld_scene as ms
+    from omnigen.miniworld import scene as ms
+    from omnigen.miniworld import world as mw
 
     sample = mw.generate(1, 0, "heldout", tasks=["edit/recolour"])[0]
     source = ms.Scene.from_dict(sample.meta["input_scenes"][0])
@@ -214,7 +221,7 @@ def test_blend_follows_the_inputs_flow_path_outside_the_mask():
 
 @pytest.mark.parametrize("solver", ["euler", "heun", "dpmpp_2m"])
 def test_every_solver_ends_on_the_inputs_latents_outside_the_mask(solver):
-    from omnigen.solvers import plan, solve
+    from omnigen.sampling.solvers import plan, solve
 
     canvas = Image.fromarray(np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     m = torch.zeros(8, 8)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import random_model, tiny_config
-from omnigen.checkpoint import load_model, save_model
 from omnigen.config import OmniGenConfig, TransformerConfig
-from omnigen.keymap import ours_to_diffusers
 from omnigen.model.layers import RotaryEmbedding
 from omnigen.types import Condition
+from omnigen.weights.checkpoint import load_model, save_model
+from omnigen.weights.keymap import ours_to_diffusers
 
 CASTS = {torch.bfloat16: lambda m: m.to(torch.bfloat16), torch.float16: lambda m: m.half()}
 
@@ -102,7 +102,7 @@ def test_diffusers_and_sharded_layouts_stream_in_a_dtype(tmp_path, model, model_
 
 PEAK_SCRIPT = """
 import sys, torch
-from omnigen.checkpoint import load_model
+from omnigen.weights.checkpoint import load_model
 torch.set_num_threads(1)
 with torch.device("meta"):  # the first meta-device op imports ~75 MB of torch; a constant, not the file
     torch.empty(1) + 1

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import random_model, tiny_config, tiny_vae
-from omnigen import lora
-from omnigen.collate import collate
-from omnigen.processor import OmniGenProcessor
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor
+from omnigen.weights import lora
 from test_training import PIXEL_MODEL, make_config, world  # noqa: F401 - `world` is a fixture
 
 peft = pytest.importorskip("peft")
@@ -47,8 +47,8 @@ def velocity(model, inputs):
 
 def make_pipeline(tokenizer, seed=0):
     from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
-    from omnigen.vae import AutoencoderKLCodec
 
     defaults = GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
@@ -203,8 +203,8 @@ def test_lora_training_changes_only_the_adapter(world, tmp_path, monkeypatch):  
     monkeypatch.setattr(trainer, "_export_final", capture)
     root, _ = world
     # a random (non-zero head) base: a fresh model's zeroed head would give the adapter no gradient
-    from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
+    from omnigen.weights.checkpoint import save_model
 
     save_model(random_model(OmniGenConfig.from_dict(PIXEL_MODEL), scale=0.05), tmp_path / "base")
     config = make_config(
@@ -232,7 +232,7 @@ def test_lora_training_changes_only_the_adapter(world, tmp_path, monkeypatch):  
     adapter_config = json.loads((final / lora.CONFIG_NAME).read_text())
     assert adapter_config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
 
-    from omnigen.checkpoint import load_model
+    from omnigen.weights.checkpoint import load_model
 
     reloaded, _ = load_model(tmp_path / "base")
     lora.load_lora(reloaded, final)
@@ -244,9 +244,9 @@ def test_lora_training_changes_only_the_adapter(world, tmp_path, monkeypatch):  
 
 def test_lora_training_resumes_exactly(world, tmp_path):  # noqa: F811
     """Stop at step 2 and resume == straight through, with LoRA dropout (reseeded per step)."""
-    from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
     from omnigen.training.trainer import train
+    from omnigen.weights.checkpoint import save_model
 
     root, _ = world
     save_model(random_model(OmniGenConfig.from_dict(PIXEL_MODEL), scale=0.05), tmp_path / "base")

@@ -1,6 +1,6 @@
 import torch
 
-from omnigen import masks
+from omnigen.model import masks
 
 
 def naive_full_mask(lengths, length, spans, n):

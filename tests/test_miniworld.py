@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omnigen.data import miniworld as mw
-from omnigen.data import miniworld_scene as world
-from omnigen.data import miniworld_tasks as tasks
-from omnigen.data import miniworld_text as wording
-from omnigen.eval import miniworld_score as score
+from omnigen.miniworld import scene as world
+from omnigen.miniworld import score, tasks
+from omnigen.miniworld import text as wording
+from omnigen.miniworld import world as mw
 
 TAG = re.compile(r"<img><\|image_(\d+)\|></img>")
 MAP_TASKS = ("cv/edges", "cv/segmentation", "cv/depth", "cv/referring")

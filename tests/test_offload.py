@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config, tiny_vae
-from omnigen.collate import collate
 from omnigen.model import offload
 from omnigen.model.layers import Block
-from omnigen.processor import OmniGenProcessor
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor
 
 EDIT = "make it blue <img><|image_1|></img>"
 MODES = [dict(separate_cfg_infer=s, offload_kv_cache=o) for s in (True, False) for o in (True, False)]
@@ -31,8 +31,8 @@ def run(pipeline, prompt, images=None, **kw):
 
 def make_pipeline(model, tokenizer):
     from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
-    from omnigen.vae import AutoencoderKLCodec
 
     defaults = GenerationConfig(
         height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"

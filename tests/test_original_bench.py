@@ -38,7 +38,7 @@ def bench_modules():
 
 
 def test_torchvision_shim_computes_our_processor_pixels(bench_modules, rgb_image):
-    from omnigen.processor import to_tensor
+    from omnigen.text.processor import to_tensor
 
     runner = bench_modules[2]
     image = rgb_image(width=48, height=32, seed=3)
@@ -59,7 +59,7 @@ def test_torchvision_shim_computes_our_processor_pixels(bench_modules, rgb_image
 def test_original_folder_holds_our_weights_and_images(bench_modules, tmp_path):
     import json
 
-    from omnigen.checkpoint import load_model
+    from omnigen.weights.checkpoint import load_model
 
     bench_pipeline, original_client, _ = bench_modules
     args = bench_pipeline.parse_args(["--hidden", "64", "--layers", "1", "--heads", "2", "--size", "32"])

@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from conftest import random_model, tiny_config, tiny_vae
-from omnigen.collate import collate
-from omnigen.placement import place_layers, plan_layers
-from omnigen.processor import OmniGenProcessor
-from omnigen.quantize import Int8Linear, linear_weight_bytes, quantize_int8
-from omnigen.step_cache import StepCache
+from omnigen.model.placement import place_layers, plan_layers
+from omnigen.sampling.step_cache import StepCache
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor
+from omnigen.weights.quantize import Int8Linear, linear_weight_bytes, quantize_int8
 
 EDIT = "make it blue <img><|image_1|></img>"
 
 
 def make_pipeline(model, tokenizer, steps: int = 3, size: int = 32):
     from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
-    from omnigen.vae import AutoencoderKLCodec
 
     defaults = GenerationConfig(
         height=size,

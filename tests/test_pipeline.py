@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnigen import masks
-from omnigen.collate import collate
-from omnigen.processor import OmniGenProcessor
+from omnigen.model import masks
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor
 
 EDIT = "make it blue <img><|image_1|></img>"
 

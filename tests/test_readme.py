@@ -448,16 +448,16 @@ def test_block_reader_markers_commands_and_errors():
 
 # ------------------------------------------------------------------------- what a new user ran into
 def test_the_load_log_names_the_folder_and_its_layout(model_folder, caplog):
-    from omnigen.checkpoint import load_model
+    from omnigen.weights.checkpoint import load_model
 
-    with caplog.at_level("INFO", logger="omnigen.checkpoint"):
+    with caplog.at_level("INFO", logger="omnigen.weights.checkpoint"):
         load_model(model_folder)
-    (message,) = [r.getMessage() for r in caplog.records if r.name == "omnigen.checkpoint"]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "omnigen.weights.checkpoint"]
     assert str(model_folder) in message and "official layout; 2 layers, hidden 32" in message, message
 
 
 def test_demo_without_gradio_says_so_before_loading_a_model(monkeypatch, caplog):
-    from omnigen.cli import main
+    from omnigen.cli.main import main
     from omnigen.pipeline import OmniGenPipeline
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio fails, find_spec finds nothing

@@ -14,14 +14,14 @@ from diffusers import OmniGenTransformer2DModel
 from diffusers.pipelines.omnigen import processor_omnigen as ref
 
 from conftest import random_model, tiny_config
-from omnigen import masks
-from omnigen.collate import collate
 from omnigen.config import OmniGenConfig
-from omnigen.flow import time_grid
-from omnigen.guidance import combine
-from omnigen.keymap import ours_to_diffusers
-from omnigen.processor import OmniGenProcessor, cfg_prompts
-from omnigen.sampling import make_noise
+from omnigen.model import masks
+from omnigen.sampling.euler import make_noise
+from omnigen.sampling.flow import time_grid
+from omnigen.sampling.guidance import combine
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor, cfg_prompts
+from omnigen.weights.keymap import ours_to_diffusers
 from torchvision_shim import Transforms as _TorchvisionTransforms
 
 PROMPT = "a red <img><|image_2|></img> cat left of <img><|image_1|></img> dog photo"

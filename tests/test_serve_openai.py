@@ -327,7 +327,7 @@ def test_mask_is_refused_by_a_pipeline_without_masked_editing(pipeline, rgb_imag
 
 
 def test_masked_edit_keeps_the_opaque_pixels(pipeline, rgb_image):
-    """Through the real pipeline (omnigen.inpaint): the opaque half is kept exactly."""
+    """Through the real pipeline (omnigen.sampling.inpaint): the opaque half is kept exactly."""
     source = rgb_image(32, 32, seed=4)
     with TestClient(create_app(pipeline, ServeSettings())) as http:
         data = {"prompt": "make it blue", "seed": "1", "response_format": "png"}

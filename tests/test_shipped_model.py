@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnigen.data import miniworld_text as mt
-from omnigen.demo_examples import check_example, load_examples
-from omnigen.eval.miniworld_score import scene_scores
+from omnigen.demo.examples import check_example, load_examples
+from omnigen.miniworld import text as mt
+from omnigen.miniworld.score import scene_scores
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.tags import IMAGE_TAG_PATTERN
+from omnigen.text.tags import IMAGE_TAG_PATTERN
 
 README_PROMPT = "a red circle in the top left on a white background"  # README command 1
 

@@ -1,4 +1,4 @@
-"""Solvers (omnigen.solvers) and the time shift (omnigen.flow): exactness of Euler against today's sampler,
+"""Solvers (omnigen.sampling.solvers) and the time shift (omnigen.sampling.flow): exactness of Euler against today's sampler,
 order of convergence on closed-form flows, equivalence with diffusers' schedulers, evaluation budgets,
 the per-state projection hook (masks) and the step cache at two evaluations per step."""
 
@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from omnigen import solvers
-from omnigen.collate import collate
-from omnigen.flow import interpolate, predict_data, resolution_shift, shift_time, time_grid
-from omnigen.processor import OmniGenProcessor
-from omnigen.sampling import euler_sample
-from omnigen.solvers import Schedule, plan, solve, step_kinds
-from omnigen.step_cache import StepCache
+from omnigen.sampling import solvers
+from omnigen.sampling.euler import euler_sample
+from omnigen.sampling.flow import interpolate, predict_data, resolution_shift, shift_time, time_grid
+from omnigen.sampling.solvers import Schedule, plan, solve, step_kinds
+from omnigen.sampling.step_cache import StepCache
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor
 
 
 # ---------------------------------------------------------------------------------------- closed-form flows

@@ -6,7 +6,7 @@ tokenizer_config.json carrying Phi-3's flags (rstrip on <|user|>, <|end|>, <|ass
 the placeholders; </s> rstrip and not special; add_bos_token; legacy false; LlamaTokenizer).
 
 The reference is transformers 4.x's ``AutoTokenizer`` (4.45 is the original's pin). transformers 5
-rebuilds Llama-class tokenizers with its own pre-tokenizer (see ``omnigen.tokenizer``), so under 5.x the
+rebuilds Llama-class tokenizers with its own pre-tokenizer (see ``omnigen.text.tokenizer``), so under 5.x the
 reference is 4.x's composition rebuilt from 5.x's parts (``reference_tokenizer``). When this test was
 written, transformers 4.45.2's ``AutoTokenizer`` (in a separate environment) gave exactly our ids on
 these strings and config variants (78 of 78), and 5.24's ``AutoTokenizer`` differed on 8 of the 13 strings.
@@ -22,8 +22,8 @@ import pytest
 
 from omnigen.generation import DEFAULT_NEGATIVE_PROMPT
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.processor import ASSISTANT, END, PREAMBLE, USER, apply_template
-from omnigen.tokenizer import Tokenizer
+from omnigen.text.processor import ASSISTANT, END, PREAMBLE, USER, apply_template
+from omnigen.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,7 +188,7 @@ def test_unknown_words_are_named_once(tokenizer, caplog):
     from conftest import make_tokenizer_backend
 
     tok = Tokenizer(make_tokenizer_backend())
-    with caplog.at_level(logging.WARNING, logger="omnigen.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="omnigen.text.tokenizer"):
         ids = tok.encode("a red Hexagon and a zebra")
         tok.encode("a Hexagon , a red zebra")  # both already named
         tok.encode("a red circle")  # all known
@@ -201,7 +201,7 @@ def test_unknown_words_are_named_once(tokenizer, caplog):
 
 
 def test_embedding_rows_cover_the_largest_id_of_a_vocabulary_with_gaps():
-    from omnigen.tokenizer import embedding_rows
+    from omnigen.text.tokenizer import embedding_rows
 
     assert embedding_rows({"<unk>": 0, "red": 1, "circle": 2}) == 3
     assert embedding_rows({"<unk>": 0, "red": 7, "circle": 2}) == 8  # ids 3-6 unused: still rows for them

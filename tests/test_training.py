@@ -36,7 +36,7 @@ PIXEL_MODEL = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """One miniworld sample of each task family, written in the X2I format."""
-    from omnigen.data.miniworld import generate, save_tokenizer
+    from omnigen.miniworld.world import generate, save_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     (root / "images").mkdir()
@@ -110,7 +110,8 @@ def test_edit_weighting_formula():
 
 
 def test_foreground_weighting_formula():
-    from omnigen.training.loss import LossSettings, foreground_mask, pixel_weights
+    from omnigen.training.config import LossSettings
+    from omnigen.training.loss import foreground_mask, pixel_weights
 
     x1 = torch.full((2, 3, 8, 8), 1.0)  # white backgrounds
     x1[0, :, 2:4, 5:7] = torch.tensor([0.7, -0.8, -0.8])[:, None, None]  # a red 2x2 object in row 0
@@ -202,7 +203,7 @@ def test_a_missing_data_set_fails_first_saying_how_to_make_it(world, tmp_path):
 
 
 def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_training(world, tmp_path):
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
 
     root, _ = world
     needed = max(Tokenizer.from_file(root / "tokenizer.json").backend.get_vocab().values()) + 1
@@ -215,8 +216,8 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_before_trainin
 
 
 def test_the_recipes_from_scratch_config_fits_the_worlds_tokenizer(tmp_path):
-    from omnigen.data.miniworld import save_tokenizer
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.miniworld.world import save_tokenizer
+    from omnigen.text.tokenizer import Tokenizer
 
     save_tokenizer(tmp_path / "tokenizer.json")
     config = TrainConfig.load("configs/miniworld.yaml")
@@ -225,10 +226,10 @@ def test_the_recipes_from_scratch_config_fits_the_worlds_tokenizer(tmp_path):
 
 
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
-    from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.weights.checkpoint import save_model
 
     root, _ = world
     new = make_config(root, tmp_path / "a", 1)
@@ -249,10 +250,10 @@ def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(
 def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
     from safetensors.torch import load_file
 
-    from omnigen.checkpoint import save_model
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.weights.checkpoint import save_model
 
     root, _ = world
     torch.manual_seed(0)
@@ -270,8 +271,8 @@ def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
 
 def test_sequence_lengths_track_the_processed_prompts_and_length_groups_train(world, tmp_path):
     from omnigen.config import OmniGenConfig
-    from omnigen.processor import OmniGenProcessor
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.processor import OmniGenProcessor
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.batches import BatchBuilder
     from omnigen.training.sampling_data import ConditionDropout
     from omnigen.training.x2i import compose_instruction, read_x2i
@@ -294,7 +295,7 @@ def _subset_tokenizer(full, keep: int):
     from tokenizers import Tokenizer as Backend
     from tokenizers.models import WordLevel
 
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
 
     vocab = full.backend.get_vocab()
     specials = [t for t, i in sorted(vocab.items(), key=lambda x: x[1]) if i < 10]
@@ -306,11 +307,11 @@ def _subset_tokenizer(full, keep: int):
 
 
 def test_fine_tuning_with_a_new_vocabulary_keeps_known_words(world, tmp_path):
-    from omnigen.checkpoint import load_model, save_model
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.grow import remap_vocabulary
+    from omnigen.weights.checkpoint import load_model, save_model
 
     root, _ = world
     full = Tokenizer.from_file(root / "tokenizer.json")
@@ -466,9 +467,9 @@ def test_grad_accum_and_batch_split_take_the_same_steps(world, tmp_path):
 def test_overfits_each_task_family_and_reproduces_targets(world, tmp_path):
     """A tiny pixel-space model trained on one sample of each family: the velocity loss falls >= 10x and
     sampling (no guidance) redraws every target closely."""
-    from omnigen.checkpoint import load_model
     from omnigen.pipeline import OmniGenPipeline
     from omnigen.training.x2i import compose_instruction, read_x2i
+    from omnigen.weights.checkpoint import load_model
 
     root, samples = world
     config = make_config(root, tmp_path, 1600)
@@ -489,13 +490,14 @@ def _eval_loss(root, config, model):
     """Mean velocity loss over the 6 samples at 8 fixed draws of (t, noise); a zero model if None."""
     from omnigen.config import OmniGenConfig
     from omnigen.model import OmniGenModel
-    from omnigen.processor import OmniGenProcessor
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.model.vae import IdentityCodec
+    from omnigen.text.processor import OmniGenProcessor
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.batches import BatchBuilder
-    from omnigen.training.loss import LossSettings, flow_matching_loss
+    from omnigen.training.config import LossSettings
+    from omnigen.training.loss import flow_matching_loss
     from omnigen.training.sampling_data import ConditionDropout
     from omnigen.training.x2i import read_x2i
-    from omnigen.vae import IdentityCodec
 
     if model is None:
         torch.manual_seed(0)
@@ -530,11 +532,11 @@ def _random_pixel_model(layers):
 
 def _edit_latents(model, root, samples, folder):
     """The final latents of 3 guided steps on the world's first edit sample, through a saved model folder."""
-    from omnigen.checkpoint import save_model
     from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import IdentityCodec
     from omnigen.pipeline import OmniGenPipeline
-    from omnigen.tokenizer import Tokenizer
-    from omnigen.vae import IdentityCodec
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.weights.checkpoint import save_model
 
     save_model(model, folder)
     Tokenizer.from_file(root / "tokenizer.json").save(folder)
@@ -555,9 +557,9 @@ def _edit_latents(model, root, samples, folder):
 
 
 def test_grow_width_keeps_the_outputs_and_trains_the_new_units(world, tmp_path):
-    from omnigen.checkpoint import load_model, save_model
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.grow import grow_width
+    from omnigen.weights.checkpoint import load_model, save_model
 
     root, samples = world
     model = _random_pixel_model(2)
@@ -618,8 +620,8 @@ def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp
 
 
 def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
-    from omnigen.checkpoint import load_model, save_model
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.weights.checkpoint import load_model, save_model
 
     root, _ = world
     save_model(_random_pixel_model(2), tmp_path / "base")
@@ -669,12 +671,12 @@ def test_mixed_precision_trains_and_resumes_with_its_loss_scale(world, tmp_path,
 
 
 def test_validation_loss_is_the_exported_ema_models_loss_at_fixed_draws(world, tmp_path):
-    from omnigen.checkpoint import load_model
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.model.vae import IdentityCodec
+    from omnigen.text.tokenizer import Tokenizer
     from omnigen.training.batches import BatchBuilder
     from omnigen.training.distributed import Runtime
     from omnigen.training.validation import Validator
-    from omnigen.vae import IdentityCodec
+    from omnigen.weights.checkpoint import load_model
 
     root, _ = world
     kw = dict(ema_decay=0.5, val_data=str(root / "train.jsonl"), val_every=2, val_samples=5, edit_weight=3.0)

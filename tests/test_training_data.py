@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from omnigen.model.vae import IdentityCodec
 from omnigen.training import trainer
 from omnigen.training.batches import BatchBuilder, fill_pixels
 from omnigen.training.latent_cache import LatentCache
 from omnigen.training.sampling_data import ShardedBucketSampler, shard
 from omnigen.training.trainer import precompute_latents, train
-from omnigen.vae import IdentityCodec
 from test_training import make_config
 
 SHAPES = {"square": (16, 16), "wide": (16, 24), "tall": (32, 16)}  # (height, width) of the files
@@ -30,7 +30,7 @@ BUCKETS = {"square": (16, 16), "wide": (12, 16), "tall": (20, 8)}  # at resoluti
 def raw_world(tmp_path_factory):
     """Per shape: a text-to-image sample and an edit (input of the output's size); plus a subject sample
     whose input (wide) differs from its output (square)."""
-    from omnigen.data.miniworld import save_tokenizer
+    from omnigen.miniworld.world import save_tokenizer
 
     root = tmp_path_factory.mktemp("raw_world")
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def raw_config(root, out, steps, batch_size=2, **kw):
 
 def builder_for(config, codec=None):
     from omnigen.config import OmniGenConfig
-    from omnigen.tokenizer import Tokenizer
+    from omnigen.text.tokenizer import Tokenizer
 
     model_config = OmniGenConfig.from_dict(config.model)
     tokenizer = Tokenizer.from_file(config.tokenizer)

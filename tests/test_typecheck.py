@@ -1,4 +1,4 @@
-"""omnigen.typecheck: YAML numbers and dataclass field checks."""
+"""omnigen.util.typecheck: YAML numbers and dataclass field checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from omnigen.typecheck import check_fields, load_yaml
+from omnigen.util.typecheck import check_fields, load_yaml
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from omnigen.tags import image_tag, validate_image_tags
+from omnigen.text.tags import image_tag, validate_image_tags
 from omnigen.training.sampling_data import (
     ConditionDropout,
     ShardedBucketSampler,

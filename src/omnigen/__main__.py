@@ -1,3 +1,3 @@
-from omnigen.cli import main
+from omnigen.cli.main import main
 
 raise SystemExit(main())

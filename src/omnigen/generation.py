@@ -21,8 +21,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from omnigen.checks import check_bool, check_choice, check_float, check_int, check_str
-from omnigen.solvers import SOLVERS
+from omnigen.sampling.solvers import SOLVERS
+from omnigen.util.checks import check_bool, check_choice, check_float, check_int, check_str
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class GenerationConfig:
         None, "int", "noise seed; image k uses seed + k (None: random)", low=0, optional=True
     )
     num_images_per_prompt: int = _param(1, "int", "images per prompt", low=1, aliases=("--num-images",))
-    sampler: str = _param("euler", "choice", "ODE solver (omnigen.solvers)", choices=SOLVERS)
+    sampler: str = _param("euler", "choice", "ODE solver (omnigen.sampling.solvers)", choices=SOLVERS)
     time_shift: float | None = _param(
         None,
         "float",
@@ -160,7 +160,7 @@ class GenerationConfig:
     step_cache_threshold: float | None = _param(
         None,
         "float",
-        "skip layers at near-identical steps (omnigen.step_cache; None: off)",
+        "skip layers at near-identical steps (omnigen.sampling.step_cache; None: off)",
         low=0,
         optional=True,
         aliases=("--step-cache",),

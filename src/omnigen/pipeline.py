@@ -7,19 +7,19 @@ output tokens run at each step.
 
 Every generation parameter, its default and its allowed range is a field of
 ``omnigen.generation.GenerationConfig``; the pipeline's ``defaults`` is the model folder's, and a call's
-keyword overrides are validated by ``defaults.replace``. The solver is ``omnigen.solvers`` (``sampler``,
-``time_shift``); the guided velocity over the CFG branches is ``omnigen.guidance``'s.
+keyword overrides are validated by ``defaults.replace``. The solver is ``omnigen.sampling.solvers`` (``sampler``,
+``time_shift``); the guided velocity over the CFG branches is ``omnigen.sampling.guidance``'s.
 
 Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --options``):
 - ``mask_free_attention`` (on): a cached step whose rows have no padding (separate CFG with one prompt)
   runs its attention without a mask; exact.
 - ``step_cache_threshold`` (off): skip the layers after the first at steps whose input barely changed
-  (``omnigen.step_cache``); an approximation.
+  (``omnigen.sampling.step_cache``); an approximation.
 - ``compile()`` (opt-in): ``torch.compile`` of the decoder blocks.
-- ``omnigen.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
+- ``omnigen.weights.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
 - fp16 guard (on, ``model.llm.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
-- ``omnigen.placement.place_layers(pipe.model, devices)``: decoder layers split over several devices.
+- ``omnigen.model.placement.place_layers(pipe.model, devices)``: decoder layers split over several devices.
 """
 
 from __future__ import annotations
@@ -33,20 +33,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from omnigen.checkpoint import load_model, resolve_model_path
-from omnigen.collate import collate
 from omnigen.generation import GenerationConfig
-from omnigen.guidance import branch_rows, guided_velocity
-from omnigen.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
 from omnigen.model import OmniGenModel
-from omnigen.placement import place_model, resolve_dtype
-from omnigen.processor import OmniGenProcessor, cfg_prompts, resized_size
-from omnigen.sampling import make_noise
-from omnigen.solvers import plan, solve
-from omnigen.step_cache import StepCache
-from omnigen.tokenizer import Tokenizer
+from omnigen.model.placement import place_model, resolve_dtype
+from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
+from omnigen.sampling.euler import make_noise
+from omnigen.sampling.guidance import branch_rows, guided_velocity
+from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
+from omnigen.sampling.solvers import plan, solve
+from omnigen.sampling.step_cache import StepCache
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor, cfg_prompts, resized_size
+from omnigen.text.tokenizer import Tokenizer
 from omnigen.types import ProcessedPrompt
-from omnigen.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
+from omnigen.weights.checkpoint import load_model, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class OmniGenPipeline:
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
 
-        ``mask`` (``omnigen.inpaint``): regenerate only where it is white on the first input image (the
+        ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
         seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
         """
@@ -330,32 +330,32 @@ class OmniGenPipeline:
         overwrite: bool = False,
     ) -> Path:
         """Write a model folder in the official OmniGen-v1 ("original") or the "diffusers" layout
-        (``omnigen.export.save_pretrained``)."""
-        from omnigen.export import save_pretrained
+        (``omnigen.weights.export.save_pretrained``)."""
+        from omnigen.weights.export import save_pretrained
 
         return save_pretrained(self, folder, layout=layout, dtype=dtype, overwrite=overwrite)
 
-    # ------------------------------------------------------------------ LoRA (see omnigen.lora)
+    # ------------------------------------------------------------------ LoRA (see omnigen.weights.lora)
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Inject the peft-format adapter in ``path`` (ours or the original OmniGen's) into the model."""
-        from omnigen import lora
+        from omnigen.weights import lora
 
         lora.load_lora(self.model, path, scale=scale)
 
     def merge_lora(self) -> None:
         """Fold the loaded adapter into the base weights (same outputs, no per-step LoRA cost)."""
-        from omnigen import lora
+        from omnigen.weights import lora
 
         lora.merge_lora(self.model)
 
     def unmerge_lora(self) -> None:
-        from omnigen import lora
+        from omnigen.weights import lora
 
         lora.unmerge_lora(self.model)
 
     def unload_lora(self) -> None:
         """Remove the adapter and restore the base weights."""
-        from omnigen import lora
+        from omnigen.weights import lora
 
         lora.unload_lora(self.model)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from omnigen.cli_args import add_model_args, load_pipeline
+from omnigen.cli.args import add_model_args, load_pipeline
 from omnigen.generation import MAX_CONDITION_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 
 def add_batch_args(p: argparse.ArgumentParser) -> None:
-    """The model flags (``omnigen.cli_args``) and the batching flags of ``batch`` and ``eval``."""
+    """The model flags (``omnigen.cli.args``) and the batching flags of ``batch`` and ``eval``."""
     add_model_args(p)
     p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -9,8 +9,8 @@ from typing import Any
 from PIL import Image
 
 from omnigen.batch.requests import PARAMETERS, Request
-from omnigen.inpaint import check_output_size, prepare_canvas_mask
-from omnigen.processor import load_image, resize_and_crop
+from omnigen.sampling.inpaint import check_output_size, prepare_canvas_mask
+from omnigen.text.processor import load_image, resize_and_crop
 
 
 def resolve_params(pipe: Any, request: Request, max_condition_tokens: int | None = None) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from omnigen import generation
-from omnigen.checks import check_int
-from omnigen.tags import validate_image_tags
+from omnigen.text.tags import validate_image_tags
+from omnigen.util.checks import check_int
 
 # Generation parameters a line may set: every request- and operator-scope field of GenerationConfig but
 # the two the format has its own keys for ("seed", and "n" for num_images_per_prompt).

@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from omnigen.data.miniworld import SPLITS
+    from omnigen.miniworld.world import SPLITS
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run_miniworld(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omnigen.data.miniworld import save_tokenizer, write_dataset
+    from omnigen.miniworld.world import save_tokenizer, write_dataset
 
     weights = {}
     for item in args.weight:

@@ -15,7 +15,7 @@ from typing import Any
 
 from omnigen.batch.cli import add_batch_args
 from omnigen.batch.requests import PARAMETERS
-from omnigen.cli_args import add_generation_args, generation_overrides, load_pipeline
+from omnigen.cli.args import add_generation_args, generation_overrides, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from omnigen.data.miniworld import SPLITS
+    from omnigen.miniworld.world import SPLITS
 
     p = sub.add_parser("eval", help="benchmarks: miniworld, GenEval, EMU-Edit, DreamBench, controllability")
     ev = p.add_subparsers(dest="eval_command", required=True)

@@ -30,7 +30,6 @@ import numpy as np
 from PIL import Image
 
 from omnigen.batch.requests import Request
-from omnigen.checkpoint import atomic_write
 from omnigen.eval.common import iter_table, mean, metric_table, open_image
 from omnigen.eval.metrics import (
     SegmentationIoU,
@@ -41,6 +40,7 @@ from omnigen.eval.metrics import (
     hed_ssim,
     rmse,
 )
+from omnigen.weights.checkpoint import atomic_write
 
 logger = logging.getLogger(__name__)
 

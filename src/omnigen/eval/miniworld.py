@@ -1,7 +1,7 @@
 """``omnigen eval miniworld``: generate a split of the miniature world, run the pipeline, score it.
 
 Owns the sample-to-prompt step (`compose_few_shot`, over `tags.compose_few_shot`), batching of the
-samples and the summary: accuracy per family and per task (`omnigen.eval.miniworld_score`), and for the few-shot-only
+samples and the summary: accuracy per family and per task (`omnigen.miniworld.score`), and for the few-shot-only
 tasks the score with the worked example against the same query without it. Writes nothing itself.
 
 Seeds: sample i is generated with noise seed `seed + i`; its no-example twin uses the same seed, so the
@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from omnigen import tags
 from omnigen.batch.runner import Job, consecutive_batches
-from omnigen.data import miniworld as mw
-from omnigen.data.miniworld_tasks import FEW_SHOT_ONLY_TASKS
 from omnigen.eval.common import format_table
-from omnigen.eval.miniworld_score import score_sample, summarize
+from omnigen.miniworld import world as mw
+from omnigen.miniworld.score import score_sample, summarize
+from omnigen.miniworld.tasks import FEW_SHOT_ONLY_TASKS
+from omnigen.text import tags
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ compute device one layer at a time, the copy of layer i+1 overlapping the comput
 
 This module owns every host<->device move of the decoder's weights (``offload_model``) and of an
 offloaded ``ConditionCache`` (``offload_kv_cache``); the transformer's layer loop asks ``stream_layers``
-for each layer in turn. It does not decide where anything else lives (``omnigen.placement``).
+for each layer in turn. It does not decide where anything else lives (``omnigen.model.placement``).
 
 - Weights: ``OffloadedWeights`` keeps one host master copy of each parameter and buffer of the decoder
   layers, pinned when CUDA is available (so the copies can run asynchronously). At rest the layers'

@@ -4,7 +4,7 @@ The condition is text with input-image latents scattered into their placeholder 
 returns the velocity for the output latents. Two ways to run it, with equal results:
 - ``forward(x, t, condition)``: the whole sequence in one pass (training, reference);
 - ``prefill(condition, n)`` once, then ``forward(x, t, cache=cache)`` every sampling step.
-A step may also take a ``StepCache`` (``omnigen.step_cache``) that skips most layers at steps whose input
+A step may also take a ``StepCache`` (``omnigen.sampling.step_cache``) that skips most layers at steps whose input
 barely changed: an approximation, off unless asked for.
 
 Legend: B batch, C latent channels, H/W latent size, P patch, N output tokens, Lc condition length,
@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from omnigen import masks
+import omnigen.model.masks as masks
 from omnigen.config import OmniGenConfig
 from omnigen.model.cache import ConditionCache, copies_per_row
 from omnigen.model.embeddings import (
@@ -31,7 +31,7 @@ from omnigen.model.embeddings import (
     unpatchify,
 )
 from omnigen.model.transformer import Transformer
-from omnigen.step_cache import StepCache
+from omnigen.sampling.step_cache import StepCache
 from omnigen.types import Condition
 
 
@@ -159,7 +159,7 @@ class OmniGenModel(nn.Module):
         fewer rows than x (Bc dividing B): each of its rows then serves B // Bc consecutive rows of x
         (several images of one prompt), broadcast rather than stored once per image.
         ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
-        their residual from an earlier step (``omnigen.step_cache``).
+        their residual from an earlier step (``omnigen.sampling.step_cache``).
         """
         if (condition is None) == (cache is None):
             raise ValueError("give exactly one of `condition` or `cache`")

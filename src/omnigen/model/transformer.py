@@ -2,7 +2,7 @@
 
 Besides the plain pass it can: run a sub-range of its layers (the step cache runs the first layer, then
 decides whether to run the rest), keep an fp32 residual stream under fp16 weights (``fp16_guard``), and
-run its layers spread over several devices (``layer_devices``, set by ``omnigen.placement``), moving the
+run its layers spread over several devices (``layer_devices``, set by ``omnigen.model.placement``), moving the
 hidden states from one device to the next, or stream offloaded weights and keys/values to the device layer
 by layer (``omnigen.model.offload``).
 
@@ -35,7 +35,7 @@ class Transformer(nn.Module):
         # With fp16 weights, carry the residual stream in fp32: Phi-3's residual activations can exceed
         # fp16's 65504 and then become inf, and NaN after the next RMSNorm. Costs only elementwise work.
         self.fp16_guard = True
-        # Device of each layer when the stack is split over devices (omnigen.placement); None: one device.
+        # Device of each layer when the stack is split over devices (omnigen.model.placement); None: one device.
         self.layer_devices: list[torch.device] | None = None
         # Host master weights of the layers under ``offload_layers`` (omnigen.model.offload); None: off.
         self.offloaded: OffloadedWeights | None = None

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from omnigen import generation
-from omnigen.cli_args import add_generation_args, add_model_args
+from omnigen.cli.args import add_generation_args, add_model_args
 from omnigen.serve.settings import ServeSettings
 
 API_KEY_ENV = "OMNIGEN_API_KEY"
@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         from omnigen.serve.app import create_app
     except ImportError as err:
         raise ImportError(f"omnigen serve needs {err.name}: pip install 'omnigen-unified[serve]'") from err
-    from omnigen.cli_args import generation_overrides, load_pipeline
+    from omnigen.cli.args import generation_overrides, load_pipeline
 
     settings = settings_from_args(args)
     modes = generation_overrides(args, generation.names("operator"))

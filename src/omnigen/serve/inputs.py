@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from omnigen import generation
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
-from omnigen.tags import validate_image_tags
+from omnigen.text.tags import validate_image_tags
 
 MAX_SEED = 2**53  # exact in JSON numbers
 
@@ -289,7 +289,7 @@ def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
     takes a queue slot; ``{}`` without a mask."""
     if mask is None:
         return {}
-    from omnigen.inpaint import check_output_size, prepare_canvas_mask
+    from omnigen.sampling.inpaint import check_output_size, prepare_canvas_mask
 
     images = kwargs.get("input_images") or []
     if not images:

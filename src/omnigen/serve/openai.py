@@ -39,7 +39,7 @@ from omnigen.serve.inputs import (
 from omnigen.serve.jobs import ClientGone, run_job
 from omnigen.serve.settings import ServeSettings
 from omnigen.serve.worker import GeneratedImage
-from omnigen.tags import BARE_TAG_PATTERN, image_tag
+from omnigen.text.tags import BARE_TAG_PATTERN, image_tag
 
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
@@ -139,7 +139,7 @@ def tagged_prompt(prompt: str, count: int) -> str:
 
 def request_mask(data: bytes | None, edit: bool, pipe: Any, settings: ServeSettings) -> Any:
     """The request's ``mask`` as the pipeline's (white = regenerate): on edits OpenAI's (fully transparent =
-    edit there), on generations ours (white = regenerate, black = keep; read by ``omnigen.inpaint``)."""
+    edit there), on generations ours (white = regenerate, black = keep; read by ``omnigen.sampling.inpaint``)."""
     if data is None:
         return None
     if "mask" not in inspect.signature(pipe).parameters:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omnigen.checks import check_float, check_int
 from omnigen.generation import MAX_CONDITION_TOKENS
+from omnigen.util.checks import check_float, check_int
 
 
 @dataclass(frozen=True)

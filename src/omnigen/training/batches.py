@@ -26,17 +26,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from omnigen.collate import collate
 from omnigen.config import OmniGenConfig
-from omnigen.processor import OmniGenProcessor, load_image, to_tensor
-from omnigen.tags import IMAGE_TAG_PATTERN
-from omnigen.tokenizer import TextTokenizer
+from omnigen.model.vae import LatentCodec
+from omnigen.text.collate import collate
+from omnigen.text.processor import OmniGenProcessor, load_image, to_tensor
+from omnigen.text.tags import IMAGE_TAG_PATTERN
+from omnigen.text.tokenizer import TextTokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.training.latent_cache import LatentCache, codec_fingerprint
 from omnigen.training.sampling_data import ConditionDropout, bucket_for, make_buckets, sample_generator, shard
 from omnigen.training.x2i import X2ISample, compose_instruction, read_x2i
 from omnigen.types import Condition
-from omnigen.vae import LatentCodec
 
 Size = tuple[int, int]  # (height, width) in pixels
 

@@ -91,6 +91,6 @@ def resume(run: Run) -> ResumePoint:
 
 def save_adapter(run: Run, target: Path, state: dict[str, Any], ema_state: dict[str, Any] | None) -> None:
     """A PEFT adapter folder of ``state`` with the EMA tensors (if any) in place of the last weights."""
-    from omnigen.lora import save_lora
+    from omnigen.weights.lora import save_lora
 
     save_lora(run.model, target, state_dict={**state, **(ema_state or {})}, base_model=run.base_reference)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from omnigen.cli_args import add_device_arg
+from omnigen.cli.args import add_device_arg
 from omnigen.training.config import describe_fields
 
 

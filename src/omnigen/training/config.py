@@ -7,13 +7,24 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omnigen.checks import check_int
-from omnigen.tokenizer import embedding_rows
-from omnigen.typecheck import check_fields, load_yaml
+from omnigen.text.tokenizer import embedding_rows
+from omnigen.util.checks import check_int
+from omnigen.util.typecheck import check_fields, load_yaml
 
 if TYPE_CHECKING:
     from omnigen.config import OmniGenConfig
-    from omnigen.training.loss import LossSettings
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How a batch's loss is weighted; ``TrainConfig.loss_settings()`` builds it from a run's config."""
+
+    t_distribution: str = "logit_normal"
+    edit_weight: float = 1.0
+    edit_threshold: float = 0.1
+    foreground_weight: float = 1.0
+    foreground_threshold: float = 0.1
+    foreground_dilate: int = 0
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """``lora:`` of a run: LoRA adapters instead of a full fine-tune (``omnigen.lora.add_lora``)."""
+    """``lora:`` of a run: LoRA adapters instead of a full fine-tune (``omnigen.weights.lora.add_lora``)."""
 
     rank: int
     alpha: float | None = None  # the scale is alpha / rank; None: alpha = rank (scale 1)
@@ -72,7 +83,7 @@ class LoraSettings:
         return cls(**data)
 
     def arguments(self) -> dict[str, Any]:
-        """``omnigen.lora.add_lora`` keyword arguments."""
+        """``omnigen.weights.lora.add_lora`` keyword arguments."""
         return {
             "rank": self.rank,
             "alpha": self.alpha,
@@ -231,7 +242,6 @@ class TrainConfig:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def loss_settings(self) -> LossSettings:
-        from omnigen.training.loss import LossSettings
 
         return LossSettings(
             self.t_distribution,
@@ -247,8 +257,8 @@ class TrainConfig:
         ``grow_layers`` that many layers), else ``model``."""
         from dataclasses import replace
 
-        from omnigen.checkpoint import load_config, resolve_layout
         from omnigen.config import OmniGenConfig
+        from omnigen.weights.checkpoint import load_config, resolve_layout
 
         if self.init_from:
             config = load_config(resolve_layout(self.init_from))
@@ -270,8 +280,8 @@ class TrainConfig:
         else None (also when the base folder has no tokenizer: its ids are then taken as ``tokenizer``'s)."""
         if not (self.init_from and self.tokenizer):
             return None
-        from omnigen.checkpoint import resolve_layout
-        from omnigen.tokenizer import Tokenizer
+        from omnigen.text.tokenizer import Tokenizer
+        from omnigen.weights.checkpoint import resolve_layout
 
         base_file = resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json"
         if not base_file.is_file():
@@ -286,7 +296,7 @@ class TrainConfig:
             return self.tokenizer
         if not self.init_from:
             raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
-        from omnigen.checkpoint import resolve_layout
+        from omnigen.weights.checkpoint import resolve_layout
 
         return str(resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json")
 
@@ -386,6 +396,6 @@ def describe_fields() -> str:
 
 
 def _default_lora_targets() -> tuple[str, ...]:
-    from omnigen.lora import DEFAULT_TARGET_MODULES
+    from omnigen.weights.lora import DEFAULT_TARGET_MODULES
 
     return DEFAULT_TARGET_MODULES

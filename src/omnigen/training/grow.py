@@ -22,7 +22,7 @@ from torch import nn
 
 from omnigen.model.layers import Block
 from omnigen.model.omnigen import OmniGenModel
-from omnigen.tokenizer import embedding_rows
+from omnigen.text.tokenizer import embedding_rows
 
 logger = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ def _read_index(path: Path) -> dict[str, tuple[str, str]]:
 def codec_fingerprint(codec: object, source: str) -> str:
     """What identifies the latents a codec makes: the identity codec's settings, or the VAE folder (its
     resolved path and the newest mtime of its files) and dtype."""
-    from omnigen.vae import IdentityCodec
+    from omnigen.model.vae import IdentityCodec
 
     if isinstance(codec, IdentityCodec):
         return f"identity-c{codec.channels}-s{codec.scale}"

@@ -1,6 +1,6 @@
 """The training objective: rectified-flow velocity MSE with OmniGen's edit weighting, generalised.
 
-For a target latent x1, noise x0 ~ N(0, I) and t ~ p(t) (see ``omnigen.flow``):
+For a target latent x1, noise x0 ~ N(0, I) and t ~ p(t) (see ``omnigen.sampling.flow``):
 
     x_t = t x1 + (1 - t) x0,   v = x1 - x0,   loss_b = sum_i w_i (f(x_t, t, c)_i - v_i)^2 / sum_i w_i
 
@@ -25,21 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from omnigen.flow import interpolate, sample_t, velocity_target
 from omnigen.model import OmniGenModel
+from omnigen.sampling.flow import interpolate, sample_t, velocity_target
 from omnigen.training.batches import TrainBatch
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """How a batch's loss is weighted; ``TrainConfig.loss_settings()`` builds it from a run's config."""
-
-    t_distribution: str = "logit_normal"
-    edit_weight: float = 1.0
-    edit_threshold: float = 0.1
-    foreground_weight: float = 1.0
-    foreground_threshold: float = 0.1
-    foreground_dilate: int = 0
+from omnigen.training.config import LossSettings
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from omnigen.model import OmniGenModel
-from omnigen.tokenizer import Tokenizer
+from omnigen.text.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
@@ -60,7 +60,7 @@ def start_run(
     """Everything around ``model`` that training needs (module docstring); no weights are loaded here."""
     device = runtime.device
     if config.lora is not None:
-        from omnigen.lora import add_lora
+        from omnigen.weights.lora import add_lora
 
         torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
         add_lora(model, **config.lora.arguments())

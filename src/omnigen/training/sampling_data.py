@@ -17,8 +17,8 @@ from typing import Literal, TypeVar
 
 import torch
 
-from omnigen.checks import check_int
-from omnigen.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
+from omnigen.text.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
+from omnigen.util.checks import check_int
 
 logger = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from omnigen.checkpoint import build_model, load_model, save_model
 from omnigen.config import OmniGenConfig
 from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.tokenizer import Tokenizer, embedding_rows
+from omnigen.model.vae import AutoencoderKLCodec, IdentityCodec
+from omnigen.text.tokenizer import Tokenizer, embedding_rows
 from omnigen.training import checkpointing, distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
@@ -42,7 +42,7 @@ from omnigen.training.run_log import RunLog
 from omnigen.training.schedule import BatchStream, lr_at
 from omnigen.training.step import train_step
 from omnigen.training.validation import Validator, swapped_in
-from omnigen.vae import AutoencoderKLCodec, IdentityCodec
+from omnigen.weights.checkpoint import build_model, load_model, save_model
 
 __all__ = ["export", "lr_at", "precompute_latents", "train"]
 
@@ -203,7 +203,7 @@ def _base_reference(config: TrainConfig, model, tokenizer, codec, out: Path, mai
 
 def _export_final(config, model, trainable, ema, tokenizer, codec, final, base_reference, runtime) -> None:
     """The EMA weights (or the last ones): a model folder, or a LoRA adapter folder."""
-    from omnigen.lora import save_lora
+    from omnigen.weights.lora import save_lora
 
     ema_state = distributed.gather_tensors(ema, runtime) if ema is not None else {}
     if config.lora is not None:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from omnigen.tags import compose_few_shot, validate_image_tags
+from omnigen.text.tags import compose_few_shot, validate_image_tags
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from omnigen.data import miniworld_scene as ms
-from omnigen.data.miniworld_tasks import relation_holds
+from omnigen.miniworld import scene as ms
+from omnigen.miniworld.tasks import relation_holds
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 This module owns the demo's controls (those of the original OmniGen app: prompt with image tags, three
 image slots, then one control per request field of ``GenerationConfig``; the memory modes are
-``omnigen demo`` flags; a brush on image 1 paints a mask, ``omnigen.inpaint``), turning their values
+``omnigen demo`` flags; a brush on image 1 paints a mask, ``omnigen.sampling.inpaint``), turning their values
 into one pipeline call (``run_generation``, testable without gradio), the live progress bar and the
 clickable example gallery. Gradio is imported only inside the functions that need it, and nothing is
 loaded or launched at import: the CLI builds the pipeline and launches the Blocks.
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageChops
 
 from omnigen import generation
-from omnigen.checks import check_float, check_int
-from omnigen.demo_examples import MAX_INPUT_IMAGES, DemoExample, default_examples_dir, load_examples
+from omnigen.demo.examples import MAX_INPUT_IMAGES, DemoExample, default_examples_dir, load_examples
+from omnigen.util.checks import check_float, check_int
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -346,7 +346,7 @@ def launch_demo(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = Non
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from omnigen.cli_args import add_generation_args, add_model_args
+    from omnigen.cli.args import add_generation_args, add_model_args
 
     p = sub.add_parser("demo", help="launch the web UI (gradio)")
     add_model_args(p, device_default="cpu")
@@ -360,7 +360,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from omnigen.cli_args import generation_overrides, load_pipeline
+    from omnigen.cli.args import generation_overrides, load_pipeline
 
     if importlib.util.find_spec("gradio") is None:  # say so before the model loads
         raise ImportError("the demo needs gradio: pip install 'omnigen-unified[demo]'")

@@ -1,5 +1,5 @@
-"""Writing a pipeline as a model folder in either checkpoint layout: ``save_pretrained`` and
-``omnigen export`` (a model folder in, optionally with a LoRA adapter merged, a folder out).
+"""Writing a pipeline as a model folder in either checkpoint layout: ``save_pretrained`` (the command
+``omnigen export`` is ``omnigen.cli.export``).
 
 - ``"original"``: the official OmniGen-v1 layout, which the original package's ``OmniGen.from_pretrained``
   reads: ``config.json`` (Phi-3 form; our image geometry in its ``omnigen`` section, which Phi3Config
@@ -21,7 +21,6 @@ merged first (``pipe.merge_lora()``; it is folded into the plain weights); a qua
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -30,10 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import save_file
 
-from omnigen.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, atomic_folder, check_state_dict
 from omnigen.config import OmniGenConfig
-from omnigen.keymap import ours_to_diffusers
 from omnigen.model import OmniGenModel
+from omnigen.weights.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, atomic_folder, check_state_dict
+from omnigen.weights.keymap import ours_to_diffusers
 
 if TYPE_CHECKING:
     from omnigen.pipeline import OmniGenPipeline
@@ -97,7 +96,7 @@ def save_pretrained(
 
 def plain_state_dict(model: OmniGenModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under the official key names, on the CPU, a merged LoRA adapter folded in."""
-    from omnigen import lora
+    from omnigen.weights import lora
 
     if any(not layer.merged for layer in lora.lora_layers(model).values()):
         raise ValueError("the model has an unmerged LoRA adapter: call merge_lora() first (or unload_lora())")
@@ -177,64 +176,3 @@ def _warn_if_not_original(config: OmniGenConfig, codec) -> None:  # a LatentCode
             ORIGINAL_GEOMETRY,
             differ,
         )
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export", help="write a model folder in the official OmniGen-v1 or the diffusers layout"
-    )
-    p.add_argument("out", help="folder to write (must not exist or be empty, unless --overwrite)")
-    p.add_argument(
-        "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
-    )
-    p.add_argument("--vae", default=None, help="VAE folder when the model folder has none")
-    p.add_argument("--layout", choices=LAYOUTS, default="original", help="default: original")
-    p.add_argument("--lora", default=None, metavar="PATH", help="LoRA adapter folder to merge in first")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="adapter scale when merging (default: 1)")
-    p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype to write (default: as stored)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    export(
-        args.out,
-        model=args.model,
-        layout=args.layout,
-        lora=args.lora,
-        lora_scale=args.lora_scale,
-        vae=args.vae,
-        dtype=None if args.dtype is None else DTYPES[args.dtype],
-        overwrite=args.overwrite,
-    )
-    return 0
-
-
-def export(
-    out: str | Path,
-    model: str | Path | None = None,
-    layout: str = "original",
-    lora: str | Path | None = None,
-    lora_scale: float = 1.0,
-    vae: str | Path | None = None,
-    dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Load ``model`` (with ``lora`` merged at ``lora_scale``: merged in fp32, written in the stored dtype
-    unless ``dtype`` is given) and write it to ``out`` in ``layout``."""
-    from omnigen import lora as lora_lib
-    from omnigen.pipeline import OmniGenPipeline
-
-    if layout not in LAYOUTS:  # before loading anything
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=None)  # as stored
-    stored = next(pipe.model.parameters()).dtype
-    if lora is not None:
-        if stored != torch.float32:  # merge at full precision
-            pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=torch.float32)
-        pipe.load_lora(lora, scale=lora_scale)
-        lora_lib.unload_lora(pipe.model, merge=True)
-    return save_pretrained(pipe, out, layout=layout, dtype=dtype or stored, overwrite=overwrite)

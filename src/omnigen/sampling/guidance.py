@@ -20,7 +20,7 @@ import torch
 if TYPE_CHECKING:
     from omnigen.generation import GenerationConfig
     from omnigen.model import OmniGenModel
-    from omnigen.step_cache import StepCache
+    from omnigen.sampling.step_cache import StepCache
     from omnigen.types import Condition, ProcessedPrompt
 
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from omnigen.config import OmniGenConfig
-from omnigen.tags import BARE_TAG_PATTERN, image_tag, validate_image_tags
-from omnigen.tokenizer import TextTokenizer
+from omnigen.text.tags import BARE_TAG_PATTERN, image_tag, validate_image_tags
+from omnigen.text.tokenizer import TextTokenizer
 from omnigen.types import ProcessedPrompt
 
 USER = "<|user|>\n"

@@ -10,10 +10,10 @@ The **canvas** is the first input image of a prompt as the pipeline prepares it 
 its size. The mask (white = regenerate, black = keep; grey = a soft mix) is resized to the input image
 and goes through the same resize and crop, so it stays aligned with the canvas.
 
-Sampling (``MaskedEdit.blend``, the ``project`` hook of ``omnigen.solvers.solve``): every state x at time t
+Sampling (``MaskedEdit.blend``, the ``project`` hook of ``omnigen.sampling.solvers.solve``): every state x at time t
 becomes m x + (1 - m) (t x1_input + (1 - t) x0), with m the mask downsampled by the codec's factor (max
 pooling: a latent cell holding any pixel to regenerate is free), x1_input the canvas's latents and x0 the
-run's own noise (``omnigen.flow``'s convention, noise at t = 0). The kept region thus follows the input's
+run's own noise (``omnigen.sampling.flow``'s convention, noise at t = 0). The kept region thus follows the input's
 own flow path and the edit harmonises with it. At the end the decoded image is composited with the
 canvas in pixel space with the (feathered) pixel mask, so every pixel where that mask is 0 is exactly the
 canvas's: in uint8 for PIL outputs (``composite_image``), in the [-1, 1] tensor for tensor outputs
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageFilter, UnidentifiedImageError
 
-from omnigen.flow import interpolate
-from omnigen.processor import load_image, resize_and_crop, to_tensor
-from omnigen.vae import LatentCodec
+from omnigen.model.vae import LatentCodec
+from omnigen.sampling.flow import interpolate
+from omnigen.text.processor import load_image, resize_and_crop, to_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ logger = logging.getLogger("omnigen")
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    from omnigen.cli_args import add_generation_args, add_model_args
+    from omnigen.cli.args import add_generation_args, add_model_args
 
     p = sub.add_parser("generate", help="generate an image from a prompt (and input images)")
     p.add_argument("prompt", help="the instruction; reference input images as <img><|image_1|></img>, ...")
@@ -83,8 +83,8 @@ def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tu
         if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
             raise ValueError(f"--outpaint {pads!r}: give LEFT,RIGHT,TOP,BOTTOM pixels, e.g. 0,8,0,0")
         return tuple(int(p) for p in parts)
-    from omnigen.inpaint import check_aspect, load_mask
-    from omnigen.processor import load_image
+    from omnigen.sampling.inpaint import check_aspect, load_mask
+    from omnigen.text.processor import load_image
 
     loaded = load_mask(mask)
     check_aspect(loaded.size, load_image(images[0]).size)
@@ -96,7 +96,7 @@ def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tu
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from omnigen.cli_args import generation_overrides, load_pipeline
+    from omnigen.cli.args import generation_overrides, load_pipeline
 
     overrides = generation_overrides(args) | {"seed": args.seed}
     paths = check_output_path(args.output, overrides.get("num_images_per_prompt", 1))
@@ -104,7 +104,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     inputs, mask = list(args.image), args.mask
     if pads is not None:
-        from omnigen.inpaint import outpaint
+        from omnigen.sampling.inpaint import outpaint
 
         multiple = pipe.model.config.image_multiple
         inputs[0], mask = outpaint(inputs[0], *pads, multiple=multiple)
@@ -128,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list:
     """Subcommands defined next to the code they run (their heavy imports happen only when run)."""
     from omnigen.batch.cli import register as register_batch
+    from omnigen.cli.export import register as register_export
     from omnigen.data.cli import register as register_data
-    from omnigen.demo import register as register_demo
+    from omnigen.demo.app import register as register_demo
     from omnigen.eval.cli import register as register_eval
-    from omnigen.export import register as register_export
     from omnigen.serve.cli import register as register_serve
     from omnigen.training.cli import register as register_train
 

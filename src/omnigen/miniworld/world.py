@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from omnigen.data import miniworld_image_tasks as image_tasks
-from omnigen.data import miniworld_scene as ms
-from omnigen.data import miniworld_text as mt
-from omnigen.data.miniworld_tasks import (
+from omnigen.miniworld import image_tasks
+from omnigen.miniworld import scene as ms
+from omnigen.miniworld import text as mt
+from omnigen.miniworld.tasks import (
     EDIT_OPERATIONS,
     FEW_SHOT_ONLY_TASKS,
     WITHHELD_PAIRS,

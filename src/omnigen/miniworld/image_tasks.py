@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from omnigen.data import miniworld_scene as ms
-from omnigen.data import miniworld_text as mt
-from omnigen.data.miniworld_tasks import Builder, Draw, TaskOutput, task_output
-from omnigen.data.miniworld_text import tag
+from omnigen.miniworld import scene as ms
+from omnigen.miniworld import text as mt
+from omnigen.miniworld.tasks import Builder, Draw, TaskOutput, task_output
+from omnigen.miniworld.text import tag
 
 MapRenderer = Callable[[ms.Scene, int], np.ndarray]
 

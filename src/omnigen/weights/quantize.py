@@ -59,7 +59,7 @@ def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
     backend used. The state-dict keys stay the same, the weights' storage changes."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from omnigen import lora
+    from omnigen.weights import lora
 
     if lora.has_lora(model):
         raise ValueError("merge_lora() or unload_lora() before quantizing: a LoRA adapter is injected")

@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig
-from omnigen.keymap import diffusers_sources
 from omnigen.model import OmniGenModel
+from omnigen.weights.keymap import diffusers_sources
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from omnigen.data import miniworld_scene as ms
+from omnigen.miniworld import scene as ms
 
 DEFAULT_SIZE = "large"  # drawn when an instruction names no size
 P_NAME_SIZE = 0.5  # chance that an instruction names a size the image does not fix

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from omnigen.model.offload import offload_layers as offload_layers_to_host
-from omnigen.quantize import tensor_bytes
+from omnigen.weights.quantize import tensor_bytes
 
 logger = logging.getLogger(__name__)
 

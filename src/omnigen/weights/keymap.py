@@ -94,7 +94,7 @@ def diffusers_to_ours(state: dict[str, torch.Tensor], config: OmniGenConfig) -> 
 
 
 def ours_to_diffusers(state: dict[str, torch.Tensor], config: OmniGenConfig) -> dict[str, torch.Tensor]:
-    """The inverse map, through the same table (``omnigen.export`` writes the diffusers layout with it).
+    """The inverse map, through the same table (``omnigen.weights.export`` writes the diffusers layout with it).
     Keys the table does not know are kept as they are."""
     state = dict(state)
     t = config.transformer

@@ -1,6 +1,6 @@
 """ODE solvers for sampling: Euler, Heun and DPM-Solver++(2M), in OmniGen's flow direction.
 
-The convention is ``omnigen.flow``'s: noise at t = 0, data at t = 1, x_t = t x1 + (1 - t) x0, and the
+The convention is ``omnigen.sampling.flow``'s: noise at t = 0, data at t = 1, x_t = t x1 + (1 - t) x0, and the
 model's velocity v(x, t) estimates x1 - x0. Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 over
 the step boundaries t_0 = 0 < ... < t_k = 1 of ``flow.time_grid`` (i / k, optionally time-shifted).
 
@@ -66,8 +66,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from omnigen.flow import log_snr, predict_data, time_grid
-from omnigen.sampling import StepCallback, VelocityFn
+from omnigen.sampling.euler import StepCallback, VelocityFn
+from omnigen.sampling.flow import log_snr, predict_data, time_grid
 
 SOLVERS = ("euler", "heun", "dpmpp_2m")
 EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1}

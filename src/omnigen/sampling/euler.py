@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from omnigen.flow import time_grid
+from omnigen.sampling.flow import time_grid
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, float, torch.Tensor], "torch.Tensor | None"]

@@ -14,7 +14,7 @@ from typing import Any
 from omnigen import generation
 from omnigen.generation import GenerationConfig
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # omnigen.placement.DTYPE_CHOICES
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # omnigen.model.placement.DTYPE_CHOICES
 
 
 def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from omnigen.data import miniworld_scene as ms
-from omnigen.data import miniworld_text as mt
-from omnigen.data.miniworld_text import tag
+from omnigen.miniworld import scene as ms
+from omnigen.miniworld import text as mt
+from omnigen.miniworld.text import tag
 
 RELATIONS = ("left of", "right of", "above", "below")
 # (colour, shape) pairs never drawn in "train"/"heldout"/"phrasing"; every "compositional" sample holds one.

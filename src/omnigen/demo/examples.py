@@ -1,9 +1,9 @@
 """The demo's example gallery: one or more prompts per task family, with their input images.
 
 This module owns the example list (``EXAMPLE_KINDS``), how it is drawn from the miniature world's
-"heldout" split (``write_examples``, run at development time: ``python -m omnigen.demo_examples``) and
+"heldout" split (``write_examples``, run at development time: ``python -m omnigen.demo.examples``) and
 how the shipped copy in ``assets/examples/`` is read back (``load_examples``). It must not import
-gradio or load a model: ``omnigen.demo`` turns these records into clickable examples.
+gradio or load a model: ``omnigen.demo.app`` turns these records into clickable examples.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from omnigen.tags import validate_image_tags
+from omnigen.text.tags import validate_image_tags
 
 EXAMPLES_FILE = "examples.json"
 MAX_INPUT_IMAGES = 3  # the demo's image slots (the original OmniGen app offers three)
@@ -64,7 +64,7 @@ def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
     folder = default_examples_dir() if folder is None else Path(folder)
     path = folder / EXAMPLES_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {EXAMPLES_FILE} in {folder}; run python -m omnigen.demo_examples")
+        raise FileNotFoundError(f"no {EXAMPLES_FILE} in {folder}; run python -m omnigen.demo.examples")
     examples = []
     for index, row in enumerate(json.loads(path.read_text())):
         images = tuple(folder / name for name in row["images"])
@@ -81,7 +81,8 @@ def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
 
 def _sample_for(kind: str, seed: int, size: int):
     """The first heldout sample of `kind` whose prompt needs at most MAX_INPUT_IMAGES images."""
-    from omnigen.data import miniworld, miniworld_tasks
+    from omnigen.miniworld import tasks as miniworld_tasks
+    from omnigen.miniworld import world as miniworld
 
     tasks = "few_shot" if kind == "few_shot/wrapped" else kind
     for sample in miniworld.generate(40, seed, split="heldout", size=size, tasks=tasks):
@@ -150,7 +151,7 @@ def check_example(pipe, number: int, example: DemoExample, seed: int | None = No
     """Whether `pipe` gets example `number` right (the miniworld scorer) at `seed` (default: its own)."""
     import numpy as np
 
-    from omnigen.eval.miniworld_score import score_sample
+    from omnigen.miniworld.score import score_sample
 
     if example.sample is None:
         raise ValueError(f"example {number} ({example.label}) records no sample seed; redraw the gallery")

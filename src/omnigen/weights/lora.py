@@ -126,7 +126,7 @@ def save_lora(
 
     ``base_model`` is recorded as ``base_model_name_or_path``: the model folder the adapter belongs to.
     """
-    from omnigen.checkpoint import atomic_write
+    from omnigen.weights.checkpoint import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
