@@ -56,7 +56,7 @@ class DemoExample:
 
 
 def default_examples_dir() -> Path:
-    return Path(__file__).parent / "assets" / "examples"
+    return Path(__file__).parents[1] / "assets" / "examples"
 
 
 def load_examples(folder: str | Path | None = None) -> list[DemoExample]:
