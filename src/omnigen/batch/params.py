@@ -51,8 +51,12 @@ def check_condition_tokens(pipe: Any, request: Request, max_input_image_size: in
         with Image.open(path, formats=IMAGE_FORMATS) as image:  # the header only
             sizes.append(image.size)
     tokens = pipe.condition_tokens(request.prompt, sizes, max_input_image_size)
+    negative = request.params.get("negative_prompt")  # the line's own counts too (the model's is short)
+    if negative:
+        tokens += pipe.condition_tokens(negative, [], max_input_image_size)
     if tokens > budget:
+        also = " and the negative prompt" if negative else ""
         raise ValueError(
-            f"the prompt and its {len(sizes)} input image(s) at max_input_image_size={max_input_image_size} "
-            f"make {tokens} condition tokens; the budget max_condition_tokens is {budget}"
+            f"the prompt and its {len(sizes)} input image(s) at max_input_image_size={max_input_image_size}"
+            f"{also} make {tokens} condition tokens; the budget max_condition_tokens is {budget}"
         )

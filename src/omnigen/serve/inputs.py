@@ -278,11 +278,8 @@ def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
     return {"mask": mask}
 
 
-def pipeline_kwargs(
-    req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings
-) -> dict[str, Any]:
-    """Keyword arguments of OmniGenPipeline.__call__ for a ``GenerationRequest`` (or a subclass: only
-    GenerationConfig's fields are passed on), after every limit and model constraint."""
+def check_prompt_chars(req: Any, settings: ServeSettings) -> None:
+    """A non-empty prompt; the prompt and the request's negative prompt within max_prompt_chars together."""
     if not req.prompt.strip():
         raise ApiError(400, "invalid_value", "prompt is empty", field="prompt")
     negative = req.negative_prompt or ""
@@ -293,6 +290,14 @@ def pipeline_kwargs(
         )
         where = "negative_prompt" if len(negative) > len(req.prompt) else "prompt"
         raise ApiError(400, "limit_exceeded", message, limit="max_prompt_chars", field=where)
+
+
+def pipeline_kwargs(
+    req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings
+) -> dict[str, Any]:
+    """Keyword arguments of OmniGenPipeline.__call__ for a ``GenerationRequest`` (or a subclass: only
+    GenerationConfig's fields are passed on), after every limit and model constraint."""
+    check_prompt_chars(req, settings)
     if req.model is not None and req.model != settings.model_name:
         raise ApiError(
             404,
