@@ -179,7 +179,10 @@ def test_input_images_and_input_size_as_output(pipeline, rgb_image):
         ({"num_inference_steps": 0.0}, "num_inference_steps must be an int between 1 and 1000, got 0"),
         ({"guidance_scale": -1.0}, "guidance_scale must be a finite number between 0 and 100, got -1.0"),
         ({"use_input_image_size_as_output": True}, "needs an input image"),
-        ({"step_cache_threshold": -0.1}, "step_cache_threshold must be a finite number between 0 and 10, got -0.1"),
+        (
+            {"step_cache_threshold": -0.1},
+            "step_cache_threshold must be a finite number between 0 and 10, got -0.1",
+        ),
     ],
 )
 def test_bad_inputs_give_clear_messages(pipeline, rgb_image, changes, message):

@@ -28,7 +28,10 @@ def parse_json(data: bytes | str) -> Any:
         raise ValueError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as err:  # an integer of too many digits
         raise ValueError(f"invalid JSON: {err}") from None
-    check_json_value(value)
+    try:
+        check_json_value(value)
+    except ValueError as err:
+        raise ValueError(f"invalid JSON: {err}") from None
     return value
 
 
@@ -38,7 +41,7 @@ def check_json_value(value: Any, where: str = "") -> None:
     while stack:
         item, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise ValueError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, str):
             check_text(item, path or "a string")
         elif isinstance(item, dict):
