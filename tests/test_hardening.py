@@ -114,8 +114,9 @@ def test_pipeline_refuses_a_huge_mask_blur_before_blurring(pipeline, rgb_image):
 )  # fmt: skip
 def test_cli_refuses_out_of_range_values_in_one_line(flag, value, name, monkeypatch, tmp_path, caplog):
     import omnigen.cli.args
-    from omnigen.cli.main import main
+    from omnigen.cli.main import build_parser, main
 
+    build_parser()  # imports every subcommand's module before the patch (some bind load_pipeline)
     monkeypatch.setattr(omnigen.cli.args, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     argv = ["generate", "a red circle", flag, str(value), "-o", str(tmp_path / "out.png")]
     assert main(argv) == 2
