@@ -29,6 +29,7 @@ SETTING_FLAGS = {
     "body_timeout_s": ("--body-timeout", float, "seconds a request body may stall"),
     "keep_alive_s": ("--keep-alive", float, "seconds an idle connection stays open"),
     "max_connections": ("--max-connections", int, "open connections, more get 503"),
+    "max_header_bytes": ("--max-header-bytes", int, "size of a request's headers"),
     "shutdown_grace_s": ("--shutdown-grace", float, "on SIGTERM: seconds the running job may take to finish"),
 }
 
