@@ -562,3 +562,26 @@ def test_batch_cli_with_bad_lines_exits_non_zero_with_the_count(model_folder, tm
     argv = ["batch", str(path), "--out", str(tmp_path / "o"), "--model", str(model_folder), "--no-progress"]
     assert main(argv) == 1
     assert "2 bad line(s) skipped" in caplog.text and (tmp_path / "o" / "a" / "0.png").is_file()
+
+
+def test_connections_and_header_size_are_capped(pipeline):
+    settings = ServeSettings(max_connections=2, max_header_bytes=4096)
+    with serving(create_app(pipeline, settings), settings) as (base, _server, _thread):
+        port = int(base.rsplit(":", 1)[1])
+        huge = f"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 8192}".encode()  # headers still coming
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as big:
+            big.sendall(huge)
+            assert big.recv(1024).split(b"\r\n")[0].split(b" ")[1] in (b"400", b"431")
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            time.sleep(0.3)
+            assert httpx.get(base + "/health", timeout=5).status_code == 503  # uvicorn's limit_concurrency
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(base + "/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, (
+                "the service did not recover after the idle connections closed"
+            )
+            time.sleep(0.1)
