@@ -327,6 +327,24 @@ def in_thread(fn, *args, **kwargs) -> dict:
     return out
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One HTTP response (headers and its Content-Length of body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
 class SlowDecode:
     """``openai.decode_image`` made to take ``delay`` seconds; counts decodes running at once."""
 
@@ -413,7 +431,7 @@ def test_slow_headers_and_bodies_time_out(pipeline):
             head = f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
             stalled.sendall(head.encode() + b'{"prompt": ')
             stalled.settimeout(10)
-            answer = stalled.recv(65536)
+            answer = read_response(stalled)
         status, _, rest = answer.partition(b"\r\n")
         assert b" 408 " in status and b'"code":"timeout"' in rest and b"body_timeout_s" in rest, answer
         assert httpx.get(base + "/health", timeout=5).status_code == 200

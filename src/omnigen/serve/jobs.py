@@ -2,7 +2,9 @@
 
 ``run_job`` is the one way a route gets images: ``Worker.submit`` (a full queue answers 429 with
 ``Retry-After``), then ``wait_for_job`` (the request's deadline answers 504; a client that disconnects
-cancels its job, waiting or running). Request parsing is ``inputs``'s, the queue ``worker``'s.
+cancels its job, waiting or running). While the service shuts down (``Worker.drain``) a new job and a
+waiting one are answered 503 ``shutting_down`` at once, as is a running one the grace cut short.
+Request parsing is ``inputs``'s, the queue ``worker``'s.
 """
 
 from __future__ import annotations
