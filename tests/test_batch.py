@@ -351,7 +351,8 @@ def test_cli_bad_line_fatal_names_the_line(model_folder, tmp_path, caplog):
     argv = ["batch", str(path), "--out", str(tmp_path / "o"), "--model", str(model_folder), "--no-progress"]
     assert main([*argv, "--on-error", "fatal"]) == 2
     assert "r.jsonl:2" in caplog.text and not (tmp_path / "o").exists()
-    assert main(argv) == 0  # skip: the good line is generated, the bad one reported
+    assert main(argv) == 1  # skip: the good line is generated, the bad one reported, the run not a success
+    assert "1 bad line(s) skipped" in caplog.text
     assert json.loads((tmp_path / "o" / "errors.jsonl").read_text())["line"] == 2
     assert (tmp_path / "o" / "a" / "0.png").is_file()
 

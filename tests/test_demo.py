@@ -176,10 +176,13 @@ def test_input_images_and_input_size_as_output(pipeline, rgb_image):
         ({"width": 33.5}, "width must be an int, got 33.5"),
         ({"seed": None}, "Enter a seed"),
         ({"seed": -1}, "seed must be an int between 0 and"),
-        ({"num_inference_steps": 0.0}, "num_inference_steps must be an int >= 1, got 0"),
-        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0, got -1.0"),
+        ({"num_inference_steps": 0.0}, "num_inference_steps must be an int between 1 and 1000, got 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number between 0 and 100, got -1.0"),
         ({"use_input_image_size_as_output": True}, "needs an input image"),
-        ({"step_cache_threshold": -0.1}, "step_cache_threshold must be a finite number >= 0, got -0.1"),
+        (
+            {"step_cache_threshold": -0.1},
+            "step_cache_threshold must be a finite number between 0 and 10, got -0.1",
+        ),
     ],
 )
 def test_bad_inputs_give_clear_messages(pipeline, rgb_image, changes, message):
@@ -339,7 +342,7 @@ def test_bad_brush_masks_give_clear_messages(pipeline, rgb_image):
     wide = editor_value(source, (0, 0, 8, 8), size=(32, 16))
     with pytest.raises(ValueError, match="aspect ratios differ"):
         demo_module.run_generation(pipeline, {**values, "image_1": wide})
-    with pytest.raises(ValueError, match="mask_blur must be an int >= 0"):
+    with pytest.raises(ValueError, match="mask_blur must be an int between 0 and 1024"):
         demo_module.run_generation(
             pipeline, {**values, "image_1": editor_value(source, (0, 0, 8, 8)), "mask_blur": -1.0}
         )

@@ -304,7 +304,7 @@ def test_bad_mask_calls_raise_clear_errors(pipeline, rgb_image):
         run(pipeline, [EDIT, "a red cat"], [[rgb_image()], None], mask=white)
     with pytest.raises(ValueError, match="one mask or a list of 2"):
         run(pipeline, [EDIT, EDIT], [[rgb_image()], [rgb_image()]], mask=[white])
-    with pytest.raises(ValueError, match="mask_blur must be an int >= 0"):
+    with pytest.raises(ValueError, match="mask_blur must be an int between 0 and 1024"):
         run(pipeline, EDIT, [rgb_image()], mask=white, mask_blur=-1)
     with pytest.raises(ValueError, match="canvas's size 32x32"):
         run(pipeline, EDIT, [rgb_image()], mask=white, height=16)

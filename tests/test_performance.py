@@ -64,7 +64,9 @@ def test_step_cache_rule_accumulates_and_forces_first_and_last_steps():
 
 @pytest.mark.parametrize("threshold", [-0.1, float("nan"), True])
 def test_step_cache_rejects_bad_thresholds(pipeline, threshold):
-    with pytest.raises((ValueError, TypeError), match="step_cache_threshold must be a finite number >= 0"):
+    with pytest.raises(
+        (ValueError, TypeError), match="step_cache_threshold must be a finite number between 0 and 10"
+    ):
         run(pipeline, "a red cat", step_cache_threshold=threshold)
 
 

@@ -104,6 +104,8 @@ def test_openapi_schema_documents_every_parameter(pipeline):
 
     with client_for(pipeline) as client:
         schema = client.get("/openapi.json").json()
+        assert client.get("/docs").status_code == 404  # its page loads from a CDN: off unless asked for
+    with client_for(pipeline, docs=True) as client:
         assert client.get("/docs").status_code == 200
     assert {"/health", "/v1/models", URL, "/v1/images/edits"} <= set(schema["paths"])
     post = schema["paths"][URL]["post"]
@@ -462,19 +464,35 @@ def test_benchmark_script_reports_percentiles(pipeline, capsys):
 
 
 def test_serve_subcommand_wiring(model_folder, monkeypatch):
-    """`omnigen serve` loads the model, builds the settings (API key from the env) and runs uvicorn."""
+    """`omnigen serve` loads the model, builds the settings (API key from the env) and runs uvicorn with
+    the connection limits and the draining shutdown."""
     import argparse
 
     from omnigen.serve import cli
+    from omnigen.serve.server import DrainingServer
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app, **kwargs))
+
+    def run(server):
+        config = server.config
+        seen.update(app=config.app, host=config.host, port=config.port, config=config, server=server)
+
+    monkeypatch.setattr(DrainingServer, "run", run)
     monkeypatch.setenv("OMNIGEN_API_KEY", "from-env")
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--model", str(model_folder), "--port", "8123", "--queue-size", "2"])
+    argv = ["serve", "--model", str(model_folder), "--port", "8123", "--queue-size", "2"]
+    argv += ["--shutdown-grace", "7", "--keep-alive", "3", "--max-connections", "9", "--header-timeout", "4"]
+    args = parser.parse_args(argv)
     assert args.func(args) == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)
+    config = seen["config"]
+    assert (config.timeout_keep_alive, config.limit_concurrency, config.timeout_graceful_shutdown) == (
+        3,
+        9,
+        10,
+    )
+    assert config.http.header_timeout_s == 4 and seen["server"].grace_s == 7
     settings = seen["app"].state.settings
     assert (settings.queue_size, settings.api_key) == (2, "from-env")
     with TestClient(seen["app"]) as client:

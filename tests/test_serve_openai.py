@@ -69,7 +69,7 @@ def server(tmp_path_factory):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "omnigen", "serve", "--port", str(port), "--api-key", KEY]
-    command += ["--queue-size", "1", "--max-steps", "1000", "--max-pixels", "256", "--max-outputs", "2"]
+    command += ["--queue-size", "1", "--max-steps", "999", "--max-pixels", "256", "--max-outputs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = log_path.open("w")
@@ -121,7 +121,7 @@ def test_models_list_and_retrieve(client):
     (card,) = client.models.list().data
     assert (card.id, card.object, card.owned_by) == ("omnigen", "model", "omnigen")
     assert isinstance(card.created, int) and card.created > 0
-    assert card.model_extra["limits"]["max_steps"] == 1000  # our details as extra fields
+    assert card.model_extra["limits"]["max_steps"] == 999  # our details as extra fields
     assert card.model_extra["defaults"]["height"] == 16
     assert client.models.retrieve("omnigen").id == "omnigen"
     with pytest.raises(openai.NotFoundError) as caught:
@@ -198,7 +198,7 @@ def test_bad_key_is_an_authentication_error(server):
     [
         ({"size": "32x32"}, "invalid_value", "size", "[16] only (trained_sizes)"),  # the model says so first
         ({"n": 3}, "limit_exceeded", "n", "max_outputs=2"),
-        ({"extra_body": {"num_inference_steps": 1001}}, "limit_exceeded", "num_inference_steps", "max_steps=1000"),
+        ({"extra_body": {"num_inference_steps": 1000}}, "limit_exceeded", "num_inference_steps", "max_steps=999"),
         ({"prompt": "a" * 4001}, "limit_exceeded", "prompt", "max_prompt_chars"),
         ({"response_format": "url"}, "unsupported_value", "response_format", "keeps no images to link to"),
         ({"size": "big"}, "invalid_value", "size", "is not 'WxH'"),
@@ -228,7 +228,7 @@ def test_unknown_model_is_not_found(client):
 
 def test_full_queue_is_a_rate_limit_error(server):
     """One slow job runs, one waits (queue of 1): the next request gets 429; then both are abandoned."""
-    slow = {"prompt": "a red circle", "num_inference_steps": 1000, "response_format": "png"}
+    slow = {"prompt": "a red circle", "num_inference_steps": 999, "response_format": "png"}
 
     async def scenario() -> tuple[openai.RateLimitError, dict]:
         headers = {"Authorization": f"Bearer {KEY}"}

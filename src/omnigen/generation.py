@@ -32,6 +32,10 @@ SCOPES = ("request", "operator", "model")
 # The default budget of condition tokens (prompt text + every input image) per request of ``omnigen serve``
 # and line of ``omnigen batch``: three 1024 x 1024 inputs of OmniGen-v1 (3 x 4096) and a long prompt.
 MAX_CONDITION_TOKENS = 16384
+# Every numeric field has a finite range that real use never exceeds, so no front end can hand the model or
+# Pillow a value that overflows (a blur radius of 2**31 crashed Pillow) or degenerates (guidance 1e308,
+# time shift 5e-324). MAX_SIDE bounds pixel sides; the model's own largest size is usually smaller.
+MAX_SIDE = 16384
 DEFAULT_NEGATIVE_PROMPT = (
     "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
     "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "
@@ -106,16 +110,28 @@ class GenerationConfig:
     otherwise). Construction validates every field; model-dependent rules (multiples of the image patch,
     the largest size) are the model config's (``OmniGenConfig.check_image_size``)."""
 
-    height: int = _param(1024, "int", "output height in pixels", low=1, label="Height")
-    width: int = _param(1024, "int", "output width in pixels", low=1, label="Width")
+    height: int = _param(1024, "int", "output height in pixels", low=1, high=MAX_SIDE, label="Height")
+    width: int = _param(1024, "int", "output width in pixels", low=1, high=MAX_SIDE, label="Width")
     num_inference_steps: int = _param(
-        50, "int", "velocity evaluations of the sampler", low=1, aliases=("--steps",), label="Inference steps"
+        50,
+        "int",
+        "velocity evaluations of the sampler",
+        low=1,
+        high=1000,
+        aliases=("--steps",),
+        label="Inference steps",
     )
     guidance_scale: float = _param(
-        3.0, "float", "text guidance scale", low=0, aliases=("--guidance",), label="Guidance scale"
+        3.0, "float", "text guidance scale", low=0, high=100, aliases=("--guidance",), label="Guidance scale"
     )
     img_guidance_scale: float = _param(
-        1.6, "float", "image guidance scale", low=0, aliases=("--img-guidance",), label="Image guidance scale"
+        1.6,
+        "float",
+        "image guidance scale",
+        low=0,
+        high=100,
+        aliases=("--img-guidance",),
+        label="Image guidance scale",
     )
     use_img_guidance: bool = _param(True, "bool", "image guidance when the prompt has input images")
     negative_prompt: str = _param(
@@ -126,6 +142,7 @@ class GenerationConfig:
         "int",
         "longer side input images are resized to",
         low=1,
+        high=MAX_SIDE,
         label="Max input image size (longer side)",
     )
     use_input_image_size_as_output: bool = _param(
@@ -136,15 +153,18 @@ class GenerationConfig:
         label="Use input image size as output (one input image; ignores height/width)",
     )
     seed: int | None = _param(
-        None, "int", "noise seed; image k uses seed + k (None: random)", low=0, optional=True
+        None, "int", "noise seed; image k uses seed + k (None: random)", low=0, high=2**63 - 1, optional=True
     )
-    num_images_per_prompt: int = _param(1, "int", "images per prompt", low=1, aliases=("--num-images",))
+    num_images_per_prompt: int = _param(
+        1, "int", "images per prompt", low=1, high=256, aliases=("--num-images",)
+    )
     sampler: str = _param("euler", "choice", "ODE solver (omnigen.sampling.solvers)", choices=SOLVERS)
     time_shift: float | None = _param(
         None,
         "float",
         "time-grid shift s > 0 (flow.shift_time; None: no shift)",
-        low=0,
+        low=1e-3,
+        high=1e3,
         low_open=True,
         optional=True,
     )
@@ -156,12 +176,13 @@ class GenerationConfig:
         optional=True,
         choice_flags=True,
     )
-    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0)
+    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=1024)
     step_cache_threshold: float | None = _param(
         None,
         "float",
         "skip layers at near-identical steps (omnigen.sampling.step_cache; None: off)",
         low=0,
+        high=10,
         optional=True,
         aliases=("--step-cache",),
         label="Step cache threshold (0 = exact; 0.05-0.2 skips steps whose input barely changed)",

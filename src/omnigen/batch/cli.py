@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from omnigen.cli.args import add_model_args, load_pipeline
 from omnigen.generation import MAX_CONDITION_TOKENS
@@ -136,4 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         report.failed,
         len(report.bad_lines),
     )
-    return 1 if report.failed else 0  # skipped bad lines are in the log and DIR/errors.jsonl
+    if report.bad_lines:  # skipped: they are in the log and DIR/errors.jsonl, and the run is not a success
+        logger.error(
+            "%d bad line(s) skipped (see %s)", len(report.bad_lines), Path(args.out) / "errors.jsonl"
+        )
+    return 1 if report.failed or report.bad_lines else 0

@@ -10,7 +10,7 @@ from PIL import Image
 
 from omnigen.batch.requests import PARAMETERS, Request
 from omnigen.sampling.inpaint import check_output_size, prepare_canvas_mask
-from omnigen.text.processor import load_image, resize_and_crop
+from omnigen.text.processor import IMAGE_FORMATS, load_image, resize_and_crop
 
 
 def resolve_params(pipe: Any, request: Request, max_condition_tokens: int | None = None) -> dict[str, Any]:
@@ -48,11 +48,15 @@ def resolve_params(pipe: Any, request: Request, max_condition_tokens: int | None
 def check_condition_tokens(pipe: Any, request: Request, max_input_image_size: int, budget: int) -> None:
     sizes = []
     for path in request.input_images:
-        with Image.open(path) as image:  # the header only
+        with Image.open(path, formats=IMAGE_FORMATS) as image:  # the header only
             sizes.append(image.size)
     tokens = pipe.condition_tokens(request.prompt, sizes, max_input_image_size)
+    negative = request.params.get("negative_prompt")  # the line's own counts too (the model's is short)
+    if negative:
+        tokens += pipe.condition_tokens(negative, [], max_input_image_size)
     if tokens > budget:
+        also = " and the negative prompt" if negative else ""
         raise ValueError(
-            f"the prompt and its {len(sizes)} input image(s) at max_input_image_size={max_input_image_size} "
-            f"make {tokens} condition tokens; the budget max_condition_tokens is {budget}"
+            f"the prompt and its {len(sizes)} input image(s) at max_input_image_size={max_input_image_size}"
+            f"{also} make {tokens} condition tokens; the budget max_condition_tokens is {budget}"
         )

@@ -16,7 +16,6 @@ Every other line is a `BadLine` with its line number, never nothing.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 from omnigen import generation
 from omnigen.text.tags import validate_image_tags
-from omnigen.util.checks import check_int
+from omnigen.util.strict_json import parse_json
 
 # Generation parameters a line may set: every request- and operator-scope field of GenerationConfig but
 # the two the format has its own keys for ("seed", and "n" for num_images_per_prompt).
@@ -80,6 +79,15 @@ def check_id(value: Any) -> str:
     return value
 
 
+def check_seed(name: str, seed: Any, images: int = 1) -> int:
+    """A seed in GenerationConfig's range whose ``images`` images (seed + k) all stay in it."""
+    seed = generation.param("seed").check(name, seed)
+    last = generation.param("seed").high
+    if seed + images - 1 > last:
+        raise ValueError(f"{name}={seed} with {images} images needs seeds up to {seed + images - 1} > {last}")
+    return seed
+
+
 def read_requests(
     path: str | Path, base_seed: int = 0, check_files: bool = True
 ) -> tuple[list[Request], list[BadLine]]:
@@ -91,6 +99,7 @@ def read_requests(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"request file not found: {path}")
+    check_seed("base_seed", base_seed)
     requests: list[Request] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
@@ -114,9 +123,9 @@ def read_requests(
 
 def _parse_line(raw: bytes, number: int, base: Path, default_seed: int, check_files: bool) -> Request:
     try:
-        row = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise _LineError(f"invalid JSON: {err}") from None
+        row = parse_json(raw)  # deep nesting, huge integers and lone surrogates are bad lines too
+    except ValueError as err:
+        raise _LineError(str(err)) from None
     if not isinstance(row, dict):
         raise _LineError(f"expected a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(KEYS))
@@ -135,8 +144,8 @@ def _parse_line(raw: bytes, number: int, base: Path, default_seed: int, check_fi
     except ValueError as err:
         raise _LineError(f"'prompt': {err}") from None
     try:
-        n = check_int("'n'", row.get("n", 1), 1)
-        seed = check_int("'seed'", row.get("seed", default_seed), 0)
+        n = generation.param("num_images_per_prompt").check("'n'", row.get("n", 1))
+        seed = check_seed("'seed'", row.get("seed", default_seed), n)
         params = {key: generation.param(key).check(repr(key), row[key]) for key in PARAMETERS if key in row}
     except (TypeError, ValueError) as err:
         raise _LineError(str(err)) from None

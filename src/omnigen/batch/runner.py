@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import PngImagePlugin
+from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from omnigen.batch.params import resolve_params
@@ -120,9 +120,20 @@ def finished(out_dir: Path, expected: dict[tuple[str, int], dict]) -> dict[tuple
         key = (record["id"], record["k"])
         want = expected.get(key)
         if want is not None and all(record.get(name) == want[name] for name in _COMPARED):
-            if (out_dir / want["file"]).is_file():
+            if readable_at(out_dir / want["file"], want["params"]):
                 done[key] = record
     return done
+
+
+def readable_at(path: Path, params: dict[str, Any]) -> bool:
+    """Whether ``path`` is a PNG that decodes completely at the size its record gives (``params``' width
+    and height): a truncated or foreign file with a record is not done."""
+    try:
+        with Image.open(path, formats=("PNG",)) as image:
+            image.load()
+            return image.size == (params.get("width"), params.get("height"))
+    except (OSError, SyntaxError, ValueError):  # missing, not a PNG, truncated
+        return False
 
 
 class _AppendLog:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageFilter, UnidentifiedImageError
 
+from omnigen.generation import param
 from omnigen.model.vae import LatentCodec
 from omnigen.sampling.flow import interpolate
-from omnigen.text.processor import load_image, resize_and_crop, to_tensor
+from omnigen.text.processor import IMAGE_FORMATS, load_image, resize_and_crop, to_tensor
+from omnigen.util.checks import check_float
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def load_mask(mask: MaskLike) -> Image.Image:
     else:
         raise TypeError(f"mask must be {MASK_KINDS}, got {type(mask).__name__}")
     try:
-        with Image.open(source) as opened:
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
             opened.load()
             return _image_to_l(opened)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -127,13 +128,10 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> Non
 
 
 def check_blur(mask_blur: float) -> float:
-    if (
-        isinstance(mask_blur, bool)
-        or not isinstance(mask_blur, (int, float))
-        or not 0 <= mask_blur < math.inf
-    ):
-        raise ValueError(f"mask_blur must be a number of pixels >= 0, got {mask_blur!r}")
-    return float(mask_blur)
+    """A blur radius in pixels within GenerationConfig's range of ``mask_blur`` (Pillow's blur crashes the
+    process on radii near 2**31), as a float."""
+    allowed = param("mask_blur")
+    return check_float("mask_blur", mask_blur, allowed.low, allowed.high)
 
 
 def feather(mask: Image.Image, mask_blur: float) -> Image.Image:

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnigen.serve import openai
+from omnigen.serve.decode import DecodePool
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
 from omnigen.serve.worker import Worker
@@ -61,6 +62,7 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     settings = settings or ServeSettings()
     worker = Worker(pipeline, settings.queue_size)
+    decode_pool = DecodePool(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -69,9 +71,13 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
             yield
         finally:
             worker.stop()
+            decode_pool.close()
 
-    app = FastAPI(title="OmniGen", version=__version__, lifespan=lifespan, description=__doc__)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None}  # their pages need a CDN
+    app = FastAPI(title="OmniGen", version=__version__, lifespan=lifespan, description=__doc__, **docs)
     app.state.pipeline, app.state.worker, app.state.settings = pipeline, worker, settings
+    app.state.decode_pool = decode_pool
+    app.openapi = lambda: openapi_schema(app, bool(settings.api_key))  # type: ignore[method-assign]
     app.state.created = int(time.time())  # the "created" of GET /v1/models
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
@@ -90,9 +96,42 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
         logger.exception("unhandled error")
         return ApiError(500, "server_error", f"internal error: {type(err).__name__}").response()
 
-    @app.get("/health", summary="liveness and queue state (no API key needed)")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": settings.model_name, **worker.stats()}
+    @app.get(
+        "/health",
+        summary="liveness and queue state (no API key needed); 503 while shutting down",
+        responses={503: {"description": "shutting down: the same body, status 'shutting_down'"}},
+    )
+    async def health() -> JSONResponse:
+        stats = {"model": settings.model_name, **worker.stats(), **decode_pool.in_flight()}
+        return JSONResponse(stats, status_code=503 if worker.draining.is_set() else 200)
 
     app.include_router(openai.router)
     return app
+
+
+def openapi_schema(app: FastAPI, keyed: bool) -> dict[str, Any]:
+    """FastAPI's schema, plus the HTTP bearer security scheme and, with an API key, its requirement and
+    the 401 answer on every route but OPEN_PATHS. Built once."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the service's API key (omnigen serve --api-key); X-API-Key works too",
+    }
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in schema["paths"].items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in operations.values():
+            if keyed:
+                operation["security"] = [{"bearer": []}]
+                operation["responses"].setdefault(
+                    "401", {"description": "missing or wrong API key", "content": error}
+                )
+    app.openapi_schema = schema
+    return schema

@@ -21,6 +21,16 @@ SETTING_FLAGS = {
     "max_images": ("--max-images", int, "input images per request"),
     "max_outputs": ("--max-outputs", int, "num_images_per_prompt"),
     "max_condition_tokens": ("--max-condition-tokens", int, "prompt + input-image tokens per request"),
+    "max_prompt_chars": ("--max-prompt-chars", int, "prompt + negative_prompt characters per request"),
+    "decode_workers": ("--decode-workers", int, "threads that decode uploads"),
+    "decode_pixels": ("--decode-pixels", int, "upload pixels being decoded at once, all requests"),
+    "decode_bytes": ("--decode-bytes", int, "bytes of uploads being decoded at once, all requests"),
+    "header_timeout_s": ("--header-timeout", float, "seconds for a request's headers to arrive"),
+    "body_timeout_s": ("--body-timeout", float, "seconds a request body may stall"),
+    "keep_alive_s": ("--keep-alive", float, "seconds an idle connection stays open"),
+    "max_connections": ("--max-connections", int, "open connections, more get 503"),
+    "max_header_bytes": ("--max-header-bytes", int, "size of a request's headers"),
+    "shutdown_grace_s": ("--shutdown-grace", float, "on SIGTERM: seconds the running job may take to finish"),
 }
 
 
@@ -44,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     for field, (flag, kind, what) in SETTING_FLAGS.items():
         default = getattr(d, field)
         p.add_argument(flag, dest=field, type=kind, default=default, help=f"{what} (default: {default})")
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve /docs and /redoc (they load from a CDN; /openapi.json always)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -52,14 +67,14 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
         **{field: getattr(args, field) for field in SETTING_FLAGS},
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         model_name=args.model_name,
+        docs=args.docs,
     )
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from omnigen.serve.app import create_app
+        from omnigen.serve.server import make_server
     except ImportError as err:
         raise ImportError(f"omnigen serve needs {err.name}: pip install 'omnigen-unified[serve]'") from err
     from omnigen.cli.args import generation_overrides, load_pipeline
@@ -67,5 +82,5 @@ def _run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     modes = generation_overrides(args, generation.names("operator"))
     pipe = load_pipeline(args).with_defaults(**modes)
-    uvicorn.run(create_app(pipe, settings), host=args.host, port=args.port, log_level="info")
+    make_server(create_app(pipe, settings), settings, args.host, args.port, log_level="info").run()
     return 0

@@ -9,24 +9,23 @@ never takes a queue slot. OpenAI's spellings of the fields are ``openai``'s; no 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import json
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnigen import generation
+from omnigen.serve.decode import decode_base64, too_large
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
 from omnigen.text.tags import validate_image_tags
+from omnigen.util.strict_json import check_text, parse_json
 
 MAX_SEED = 2**53  # exact in JSON numbers
 
@@ -86,71 +85,31 @@ GenerationRequest = create_model(
 @dataclass
 class ParsedRequest:
     req: BaseModel  # GenerationRequest or a subclass of it
-    images: list[Image.Image]  # decoded RGB input images, in order
+    blobs: list[tuple[str, bytes]]  # (name for errors, bytes) of each input image, in order, not decoded
     files: dict[str, bytes] = field(default_factory=dict)  # the extra file fields (raw bytes)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refusing (413) more than ``max_bytes`` without reading it all."""
+async def read_body(request: Request, max_bytes: int, chunk_timeout_s: float) -> bytes:
+    """The body, refusing (413) more than ``max_bytes`` without reading it all, and (408) a client that
+    sends no chunk for ``chunk_timeout_s`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
-        raise _too_large(f"request body of {declared} bytes exceeds {max_bytes} bytes")
+        raise too_large(f"request body of {declared} bytes exceeds {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), chunk_timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            message = f"the request body stalled: no data for {chunk_timeout_s:g} s (limit body_timeout_s)"
+            raise ApiError(408, "timeout", message, limit="body_timeout_s") from None
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(f"request body exceeds {max_bytes} bytes")
+            raise too_large(f"request body exceeds {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _too_large(what: str, field: str | None = None) -> ApiError:
-    return ApiError(
-        413, "limit_exceeded", f"{what} (limit max_upload_bytes)", limit="max_upload_bytes", field=field
-    )
-
-
-def decode_base64(text: str, field: str, settings: ServeSettings) -> bytes:
-    if text.startswith("data:"):
-        header, _, text = text.partition(",")
-        if not header.endswith(";base64"):
-            raise ApiError(400, "invalid_base64", f"{field}: a data URL must be base64 encoded", field=field)
-    text = "".join(text.split())
-    if len(text) * 3 // 4 > settings.max_upload_bytes + 2:
-        raise _too_large(f"{field} decodes to more than {settings.max_upload_bytes} bytes", field)
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ApiError(400, "invalid_base64", f"{field} is not valid base64: {err}", field=field) from err
-
-
-def decode_image(data: bytes, field: str, settings: ServeSettings, mode: str | None = "RGB") -> Image.Image:
-    """The image (converted to ``mode``; None: as stored) from uploaded bytes; size limits are checked
-    before pixels are decoded."""
-    if len(data) > settings.max_upload_bytes:
-        raise _too_large(f"{field} is {len(data)} bytes, more than {settings.max_upload_bytes}", field)
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise _pixels_error(field, settings) from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ApiError(
-            400, "invalid_image", f"{field} is not a readable image (PNG, JPEG, WebP, ...)", field=field
-        ) from err
-    if image.width * image.height > settings.max_input_pixels:
-        raise _pixels_error(field, settings)
-    try:
-        image.load()
-        return image if mode is None else image.convert(mode)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ApiError(
-            400, "invalid_image", f"{field} is a truncated or corrupt image: {err}", field=field
-        ) from err
-
-
-def _pixels_error(field: str, settings: ServeSettings) -> ApiError:
-    message = f"{field} has more than {settings.max_input_pixels} pixels (limit max_input_pixels)"
-    return ApiError(400, "limit_exceeded", message, limit="max_input_pixels", field=field)
 
 
 def _validation_error(err: ValidationError, schema: type[BaseModel]) -> ApiError:
@@ -186,12 +145,14 @@ async def parse_request(
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     per_image = math.ceil(settings.max_upload_bytes * 4 / 3) + 1024
     body = await read_body(
-        request, (settings.max_images + 1) * per_image + settings.max_prompt_chars * 4 + 65536
+        request,
+        (settings.max_images + 1) * per_image + settings.max_prompt_chars * 4 + 65536,
+        settings.body_timeout_s,
     )
     if media_type == "application/json":
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = parse_json(body)
+        except ValueError as err:
             raise ApiError(400, "invalid_json", f"the body is not valid JSON: {err}") from err
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
@@ -215,8 +176,7 @@ async def parse_request(
         if "mask" in files:
             raise ApiError(400, "invalid_value", "field 'mask' given twice", field="mask")
         files["mask"] = decode_base64(req.mask, "mask", settings)
-    images = [decode_image(data, name, settings) for name, data in blobs]
-    return ParsedRequest(req, images, files)
+    return ParsedRequest(req, blobs, files)
 
 
 @dataclass(frozen=True)
@@ -251,13 +211,24 @@ class _FormFields:
                 message = f"unexpected file field {key!r}; upload images as {names}"
                 raise ApiError(400, "unknown_parameter", message, field=key)
             else:
-                fields[key] = value
+                fields[key] = self._form_value(key, value)
+        fields = {key: value for key, value in fields.items() if value is not None}
         _check_image_count(len(images), settings, self.image_fields[0])
         req = _validate(fields, self.schema)
         blobs = [(name, await self._read(item, name, settings)) for name, item in _numbered(images)]
         extra = {key: await self._read(item, key, settings) for key, item in files.items()}
         await form.close()
         return req, blobs, extra
+
+    def _form_value(self, key: str, value: str) -> str | None:
+        """A form field's text; "" or "null" for a field that may be null is None (its default)."""
+        try:
+            check_text(value, f"field {key!r}")
+        except ValueError as err:
+            raise ApiError(400, "invalid_value", str(err), field=key) from err
+        spec = self.schema.model_fields.get(key)
+        nullable = spec is not None and spec.default is None and not spec.is_required()
+        return None if nullable and value.strip().lower() in ("", "null") else value
 
     @staticmethod
     async def _read(item: UploadFile | str, name: str, settings: ServeSettings) -> bytes:
@@ -307,18 +278,26 @@ def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
     return {"mask": mask}
 
 
+def check_prompt_chars(req: Any, settings: ServeSettings) -> None:
+    """A non-empty prompt; the prompt and the request's negative prompt within max_prompt_chars together."""
+    if not req.prompt.strip():
+        raise ApiError(400, "invalid_value", "prompt is empty", field="prompt")
+    negative = req.negative_prompt or ""
+    if len(req.prompt) + len(negative) > settings.max_prompt_chars:
+        message = (
+            f"prompt and negative_prompt have {len(req.prompt) + len(negative)} characters together; limit "
+            f"max_prompt_chars is {settings.max_prompt_chars}"
+        )
+        where = "negative_prompt" if len(negative) > len(req.prompt) else "prompt"
+        raise ApiError(400, "limit_exceeded", message, limit="max_prompt_chars", field=where)
+
+
 def pipeline_kwargs(
     req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings
 ) -> dict[str, Any]:
     """Keyword arguments of OmniGenPipeline.__call__ for a ``GenerationRequest`` (or a subclass: only
     GenerationConfig's fields are passed on), after every limit and model constraint."""
-    if not req.prompt.strip():
-        raise ApiError(400, "invalid_value", "prompt is empty", field="prompt")
-    if len(req.prompt) > settings.max_prompt_chars:
-        message = (
-            f"prompt has {len(req.prompt)} characters; limit max_prompt_chars is {settings.max_prompt_chars}"
-        )
-        raise ApiError(400, "limit_exceeded", message, limit="max_prompt_chars", field="prompt")
+    check_prompt_chars(req, settings)
     if req.model is not None and req.model != settings.model_name:
         raise ApiError(
             404,
@@ -374,11 +353,14 @@ def pipeline_kwargs(
         message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
         raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
     tokens = pipe.condition_tokens(req.prompt, [image.size for image in images], cfg.max_input_image_size)
+    if req.negative_prompt:  # the request's own (the model's default is the operator's, and short)
+        tokens += pipe.condition_tokens(req.negative_prompt, [], cfg.max_input_image_size)
     if tokens > settings.max_condition_tokens:
+        also = " and the negative prompt" if req.negative_prompt else ""
         message = (
-            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size} "
-            f"make {tokens} condition tokens; limit max_condition_tokens is {settings.max_condition_tokens} "
-            "(use smaller or fewer images, or a lower max_input_image_size)"
+            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size}"
+            f"{also} make {tokens} condition tokens; limit max_condition_tokens is "
+            f"{settings.max_condition_tokens} (use smaller or fewer images, or a lower max_input_image_size)"
         )
         raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
     return {"prompt": req.prompt, "input_images": images or None, **overrides}

@@ -2,7 +2,9 @@
 
 ``run_job`` is the one way a route gets images: ``Worker.submit`` (a full queue answers 429 with
 ``Retry-After``), then ``wait_for_job`` (the request's deadline answers 504; a client that disconnects
-cancels its job, waiting or running). Request parsing is ``inputs``'s, the queue ``worker``'s.
+cancels its job, waiting or running). While the service shuts down (``Worker.drain``) a new job and a
+waiting one are answered 503 ``shutting_down`` at once, as is a running one the grace cut short.
+Request parsing is ``inputs``'s, the queue ``worker``'s.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ async def run_job(request: Request, kwargs: dict[str, Any], deadline: float) -> 
     settings: ServeSettings = request.app.state.settings
     try:
         job = worker.submit(kwargs)
+    except WorkerStopped as err:
+        raise shutting_down() from err
     except QueueFull as err:
         retry = str(worker.retry_after())
         message = f"the queue is full ({settings.queue_size} waiting jobs); retry in {retry} s"
@@ -35,6 +39,10 @@ async def run_job(request: Request, kwargs: dict[str, Any], deadline: float) -> 
             429, "queue_full", message, limit="queue_size", headers={"Retry-After": retry}
         ) from err
     return await wait_for_job(job, request, deadline, settings.timeout_s)
+
+
+def shutting_down(message: str = "the service is shutting down") -> ApiError:
+    return ApiError(503, "shutting_down", message, headers={"Retry-After": "30", "Connection": "close"})
 
 
 async def wait_for_job(job: Any, request: Request, deadline: float, timeout_s: float) -> list[GeneratedImage]:
@@ -50,6 +58,9 @@ async def wait_for_job(job: Any, request: Request, deadline: float, timeout_s: f
             await asyncio.wait({future}, timeout=min(0.2, remaining))
             if not future.done() and await request.is_disconnected():
                 raise ClientGone
+            draining = request.app.state.worker.draining.is_set()
+            if draining and not future.done() and not job.future.running():
+                raise shutting_down("the service is shutting down; the job had not started")
     except BaseException:
         job.cancel()
         future.cancel()
@@ -58,7 +69,9 @@ async def wait_for_job(job: Any, request: Request, deadline: float, timeout_s: f
         raise ApiError(503, "cancelled", "the job was cancelled")
     try:
         return future.result()
-    except (JobCancelled, WorkerStopped) as err:
+    except WorkerStopped as err:
+        raise shutting_down(f"the job did not finish: {err}") from err
+    except JobCancelled as err:
         raise ApiError(503, "service_unavailable", f"the job did not finish: {err}") from err
     except (ValueError, TypeError) as err:
         raise ApiError(400, "invalid_value", str(err)) from err

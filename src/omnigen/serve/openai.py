@@ -28,14 +28,9 @@ from fastapi.responses import JSONResponse, Response
 from PIL import ImageOps
 from pydantic import BaseModel, Field, create_model
 
+from omnigen.serve.decode import DecodePool, decode_image, image_cost
 from omnigen.serve.errors import ApiError, ErrorResponse
-from omnigen.serve.inputs import (
-    GenerationRequest,
-    check_mask,
-    decode_image,
-    parse_request,
-    pipeline_kwargs,
-)
+from omnigen.serve.inputs import GenerationRequest, ParsedRequest, check_mask, parse_request, pipeline_kwargs
 from omnigen.serve.jobs import ClientGone, run_job
 from omnigen.serve.settings import ServeSettings
 from omnigen.serve.worker import GeneratedImage
@@ -154,10 +149,10 @@ def request_mask(data: bytes | None, edit: bool, pipe: Any, settings: ServeSetti
     return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
-def _checked_kwargs(req: Any, images: list, request: Request, edit: bool) -> dict[str, Any]:
+def _checked_kwargs(req: Any, images: list, pipe: Any, settings: ServeSettings, edit: bool) -> dict[str, Any]:
     """``inputs.pipeline_kwargs``, its errors naming the OpenAI field the client sent."""
     try:
-        return pipeline_kwargs(req, images, request.app.state.pipeline, request.app.state.settings)
+        return pipeline_kwargs(req, images, pipe, settings)
     except ApiError as err:
         renamed = {"images": "image"} if edit else {}
         if req.n is not None:
@@ -187,17 +182,29 @@ def respond(results: list[GeneratedImage], req: Any, model: str, revised_prompt:
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
+def prepare(parsed: ParsedRequest, pipe: Any, settings: ServeSettings, edit: bool) -> tuple[Any, dict]:
+    """(the resolved request, the pipeline's keyword arguments): decodes the images and the mask and checks
+    everything. Blocking (decoding, mask preparation): runs in the ``DecodePool``."""
+    images = [decode_image(data, name, settings) for name, data in parsed.blobs]
+    req = resolve(parsed.req, edit=edit, images=len(images))
+    kwargs = _checked_kwargs(req, images, pipe, settings, edit)
+    mask = request_mask(parsed.files.get("mask"), edit, pipe, settings)
+    kwargs.update(check_mask(mask, kwargs, pipe))
+    return req, kwargs
+
+
 async def _images(request: Request, edit: bool) -> Response:
     settings: ServeSettings = request.app.state.settings
+    pool: DecodePool = request.app.state.decode_pool
     deadline = time.monotonic() + settings.timeout_s
     fields = EDIT_IMAGE_FIELDS if edit else ("images",)
     parsed = await parse_request(request, settings, ImagesRequest, fields, ("mask",))
-    if edit and not parsed.images:
+    if edit and not parsed.blobs:
         raise ApiError(400, "missing_required_parameter", "an edit needs at least one 'image'", field="image")
-    req = resolve(parsed.req, edit=edit, images=len(parsed.images))
-    kwargs = _checked_kwargs(req, parsed.images, request, edit)
-    mask = request_mask(parsed.files.get("mask"), edit, request.app.state.pipeline, settings)
-    kwargs.update(check_mask(mask, kwargs, request.app.state.pipeline))
+    uploads = parsed.blobs + [("mask", data) for data in parsed.files.values()]
+    pixels, nbytes = await pool.run(image_cost, uploads, settings)  # headers only: the budget's count
+    async with pool.budget(pixels, nbytes, deadline):
+        req, kwargs = await pool.run(prepare, parsed, request.app.state.pipeline, settings, edit)
     try:
         results = await run_job(request, kwargs, deadline)
     except ClientGone:
@@ -246,10 +253,12 @@ def _responses() -> dict[int | str, dict[str, Any]]:
         400: {**error, "description": "invalid request or a limit exceeded (error.limit names it)"},
         401: {**error, "description": "missing or wrong API key"},
         404: {**error, "description": "model is not the served model"},
+        408: {**error, "description": "the request body stalled (limit body_timeout_s)"},
         413: {**error, "description": "upload too large (limit max_upload_bytes)"},
         415: {**error, "description": "not JSON or multipart"},
         429: {**error, "description": "queue full; retry after the Retry-After header's seconds"},
         500: {**error, "description": "the generation failed"},
+        503: {**error, "description": "shutting down (error.code shutting_down) or the job was cancelled"},
         504: {**error, "description": "no result within timeout_s"},
     }
 
@@ -294,12 +303,22 @@ def model_card(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/models", summary="the served model (OpenAI's list shape), its defaults and the limits")
+MODEL_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "no such model"},
+}
+
+
+@router.get(
+    "/v1/models",
+    summary="the served model (OpenAI's list shape), its defaults and the limits",
+    responses={401: MODEL_ERRORS[401]},
+)
 async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model_card(request)]}
 
 
-@router.get("/v1/models/{model_id:path}", summary="the served model by its id")
+@router.get("/v1/models/{model_id:path}", summary="the served model by its id", responses=MODEL_ERRORS)
 async def model(request: Request, model_id: str) -> dict[str, Any]:
     card = model_card(request)
     if model_id != card["id"]:

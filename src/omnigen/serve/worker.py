@@ -30,7 +30,7 @@ class JobCancelled(Exception):
 
 
 class WorkerStopped(Exception):
-    """The service shut down before the job ran."""
+    """The service is shutting down: the job was not admitted, or did not run or finish in time."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ class Worker:
         self._lock = threading.Lock()
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
         self._stop = threading.Event()
+        self.draining = threading.Event()  # shutting down: admit nothing, let the running job finish
+        self._grace_end = math.inf  # monotonic time at which a draining worker cancels its running job
         self._thread: threading.Thread | None = None
         self.running: Job | None = None
 
@@ -128,7 +130,21 @@ class Worker:
             self._thread.join(timeout)
             self._thread = None
 
+    def drain(self, grace_s: float) -> None:
+        """Begin shutting down: admit no job (``submit`` raises WorkerStopped), let the running job finish
+        within ``grace_s`` seconds, then cancel it. Waiting jobs are failed by their waiters
+        (``jobs.wait_for_job``) and by the thread. Only sets flags, so a signal handler may call it; a
+        second call can only shorten the grace."""
+        self._grace_end = min(self._grace_end, time.monotonic() + grace_s)
+        self.draining.set()
+
+    def past_grace(self) -> bool:
+        return self.draining.is_set() and time.monotonic() >= self._grace_end
+
     def submit(self, kwargs: dict[str, Any]) -> Job:
+        if self.draining.is_set():
+            self._count("rejected")
+            raise WorkerStopped("the service is shutting down")
         job = Job(kwargs, _worker=self)
         try:
             self.queue.put(job)
@@ -152,6 +168,7 @@ class Worker:
         with self._lock:
             counts = dict(self.counts)
         return {
+            "status": "shutting_down" if self.draining.is_set() else "ok",
             "queue_size": self.queue.maxsize,
             "waiting": len(self.queue),
             "running": self.running is not None,
@@ -167,6 +184,9 @@ class Worker:
     # ------------------------------------------------------------------ thread
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.draining.is_set():
+                for waiting in self.queue.drain():
+                    waiting.future.set_exception(WorkerStopped("the service is shutting down"))
             job = self.queue.get(timeout=0.1)
             if job is None:
                 continue
@@ -182,7 +202,11 @@ class Worker:
                 result = self._run(job)
             except JobCancelled:
                 self._count("cancelled")
-                error = JobCancelled("cancelled")
+                error = (
+                    WorkerStopped("the service shut down before the job finished (shutdown grace)")
+                    if self.past_grace()
+                    else JobCancelled("cancelled")
+                )
             except Exception as err:  # reported to the client; the worker keeps going
                 if not isinstance(err, (ValueError, TypeError)):
                     logger.exception("job failed")
@@ -201,7 +225,7 @@ class Worker:
 
     def _run(self, job: Job) -> list[GeneratedImage]:
         def check(_pipe: Any, _step: int, _t: float, _latents: Any) -> None:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set() or self.past_grace():
                 raise JobCancelled
 
         if job.cancelled.is_set():

@@ -28,6 +28,9 @@ PREAMBLE = "Generate an image according to the following instructions\n"
 END = "<|end|>\n"
 ASSISTANT = "<|assistant|>\n<|diffusion|>"
 PLACEHOLDER_ID = 0  # ids inside an image span are never embedded; the value is irrelevant
+# The only formats a user's image file or upload is decoded as (CLI inputs, batch lines, service uploads,
+# masks): Pillow's other plugins (EPS through Ghostscript, ...) never see untrusted bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 def apply_template(prompt: str) -> str:
@@ -55,7 +58,7 @@ def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
             f"input images must be PIL images, paths, bytes or uint8 arrays, got {type(image).__name__}"
         )
     try:
-        with Image.open(source) as opened:
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
             return opened.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read input image {name}: {err}") from err
