@@ -93,8 +93,8 @@ def pipeline_pixels(pipeline, prompt: str, images: tuple[str, ...] = (), **chang
     return pipeline(
         prompt,
         input_images=[Image.open(EXAMPLES / name) for name in images] or None,
-        height=s["height"],
-        width=s["width"],
+        height=s["height"] or None,  # 0: the model's default
+        width=s["width"] or None,
         num_inference_steps=s["steps"],
         guidance_scale=s["guidance_scale"],
         img_guidance_scale=s["img_guidance_scale"],
@@ -115,18 +115,46 @@ def test_package_registers_both_nodes_without_comfyui(package):
     assert generate.RETURN_TYPES == ("IMAGE",)
     assert package.NODE_CLASS_MAPPINGS["OmniGenLoader"].RETURN_TYPES == ("OMNIGEN_PIPE",)
     spec = generate.INPUT_TYPES()
-    assert spec["required"]["pipe"] == ("OMNIGEN_PIPE",)
-    assert spec["required"]["sampler"][0] == ["euler", "heun", "dpmpp_2m"]
-    assert {k: v[0] for k, v in spec["optional"].items()} == {
+    assert set(spec["required"]) == {"pipe", "prompt", "seed"} and spec["required"]["pipe"] == (
+        "OMNIGEN_PIPE",
+    )
+    assert spec["optional"]["sampler"][0] == ["model default", "euler", "heun", "dpmpp_2m"]
+    assert {k: v[0] for k, v in spec["optional"].items() if v[0] in ("IMAGE", "MASK")} == {
         "image_1": "IMAGE",
         "image_2": "IMAGE",
         "image_3": "IMAGE",
         "mask": "MASK",
     }
-    # FUNCTION takes every declared input by name, and the optional ones have defaults.
+    # FUNCTION takes the required inputs by name, the settings as keywords, images and mask default None.
     parameters = inspect.signature(getattr(generate, generate.FUNCTION)).parameters
-    assert set(spec["required"]) | set(spec["optional"]) == set(parameters) - {"self"}
-    assert all(parameters[name].default is None for name in spec["optional"])
+    assert (
+        set(spec["required"]) < set(parameters)
+        and parameters["settings"].kind is inspect.Parameter.VAR_KEYWORD
+    )
+    assert (
+        all(parameters[f"image_{k}"].default is None for k in (1, 2, 3))
+        and parameters["mask"].default is None
+    )
+
+
+def test_widgets_follow_generation_config(package):
+    """Ranges are GenerationConfig's, with one value below each for "the model's default"."""
+    from omnigen import generation
+
+    spec = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"].INPUT_TYPES()["optional"]
+    assert spec["width"] == ("INT", {**spec["width"][1], "default": 0, "min": 0, "step": 16})
+    assert spec["steps"][1]["default"] == 0 and spec["steps"][1]["min"] == 0
+    assert spec["guidance_scale"][0] == "FLOAT" and spec["guidance_scale"][1]["min"] == -1.0
+    assert spec["negative_prompt"][0] == "STRING" and spec["negative_prompt"][1]["default"] == ""
+    assert spec["batch_size"][1]["default"] == 1 and spec["batch_size"][1]["min"] == 1
+    assert spec["vae_tiling"] == (
+        "BOOLEAN",
+        {**spec["vae_tiling"][1], "default": generation.default("vae_tiling")},
+    )
+    assert spec["preset"][0] == ["model default", *generation.PRESETS]
+    loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"].INPUT_TYPES()
+    assert set(generation.names("operator")) <= set(loader["optional"])
+    assert loader["required"]["dtype"][0] == ["auto", "float32", "bfloat16", "float16"]
 
 
 def test_the_mapping_check_rejects_a_broken_node():
@@ -157,10 +185,11 @@ def test_the_mapping_check_rejects_a_broken_node():
         (lambda g: g["gen"]["inputs"].update(pipe=["img1", 0]), "return_type_mismatch", "pipe"),
         (lambda g: g["gen"]["inputs"].update(image_1=["1", 0]), "return_type_mismatch", "image_1"),
         (lambda g: g["gen"]["inputs"].update(steps="many"), "invalid_input_type", "steps"),
-        (lambda g: g["gen"]["inputs"].update(steps=0), "value_smaller_than_min", "steps"),
+        (lambda g: g["gen"]["inputs"].update(steps=-1), "value_smaller_than_min", "steps"),
         (lambda g: g["gen"]["inputs"].update(seed=-1), "value_smaller_than_min", "seed"),
         (lambda g: g["gen"]["inputs"].update(guidance_scale=31.0), "value_bigger_than_max", "guidance_scale"),
-        (lambda g: g["gen"]["inputs"].update(width=8), "value_smaller_than_min", "width"),
+        (lambda g: g["gen"]["inputs"].update(width=-16), "value_smaller_than_min", "width"),
+        (lambda g: g["gen"]["inputs"].update(sampler="model"), "value_not_in_list", "sampler"),
         (lambda g: g["gen"]["inputs"].update(sampler="ddim"), "value_not_in_list", "sampler"),
         (lambda g: g["1"]["inputs"].update(dtype="int8"), "value_not_in_list", "dtype"),
         (lambda g: g["1"]["inputs"].pop("device"), "required_input_missing", "device"),
@@ -283,34 +312,47 @@ def test_a_batch_on_an_image_input_is_refused(package):
     assert [p.size for p in pictures] == [(6, 8), (8, 8)] and np.array(pictures[0]).max() == 128
 
 
-# ------------------------------------------------------------------------------------------ mask and sampler
-def test_call_pipeline_passes_mask_and_sampler_only_when_used(package):
-    call_pipeline = sys.modules["omnigen-comfyui.nodes"].call_pipeline
-    seen = {}
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": -3}, "steps must be an int >= 1, got -3"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"width": 32}, r"width=32: this model was trained at sides \[16\] only"),
+        ({"use_input_image_size": True}, "use_input_image_size"),
+    ],
+)
+def test_errors_name_the_node_inputs(executor, changes, message):
+    """The pipeline's messages name its arguments; the node's name its inputs."""
+    _, pipeline = run_image(executor, graph("a red square"))
+    loaded = sys.modules["omnigen-comfyui.nodes"].LoadedOmniGen(pipeline, {})
+    generate = sys.modules["omnigen-comfyui.nodes"].OmniGenGenerate()
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        generate.generate(loaded, "a red square", 0, **changes)
+    assert not any(
+        name in str(info.value) for name in ("num_inference_steps", "num_images_per_prompt", "_as_output")
+    )
 
-    def old_pipeline(prompt, output_type="pt"):
-        seen["old"] = prompt
-        return "ok"
 
-    assert call_pipeline(old_pipeline, {"prompt": "p"}) == "ok" and seen["old"] == "p"
-    with pytest.raises(ValueError, match="mask needs omnigen with mask support"):
-        call_pipeline(old_pipeline, {"prompt": "p"}, mask=Image.new("L", (4, 4)))
-    with pytest.raises(ValueError, match="sampler needs omnigen with sampler support"):
-        call_pipeline(old_pipeline, {"prompt": "p"}, sampler="heun")
-
-    def new_pipeline(prompt, mask=None, sampler="euler"):
-        seen["new"] = (mask, sampler)
-        return "ok"
-
-    mask = Image.new("L", (4, 4))
-    assert call_pipeline(new_pipeline, {"prompt": "p"}, mask=mask, sampler="dpmpp_2m") == "ok"
-    assert seen["new"] == (mask, "dpmpp_2m")
-
-    def broken_pipeline(prompt, mask=None):
-        raise TypeError("something else went wrong")
-
-    with pytest.raises(TypeError, match="something else"):  # other TypeErrors are not rewritten
-        call_pipeline(broken_pipeline, {"prompt": "p"}, mask=mask)
+# ------------------------------------------------------------------------------------------ defaults
+def test_a_fresh_generate_node_runs_on_the_shipped_model(executor, package):
+    """Every setting at its widget default (and, in API form, every setting left out) is the loaded
+    model's own settings: the shipped model's 16 x 16 pixels and 25 steps, not GenerationConfig's 1024."""
+    widgets = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"].INPUT_TYPES()["optional"]
+    defaults = {
+        name: options["default"]
+        for name, (kind, *rest) in widgets.items()
+        for options in rest
+        if "default" in options
+    }
+    fresh = {"pipe": ["1", 0], "prompt": "a red square", "seed": 0}
+    for inputs in (fresh, {**fresh, **defaults}):
+        nodes = {"1": LOADER, "gen": {"class_type": "OmniGenGenerate", "inputs": inputs}}
+        nodes["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": "f"}}
+        image, pipeline = run_image(executor, nodes)
+        assert pipeline.defaults.height == 16 and pipeline.defaults.num_inference_steps == 25
+        expected = pipeline("a red square", seed=0, output_type="pt", progress=False)
+        assert image.shape == (1, 16, 16, 3)
+        assert torch.equal(image, (expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
 
 
 def test_mask_input_reaches_the_pipeline(executor, folders):
@@ -321,11 +363,6 @@ def test_mask_input_reaches_the_pipeline(executor, folders):
     alpha = np.full((source.height, source.width), 255, np.uint8)
     alpha[: source.height // 2] = 0  # transparent top half: LoadImage's MASK is 1 there (regenerate)
     Image.fromarray(np.dstack([np.array(source.convert("RGB")), alpha])).save(folders[0] / "mask.png")
-    _, pipeline = run_image(executor, graph("a red square"))
-    if "mask" not in inspect.signature(pipeline.__call__).parameters:
-        with pytest.raises(NodeError, match="mask needs omnigen with mask support"):
-            executor.run(nodes)
-        return
     image = executor.run(nodes)["gen"]["outputs"][0][0][0]
     kept = torch.from_numpy(np.array(source.convert("RGB"))[source.height // 2 :]).float() / 255
     assert torch.allclose(image[source.height // 2 :], kept, atol=1 / 255)
@@ -375,7 +412,7 @@ def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
-        loader.load("", "auto", "cuda", False, True)
+        loader.load("", "auto", "cuda", offload_model=False)
 
 
 @pytest.mark.parametrize(

@@ -269,7 +269,7 @@ def test_generate_rejects_an_unwritable_output_before_loading(no_model, tmp_path
 
 
 def test_dtype_resolution(monkeypatch):
-    from omnigen.model.placement import resolve_dtype
+    from omnigen.util.dtypes import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
