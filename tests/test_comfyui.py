@@ -108,7 +108,9 @@ def pipeline_pixels(pipeline, prompt: str, images: tuple[str, ...] = (), **chang
 
 # ------------------------------------------------------------------------------------------ registration
 def test_package_registers_both_nodes_without_comfyui(package):
-    assert "comfy" not in sys.modules  # nothing of ComfyUI was needed to import it
+    # nothing of ComfyUI was needed to import it (pytest may import the repository root's
+    # __init__.py under its folder's name, which may be "comfy")
+    assert "comfy.model_management" not in sys.modules and "folder_paths" not in sys.modules
     assert set(package.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
     assert set(package.NODE_DISPLAY_NAME_MAPPINGS) == set(package.NODE_CLASS_MAPPINGS)
     generate = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"]
@@ -445,3 +447,49 @@ def test_the_harness_holds_nodes_to_comfyui_conventions(folders, returned, messa
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
             }
         )
+
+
+# ------------------------------------------------------------------------------------------ install
+@pytest.fixture
+def cloned_as_omnigen(monkeypatch):
+    """The repository loaded as ComfyUI loads ``custom_nodes/omnigen`` (a ``git clone`` of it)."""
+    monkeypatch.setitem(sys.modules, "folder_paths", type(sys)("folder_paths"))  # ComfyUI's, imported first
+    library = sys.modules["omnigen"]
+    ours = [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]
+    assert ours == []  # nothing cached: the root file really loads the nodes here
+    try:
+        yield load_custom_node(ROOT, "omnigen")
+    finally:
+        sys.modules["omnigen"] = library
+        for name in [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]:
+            del sys.modules[name]
+
+
+def test_a_clone_of_the_repository_is_a_node_folder(cloned_as_omnigen, folders):
+    """ComfyUI registers the folder as module "omnigen"; the library must still be the library."""
+    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(cloned_as_omnigen.NODE_DISPLAY_NAME_MAPPINGS) == set(cloned_as_omnigen.NODE_CLASS_MAPPINGS)
+    assert hasattr(sys.modules["omnigen"], "OmniGenPipeline")  # not the node folder
+    runner = Executor({**core_nodes(*folders), **cloned_as_omnigen.NODE_CLASS_MAPPINGS})
+    nodes = graph("a red square", steps=1)
+    image = runner.run(nodes)["gen"]["outputs"][0][0]
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_the_root_file_does_nothing_outside_comfyui():
+    """pytest imports the repository's root __init__.py while collecting tests/: it must stay inert."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repository_root", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and "omnigen_comfyui" not in sys.modules
+
+
+def test_requirements_are_the_library_dependencies():
+    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]
