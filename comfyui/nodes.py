@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .convert import image_to_pil, mask_to_pil, pixels_to_image
-from .host import Progress, check_interrupt, free_memory, torch_device
+from .host import Progress, check_interrupt, free_memory, model_folders, torch_device
 
 try:
     from omnigen.sampling.solvers import step_kinds
@@ -32,6 +32,7 @@ except ImportError as error:  # ComfyUI's Python needs the library itself
 CATEGORY = "OmniGen"
 PIPE_TYPE = "OMNIGEN_PIPE"
 DEVICES = ["auto", "cuda", "cpu"]
+SHIPPED_MODEL = "shipped miniature model"
 MAX_INPUT_IMAGES = 3
 
 
@@ -57,14 +58,22 @@ class OmniGenLoader:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model_path": (
-                    "STRING",
-                    {"default": "", "tooltip": "model folder or hub id; empty: the shipped miniature model"},
+                "model": (
+                    [SHIPPED_MODEL, *model_folders()],
+                    {
+                        "default": SHIPPED_MODEL,
+                        "tooltip": "ComfyUI's models/omnigen (and OmniGen pipelines in "
+                        "models/diffusers), or the miniature model shipped with omnigen",
+                    },
                 ),
                 "dtype": (list(DTYPE_CHOICES), {"default": AUTO, "tooltip": AUTO_HELP}),
                 "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
             },
             "optional": {
+                "model_path": (
+                    "STRING",
+                    {"default": "", "tooltip": "a model folder or hub id; when set, used instead of model"},
+                ),
                 "vae_path": ("STRING", {"default": "", "tooltip": "VAE folder when the model has none"}),
                 **fields.widgets("operator"),
             },
@@ -76,7 +85,13 @@ class OmniGenLoader:
     CATEGORY = CATEGORY
 
     def load(
-        self, model_path: str, dtype: str, device: str, vae_path: str = "", **operator: Any
+        self,
+        model: str,
+        dtype: str,
+        device: str,
+        model_path: str = "",
+        vae_path: str = "",
+        **operator: Any,
     ) -> tuple[LoadedOmniGen]:
         from omnigen.pipeline import OmniGenPipeline
 
@@ -91,7 +106,7 @@ class OmniGenLoader:
         if unknown:
             raise TypeError(f"unknown loader inputs {unknown}")
         target = torch_device() if device == "auto" else torch.device(device)
-        folder = Path(model_path.strip()) if model_path.strip() else None
+        folder = _model_folder(model, model_path)
         free_memory(_weights_size(folder), target)
         pipeline = OmniGenPipeline.from_pretrained(
             folder, device=target, dtype=dtype, vae_path=vae_path.strip() or None
@@ -101,6 +116,18 @@ class OmniGenLoader:
         except (TypeError, ValueError) as error:
             raise fields.in_node_terms(error) from error
         return (LoadedOmniGen(pipeline, settings),)
+
+
+def _model_folder(model: str, model_path: str) -> Path | None:
+    """The folder (or hub id) to load: ``model_path`` when set, else the chosen model (None: shipped)."""
+    if model_path.strip():
+        return Path(model_path.strip())
+    if model == SHIPPED_MODEL:
+        return None
+    folders = model_folders()
+    if model not in folders:
+        raise ValueError(f"model {model!r} is not one of {[SHIPPED_MODEL, *folders]}")
+    return folders[model]
 
 
 def collect_images(images: list[torch.Tensor | None]) -> list:

@@ -31,7 +31,7 @@ WORKFLOW = PACKAGE / "workflows" / "omnigen_edit.json"
 LOADER = {
     "class_type": "OmniGenLoader",
     "inputs": {
-        "model_path": "",
+        "model": "shipped miniature model",
         "dtype": "auto",
         "device": "cpu",
         "offload_model": False,
@@ -414,7 +414,7 @@ def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
-        loader.load("", "auto", "cuda", offload_model=False)
+        loader.load("shipped miniature model", "auto", "cuda", offload_model=False)
 
 
 @pytest.mark.parametrize(
@@ -450,10 +450,48 @@ def test_the_harness_holds_nodes_to_comfyui_conventions(folders, returned, messa
 
 
 # ------------------------------------------------------------------------------------------ install
+def fake_folder_paths(monkeypatch, models_dir: Path):
+    """ComfyUI's ``folder_paths`` module (what the nodes use of it), for a ``models`` folder."""
+    module = type(sys)("folder_paths")
+    module.models_dir = str(models_dir)
+    module.folder_names_and_paths = {"diffusers": ([str(models_dir / "diffusers")], set())}
+
+    def add_model_folder_path(name, path, is_default=False):
+        module.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    module.add_model_folder_path = add_model_folder_path
+    monkeypatch.setitem(sys.modules, "folder_paths", module)
+    return module
+
+
+def test_the_loader_lists_comfyuis_model_folders(executor, monkeypatch, tmp_path):
+    from omnigen.pipeline import default_model_path
+
+    models = tmp_path / "models"
+    (models / "omnigen").mkdir(parents=True)
+    (models / "omnigen" / "mini").symlink_to(default_model_path(), target_is_directory=True)
+    (models / "omnigen" / "empty").mkdir()  # no config.json: not a model
+    for name, pipeline in (("omni", "OmniGenPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        (models / "diffusers" / name).mkdir(parents=True)
+        (models / "diffusers" / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    folder_paths = fake_folder_paths(monkeypatch, models)
+    loader = sys.modules["omnigen-comfyui.nodes"].OmniGenLoader
+    choices = loader.INPUT_TYPES()["required"]["model"][0]
+    assert choices == ["shipped miniature model", "omnigen/mini", "diffusers/omni"]
+    assert folder_paths.folder_names_and_paths["omnigen"][0] == [str(models / "omnigen")]  # registered once
+    nodes = graph("a red square", steps=2)
+    nodes["1"] = {**LOADER, "inputs": {**LOADER["inputs"], "model": "omnigen/mini"}}
+    image, pipeline = run_image(executor, nodes)
+    assert image.shape == (1, 16, 16, 3) and pipeline.defaults.height == 16
+    nodes["1"]["inputs"]["model"] = "omnigen/empty"
+    with pytest.raises(PromptError, match="value_not_in_list"):
+        executor.run(nodes)
+
+
 @pytest.fixture
-def cloned_as_omnigen(monkeypatch):
+def cloned_as_omnigen(monkeypatch, tmp_path):
     """The repository loaded as ComfyUI loads ``custom_nodes/omnigen`` (a ``git clone`` of it)."""
-    monkeypatch.setitem(sys.modules, "folder_paths", type(sys)("folder_paths"))  # ComfyUI's, imported first
+    fake_folder_paths(monkeypatch, tmp_path / "models")  # ComfyUI imports it before any custom node
     library = sys.modules["omnigen"]
     ours = [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]
     assert ours == []  # nothing cached: the root file really loads the nodes here

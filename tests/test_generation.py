@@ -212,7 +212,7 @@ def test_every_front_end_has_every_field():
     comfy = _comfyui_inputs()
     names = sys.modules["omnigen-comfyui.fields"].INPUT_NAMES
     assert {names.get(name, name) for name in request} <= comfy["OmniGenGenerate"]
-    assert operator | {"model_path", "vae_path", "device", "dtype"} <= comfy["OmniGenLoader"]
+    assert operator | {"model", "model_path", "vae_path", "device", "dtype"} <= comfy["OmniGenLoader"]
 
 
 def _comfyui_inputs() -> dict[str, set[str]]:
