@@ -492,7 +492,8 @@ def test_the_loader_lists_comfyuis_model_folders(executor, monkeypatch, tmp_path
 def cloned_as_omnigen(monkeypatch, tmp_path):
     """The repository loaded as ComfyUI loads ``custom_nodes/omnigen`` (a ``git clone`` of it)."""
     fake_folder_paths(monkeypatch, tmp_path / "models")  # ComfyUI imports it before any custom node
-    library = sys.modules["omnigen"]
+    import omnigen as library
+
     ours = [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]
     assert ours == []  # nothing cached: the root file really loads the nodes here
     try:
@@ -512,6 +513,34 @@ def test_a_clone_of_the_repository_is_a_node_folder(cloned_as_omnigen, folders):
     nodes = graph("a red square", steps=1)
     image = runner.run(nodes)["gen"]["outputs"][0][0]
     assert image.shape == (1, 16, 16, 3)
+
+
+def test_a_clone_works_without_the_library_installed(tmp_path):
+    """ComfyUI-Manager installs requirements.txt only: the root file then imports omnigen from src/."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, types
+        from pathlib import Path
+        root = Path({str(ROOT)!r})
+        # no installed omnigen: drop every path entry that holds the library (PYTHONPATH, editable install)
+        sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "omnigen" / "__init__.py").is_file()]
+        assert importlib.util.find_spec("omnigen") is None
+        sys.modules["folder_paths"] = types.ModuleType("folder_paths")  # inside ComfyUI
+        spec = importlib.util.spec_from_file_location("omnigen", root / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["omnigen"] = module
+        spec.loader.exec_module(module)
+        print(sorted(module.NODE_CLASS_MAPPINGS), Path(sys.modules["omnigen"].__file__).relative_to(root))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['OmniGenGenerate',", "'OmniGenLoader']", "src/omnigen/__init__.py"]
 
 
 def test_the_root_file_does_nothing_outside_comfyui():
