@@ -16,32 +16,33 @@ from typing import Any
 import torch
 
 from .convert import image_to_pil, mask_to_pil, pixels_to_image
-from .host import Progress, check_interrupt, free_memory, torch_device
+from .host import Progress, check_interrupt, free_memory, model_folders, torch_device
 
 try:
-    from omnigen.sampling.solvers import SOLVERS, step_kinds
+    from omnigen.sampling.solvers import step_kinds
+    from omnigen.util.dtypes import AUTO, AUTO_HELP, DTYPE_CHOICES
+
+    from . import fields
 except ImportError as error:  # ComfyUI's Python needs the library itself
     raise ImportError(
         "the OmniGen ComfyUI nodes need the omnigen package in ComfyUI's Python environment: "
-        "pip install -e <path to this repository>"
+        "pip install -e <path to this repository> (or pip install -r requirements.txt in it)"
     ) from error
 
 CATEGORY = "OmniGen"
 PIPE_TYPE = "OMNIGEN_PIPE"
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEVICES = ["auto", "cuda", "cpu"]
+SHIPPED_MODEL = "shipped miniature model"
 MAX_INPUT_IMAGES = 3
-MAX_SEED = 2**63 - 1  # image k of a batch uses seed + k; torch seeds go up to 2**64 - 1
-SIZE = {"min": 16, "max": 4096, "step": 16}
 
 
 @dataclass(frozen=True)
 class LoadedOmniGen:
-    """The OMNIGEN_PIPE value: a pipeline and the per-call memory options chosen at load time."""
+    """The OMNIGEN_PIPE value: a pipeline and the operator settings chosen at load time (pipeline
+    keyword arguments; a setting left at the model's default is absent)."""
 
     pipeline: Any  # omnigen.pipeline.OmniGenPipeline
-    offload_model: bool
-    offload_kv_cache: bool
+    operator: dict[str, Any]
 
 
 def _weights_size(folder: Path | None) -> int:
@@ -57,17 +58,24 @@ class OmniGenLoader:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model_path": (
-                    "STRING",
-                    {"default": "", "tooltip": "model folder or hub id; empty: the shipped miniature model"},
+                "model": (
+                    [SHIPPED_MODEL, *model_folders()],
+                    {
+                        "default": SHIPPED_MODEL,
+                        "tooltip": "ComfyUI's models/omnigen (and OmniGen pipelines in "
+                        "models/diffusers), or the miniature model shipped with omnigen",
+                    },
                 ),
-                "dtype": (list(DTYPES), {"default": "auto", "tooltip": "auto: the checkpoint's own dtype"}),
+                "dtype": (list(DTYPE_CHOICES), {"default": AUTO, "tooltip": AUTO_HELP}),
                 "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
-                "offload_model": ("BOOLEAN", {"default": False, "tooltip": "decoder layers on the CPU"}),
-                "offload_kv_cache": ("BOOLEAN", {"default": True, "tooltip": "condition cache on the CPU"}),
             },
             "optional": {
+                "model_path": (
+                    "STRING",
+                    {"default": "", "tooltip": "a model folder or hub id; when set, used instead of model"},
+                ),
                 "vae_path": ("STRING", {"default": "", "tooltip": "VAE folder when the model has none"}),
+                **fields.widgets("operator"),
             },
         }
 
@@ -78,51 +86,48 @@ class OmniGenLoader:
 
     def load(
         self,
-        model_path: str,
+        model: str,
         dtype: str,
         device: str,
-        offload_model: bool,
-        offload_kv_cache: bool,
+        model_path: str = "",
         vae_path: str = "",
+        **operator: Any,
     ) -> tuple[LoadedOmniGen]:
         from omnigen.pipeline import OmniGenPipeline
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was chosen but torch sees no CUDA device; choose 'auto' or 'cpu'")
+        settings = fields.to_arguments(operator, "operator")
+        unknown = sorted(set(operator) - set(fields.widgets("operator")))
+        if unknown:
+            raise TypeError(f"unknown loader inputs {unknown}")
         target = torch_device() if device == "auto" else torch.device(device)
-        folder = Path(model_path.strip()) if model_path.strip() else None
+        folder = _model_folder(model, model_path)
         free_memory(_weights_size(folder), target)
         pipeline = OmniGenPipeline.from_pretrained(
-            folder, device=target, dtype=DTYPES[dtype], vae_path=vae_path.strip() or None
+            folder, device=target, dtype=dtype, vae_path=vae_path.strip() or None
         )
-        return (LoadedOmniGen(pipeline, bool(offload_model), bool(offload_kv_cache)),)
+        try:
+            pipeline.defaults.replace(**settings)  # refuse bad settings at load time
+        except (TypeError, ValueError) as error:
+            raise fields.in_node_terms(error) from error
+        return (LoadedOmniGen(pipeline, settings),)
 
 
-def call_pipeline(pipeline: Any, arguments: dict, mask: Any = None, sampler: str = "euler") -> torch.Tensor:
-    """Call the pipeline, passing ``mask=`` and ``sampler=`` only when used, so that an omnigen without
-    them still serves everything else; asking for one it lacks is a clear ValueError.
-
-    (Both arguments come with the local-editing and solver work of issue 16; once they are in the
-    pipeline this can pass them unconditionally.)
-    """
-    extras = {}
-    if mask is not None:
-        extras["mask"] = mask
-    if sampler != "euler":
-        extras["sampler"] = sampler
-    try:
-        return pipeline(**arguments, **extras)
-    except TypeError as error:
-        missing = [name for name in extras if f"unexpected keyword argument '{name}'" in str(error)]
-        if missing:
-            raise ValueError(
-                f"{missing[0]} needs omnigen with {missing[0]} support (this one has none)"
-            ) from error
-        raise
+def _model_folder(model: str, model_path: str) -> Path | None:
+    """The folder (or hub id) to load: ``model_path`` when set, else the chosen model (None: shipped)."""
+    if model_path.strip():
+        return Path(model_path.strip())
+    if model == SHIPPED_MODEL:
+        return None
+    folders = model_folders()
+    if model not in folders:
+        raise ValueError(f"model {model!r} is not one of {[SHIPPED_MODEL, *folders]}")
+    return folders[model]
 
 
 def collect_images(images: list[torch.Tensor | None]) -> list:
@@ -138,7 +143,10 @@ def collect_images(images: list[torch.Tensor | None]) -> list:
 
 
 class OmniGenGenerate:
-    """Text-to-image, or editing / composition with up to three input images and an optional mask."""
+    """Text-to-image, or editing / composition with up to three input images and an optional mask.
+
+    Its settings are GenerationConfig's request fields (``fields``); left at their defaults they are the
+    loaded model's own."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -146,6 +154,7 @@ class OmniGenGenerate:
             f"image_{k}": ("IMAGE", {"tooltip": f"<img><|image_{k}|></img> in the prompt"})
             for k in range(1, MAX_INPUT_IMAGES + 1)
         }
+        settings = fields.widgets("request")
         return {
             "required": {
                 "pipe": (PIPE_TYPE,),
@@ -157,23 +166,10 @@ class OmniGenGenerate:
                         "tooltip": "refer to input k as <img><|image_k|></img>",
                     },
                 ),
-                "width": ("INT", {"default": 1024, **SIZE}),
-                "height": ("INT", {"default": 1024, **SIZE}),
-                "use_input_image_size": (
-                    "BOOLEAN",
-                    {
-                        "default": False,
-                        "tooltip": "output the size of image_1 (needs exactly one input image)",
-                    },
-                ),
-                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "model evaluations"}),
-                "guidance_scale": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-                "img_guidance_scale": ("FLOAT", {"default": 1.6, "min": 0.0, "max": 30.0, "step": 0.1}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED}),
-                "sampler": (list(SOLVERS), {"default": "euler"}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "seed": settings.pop("seed"),
             },
             "optional": {
+                **settings,
                 **images,
                 "mask": ("MASK", {"tooltip": "regenerate where 1, keep the first input image elsewhere"}),
             },
@@ -188,48 +184,41 @@ class OmniGenGenerate:
         self,
         pipe: LoadedOmniGen,
         prompt: str,
-        width: int,
-        height: int,
-        use_input_image_size: bool,
-        steps: int,
-        guidance_scale: float,
-        img_guidance_scale: float,
         seed: int,
-        sampler: str,
-        batch_size: int,
         image_1: torch.Tensor | None = None,
         image_2: torch.Tensor | None = None,
         image_3: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        **settings: Any,
     ) -> tuple[torch.Tensor]:
         if not isinstance(pipe, LoadedOmniGen):
             raise TypeError(f"pipe must come from the OmniGen loader node, got {type(pipe).__name__}")
+        unknown = sorted(set(settings) - set(fields.widgets("request")))
+        if unknown:
+            raise TypeError(f"unknown inputs {unknown}")
         images = collect_images([image_1, image_2, image_3])
-        progress = Progress(len(step_kinds(sampler, steps)))  # the callback runs once per solver step
+        arguments = {**fields.to_arguments({**settings, "seed": seed}, "request"), **pipe.operator}
+        try:
+            chosen = pipe.pipeline.defaults.replace(**arguments)
+        except (TypeError, ValueError) as error:
+            raise fields.in_node_terms(error) from error
+        progress = Progress(len(step_kinds(chosen.sampler, chosen.num_inference_steps)))
 
         def on_step_end(_pipeline: Any, index: int, _t: float, _latents: torch.Tensor) -> None:
-            progress.done(index + 1)
+            progress.done(index + 1)  # once per solver step
             check_interrupt()
 
-        arguments = {
-            "prompt": prompt,
-            "input_images": images or None,
-            "height": height,
-            "width": width,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance_scale,
-            "img_guidance_scale": img_guidance_scale,
-            "seed": seed,
-            "use_input_image_size_as_output": bool(use_input_image_size),
-            "num_images_per_prompt": batch_size,
-            "offload_model": pipe.offload_model,
-            "offload_kv_cache": pipe.offload_kv_cache,
-            "callback_on_step_end": on_step_end,
-            "output_type": "pt",
-        }
-        pixels = call_pipeline(
-            pipe.pipeline, arguments, mask=None if mask is None else mask_to_pil(mask), sampler=sampler
-        )
+        try:
+            pixels = pipe.pipeline(
+                prompt,
+                input_images=images or None,
+                mask=None if mask is None else mask_to_pil(mask),
+                callback_on_step_end=on_step_end,
+                output_type="pt",
+                **arguments,
+            )
+        except (TypeError, ValueError) as error:
+            raise fields.in_node_terms(error) from error
         return (pixels_to_image(pixels),)
 
 

@@ -31,7 +31,7 @@ WORKFLOW = PACKAGE / "workflows" / "omnigen_edit.json"
 LOADER = {
     "class_type": "OmniGenLoader",
     "inputs": {
-        "model_path": "",
+        "model": "shipped miniature model",
         "dtype": "auto",
         "device": "cpu",
         "offload_model": False,
@@ -93,8 +93,8 @@ def pipeline_pixels(pipeline, prompt: str, images: tuple[str, ...] = (), **chang
     return pipeline(
         prompt,
         input_images=[Image.open(EXAMPLES / name) for name in images] or None,
-        height=s["height"],
-        width=s["width"],
+        height=s["height"] or None,  # 0: the model's default
+        width=s["width"] or None,
         num_inference_steps=s["steps"],
         guidance_scale=s["guidance_scale"],
         img_guidance_scale=s["img_guidance_scale"],
@@ -108,25 +108,55 @@ def pipeline_pixels(pipeline, prompt: str, images: tuple[str, ...] = (), **chang
 
 # ------------------------------------------------------------------------------------------ registration
 def test_package_registers_both_nodes_without_comfyui(package):
-    assert "comfy" not in sys.modules  # nothing of ComfyUI was needed to import it
+    # nothing of ComfyUI was needed to import it (pytest may import the repository root's
+    # __init__.py under its folder's name, which may be "comfy")
+    assert "comfy.model_management" not in sys.modules and "folder_paths" not in sys.modules
     assert set(package.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
     assert set(package.NODE_DISPLAY_NAME_MAPPINGS) == set(package.NODE_CLASS_MAPPINGS)
     generate = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"]
     assert generate.RETURN_TYPES == ("IMAGE",)
     assert package.NODE_CLASS_MAPPINGS["OmniGenLoader"].RETURN_TYPES == ("OMNIGEN_PIPE",)
     spec = generate.INPUT_TYPES()
-    assert spec["required"]["pipe"] == ("OMNIGEN_PIPE",)
-    assert spec["required"]["sampler"][0] == ["euler", "heun", "dpmpp_2m"]
-    assert {k: v[0] for k, v in spec["optional"].items()} == {
+    assert set(spec["required"]) == {"pipe", "prompt", "seed"} and spec["required"]["pipe"] == (
+        "OMNIGEN_PIPE",
+    )
+    assert spec["optional"]["sampler"][0] == ["model default", "euler", "heun", "dpmpp_2m"]
+    assert {k: v[0] for k, v in spec["optional"].items() if v[0] in ("IMAGE", "MASK")} == {
         "image_1": "IMAGE",
         "image_2": "IMAGE",
         "image_3": "IMAGE",
         "mask": "MASK",
     }
-    # FUNCTION takes every declared input by name, and the optional ones have defaults.
+    # FUNCTION takes the required inputs by name, the settings as keywords, images and mask default None.
     parameters = inspect.signature(getattr(generate, generate.FUNCTION)).parameters
-    assert set(spec["required"]) | set(spec["optional"]) == set(parameters) - {"self"}
-    assert all(parameters[name].default is None for name in spec["optional"])
+    assert (
+        set(spec["required"]) < set(parameters)
+        and parameters["settings"].kind is inspect.Parameter.VAR_KEYWORD
+    )
+    assert (
+        all(parameters[f"image_{k}"].default is None for k in (1, 2, 3))
+        and parameters["mask"].default is None
+    )
+
+
+def test_widgets_follow_generation_config(package):
+    """Ranges are GenerationConfig's, with one value below each for "the model's default"."""
+    from omnigen import generation
+
+    spec = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"].INPUT_TYPES()["optional"]
+    assert spec["width"] == ("INT", {**spec["width"][1], "default": 0, "min": 0, "step": 16})
+    assert spec["steps"][1]["default"] == 0 and spec["steps"][1]["min"] == 0
+    assert spec["guidance_scale"][0] == "FLOAT" and spec["guidance_scale"][1]["min"] == -1.0
+    assert spec["negative_prompt"][0] == "STRING" and spec["negative_prompt"][1]["default"] == ""
+    assert spec["batch_size"][1]["default"] == 1 and spec["batch_size"][1]["min"] == 1
+    assert spec["vae_tiling"] == (
+        "BOOLEAN",
+        {**spec["vae_tiling"][1], "default": generation.default("vae_tiling")},
+    )
+    assert spec["preset"][0] == ["model default", *generation.PRESETS]
+    loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"].INPUT_TYPES()
+    assert set(generation.names("operator")) <= set(loader["optional"])
+    assert loader["required"]["dtype"][0] == ["auto", "float32", "bfloat16", "float16"]
 
 
 def test_the_mapping_check_rejects_a_broken_node():
@@ -157,10 +187,11 @@ def test_the_mapping_check_rejects_a_broken_node():
         (lambda g: g["gen"]["inputs"].update(pipe=["img1", 0]), "return_type_mismatch", "pipe"),
         (lambda g: g["gen"]["inputs"].update(image_1=["1", 0]), "return_type_mismatch", "image_1"),
         (lambda g: g["gen"]["inputs"].update(steps="many"), "invalid_input_type", "steps"),
-        (lambda g: g["gen"]["inputs"].update(steps=0), "value_smaller_than_min", "steps"),
+        (lambda g: g["gen"]["inputs"].update(steps=-1), "value_smaller_than_min", "steps"),
         (lambda g: g["gen"]["inputs"].update(seed=-1), "value_smaller_than_min", "seed"),
         (lambda g: g["gen"]["inputs"].update(guidance_scale=31.0), "value_bigger_than_max", "guidance_scale"),
-        (lambda g: g["gen"]["inputs"].update(width=8), "value_smaller_than_min", "width"),
+        (lambda g: g["gen"]["inputs"].update(width=-16), "value_smaller_than_min", "width"),
+        (lambda g: g["gen"]["inputs"].update(sampler="model"), "value_not_in_list", "sampler"),
         (lambda g: g["gen"]["inputs"].update(sampler="ddim"), "value_not_in_list", "sampler"),
         (lambda g: g["1"]["inputs"].update(dtype="int8"), "value_not_in_list", "dtype"),
         (lambda g: g["1"]["inputs"].pop("device"), "required_input_missing", "device"),
@@ -283,34 +314,47 @@ def test_a_batch_on_an_image_input_is_refused(package):
     assert [p.size for p in pictures] == [(6, 8), (8, 8)] and np.array(pictures[0]).max() == 128
 
 
-# ------------------------------------------------------------------------------------------ mask and sampler
-def test_call_pipeline_passes_mask_and_sampler_only_when_used(package):
-    call_pipeline = sys.modules["omnigen-comfyui.nodes"].call_pipeline
-    seen = {}
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": -3}, "steps must be an int >= 1, got -3"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"width": 32}, r"width=32: this model was trained at sides \[16\] only"),
+        ({"use_input_image_size": True}, "use_input_image_size"),
+    ],
+)
+def test_errors_name_the_node_inputs(executor, changes, message):
+    """The pipeline's messages name its arguments; the node's name its inputs."""
+    _, pipeline = run_image(executor, graph("a red square"))
+    loaded = sys.modules["omnigen-comfyui.nodes"].LoadedOmniGen(pipeline, {})
+    generate = sys.modules["omnigen-comfyui.nodes"].OmniGenGenerate()
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        generate.generate(loaded, "a red square", 0, **changes)
+    assert not any(
+        name in str(info.value) for name in ("num_inference_steps", "num_images_per_prompt", "_as_output")
+    )
 
-    def old_pipeline(prompt, output_type="pt"):
-        seen["old"] = prompt
-        return "ok"
 
-    assert call_pipeline(old_pipeline, {"prompt": "p"}) == "ok" and seen["old"] == "p"
-    with pytest.raises(ValueError, match="mask needs omnigen with mask support"):
-        call_pipeline(old_pipeline, {"prompt": "p"}, mask=Image.new("L", (4, 4)))
-    with pytest.raises(ValueError, match="sampler needs omnigen with sampler support"):
-        call_pipeline(old_pipeline, {"prompt": "p"}, sampler="heun")
-
-    def new_pipeline(prompt, mask=None, sampler="euler"):
-        seen["new"] = (mask, sampler)
-        return "ok"
-
-    mask = Image.new("L", (4, 4))
-    assert call_pipeline(new_pipeline, {"prompt": "p"}, mask=mask, sampler="dpmpp_2m") == "ok"
-    assert seen["new"] == (mask, "dpmpp_2m")
-
-    def broken_pipeline(prompt, mask=None):
-        raise TypeError("something else went wrong")
-
-    with pytest.raises(TypeError, match="something else"):  # other TypeErrors are not rewritten
-        call_pipeline(broken_pipeline, {"prompt": "p"}, mask=mask)
+# ------------------------------------------------------------------------------------------ defaults
+def test_a_fresh_generate_node_runs_on_the_shipped_model(executor, package):
+    """Every setting at its widget default (and, in API form, every setting left out) is the loaded
+    model's own settings: the shipped model's 16 x 16 pixels and 25 steps, not GenerationConfig's 1024."""
+    widgets = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"].INPUT_TYPES()["optional"]
+    defaults = {
+        name: options["default"]
+        for name, (kind, *rest) in widgets.items()
+        for options in rest
+        if "default" in options
+    }
+    fresh = {"pipe": ["1", 0], "prompt": "a red square", "seed": 0}
+    for inputs in (fresh, {**fresh, **defaults}):
+        nodes = {"1": LOADER, "gen": {"class_type": "OmniGenGenerate", "inputs": inputs}}
+        nodes["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": "f"}}
+        image, pipeline = run_image(executor, nodes)
+        assert pipeline.defaults.height == 16 and pipeline.defaults.num_inference_steps == 25
+        expected = pipeline("a red square", seed=0, output_type="pt", progress=False)
+        assert image.shape == (1, 16, 16, 3)
+        assert torch.equal(image, (expected * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
 
 
 def test_mask_input_reaches_the_pipeline(executor, folders):
@@ -321,11 +365,6 @@ def test_mask_input_reaches_the_pipeline(executor, folders):
     alpha = np.full((source.height, source.width), 255, np.uint8)
     alpha[: source.height // 2] = 0  # transparent top half: LoadImage's MASK is 1 there (regenerate)
     Image.fromarray(np.dstack([np.array(source.convert("RGB")), alpha])).save(folders[0] / "mask.png")
-    _, pipeline = run_image(executor, graph("a red square"))
-    if "mask" not in inspect.signature(pipeline.__call__).parameters:
-        with pytest.raises(NodeError, match="mask needs omnigen with mask support"):
-            executor.run(nodes)
-        return
     image = executor.run(nodes)["gen"]["outputs"][0][0][0]
     kept = torch.from_numpy(np.array(source.convert("RGB"))[source.height // 2 :]).float() / 255
     assert torch.allclose(image[source.height // 2 :], kept, atol=1 / 255)
@@ -375,7 +414,7 @@ def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
-        loader.load("", "auto", "cuda", False, True)
+        loader.load("shipped miniature model", "auto", "cuda", offload_model=False)
 
 
 @pytest.mark.parametrize(
@@ -408,3 +447,116 @@ def test_the_harness_holds_nodes_to_comfyui_conventions(folders, returned, messa
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
             }
         )
+
+
+# ------------------------------------------------------------------------------------------ install
+def fake_folder_paths(monkeypatch, models_dir: Path):
+    """ComfyUI's ``folder_paths`` module (what the nodes use of it), for a ``models`` folder."""
+    module = type(sys)("folder_paths")
+    module.models_dir = str(models_dir)
+    module.folder_names_and_paths = {"diffusers": ([str(models_dir / "diffusers")], set())}
+
+    def add_model_folder_path(name, path, is_default=False):
+        module.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    module.add_model_folder_path = add_model_folder_path
+    monkeypatch.setitem(sys.modules, "folder_paths", module)
+    return module
+
+
+def test_the_loader_lists_comfyuis_model_folders(executor, monkeypatch, tmp_path):
+    from omnigen.pipeline import default_model_path
+
+    models = tmp_path / "models"
+    (models / "omnigen").mkdir(parents=True)
+    (models / "omnigen" / "mini").symlink_to(default_model_path(), target_is_directory=True)
+    (models / "omnigen" / "empty").mkdir()  # no config.json: not a model
+    for name, pipeline in (("omni", "OmniGenPipeline"), ("sdxl", "StableDiffusionXLPipeline")):
+        (models / "diffusers" / name).mkdir(parents=True)
+        (models / "diffusers" / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    folder_paths = fake_folder_paths(monkeypatch, models)
+    loader = sys.modules["omnigen-comfyui.nodes"].OmniGenLoader
+    choices = loader.INPUT_TYPES()["required"]["model"][0]
+    assert choices == ["shipped miniature model", "omnigen/mini", "diffusers/omni"]
+    assert folder_paths.folder_names_and_paths["omnigen"][0] == [str(models / "omnigen")]  # registered once
+    nodes = graph("a red square", steps=2)
+    nodes["1"] = {**LOADER, "inputs": {**LOADER["inputs"], "model": "omnigen/mini"}}
+    image, pipeline = run_image(executor, nodes)
+    assert image.shape == (1, 16, 16, 3) and pipeline.defaults.height == 16
+    nodes["1"]["inputs"]["model"] = "omnigen/empty"
+    with pytest.raises(PromptError, match="value_not_in_list"):
+        executor.run(nodes)
+
+
+@pytest.fixture
+def cloned_as_omnigen(monkeypatch, tmp_path):
+    """The repository loaded as ComfyUI loads ``custom_nodes/omnigen`` (a ``git clone`` of it)."""
+    fake_folder_paths(monkeypatch, tmp_path / "models")  # ComfyUI imports it before any custom node
+    import omnigen as library
+
+    ours = [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]
+    assert ours == []  # nothing cached: the root file really loads the nodes here
+    try:
+        yield load_custom_node(ROOT, "omnigen")
+    finally:
+        sys.modules["omnigen"] = library
+        for name in [name for name in sys.modules if name.split(".")[0] == "omnigen_comfyui"]:
+            del sys.modules[name]
+
+
+def test_a_clone_of_the_repository_is_a_node_folder(cloned_as_omnigen, folders):
+    """ComfyUI registers the folder as module "omnigen"; the library must still be the library."""
+    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(cloned_as_omnigen.NODE_DISPLAY_NAME_MAPPINGS) == set(cloned_as_omnigen.NODE_CLASS_MAPPINGS)
+    assert hasattr(sys.modules["omnigen"], "OmniGenPipeline")  # not the node folder
+    runner = Executor({**core_nodes(*folders), **cloned_as_omnigen.NODE_CLASS_MAPPINGS})
+    nodes = graph("a red square", steps=1)
+    image = runner.run(nodes)["gen"]["outputs"][0][0]
+    assert image.shape == (1, 16, 16, 3)
+
+
+def test_a_clone_works_without_the_library_installed(tmp_path):
+    """ComfyUI-Manager installs requirements.txt only: the root file then imports omnigen from src/."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys, types
+        from pathlib import Path
+        root = Path({str(ROOT)!r})
+        # no installed omnigen: drop every path entry that holds the library (PYTHONPATH, editable install)
+        sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "omnigen" / "__init__.py").is_file()]
+        assert importlib.util.find_spec("omnigen") is None
+        sys.modules["folder_paths"] = types.ModuleType("folder_paths")  # inside ComfyUI
+        spec = importlib.util.spec_from_file_location("omnigen", root / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["omnigen"] = module
+        spec.loader.exec_module(module)
+        print(sorted(module.NODE_CLASS_MAPPINGS), Path(sys.modules["omnigen"].__file__).relative_to(root))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["['OmniGenGenerate',", "'OmniGenLoader']", "src/omnigen/__init__.py"]
+
+
+def test_the_root_file_does_nothing_outside_comfyui():
+    """pytest imports the repository's root __init__.py while collecting tests/: it must stay inert."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repository_root", ROOT / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and "omnigen_comfyui" not in sys.modules
+
+
+def test_requirements_are_the_library_dependencies():
+    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]

@@ -24,7 +24,7 @@ from omnigen.model.vae import AutoencoderKLCodec, IdentityCodec
 from omnigen.pipeline import OmniGenPipeline
 from omnigen.text.collate import collate
 from omnigen.text.tokenizer import Tokenizer
-from omnigen.weights.checkpoint import atomic_folder
+from omnigen.util.atomic import atomic_folder
 from omnigen.weights.keymap import diffusers_to_ours, ours_to_diffusers
 from omnigen.weights.quantize import quantize_int8
 from test_reference import PROMPT, build_rows, encode, reference_row_velocity

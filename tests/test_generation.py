@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +207,23 @@ def test_every_front_end_has_every_field():
         dests = _dests(_subparser("eval", name))
         missing = (request | operator) - {"num_images_per_prompt"} - own.get(name, set()) - dests
         assert not missing and model_loading <= dests, (name, missing)
+    # ComfyUI: request fields are Generate's inputs (three under ComfyUI's own names), operator fields the
+    # loader's
+    comfy = _comfyui_inputs()
+    names = sys.modules["omnigen-comfyui.fields"].INPUT_NAMES
+    assert {names.get(name, name) for name in request} <= comfy["OmniGenGenerate"]
+    assert operator | {"model", "model_path", "vae_path", "device", "dtype"} <= comfy["OmniGenLoader"]
+
+
+def _comfyui_inputs() -> dict[str, set[str]]:
+    """The input names of each ComfyUI node, the package loaded as ComfyUI loads it."""
+    from comfy_harness import load_custom_node
+
+    package = load_custom_node(Path(__file__).resolve().parents[1] / "comfyui", "omnigen-comfyui")
+    return {
+        key: {name for group in ("required", "optional") for name in cls.INPUT_TYPES().get(group, {})}
+        for key, cls in package.NODE_CLASS_MAPPINGS.items()
+    }
 
 
 def test_help_shows_defaults():
@@ -269,7 +288,7 @@ def test_generate_rejects_an_unwritable_output_before_loading(no_model, tmp_path
 
 
 def test_dtype_resolution(monkeypatch):
-    from omnigen.model.placement import resolve_dtype
+    from omnigen.util.dtypes import resolve_dtype
 
     assert resolve_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -186,10 +186,13 @@ def test_json_base64_and_multipart_uploads_agree(pipeline, rgb_image):
 
 def test_unset_seed_is_random_and_reported(pipeline):
     with client_for(pipeline) as client:
-        first = client.post(URL, json={"prompt": "a cat", "response_format": "png"})
-        seed = int(first.headers["x-seed"])
-        again = client.post(URL, json={"prompt": "a cat", "seed": seed, "response_format": "png"})
-    assert first.content == again.content
+        unset = [client.post(URL, json={"prompt": "a cat", "response_format": "png"}) for _ in range(3)]
+        seeds = [int(response.headers["x-seed"]) for response in unset]
+        again = client.post(URL, json={"prompt": "a cat", "seed": seeds[0], "response_format": "png"})
+    assert all(response.status_code == 200 for response in unset)
+    assert len(set(seeds)) == 3  # drawn per request (from 2**31 seeds: a repeat is a one-in-10**8 event)
+    assert len({response.content for response in unset}) == 3  # other noise, other pictures
+    assert again.content == unset[0].content  # the reported seed is the one that was used
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

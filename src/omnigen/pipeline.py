@@ -35,7 +35,7 @@ from PIL import Image
 
 from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.model.placement import place_model, resolve_dtype
+from omnigen.model.placement import place_model
 from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
 from omnigen.sampling.euler import make_noise
 from omnigen.sampling.guidance import branch_rows, guided_velocity
@@ -46,6 +46,7 @@ from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor, cfg_prompts, resized_size
 from omnigen.text.tokenizer import Tokenizer
 from omnigen.types import ProcessedPrompt
+from omnigen.util.dtypes import resolve_dtype
 from omnigen.weights.checkpoint import load_model, resolve_model_path
 
 logger = logging.getLogger(__name__)

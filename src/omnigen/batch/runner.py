@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from omnigen.batch.params import resolve_params
 from omnigen.batch.requests import BadLine, Request, RequestError
 from omnigen.generation import MAX_CONDITION_TOKENS
-from omnigen.weights.checkpoint import atomic_write
+from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

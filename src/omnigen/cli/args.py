@@ -13,8 +13,7 @@ from typing import Any
 
 from omnigen import generation
 from omnigen.generation import GenerationConfig
-
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # omnigen.model.placement.DTYPE_CHOICES
+from omnigen.util.dtypes import AUTO, AUTO_HELP, DTYPE_CHOICES
 
 
 def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -26,8 +25,8 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
-        default="auto",
-        help="weights' dtype (default: auto = bfloat16 on CUDA, float16 where it has no bfloat16, float32 on CPU)",
+        default=AUTO,
+        help=f"weights' dtype (default: {AUTO_HELP})",
     )
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from omnigen.weights.export import DTYPES, LAYOUTS, save_pretrained
+from omnigen.util.dtypes import DTYPES
+from omnigen.weights.export import LAYOUTS, save_pretrained
 
 
 def register(sub: argparse._SubParsersAction) -> None:

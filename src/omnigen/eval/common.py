@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from omnigen.weights.checkpoint import atomic_write
+from omnigen.util.atomic import atomic_write
 
 PAPER = "OmniGen: Unified Image Generation (arXiv:2409.11340, CVPR 2025 version)"
 

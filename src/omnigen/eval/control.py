@@ -40,7 +40,7 @@ from omnigen.eval.metrics import (
     hed_ssim,
     rmse,
 )
-from omnigen.weights.checkpoint import atomic_write
+from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from PIL import Image
 from omnigen.batch.requests import Request
 from omnigen.eval.common import iter_table, mean, metric_table, open_image
 from omnigen.eval.metrics import ClipFeatures, DinoFeatures, clip_i, clip_t, dino
-from omnigen.weights.checkpoint import atomic_write
+from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

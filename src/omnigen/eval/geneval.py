@@ -25,7 +25,7 @@ from typing import Any
 
 from omnigen.batch.requests import Request
 from omnigen.eval.common import format_table, read_jsonl
-from omnigen.weights.checkpoint import atomic_write
+from omnigen.util.atomic import atomic_write
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # OmniGen-v1, Table 2 of the paper (common.PAPER).

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ from omnigen.miniworld.tasks import (
     t2i_objects,
     t2i_relation,
 )
+from omnigen.util.atomic import atomic_write
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -275,16 +274,14 @@ def write_dataset(
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{split}.jsonl"
-    handle, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{split}.", suffix=".jsonl.tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+
+    def write(path: Path) -> None:
+        with path.open("w", encoding="utf-8") as file:
             samples = iter_samples(n, seed, split, size, weights=weights)
             for sample in tqdm(samples, total=n, desc=f"miniworld {split}", disable=None):
                 file.write(json.dumps(_sample_row(sample, out_dir)) + "\n")
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+    atomic_write(target, write)
     logger.info("wrote %d %s samples (size %d) to %s", n, split, size, target)
     return target
 

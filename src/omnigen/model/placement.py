@@ -113,22 +113,3 @@ def _place_rest(model: nn.Module, device: torch.device) -> None:
     llm.norm.to(device)
     llm.rotary.materialize(device)
     model.pos_embed = model.pos_embed.to(device)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype | None:
-    """The weights' dtype for ``dtype`` on ``device``: "auto" is bfloat16 on CUDA (float16 where the card
-    has no bfloat16; fp16 weights then run with the fp32 residual stream of ``Transformer.fp16_guard``)
-    and float32 elsewhere; a name of ``DTYPES`` or a torch dtype is itself; None keeps the stored dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if torch.device(device).type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} or a torch dtype, got {dtype!r}")
-    return DTYPES[dtype]

@@ -25,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +100,12 @@ class LatentCache:
         stem = f"{self.writer}-{uuid.uuid4().hex[:16]}"
         names = {key: hashlib.blake2b(key.encode(), digest_size=16).hexdigest() for key in self._pending}
         shard = self.folder / f"{stem}.safetensors"
-        tmp = self.folder / f".{shard.name}.tmp"
-        save_file({names[key]: latent for key, latent in self._pending.items()}, str(tmp))
-        os.replace(tmp, shard)
+        tensors = {names[key]: latent for key, latent in self._pending.items()}
+        atomic_write(shard, lambda path: save_file(tensors, str(path)))
         entries = {key: {"shard": shard.name, "tensor": name} for key, name in names.items()}
         index = self.folder / f"index-{stem}.json"
-        tmp = self.folder / f".{index.name}.tmp"
-        tmp.write_text(json.dumps({"version": INDEX_VERSION, "entries": entries}, indent=0))
-        os.replace(tmp, index)
+        text = json.dumps({"version": INDEX_VERSION, "entries": entries}, indent=0)
+        atomic_write(index, lambda path: path.write_text(text))
         self._entries.update({key: (shard.name, name) for key, name in names.items()})
         self._pending.clear()
 

@@ -8,7 +8,6 @@ Optimizer state is keyed by parameter name (``torch.distributed.checkpoint.state
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from omnigen.util.atomic import atomic_folder, atomic_write
 
 LATEST = "latest"
 
@@ -54,24 +55,18 @@ def save_checkpoint(
     """
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step_{info['step']:08d}"
-    tmp = folder / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     cpu = lambda d: {k: v.detach().contiguous().cpu() for k, v in d.items()}  # noqa: E731
-    save_file(cpu(model), str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file(cpu(ema), str(tmp / "ema.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_meta}, indent=1))
-    if extra is not None:
-        extra(tmp)
     final = folder / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = folder / f".{LATEST}.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, folder / LATEST)
+    with atomic_folder(final, overwrite=True) as tmp:
+        save_file(cpu(model), str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file(cpu(ema), str(tmp / "ema.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**info, "optimizer": opt_meta}, indent=1))
+        if extra is not None:
+            extra(tmp)
+    atomic_write(folder / LATEST, lambda path: path.write_text(name))
     old = sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep] if keep > 0 else []
     for path in old:
         shutil.rmtree(path, ignore_errors=True)

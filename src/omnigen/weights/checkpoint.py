@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
+from omnigen.util.atomic import atomic_write
 from omnigen.weights.keymap import diffusers_sources
 
 logger = logging.getLogger(__name__)
@@ -265,60 +262,6 @@ def save_model(model: OmniGenModel, folder: str | Path, dtype: torch.dtype | Non
     }
     atomic_write(folder / WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
     atomic_write(folder / "config.json", lambda path: model.config.save(path))
-
-
-def atomic_write(target: Path, write) -> None:  # write(path) -> None
-    """Write to a temporary file in the same folder, then rename over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary folder beside ``target``; when the block ends without an error it is
-    renamed to ``target`` (a reader sees the old folder or the whole new one, never a half-written one).
-
-    An existing non-empty ``target`` is replaced only with ``overwrite``; on an error the temporary
-    folder is removed and ``target`` is left as it was.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"{target} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the usual permissions
-        if not target.exists():
-            os.replace(tmp, target)
-            return
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-        os.replace(target, old / target.name)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(old / target.name, target)
-            old.rmdir()
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:

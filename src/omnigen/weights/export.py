@@ -15,7 +15,7 @@
   model is refused with a ``ValueError``.
 
 Both layouts also get our ``omnigen_generation.json`` (ignored by the other loaders). Weights are written
-with safetensors only, the whole folder atomically (``checkpoint.atomic_folder``). A LoRA adapter must be
+with safetensors only, the whole folder atomically (``omnigen.util.atomic.atomic_folder``). A LoRA adapter must be
 merged first (``pipe.merge_lora()``; it is folded into the plain weights); a quantized model is refused.
 """
 
@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
-from omnigen.weights.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, atomic_folder, check_state_dict
+from omnigen.util.atomic import atomic_folder
+from omnigen.util.dtypes import DTYPES
+from omnigen.weights.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, check_state_dict
 from omnigen.weights.keymap import ours_to_diffusers
 
 if TYPE_CHECKING:
@@ -49,7 +51,6 @@ ORIGINAL_GEOMETRY = {
     "pos_embed_max_size": 192,
     "time_embed_dim": 256,
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 

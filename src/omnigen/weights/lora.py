@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from omnigen.util.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -126,8 +128,6 @@ def save_lora(
 
     ``base_model`` is recorded as ``base_model_name_or_path``: the model folder the adapter belongs to.
     """
-    from omnigen.weights.checkpoint import atomic_write
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = adapter_state_dict(model, state_dict)
