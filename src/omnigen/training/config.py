@@ -153,6 +153,10 @@ class TrainConfig:
             "(less padding, same samples per epoch; 1 = off)"
         },
     )
+    max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "pack samples into rows of <= this many tokens (same loss; null: pad)"},
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
@@ -225,6 +229,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         check_int("foreground_dilate", self.foreground_dilate, 0)
         check_int("length_groups", self.length_groups, 1)
+        check_int("max_tokens", 1 if self.max_tokens is None else self.max_tokens, 1)
         check_int("val_every", self.val_every, 0)
         check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:
