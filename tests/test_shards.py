@@ -28,7 +28,11 @@ def world(tmp_path_factory):
         {"instruction": "a cat", "input_images": [], "output_image": "images/nowhere.png"},
         {"instruction": "a cat", "input_images": [], "output_image": "images/broken.png"},
         {"instruction": "a cat", "input_images": [], "output_image": "images/wide.png"},
-        {"instruction": "put <img><|image_1|></img> here", "input_images": [], "output_image": rows[0]["output_image"]},
+        {
+            "instruction": "put <img><|image_1|></img> here",
+            "input_images": [],
+            "output_image": rows[0]["output_image"],
+        },
     ]
     meta = folder / "meta.jsonl"
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows[:4] + bad + rows[4:]) + "not json\n")
@@ -49,7 +53,7 @@ def samples_of(out: Path) -> dict[str, dict[str, bytes]]:
 def check_shards(out: Path, world_folder: Path, rows: list[dict]) -> None:
     samples = samples_of(out)
     assert len(samples) == len(rows)
-    for (key, files), row in zip(sorted(samples.items()), rows, strict=True):
+    for (_, files), row in zip(sorted(samples.items()), rows, strict=True):
         meta = json.loads(files["json"])
         assert meta["instruction"] == row["instruction"] and meta["task_type"] == row["task_type"]
         assert files["out.png"] == (world_folder / row["output_image"]).read_bytes()  # bytes as they were

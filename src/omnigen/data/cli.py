@@ -61,7 +61,9 @@ def _run_shards(args: argparse.Namespace) -> int:
 
     report = write_shards(args.jsonl, args.images, args.out, args.samples_per_shard, args.max_side)
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(report.skipped.items())) or "none"
-    print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {args.out}; skipped: {skipped}")
+    print(
+        f"wrote {report.written} samples in {len(report.shards)} shard(s) to {args.out}; skipped: {skipped}"
+    )
     for reason, examples in sorted(report.examples.items()):
         print(f"  {reason}: {examples[0]}")
     return 0

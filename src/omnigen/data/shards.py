@@ -199,7 +199,9 @@ class ShardWriter:
     def resume(self, report: ShardReport) -> str | None:
         """Adopt the finished shards (in order from 0); returns the last row key they cover, or None."""
         last = None
-        while (self.out / f"{self.index:06d}.tar").is_file() and (self.out / f"{self.index:06d}.json").is_file():
+        while (self.out / f"{self.index:06d}.tar").is_file() and (
+            self.out / f"{self.index:06d}.json"
+        ).is_file():
             side = json.loads((self.out / f"{self.index:06d}.json").read_text())
             report.written += side["samples"]
             report.skipped.update(side["skipped"])
@@ -252,7 +254,9 @@ def write_shards(
     with open_images(images) as source:
         _write_rows(rows, source, writer, report, max_side)
     writer.flush(report, rows[-1].key if rows else "")
-    (out / "index.json").write_text(json.dumps({"shards": report.shards, "samples": report.written}, indent=1))
+    (out / "index.json").write_text(
+        json.dumps({"shards": report.shards, "samples": report.written}, indent=1)
+    )
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
 

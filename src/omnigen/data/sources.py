@@ -47,7 +47,7 @@ def split_parts(first: Path) -> list[Path]:
         return [first]
     match = SPLIT_SUFFIX.search(first.name)
     stem, kind = first.name[: match.start()], len(match.group(1))
-    pattern = re.compile(re.escape(stem) + r"\.([a-z]{%d}|\d{%d})$" % (kind, kind))
+    pattern = re.compile(re.escape(stem) + rf"\.([a-z]{{{kind}}}|\d{{{kind}}})$")
     return sorted(p for p in first.parent.iterdir() if pattern.match(p.name))
 
 
