@@ -1,0 +1,128 @@
+"""Streaming from tar shards (omnigen.training.stream): sources, rank split, mixing, exact resume."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from omnigen.training.stream import SampleStream, ShardSource, expand_braces, parse_sources, shard_urls
+
+
+def write_shards(folder: Path, name: str, shards: int, per_shard: int) -> list[str]:
+    """Tiny shards in the ``omnigen data shards`` layout: KEY.json and KEY.out.png per sample."""
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(shards):
+        path = folder / f"{name}-{s:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for k in range(per_shard):
+                key = f"{name}{s:03d}x{k:04d}"
+                for suffix, data in (("json", json.dumps({"key": key}).encode()), ("out.png", key.encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        urls.append(str(path))
+    return urls
+
+
+def test_sources_parse_braces_globs_and_weights(tmp_path):
+    urls = write_shards(tmp_path, "a", 3, 2)
+    assert expand_braces("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
+    assert expand_braces("{x,y}/{8..10}.tar") == [
+        "x/8.tar",
+        "x/9.tar",
+        "x/10.tar",
+        "y/8.tar",
+        "y/9.tar",
+        "y/10.tar",
+    ]
+    assert shard_urls(str(tmp_path / "a-{000000..000002}.tar")) == urls
+    assert shard_urls(str(tmp_path / "a-*.tar")) == urls
+    jsonl, sources = parse_sources(
+        ["x2i.jsonl", str(tmp_path / "a-*.tar"), {"shards": [urls[0], urls[1]], "weight": 3}]
+    )
+    assert jsonl == ["x2i.jsonl"]
+    assert sources == [ShardSource(tuple(urls), 1.0), ShardSource(tuple(urls[:2]), 3.0)]
+    with pytest.raises(ValueError, match=r"data\[0\].weight must be a positive number"):
+        parse_sources([{"shards": urls[0], "weight": 0}])
+    with pytest.raises(ValueError, match=r"data\[1\] must be a JSONL path"):
+        parse_sources(["x.jsonl", {"shard": urls[0]}])
+    with pytest.raises(ValueError, match="matches no files"):
+        parse_sources([str(tmp_path / "b-*.tar")])
+
+
+def test_mixing_follows_the_weights(tmp_path):
+    heavy = write_shards(tmp_path, "h", 4, 250)
+    light = write_shards(tmp_path, "l", 4, 250)
+    stream = SampleStream(
+        [ShardSource(tuple(heavy), 3), ShardSource(tuple(light), 1)], seed=1, buffer_size=200
+    )
+    picks = [stream.next_ref()[0] for _ in range(10_000)]
+    assert abs(picks.count(0) / len(picks) - 0.75) < 0.02
+
+
+def test_resumed_stream_yields_the_same_samples(tmp_path):
+    urls = write_shards(tmp_path, "r", 5, 7)  # 35 samples: 100 draws cross two epoch boundaries
+    sources = [ShardSource(tuple(urls[:3])), ShardSource(tuple(urls[3:]), 2)]
+    stream = SampleStream(sources, seed=5, buffer_size=8)
+    samples = iter(stream)
+    first = [next(samples)[1] for _ in range(41)]
+    state = json.loads(json.dumps(stream.state_dict()))  # what a checkpoint stores survives JSON
+    rest = [next(samples)[1] for _ in range(60)]
+    resumed = SampleStream(sources, seed=5, buffer_size=8)
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    got = [next(again) for _ in range(60)]
+    assert [key for _, key, _ in got] == rest
+    assert all(json.loads(files["json"])["key"] == key for _, key, files in got)
+    assert len(set(first + rest)) == 35  # every sample came by
+
+
+def test_a_pipe_shard_streams_and_resumes(tmp_path):
+    urls = write_shards(tmp_path, "p", 2, 6)
+    pipes = tuple(f"pipe:cat {url}" for url in urls)
+    stream = SampleStream([ShardSource(pipes)], seed=2, buffer_size=3)
+    files = SampleStream([ShardSource(tuple(urls))], seed=2, buffer_size=3)
+    assert [next(iter(stream))[1] for _ in range(5)] == [next(iter(files))[1] for _ in range(5)]
+    state = stream.state_dict()
+    expected = [next(iter(stream))[1] for _ in range(9)]
+    stream.load_state_dict(state)
+    assert [next(iter(stream))[1] for _ in range(9)] == expected
+
+
+RANK_SCRIPT = """
+import sys, torch.distributed as dist
+from omnigen.training.stream import SampleStream, ShardSource
+rank, store, urls = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+stream = SampleStream([ShardSource(tuple(urls))], seed=3, rank=rank, world=2, buffer_size=1)
+mine = [key for _, key, _ in (next(iter(stream)) for _ in range(sum(1 for u in urls[rank::2]) * 5))]
+keys = [None, None]
+dist.all_gather_object(keys, mine)
+if rank == 0:
+    print("KEYS", repr(keys))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_share_one_pass_without_a_repeat(tmp_path):
+    urls = write_shards(tmp_path, "d", 6, 5)  # 30 samples, 3 shards per rank
+    store = tmp_path / "store"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(rank), str(store), *urls],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert all(p.returncode == 0 for p in ranks)
+    keys = eval(outputs[0].split("KEYS", 1)[1])
+    assert len(keys[0]) == len(keys[1]) == 15
+    assert not set(keys[0]) & set(keys[1])
+    assert len(set(keys[0]) | set(keys[1])) == 30
