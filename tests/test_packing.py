@@ -8,7 +8,7 @@ from omnigen.model import masks, packing
 from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor
 from omnigen.training.batches import TrainBatch
-from omnigen.training.config import LossSettings
+from omnigen.training.config import LossSettings, TrainConfig
 from omnigen.training.loss import flow_matching_loss
 
 # An X2I-like mix: text-to-image rows with no input image beside one-, two- and three-image edits.
@@ -97,3 +97,28 @@ def test_plan_rows_respects_the_budget_and_rejects_a_too_long_sample():
         packing.plan_rows(lengths, 80)
     with pytest.raises(ValueError, match="positive int"):
         packing.plan_rows(lengths, 0)
+
+
+def test_max_tokens_in_a_training_config_takes_the_same_steps(tmp_path, monkeypatch):
+    import json
+
+    from omnigen.miniworld.world import save_tokenizer, write_dataset
+    from omnigen.training.trainer import train
+    from test_training import make_config
+
+    jsonl = write_dataset(tmp_path / "world", 6, seed=2, size=16)
+    save_tokenizer(tmp_path / "world" / "tokenizer.json")
+    stages = [{"resolution": 16, "steps": 2, "batch_size": 6, "lr": 3e-3}]
+    plans = []
+    plan_rows = packing.plan_rows
+    monkeypatch.setattr(packing, "plan_rows", lambda *a: plans.append(plan_rows(*a)) or plans[-1])
+    for out, max_tokens in (("padded", None), ("packed", 200)):
+        config = make_config(tmp_path / "world", tmp_path / out, 2, data=[str(jsonl)], stages=stages)
+        train(TrainConfig.from_dict({**json.loads(config.to_json()), "max_tokens": max_tokens}), device="cpu")
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()]
+        for n in ("padded", "packed")
+    ]
+    assert len(losses[0]) == 2
+    assert len(plans) == 2 and all(len(rows) < 6 for rows in plans)  # the packed run packed 6 samples
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -126,3 +126,30 @@ def test_two_ranks_share_one_pass_without_a_repeat(tmp_path):
     assert len(keys[0]) == len(keys[1]) == 15
     assert not set(keys[0]) & set(keys[1])
     assert len(set(keys[0]) | set(keys[1])) == 30
+
+
+def test_training_streams_from_shards_and_resumes_mid_epoch_exactly(tmp_path):
+    from omnigen.data.shards import write_shards as pack
+    from omnigen.miniworld.world import save_tokenizer, write_dataset
+    from omnigen.training.trainer import train
+    from test_training import make_config
+
+    jsonl = write_dataset(tmp_path / "world", 8, seed=4, size=16)
+    save_tokenizer(tmp_path / "world" / "tokenizer.json")
+    pack([jsonl], tmp_path / "world", tmp_path / "shards", samples_per_shard=3)
+    pattern = str(tmp_path / "shards" / "{000000..000002}.tar")
+
+    def config(out):
+        stages = [{"resolution": 16, "steps": 5, "batch_size": 2, "lr": 3e-3}]
+        return make_config(
+            tmp_path / "world", tmp_path / out, 5, data=[pattern], stages=stages, drop_text=0.3
+        )
+
+    train(config("a"), device="cpu")
+    train(config("b"), device="cpu", stop_after=2)  # 4 of 8 samples read: mid-epoch
+    train(config("b"), device="cpu")
+    curves = [
+        [json.loads(x)["loss"] for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"
+    ]
+    assert len(curves[0]) == 5 and curves[0] == curves[1]  # the same batches, the same losses
+    assert len(set(curves[0])) == 5

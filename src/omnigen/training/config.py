@@ -96,7 +96,11 @@ class LoraSettings:
 class TrainConfig:
     """Every field of ``omnigen train --config FILE``; ``omnigen train --help`` prints them."""
 
-    data: list[str] = field(metadata={"help": "X2I JSONL file(s) or globs"})
+    data: list[str | dict] = field(
+        metadata={
+            "help": "X2I JSONL file(s) or globs, or tar shards: DIR/{000000..000009}.tar, {shards, weight}"
+        }
+    )
     out_dir: str = field(metadata={"help": "run folder: checkpoints/, final/ and train.log"})
     stages: list[Stage] = field(metadata={"help": "list of {resolution, steps, batch_size, lr}"})
     model: dict = field(
@@ -310,7 +314,11 @@ class TrainConfig:
         to make it; called before a run starts, so a missing data set fails before any model is built."""
         import glob
 
-        named = [("data", p) for p in self.data] + [("val_data", p) for p in self.val_data or []]
+        from omnigen.training.stream import parse_sources  # shard patterns fail here if they match nothing
+
+        named = [("data", p) for p in parse_sources(self.data)[0]] + [
+            ("val_data", p) for p in self.val_data or []
+        ]
         if self.tokenizer is not None:
             named.append(("tokenizer", self.tokenizer))
         for name, path in named:

@@ -1,0 +1,120 @@
+"""The trainer's batches when ``data:`` names tar shards: ``ShardBatchStream``, the streaming twin of
+``schedule.BatchStream`` (same ``next_step`` / ``state`` interface).
+
+Each rank reads its own ``SampleStream`` (its shards, its shuffle buffer, ``omnigen.training.stream``),
+so ranks never share a sample within a pass. A step takes ``grad_accum`` x stage batch_size samples from
+it; their images are written to a small per-rank spool folder (``OUT/stream/rankR``, emptied every step)
+and handed to the usual ``BatchBuilder`` as X2I samples, so dropout, the processor, the codec and the
+loss are the JSONL path's.
+
+The builder sees a global batch of world x batch_size entries in which this rank's slice
+(``sampling_data.shard``) holds its own samples, so each sample draws from its own generator
+``(seed, step, rank * batch_size + j)``, and every rank's loss is normalised by its own weight sum (the
+same as the global weighted mean when every rank's samples weigh the same, e.g. all 1).
+
+Resume: ``state()`` gathers every rank's stream state (position in its shards, RNG, buffered
+references), so a checkpoint holds them all and each rank continues exactly where it stopped; the run
+must resume with the same world size. Square outputs only (``keep_raw_resolution`` needs per-bucket
+pools, not built yet).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omnigen.training import distributed
+from omnigen.training.batches import BatchBuilder
+from omnigen.training.config import Stage, TrainConfig
+from omnigen.training.schedule import stage_of
+from omnigen.training.stream import SampleStream, ShardSource
+from omnigen.training.x2i import FewShot, X2ISample
+
+
+def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> X2ISample:
+    """Write one shard sample's images under ``folder`` and return it as an X2I sample."""
+    meta = json.loads(files["json"])
+
+    def image(part: str) -> Path:
+        suffix = next(s for s in files if s.startswith(f"{part}."))
+        path = folder / f"{name}.{suffix}"
+        path.write_bytes(files[suffix])
+        return path
+
+    inputs = tuple(image(f"in{k}") for k in range(len(meta.get("input_sizes", []))))
+    shot = meta.get("few_shot")
+    few_shot = None
+    if shot:
+        count = len(shot.get("input_images") or [])
+        few_shot = FewShot(
+            shot["instruction"], tuple(image(f"shot_in{k}") for k in range(count)), image("shot_out")
+        )
+    return X2ISample(
+        instruction=meta["instruction"],
+        input_images=inputs,
+        output_image=image("out"),
+        task_type=meta.get("task_type"),
+        id=str(meta.get("id", name)),
+        weight=float(meta.get("weight", 1.0)),
+        few_shot=few_shot,
+        source=meta.get("source", name),
+    )
+
+
+class ShardBatchStream:
+    def __init__(
+        self,
+        config: TrainConfig,
+        builder: BatchBuilder,
+        sources: list[ShardSource],
+        runtime: distributed.Runtime,
+        spool: Path,
+        sampler_state: list[dict[str, Any]] | None = None,
+        buffer_size: int = 1000,
+    ) -> None:
+        if config.keep_raw_resolution:
+            raise ValueError("streaming from shards trains square outputs: set keep_raw_resolution: false")
+        self.config, self.builder, self.runtime = config, builder, runtime
+        self.spool = spool / f"rank{runtime.rank}"
+        self.stream = SampleStream(
+            sources, seed=config.seed, rank=runtime.rank, world=runtime.world, buffer_size=buffer_size
+        )
+        self.stage_index = -1
+        if sampler_state is not None:
+            if not isinstance(sampler_state, list) or len(sampler_state) != runtime.world:
+                saved = len(sampler_state) if isinstance(sampler_state, list) else "no per-rank"
+                raise ValueError(
+                    f"the checkpoint holds {saved} stream states but the run has {runtime.world} ranks: resume a "
+                    "shard-streaming run with the world size it was saved with"
+                )
+            self.stream.load_state_dict(sampler_state[runtime.rank])
+
+    def next_step(self, step: int) -> tuple[Stage, list[list[int]]]:
+        """Step ``step``'s stage and its ``grad_accum`` global batches over the builder's fresh samples."""
+        self.stage_index = stage_of(step, self.config)
+        stage, world = self.config.stages[self.stage_index], self.runtime.world
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.spool.mkdir(parents=True)
+        samples, batches = [], []
+        for micro in range(self.config.grad_accum):
+            local = []
+            for j in range(stage.batch_size):
+                source, key, files = next(iter(self.stream))
+                local.append(spool_sample(self.spool, f"{micro}-{j}-s{source}-{key}", files))
+            start = len(samples)
+            samples += local * world  # slot rank * batch_size + j holds local[j]
+            batches.append(list(range(start, start + world * stage.batch_size)))
+        self.builder.reset_samples(samples)
+        return stage, batches
+
+    def state(self) -> dict[str, Any]:
+        """Every rank's stream state (a collective: call on every rank)."""
+        states = [self.stream.state_dict()]
+        if self.runtime.world > 1:
+            import torch.distributed as dist
+
+            states = [None] * self.runtime.world
+            dist.all_gather_object(states, self.stream.state_dict())
+        return {"stage": self.stage_index, "sampler": states}
