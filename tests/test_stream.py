@@ -82,6 +82,14 @@ def test_resumed_stream_yields_the_same_samples(tmp_path):
     assert len(set(first + rest)) == 35  # every sample came by
 
 
+def test_a_buffer_larger_than_the_data_yields_each_sample_once_per_pass(tmp_path):
+    urls = write_shards(tmp_path, "s", 2, 4)
+    stream = SampleStream([ShardSource(tuple(urls))], seed=0, buffer_size=100)
+    keys = [stream.next_ref()[1].key for _ in range(24)]
+    assert [len(set(keys[k : k + 8])) for k in (0, 8, 16)] == [8, 8, 8]
+    assert keys[:8] != keys[8:16]  # each pass its own order
+
+
 def test_a_pipe_shard_streams_and_resumes(tmp_path):
     urls = write_shards(tmp_path, "p", 2, 6)
     pipes = tuple(f"pipe:cat {url}" for url in urls)
@@ -99,7 +107,7 @@ import sys, torch.distributed as dist
 from omnigen.training.stream import SampleStream, ShardSource
 rank, store, urls = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-stream = SampleStream([ShardSource(tuple(urls))], seed=3, rank=rank, world=2, buffer_size=1)
+stream = SampleStream([ShardSource(tuple(urls))], seed=3, rank=rank, world=2, buffer_size=8)
 mine = [key for _, key, _ in (next(iter(stream)) for _ in range(sum(1 for u in urls[rank::2]) * 5))]
 keys = [None, None]
 dist.all_gather_object(keys, mine)

@@ -8,7 +8,10 @@ Order. Every epoch each source's shards are permuted by (seed, epoch), the same 
 shard i goes to the reader ``i % (world * workers)`` (reader = rank * workers + worker), so in one pass
 no sample is read by two readers. Each reader draws, sample by sample, a source with probability
 proportional to its weight and puts that source's next sample into a shuffle buffer, from which a random
-entry leaves. A source that runs out starts its next epoch; the stream never ends.
+entry leaves. A source that runs out starts its next epoch, but a sample of its next epoch enters the
+buffer only once the last epoch's have all left (until then a draw of that source lets one of its
+buffered samples leave), so a data set smaller than the buffer is still read once per pass; the stream
+never ends.
 
 Resume. The stream works on references (shard, byte offset, ordinal in the shard) read from the tar
 headers; a sample's files are read only when it leaves the buffer. ``state_dict()`` holds the reader's
@@ -27,6 +30,7 @@ import re
 import shlex
 import subprocess
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +122,10 @@ class Ref:
     key: str
 
 
+def _ref_fields(ref: Ref) -> list[Any]:
+    return [ref.shard, ref.offset, ref.ordinal, ref.key]
+
+
 def _open(url: str, offset: int = 0) -> tuple[tarfile.TarFile, Any]:
     if url.startswith("pipe:"):
         process = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
@@ -197,15 +205,33 @@ class SourceCursor:
         self.source, self.seed, self.reader, self.readers = source, seed, reader, readers
         self.epoch, self.position, self.last_offset, self.ordinal = 0, 0, -1, 0
         self._refs: Iterator[tuple[Ref, dict[str, bytes]]] | None = None
+        self._peeked: tuple[Ref, int] | None = None
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         keys = ("epoch", "position", "last_offset", "ordinal")
-        return {k: getattr(self, k) for k in keys}
+        state: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        state["peeked"] = None if self._peeked is None else [*_ref_fields(self._peeked[0]), self._peeked[1]]
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self.last_offset, self.ordinal = state["last_offset"], state["ordinal"]
+        peeked = state.get("peeked")
+        self._peeked = None if peeked is None else (Ref(*peeked[:4]), peeked[4])
         self._refs = None
+
+    def peek(self) -> tuple[Ref, int]:
+        """The next sample's reference and its epoch, not taken yet."""
+        if self._peeked is None:
+            ref = self._advance()
+            self._peeked = (ref, self.epoch)
+        return self._peeked
+
+    def take(self) -> tuple[Ref, int]:
+        """The next sample's reference and its epoch; the cursor then points past it."""
+        item = self.peek()
+        self._peeked = None
+        return item
 
     def _open(self, shard: int) -> Iterator[tuple[Ref, dict[str, bytes]]]:
         """The shard's headers after the last sample read (a file: entered at that sample's header and
@@ -217,8 +243,7 @@ class SourceCursor:
         next(refs)  # the sample already read
         return refs
 
-    def next(self) -> Ref:
-        """The next sample's reference; the cursor then points past it."""
+    def _advance(self) -> Ref:
         while True:
             if self._refs is None:
                 shards = reader_shards(
@@ -262,16 +287,34 @@ class SampleStream:
         self.weights = [s.weight for s in sources]
         self.buffer_size = buffer_size
         self.rng = random.Random(f"{seed}:reader{reader}")
-        self.buffer: list[tuple[int, Ref]] = []
+        self.buffer: list[tuple[int, int, Ref]] = []  # (source, its epoch, reference)
+        self._in_buffer: Counter = Counter()  # (source, epoch) -> references in the buffer
 
     def next_ref(self) -> tuple[int, Ref]:
         """The next (source index, reference) to leave the shuffle buffer, without reading its files."""
         while len(self.buffer) < self.buffer_size:
             index = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
-            self.buffer.append((index, self.cursors[index].next()))
-        slot = self.rng.randrange(len(self.buffer))
+            ref, epoch = self.cursors[index].peek()
+            if self._in_buffer[index, epoch - 1]:
+                # the source's next epoch waits until its last one has left: one of those leaves now
+                return self._leave(index)
+            self.cursors[index].take()
+            self.buffer.append((index, epoch, ref))
+            self._in_buffer[index, epoch] += 1
+        return self._leave(None)
+
+    def _leave(self, source: int | None) -> tuple[int, Ref]:
+        """A random buffered reference (of ``source``, if given) leaves the buffer."""
+        slots = (
+            range(len(self.buffer))
+            if source is None
+            else [k for k, item in enumerate(self.buffer) if item[0] == source]
+        )
+        slot = slots[self.rng.randrange(len(slots))]
         self.buffer[slot], self.buffer[-1] = self.buffer[-1], self.buffer[slot]
-        return self.buffer.pop()
+        index, epoch, ref = self.buffer.pop()
+        self._in_buffer[index, epoch] -= 1
+        return index, ref
 
     def __iter__(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
         while True:
@@ -281,7 +324,7 @@ class SampleStream:
     def state_dict(self) -> dict[str, Any]:
         return {
             "rng": self.rng.getstate(),
-            "buffer": [(index, ref.shard, ref.offset, ref.ordinal, ref.key) for index, ref in self.buffer],
+            "buffer": [(index, epoch, *_ref_fields(ref)) for index, epoch, ref in self.buffer],
             "cursors": [c.state_dict() for c in self.cursors],
         }
 
@@ -292,8 +335,7 @@ class SampleStream:
             )
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        self.buffer = [
-            (i, Ref(shard, offset, ordinal, key)) for i, shard, offset, ordinal, key in state["buffer"]
-        ]
+        self.buffer = [(item[0], item[1], Ref(*item[2:])) for item in state["buffer"]]
+        self._in_buffer = Counter((index, epoch) for index, epoch, _ in self.buffer)
         for cursor, saved in zip(self.cursors, state["cursors"], strict=True):
             cursor.load_state_dict(saved)
