@@ -10,8 +10,8 @@ no sample is read by two readers. Each reader draws, sample by sample, a source 
 proportional to its weight and puts that source's next sample into a shuffle buffer, from which a random
 entry leaves. A source that runs out starts its next epoch, but a sample of its next epoch enters the
 buffer only once the last epoch's have all left (until then a draw of that source lets one of its
-buffered samples leave), so a data set smaller than the buffer is still read once per pass; the stream
-never ends.
+buffered samples leave and is owed a place in the buffer, so the weights hold): a data set smaller than
+the buffer is still read once per pass. The stream never ends.
 
 Resume. The stream works on references (shard, byte offset, ordinal in the shard) read from the tar
 headers; a sample's files are read only when it leaves the buffer. ``state_dict()`` holds the reader's
@@ -289,19 +289,29 @@ class SampleStream:
         self.rng = random.Random(f"{seed}:reader{reader}")
         self.buffer: list[tuple[int, int, Ref]] = []  # (source, its epoch, reference)
         self._in_buffer: Counter = Counter()  # (source, epoch) -> references in the buffer
+        self.owed = [0] * len(sources)  # draws of each source that waited for its last epoch to leave
 
     def next_ref(self) -> tuple[int, Ref]:
         """The next (source index, reference) to leave the shuffle buffer, without reading its files."""
         while len(self.buffer) < self.buffer_size:
-            index = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
-            ref, epoch = self.cursors[index].peek()
-            if self._in_buffer[index, epoch - 1]:
-                # the source's next epoch waits until its last one has left: one of those leaves now
+            index = next((k for k, owed in enumerate(self.owed) if owed and not self._blocked(k)), None)
+            if index is not None:
+                self.owed[index] -= 1  # a draw that had to wait
+            else:
+                index = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+            if self._blocked(index):
+                # the source's next epoch waits until its last one has left: one of those leaves now,
+                # and the source is owed this draw's place in the buffer
+                self.owed[index] += 1
                 return self._leave(index)
-            self.cursors[index].take()
+            ref, epoch = self.cursors[index].take()
             self.buffer.append((index, epoch, ref))
             self._in_buffer[index, epoch] += 1
         return self._leave(None)
+
+    def _blocked(self, index: int) -> bool:
+        """Whether the source's next reference starts an epoch while its last epoch's are buffered."""
+        return self._in_buffer[index, self.cursors[index].peek()[1] - 1] > 0
 
     def _leave(self, source: int | None) -> tuple[int, Ref]:
         """A random buffered reference (of ``source``, if given) leaves the buffer."""
@@ -326,6 +336,7 @@ class SampleStream:
             "rng": self.rng.getstate(),
             "buffer": [(index, epoch, *_ref_fields(ref)) for index, epoch, ref in self.buffer],
             "cursors": [c.state_dict() for c in self.cursors],
+            "owed": list(self.owed),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -337,5 +348,6 @@ class SampleStream:
         self.rng.setstate((version, tuple(internal), gauss))
         self.buffer = [(item[0], item[1], Ref(*item[2:])) for item in state["buffer"]]
         self._in_buffer = Counter((index, epoch) for index, epoch, _ in self.buffer)
+        self.owed = list(state["owed"])
         for cursor, saved in zip(self.cursors, state["cursors"], strict=True):
             cursor.load_state_dict(saved)
