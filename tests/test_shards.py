@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from omnigen.data.shards import write_shards
@@ -130,3 +131,44 @@ def test_bad_arguments_are_named(world, tmp_path):
         write_shards([meta], folder, tmp_path, samples_per_shard=0)
     with pytest.raises(ValueError, match="must be an image folder"):
         write_shards([meta], meta, tmp_path)
+
+
+def test_latents_are_stored_per_image_with_their_codec_and_resolution(world, tmp_path):
+    from omnigen.data.shard_latents import read_sample
+    from omnigen.text.processor import load_image
+    from omnigen.training.batches import fill_pixels
+
+    folder, meta, rows = world
+    command = [
+        sys.executable,
+        "-m",
+        "omnigen",
+        "data",
+        "shards",
+        "--jsonl",
+        str(meta),
+        "--images",
+        str(folder),
+    ]
+    out = subprocess.run(
+        command + ["--out", str(tmp_path / "lat"), "--latents", "identity"], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "--latents CODEC and --resolution R go together" in out.stderr
+    out = subprocess.run(
+        command
+        + ["--out", str(tmp_path / "lat"), "--latents", "identity", "--resolution", "8", "--max-side", "64"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    samples = samples_of(tmp_path / "lat")
+    for files, row in zip([samples[k] for k in sorted(samples)], rows, strict=True):
+        tensors, info = read_sample(files["latents.safetensors"])
+        names = {f"in{k}" for k in range(len(row["input_images"] or []))} | {"out"}
+        if row.get("few_shot"):
+            names |= {f"shot_in{k}" for k in range(len(row["few_shot"]["input_images"]))} | {"shot_out"}
+        assert set(tensors) == names
+        assert all(t.shape == (3, 8, 8) for t in tensors.values())
+        assert info == {"codec": "identity-c3-s1.0", "resolution": "8"}
+        seen = fill_pixels(load_image(folder / row["output_image"]), 8, 8)  # the trainer's square view
+        assert torch.equal(tensors["out"], seen)

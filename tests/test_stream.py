@@ -136,28 +136,41 @@ def test_two_ranks_share_one_pass_without_a_repeat(tmp_path):
     assert len(set(keys[0]) | set(keys[1])) == 30
 
 
-def test_training_streams_from_shards_and_resumes_mid_epoch_exactly(tmp_path):
+def _streamed_run(tmp_path, out, stop_after=None, latents=False, steps=5):
+    from omnigen.data.shard_latents import load_codec
     from omnigen.data.shards import write_shards as pack
     from omnigen.miniworld.world import save_tokenizer, write_dataset
     from omnigen.training.trainer import train
     from test_training import make_config
 
-    jsonl = write_dataset(tmp_path / "world", 8, seed=4, size=16)
-    save_tokenizer(tmp_path / "world" / "tokenizer.json")
-    pack([jsonl], tmp_path / "world", tmp_path / "shards", samples_per_shard=3)
-    pattern = str(tmp_path / "shards" / "{000000..000002}.tar")
+    world = tmp_path / "world"
+    if not world.exists():
+        jsonl = write_dataset(world, 8, seed=4, size=16)
+        save_tokenizer(world / "tokenizer.json")
+        pack([jsonl], world, tmp_path / "shards", samples_per_shard=3)
+        pack([jsonl], world, tmp_path / "latents", samples_per_shard=3, latents=load_codec("identity", 16))
+    pattern = str(tmp_path / ("latents" if latents else "shards") / "{000000..000002}.tar")
+    stages = [{"resolution": 16, "steps": steps, "batch_size": 2, "lr": 3e-3}]
+    config = make_config(world, tmp_path / out, steps, data=[pattern], stages=stages, drop_text=0.3)
+    train(config, device="cpu", stop_after=stop_after)
+    return [json.loads(x)["loss"] for x in (tmp_path / out / "loss.jsonl").read_text().splitlines()]
 
-    def config(out):
-        stages = [{"resolution": 16, "steps": 5, "batch_size": 2, "lr": 3e-3}]
-        return make_config(
-            tmp_path / "world", tmp_path / out, 5, data=[pattern], stages=stages, drop_text=0.3
-        )
 
-    train(config("a"), device="cpu")
-    train(config("b"), device="cpu", stop_after=2)  # 4 of 8 samples read: mid-epoch
-    train(config("b"), device="cpu")
-    curves = [
-        [json.loads(x)["loss"] for x in (tmp_path / n / "loss.jsonl").read_text().splitlines()] for n in "ab"
-    ]
-    assert len(curves[0]) == 5 and curves[0] == curves[1]  # the same batches, the same losses
-    assert len(set(curves[0])) == 5
+def test_training_streams_from_shards_and_resumes_mid_epoch_exactly(tmp_path):
+    straight = _streamed_run(tmp_path, "a")
+    _streamed_run(tmp_path, "b", stop_after=2)  # 4 of 8 samples read: mid-epoch
+    resumed = _streamed_run(tmp_path, "b")
+    assert len(straight) == 5 and resumed == straight  # the same batches, the same losses
+    assert len(set(straight)) == 5
+
+
+def test_stored_latents_replace_the_encoding(tmp_path, monkeypatch):
+    from omnigen.model.vae import IdentityCodec
+
+    plain = _streamed_run(tmp_path, "plain", steps=2)
+    calls = []
+    encode = IdentityCodec.encode
+    monkeypatch.setattr(IdentityCodec, "encode", lambda self, x: calls.append(1) or encode(self, x))
+    stored = _streamed_run(tmp_path, "stored", latents=True, steps=2)
+    assert calls == []  # every image's latent came from the shards
+    assert stored == plain

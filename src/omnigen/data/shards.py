@@ -38,6 +38,7 @@ from typing import Any
 
 from PIL import Image
 
+from omnigen.data.shard_latents import LatentSpec, encode_sample
 from omnigen.data.sources import ImageSource, open_images
 from omnigen.text.tags import validate_image_tags
 
@@ -149,7 +150,9 @@ def to_png(data: bytes) -> bytes:
         return out.getvalue()
 
 
-def sample_files(row: Row, images: dict[str, bytes], max_side: int) -> dict[str, bytes]:
+def sample_files(
+    row: Row, images: dict[str, bytes], max_side: int, latents: LatentSpec | None = None
+) -> dict[str, bytes]:
     """The files of one sample (name -> bytes, KEY left out), or ``_Skip`` with the reason."""
     if row.error is not None:
         raise _Skip("bad_row", row.error)
@@ -177,6 +180,10 @@ def sample_files(row: Row, images: dict[str, bytes], max_side: int) -> dict[str,
     meta["output_size"] = sizes["out"]
     meta["images"] = {"input_images": data.get("input_images") or [], "output_image": data["output_image"]}
     meta["source"] = row.source
+    if latents is not None:
+        files["latents.safetensors"] = encode_sample(
+            {name: images[path] for name, path in row.images()}, latents
+        )
     return {"json": json.dumps(meta, sort_keys=True).encode(), **files}
 
 
@@ -237,8 +244,10 @@ def write_shards(
     out: str | Path,
     samples_per_shard: int = 1000,
     max_side: int = 4096,
+    latents: LatentSpec | None = None,
 ) -> ShardReport:
-    """Write the shards, ``index.json`` and ``report.json`` under ``out``; returns the report."""
+    """Write the shards, ``index.json`` and ``report.json`` under ``out``; returns the report.
+    ``latents``: also store each sample's latents (``omnigen.data.shard_latents``)."""
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
     for file in jsonl:
@@ -252,7 +261,7 @@ def write_shards(
     if done is not None:
         logger.info("resuming after %d finished shard(s), row %s", writer.index, done)
     with open_images(images) as source:
-        _write_rows(rows, source, writer, report, max_side)
+        _write_rows(rows, source, writer, report, max_side, latents)
     writer.flush(report, rows[-1].key if rows else "")
     (out / "index.json").write_text(
         json.dumps({"shards": report.shards, "samples": report.written}, indent=1)
@@ -262,11 +271,16 @@ def write_shards(
 
 
 def _write_rows(
-    rows: list[Row], source: ImageSource, writer: ShardWriter, report: ShardReport, max_side: int
+    rows: list[Row],
+    source: ImageSource,
+    writer: ShardWriter,
+    report: ShardReport,
+    max_side: int,
+    latents: LatentSpec | None,
 ) -> None:
     for row, images in source.rows_with_images(rows):
         try:
-            files = sample_files(row, images, max_side)
+            files = sample_files(row, images, max_side, latents)
         except _Skip as skip:
             report.skip(skip.reason, f"{row.source}: {skip}")
             writer.skipped[skip.reason] += 1

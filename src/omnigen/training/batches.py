@@ -62,6 +62,10 @@ class ImageView:
     fill: Size | None = None
     fit: int | None = None
 
+    def spec(self, multiple: int) -> str:
+        """How the view is made, as a latent cache key part (with the model's image multiple)."""
+        return (f"fill:{self.fill[0]}x{self.fill[1]}" if self.fill else f"fit:{self.fit}") + f":{multiple}"
+
 
 def fill_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
     """(3, height, width) in [-1, 1]: scale (bicubic) to cover the box, then centre crop."""
@@ -141,8 +145,9 @@ class BatchBuilder:
         self.samples = samples
         self._sizes.clear()
         self._raw_sizes.clear()
-        if self.cache is None:
-            self._pixels = lru_cache(maxsize=200_000)(self._load_pixels)
+        self._pixels = (
+            self._load_pixels if self.cache is not None else lru_cache(maxsize=200_000)(self._load_pixels)
+        )
 
     # ------------------------------------------------------------------ sizes
     def buckets(self, resolution: int) -> list[Size]:
@@ -297,8 +302,7 @@ class BatchBuilder:
         of the right size: the processor reads only the size, the latents go to ``collate``."""
         key = None
         if self.cache is not None:
-            spec = f"fill:{view.fill[0]}x{view.fill[1]}" if view.fill else f"fit:{view.fit}"
-            key = self.cache.key(view.path, f"{spec}:{self.processor.config.image_multiple}")
+            key = self.cache.key(view.path, view.spec(self.processor.config.image_multiple))
             latent = self.cache.get(key)
             if latent is not None:
                 height, width = (side * self.codec.downsample for side in latent.shape[-2:])

@@ -21,27 +21,57 @@ pools, not built yet).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from omnigen.data.shard_latents import read_sample
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import Stage, TrainConfig
+from omnigen.training.latent_cache import codec_fingerprint
 from omnigen.training.schedule import stage_of
 from omnigen.training.stream import SampleStream, ShardSource
 from omnigen.training.x2i import FewShot, X2ISample
 
+logger = logging.getLogger(__name__)
 
-def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> X2ISample:
-    """Write one shard sample's images under ``folder`` and return it as an X2I sample."""
+
+class StepLatents:
+    """The latents a step's shard samples bring (``KEY.latents.safetensors``), in the shape of a
+    ``LatentCache``: the builder asks it before encoding a view."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, torch.Tensor] = {}
+        self.misses = 0
+
+    def key(self, path: str | Path, view: str) -> str:
+        return f"{Path(path).resolve()}|{view}"
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, latent: torch.Tensor) -> None:
+        self.misses += 1  # encoded by the run: not kept past the step
+
+    def flush(self) -> None:
+        pass
+
+
+def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> tuple[X2ISample, dict[str, Path]]:
+    """Write one shard sample's images under ``folder``; returns it as an X2I sample and its image paths
+    by name (in0, out, ...)."""
     meta = json.loads(files["json"])
+    paths: dict[str, Path] = {}
 
     def image(part: str) -> Path:
         suffix = next(s for s in files if s.startswith(f"{part}."))
-        path = folder / f"{name}.{suffix}"
-        path.write_bytes(files[suffix])
-        return path
+        paths[part] = folder / f"{name}.{suffix}"
+        paths[part].write_bytes(files[suffix])
+        return paths[part]
 
     inputs = tuple(image(f"in{k}") for k in range(len(meta.get("input_sizes", []))))
     shot = meta.get("few_shot")
@@ -51,7 +81,7 @@ def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> X2ISample:
         few_shot = FewShot(
             shot["instruction"], tuple(image(f"shot_in{k}") for k in range(count)), image("shot_out")
         )
-    return X2ISample(
+    sample = X2ISample(
         instruction=meta["instruction"],
         input_images=inputs,
         output_image=image("out"),
@@ -61,6 +91,7 @@ def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> X2ISample:
         few_shot=few_shot,
         source=meta.get("source", name),
     )
+    return sample, paths
 
 
 class ShardBatchStream:
@@ -82,6 +113,8 @@ class ShardBatchStream:
             sources, seed=config.seed, rank=runtime.rank, world=runtime.world, buffer_size=buffer_size
         )
         self.stage_index = -1
+        self.fingerprint = codec_fingerprint(builder.codec, config.codec)
+        self.latents, self._warned = StepLatents(), False
         if sampler_state is not None:
             if not isinstance(sampler_state, list) or len(sampler_state) != runtime.world:
                 saved = len(sampler_state) if isinstance(sampler_state, list) else "no per-rank"
@@ -96,18 +129,37 @@ class ShardBatchStream:
         self.stage_index = stage_of(step, self.config)
         stage, world = self.config.stages[self.stage_index], self.runtime.world
         shutil.rmtree(self.spool, ignore_errors=True)
+        self.builder.cache = self.latents = StepLatents()
         self.spool.mkdir(parents=True)
         samples, batches = [], []
         for micro in range(self.config.grad_accum):
             local = []
             for j in range(stage.batch_size):
                 source, key, files = next(iter(self.stream))
-                local.append(spool_sample(self.spool, f"{micro}-{j}-s{source}-{key}", files))
+                sample, paths = spool_sample(self.spool, f"{micro}-{j}-s{source}-{key}", files)
+                if "latents.safetensors" in files:
+                    self._add_latents(files["latents.safetensors"], paths, stage.resolution)
+                local.append(sample)
             start = len(samples)
             samples += local * world  # slot rank * batch_size + j holds local[j]
             batches.append(list(range(start, start + world * stage.batch_size)))
         self.builder.reset_samples(samples)
         return stage, batches
+
+    def _add_latents(self, data: bytes, paths: dict[str, Path], resolution: int) -> None:
+        """A sample's stored latents, when made by this run's codec at this stage's resolution."""
+        tensors, meta = read_sample(data)
+        if meta.get("codec") != self.fingerprint or meta.get("resolution") != str(resolution):
+            if not self._warned:
+                logger.warning(
+                    "shard latents made by %s at %s do not match this run (%s at %d): encoding the images",
+                    meta.get("codec"), meta.get("resolution"), self.fingerprint, resolution,
+                )  # fmt: skip
+                self._warned = True
+            return
+        view = f"fill:{resolution}x{resolution}:{self.builder.processor.config.image_multiple}"
+        for name, path in paths.items():
+            self.latents.entries[self.latents.key(path, view)] = tensors[name].to(self.builder.device)
 
     def state(self) -> dict[str, Any]:
         """Every rank's stream state (a collective: call on every rank)."""
