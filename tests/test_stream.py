@@ -102,6 +102,38 @@ def test_a_pipe_shard_streams_and_resumes(tmp_path):
     assert [next(iter(stream))[1] for _ in range(9)] == expected
 
 
+def test_ranks_times_workers_split_the_shards_of_each_epoch(tmp_path):
+    urls = tuple(write_shards(tmp_path, "w", 8, 3))
+    for epoch_passes in (1, 2):  # each epoch its own permutation, still a partition
+        seen = []
+        for rank in range(2):
+            for worker in range(2):
+                stream = SampleStream(
+                    [ShardSource(urls)], seed=7, rank=rank, world=2, worker=worker, workers=2
+                )
+                keys = [stream.next_ref()[1].key for _ in range(6 * epoch_passes)]
+                seen.append(keys[-6:])
+        flat = [k for keys in seen for k in keys]
+        assert len(flat) == len(set(flat)) == 24
+    with pytest.raises(ValueError, match="8 shard\\(s\\) cannot feed 16 readers"):
+        SampleStream([ShardSource(urls)], rank=0, world=8, workers=2).next_ref()
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from omnigen.model.vae import IdentityCodec
+    from omnigen.training.stream_batches import ShardBatchStream
+
+    urls = tuple(write_shards(tmp_path, "c", 2, 2))
+    config = SimpleNamespace(keep_raw_resolution=False, seed=0, codec="identity")
+    builder = SimpleNamespace(codec=IdentityCodec())
+    runtime = SimpleNamespace(rank=0, world=1)
+    saved = [SampleStream([ShardSource(urls)]).state_dict()] * 2
+    with pytest.raises(ValueError, match="holds 2 stream states but the run has 1 ranks"):
+        ShardBatchStream(config, builder, [ShardSource(urls)], runtime, tmp_path / "spool", saved)
+
+
 RANK_SCRIPT = """
 import sys, torch.distributed as dist
 from omnigen.training.stream import SampleStream, ShardSource
