@@ -1,7 +1,7 @@
 """Streaming training samples from webdataset-format tar shards (``omnigen data shards`` writes them).
 
 Sources. A run's ``data:`` lists X2I JSONL files (globs) and/or shard sources: a shard pattern (a glob,
-or brace ranges ``DIR/{000000..000009}.tar``, or ``pipe:COMMAND`` whose stdout is a tar) or a weighted
+or brace ranges ``DIR/{000000..000009}.tar``, or ``pipe:COMMAND``: a shell command whose stdout is a tar) or a weighted
 source ``{shards: PATTERN or [PATTERNS], weight: 3}`` (``parse_sources``).
 
 Order. Every epoch each source's shards are permuted by (seed, epoch), the same on every rank, and
@@ -24,10 +24,12 @@ to the cursor.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import os
 import random
 import re
-import shlex
+import signal
 import subprocess
 import tarfile
 from collections import Counter
@@ -128,7 +130,9 @@ def _ref_fields(ref: Ref) -> list[Any]:
 
 def _open(url: str, offset: int = 0) -> tuple[tarfile.TarFile, Any]:
     if url.startswith("pipe:"):
-        process = subprocess.Popen(shlex.split(url[5:]), stdout=subprocess.PIPE)
+        # the config's own command, run by a shell as webdataset runs it; its own process group, so a whole
+        # pipeline stops when the stream does
+        process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
         return tarfile.open(fileobj=process.stdout, mode="r|"), process
     handle = open(url, "rb")
     handle.seek(offset)
@@ -166,7 +170,8 @@ def read_samples(
     finally:
         tar.close()
         if pipe:
-            handle.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(handle.pid, signal.SIGKILL)
             handle.wait()
         else:
             handle.close()

@@ -3,7 +3,8 @@
 
 Each rank reads its own ``SampleStream`` (its shards, its shuffle buffer, ``omnigen.training.stream``),
 so ranks never share a sample within a pass. A step takes ``grad_accum`` x stage batch_size samples from
-it; their images are written to a small per-rank spool folder (``OUT/stream/rankR``, emptied every step)
+it; their images are written to a small per-rank spool folder (a local temporary folder, emptied every
+step, removed with the stream)
 and handed to the usual ``BatchBuilder`` as X2I samples, so dropout, the processor, the codec and the
 loss are the JSONL path's.
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +104,16 @@ class ShardBatchStream:
         builder: BatchBuilder,
         sources: list[ShardSource],
         runtime: distributed.Runtime,
-        spool: Path,
+        spool: Path | None = None,
         sampler_state: list[dict[str, Any]] | None = None,
         buffer_size: int = 1000,
     ) -> None:
         if config.keep_raw_resolution:
             raise ValueError("streaming from shards trains square outputs: set keep_raw_resolution: false")
         self.config, self.builder, self.runtime = config, builder, runtime
+        if spool is None:
+            spool = Path(tempfile.mkdtemp(prefix=f"omnigen-stream-rank{runtime.rank}-"))
+            weakref.finalize(self, shutil.rmtree, spool, True)
         self.spool = spool / f"rank{runtime.rank}"
         self.stream = SampleStream(
             sources, seed=config.seed, rank=runtime.rank, world=runtime.world, buffer_size=buffer_size

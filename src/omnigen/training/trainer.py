@@ -148,7 +148,7 @@ def _batch_stream(run: Run, point: checkpointing.ResumePoint):
         return BatchStream(config, run.builder, run.runtime.world, point.sampler_state, point.sampler_stage)
     from omnigen.training.stream_batches import ShardBatchStream
 
-    return ShardBatchStream(config, run.builder, shards, run.runtime, run.out / "stream", point.sampler_state)
+    return ShardBatchStream(config, run.builder, shards, run.runtime, sampler_state=point.sampler_state)
 
 
 def _loop(
