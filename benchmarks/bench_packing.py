@@ -125,7 +125,8 @@ def main() -> int:
     run(model, batch, None, 1), run(model, batch, max_tokens, 1)  # warm-up
     times: dict[str, list[float]] = {"padded": [], "packed": []}
     for round_ in range(args.rounds):
-        for name, budget in (("padded", None), ("packed", max_tokens)):
+        order = [("padded", None), ("packed", max_tokens)]
+        for name, budget in order if round_ % 2 == 0 else order[::-1]:  # who goes first alternates too
             before = os.getloadavg()[0]
             seconds = run(model, batch, budget, args.steps)
             times[name].append(seconds)
