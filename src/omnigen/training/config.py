@@ -96,11 +96,7 @@ class LoraSettings:
 class TrainConfig:
     """Every field of ``omnigen train --config FILE``; ``omnigen train --help`` prints them."""
 
-    data: list[str | dict] = field(
-        metadata={
-            "help": "X2I JSONL file(s) or globs, or tar shards: DIR/{000000..000009}.tar, {shards, weight}"
-        }
-    )
+    data: list[str | dict] = field(metadata={"help": "JSONL files/globs, shard patterns, {shards, weight}"})
     out_dir: str = field(metadata={"help": "run folder: checkpoints/, final/ and train.log"})
     stages: list[Stage] = field(metadata={"help": "list of {resolution, steps, batch_size, lr}"})
     model: dict = field(
@@ -157,10 +153,7 @@ class TrainConfig:
             "(less padding, same samples per epoch; 1 = off)"
         },
     )
-    max_tokens: int | None = field(
-        default=None,
-        metadata={"help": "pack samples into rows of <= this many tokens (same loss; null: pad)"},
-    )
+    max_tokens: int | None = field(default=None, metadata={"help": "pack rows of <= N tokens (null: pad)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
@@ -314,11 +307,10 @@ class TrainConfig:
         to make it; called before a run starts, so a missing data set fails before any model is built."""
         import glob
 
-        from omnigen.training.stream import parse_sources  # shard patterns fail here if they match nothing
+        from omnigen.training.stream import parse_sources
 
-        named = [("data", p) for p in parse_sources(self.data)[0]] + [
-            ("val_data", p) for p in self.val_data or []
-        ]
+        jsonl = parse_sources(self.data)[0]  # a shard pattern that matches nothing fails here
+        named = [("data", p) for p in jsonl] + [("val_data", p) for p in self.val_data or []]
         if self.tokenizer is not None:
             named.append(("tokenizer", self.tokenizer))
         for name, path in named:
