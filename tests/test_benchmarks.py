@@ -44,7 +44,9 @@ def test_bench_gpu_rejects_unknown_contenders():
     assert out.returncode == 2 and "unknown --contenders ['warp']" in out.stderr
 
 
-@pytest.mark.parametrize("script", ["bench_fullsize.py", "bench_load.py", "bench_cache.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_fullsize.py", "bench_load.py", "bench_cache.py", "bench_packing.py"]
+)
 def test_cpu_benchmarks_parse_their_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout

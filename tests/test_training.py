@@ -181,7 +181,7 @@ def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_fie
         TrainConfig.load(path, ["stages=[{resolution: 16, steps: 1, batch_size: 1, lr: fast}]"])
     with pytest.raises(TypeError, match="lora.dropout must be float, got str 'some'"):
         TrainConfig.load(path, ["lora={rank: 2, dropout: some}"])
-    with pytest.raises(TypeError, match="data must be a list of str, got list \\[1\\]"):
+    with pytest.raises(TypeError, match="data must be a list of str or a mapping, got list \\[1\\]"):
         TrainConfig.load(path, ["data=[1]"])
 
 

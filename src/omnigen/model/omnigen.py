@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import omnigen.model.masks as masks
+import omnigen.model.packing as packing
 from omnigen.config import OmniGenConfig
 from omnigen.model.cache import ConditionCache, copies_per_row
 from omnigen.model.embeddings import (
@@ -152,6 +153,7 @@ class OmniGenModel(nn.Module):
         offload_layers: bool = False,
         step_cache: StepCache | None = None,
         branch: int = 0,
+        max_tokens: int | None = None,
     ) -> torch.Tensor:
         """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] -> velocity (B, C, H, W).
 
@@ -160,12 +162,16 @@ class OmniGenModel(nn.Module):
         (several images of one prompt), broadcast rather than stored once per image.
         ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
         their residual from an earlier step (``omnigen.sampling.step_cache``).
+        ``max_tokens`` (with ``condition``, one row per sample): pack the samples into rows of at most this
+        many tokens instead of padding them to the longest (``omnigen.model.packing``); same result.
         """
         if (condition is None) == (cache is None):
             raise ValueError("give exactly one of `condition` or `cache`")
         height, width = x.shape[-2:]
         step, t_emb = self._step_embeddings(x, t)  # (B, 1 + N, D)
         n = step.shape[1] - 1
+        if max_tokens is not None:
+            return self._velocity(self._packed_pass(condition, step, max_tokens), t_emb, height, width)
         if cache is not None:
             sequence = step
             positions, mask, rope = self._cached_step_inputs(cache, n, x.shape[0])
@@ -192,6 +198,19 @@ class OmniGenModel(nn.Module):
         else:
             hidden = self._layers_with_step_cache(run, sequence, n, step_cache, branch)  # (B, N, D)
         return self._velocity(hidden, t_emb, height, width)
+
+    def _packed_pass(self, condition: Condition | None, step: torch.Tensor, max_tokens: int) -> torch.Tensor:
+        """The output tokens' hidden states (B, N, D) of a pass over packed rows."""
+        if condition is None or condition.batch_size != step.shape[0]:
+            raise ValueError("max_tokens packs a full pass: give `condition` with one row per sample")
+        n = step.shape[1] - 1
+        token_mask = condition.token_mask
+        rows = packing.plan_rows(packing.sample_lengths(token_mask, n), max_tokens)
+        plan = packing.layout(token_mask, condition.image_spans, n, rows, self.llm.rotary)
+        sequence = packing.pack(self.embed_condition(condition), token_mask, step, plan)  # (R, Lr, D)
+        positions = plan.position_ids
+        hidden = self.llm(sequence, positions, positions.max(dim=1).values, plan.mask, rope=plan.rope)
+        return packing.unpack_outputs(hidden, plan, n)  # (B, N, D)
 
     def _cached_step_inputs(
         self, cache: ConditionCache, n: int, batch: int

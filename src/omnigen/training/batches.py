@@ -35,6 +35,7 @@ from omnigen.text.tokenizer import TextTokenizer
 from omnigen.training.config import TrainConfig
 from omnigen.training.latent_cache import LatentCache, codec_fingerprint
 from omnigen.training.sampling_data import ConditionDropout, bucket_for, make_buckets, sample_generator, shard
+from omnigen.training.stream import parse_sources
 from omnigen.training.x2i import X2ISample, compose_instruction, read_x2i
 from omnigen.types import Condition
 
@@ -60,6 +61,10 @@ class ImageView:
     path: Path
     fill: Size | None = None
     fit: int | None = None
+
+    def spec(self, multiple: int) -> str:
+        """How the view is made, as a latent cache key part (with the model's image multiple)."""
+        return (f"fill:{self.fill[0]}x{self.fill[1]}" if self.fill else f"fit:{self.fit}") + f":{multiple}"
 
 
 def fill_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -107,13 +112,24 @@ class BatchBuilder:
         device: torch.device,
         rank: int = 0,
     ) -> BatchBuilder:
-        """The trainer's builder: its samples, processor, dropout and (per-rank writer) latent cache."""
-        samples = read_x2i(
-            config.data,
-            image_root=config.image_root,
-            on_bad_row=config.on_bad_row,
-            check_images=config.check_images,
-        ).samples
+        """The trainer's builder: its samples (none yet when ``data`` names shards: the stream brings
+        them, ``ShardBatchStream``), processor, dropout and (per-rank writer) latent cache."""
+        jsonl, shards = parse_sources(config.data)
+        if jsonl and shards:
+            raise ValueError(
+                f"data mixes JSONL files {jsonl} with tar shards: write the JSONL into shards too "
+                "(omnigen data shards --jsonl ... --images ... --out DIR) and list DIR's shards"
+            )
+        if shards and config.latent_cache is not None:
+            raise ValueError("latent_cache reads images from files: set it to null when data names shards")
+        samples = []
+        if jsonl:
+            samples = read_x2i(
+                jsonl,
+                image_root=config.image_root,
+                on_bad_row=config.on_bad_row,
+                check_images=config.check_images,
+            ).samples
         processor = OmniGenProcessor(
             tokenizer, model_config, max_input_image_size=max(s.resolution for s in config.stages)
         )
@@ -123,6 +139,15 @@ class BatchBuilder:
             fingerprint = codec_fingerprint(codec, config.codec)
             cache = LatentCache(config.latent_cache, fingerprint, writer=f"rank{rank}")
         return cls(samples, processor, codec, dropout, device, config.keep_raw_resolution, cache)
+
+    def reset_samples(self, samples: list[X2ISample]) -> None:
+        """Replace the samples (a streamed step's), forgetting what was read about the old ones."""
+        self.samples = samples
+        self._sizes.clear()
+        self._raw_sizes.clear()
+        self._pixels = (
+            self._load_pixels if self.cache is not None else lru_cache(maxsize=200_000)(self._load_pixels)
+        )
 
     # ------------------------------------------------------------------ sizes
     def buckets(self, resolution: int) -> list[Size]:
@@ -277,8 +302,7 @@ class BatchBuilder:
         of the right size: the processor reads only the size, the latents go to ``collate``."""
         key = None
         if self.cache is not None:
-            spec = f"fill:{view.fill[0]}x{view.fill[1]}" if view.fill else f"fit:{view.fit}"
-            key = self.cache.key(view.path, f"{spec}:{self.processor.config.image_multiple}")
+            key = self.cache.key(view.path, view.spec(self.processor.config.image_multiple))
             latent = self.cache.get(key)
             if latent is not None:
                 height, width = (side * self.codec.downsample for side in latent.shape[-2:])

@@ -45,10 +45,11 @@ def save(run: Run, step: int, stream: BatchStream) -> None:
     )
     ema_state = distributed.gather_tensors(run.ema, runtime) if run.ema is not None else None
     optimizer_state = distributed.gather_optimizer(run.model, run.optimizer, runtime)
+    stream_state = stream.state()  # every rank: a shard stream gathers each rank's position
     if run.is_main:
         info = {
             "step": step,
-            **stream.state(),  # stage, sampler
+            **stream_state,  # stage, sampler
             "world_size": runtime.world,
             "base_model": run.base_reference,
             "grad_scaler": run.scaler.state_dict(),

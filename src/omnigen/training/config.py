@@ -96,7 +96,7 @@ class LoraSettings:
 class TrainConfig:
     """Every field of ``omnigen train --config FILE``; ``omnigen train --help`` prints them."""
 
-    data: list[str] = field(metadata={"help": "X2I JSONL file(s) or globs"})
+    data: list[str | dict] = field(metadata={"help": "JSONL files/globs, shard patterns, {shards, weight}"})
     out_dir: str = field(metadata={"help": "run folder: checkpoints/, final/ and train.log"})
     stages: list[Stage] = field(metadata={"help": "list of {resolution, steps, batch_size, lr}"})
     model: dict = field(
@@ -153,6 +153,7 @@ class TrainConfig:
             "(less padding, same samples per epoch; 1 = off)"
         },
     )
+    max_tokens: int | None = field(default=None, metadata={"help": "pack rows of <= N tokens (null: pad)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
@@ -225,6 +226,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         check_int("foreground_dilate", self.foreground_dilate, 0)
         check_int("length_groups", self.length_groups, 1)
+        check_int("max_tokens", 1 if self.max_tokens is None else self.max_tokens, 1)
         check_int("val_every", self.val_every, 0)
         check_int("val_samples", self.val_samples, 1)
         if self.grow_layers is not None:
@@ -305,7 +307,10 @@ class TrainConfig:
         to make it; called before a run starts, so a missing data set fails before any model is built."""
         import glob
 
-        named = [("data", p) for p in self.data] + [("val_data", p) for p in self.val_data or []]
+        from omnigen.training.stream import parse_sources
+
+        jsonl = parse_sources(self.data)[0]  # a shard pattern that matches nothing fails here
+        named = [("data", p) for p in jsonl] + [("val_data", p) for p in self.val_data or []]
         if self.tokenizer is not None:
             named.append(("tokenizer", self.tokenizer))
         for name, path in named:

@@ -81,6 +81,7 @@ def flow_matching_loss(
     generator: torch.Generator | Sequence[torch.Generator],
     settings: LossSettings,
     normalizer: float | None = None,
+    max_tokens: int | None = None,
 ) -> LossOutput:
     """The batch's loss; noise and t drawn on the CPU, then moved.
 
@@ -88,6 +89,7 @@ def flow_matching_loss(
     its t, then its noise, from generator b; a row's draws then do not depend on the rest of the batch).
     ``normalizer``: divide the weighted sum by this instead of the batch's weight sum, e.g. the weight
     sum of a global batch split over micro-batches and ranks.
+    ``max_tokens``: run the model on rows packed up to this many tokens (``omnigen.model.packing``).
     """
     x1 = batch.x1
     size = x1.shape[0]
@@ -105,7 +107,7 @@ def flow_matching_loss(
         x0 = torch.stack([d[1] for d in draws])
     t, x0 = t.to(x1.device), x0.to(x1.device, x1.dtype)
     xt = interpolate(x0, x1, t)
-    prediction = model(xt, t, condition=batch.condition).float()
+    prediction = model(xt, t, condition=batch.condition, max_tokens=max_tokens).float()
     target = velocity_target(x0, x1).float()
     has_reference = batch.has_reference
     if has_reference is None:

@@ -41,6 +41,7 @@ from omnigen.training.run import Run, start_run
 from omnigen.training.run_log import RunLog
 from omnigen.training.schedule import BatchStream, lr_at
 from omnigen.training.step import train_step
+from omnigen.training.stream import parse_sources
 from omnigen.training.validation import Validator, swapped_in
 from omnigen.weights.checkpoint import build_model, load_model, save_model
 
@@ -121,7 +122,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     validator = Validator(config, run.builder, runtime) if config.val_data else None
     point = checkpointing.resume(run)
     step = point.step
-    stream = BatchStream(config, run.builder, runtime.world, point.sampler_state, point.sampler_stage)
+    stream = _batch_stream(run, point)
     try:
         with (
             _stop_on_sigterm() as stop,
@@ -137,6 +138,17 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     distributed.barrier(runtime)
     distributed.teardown(runtime)
     return final
+
+
+def _batch_stream(run: Run, point: checkpointing.ResumePoint):
+    """The run's batches: over the JSONL samples (``BatchStream``) or streamed from tar shards."""
+    config = run.config
+    _, shards = parse_sources(config.data)
+    if not shards:
+        return BatchStream(config, run.builder, run.runtime.world, point.sampler_state, point.sampler_stage)
+    from omnigen.training.stream_batches import ShardBatchStream
+
+    return ShardBatchStream(config, run.builder, shards, run.runtime, sampler_state=point.sampler_state)
 
 
 def _loop(
