@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from omnigen.model import OmniGenModel
+from omnigen.model.runner import PLAIN, Runner
 from omnigen.sampling.flow import interpolate, sample_t, velocity_target
 from omnigen.training.batches import TrainBatch
 from omnigen.training.config import LossSettings
@@ -81,13 +82,15 @@ def flow_matching_loss(
     generator: torch.Generator | Sequence[torch.Generator],
     settings: LossSettings,
     normalizer: float | None = None,
+    runner: Runner = PLAIN,
 ) -> LossOutput:
     """The batch's loss; noise and t drawn on the CPU, then moved.
 
     ``generator``: one for the batch (t for all rows, then all the noise), or one per row (row b draws
     its t, then its noise, from generator b; a row's draws then do not depend on the rest of the batch).
     ``normalizer``: divide the weighted sum by this instead of the batch's weight sum, e.g. the weight
-    sum of a global batch split over micro-batches and ranks.
+    sum of a global batch split over micro-batches and ranks. ``runner``: how the decoder layers run
+    (e.g. with gradient checkpointing; ``omnigen.model.runner``).
     """
     x1 = batch.x1
     size = x1.shape[0]
@@ -105,7 +108,7 @@ def flow_matching_loss(
         x0 = torch.stack([d[1] for d in draws])
     t, x0 = t.to(x1.device), x0.to(x1.device, x1.dtype)
     xt = interpolate(x0, x1, t)
-    prediction = model(xt, t, condition=batch.condition).float()
+    prediction = model(xt, t, condition=batch.condition, runner=runner).float()
     target = velocity_target(x0, x1).float()
     has_reference = batch.has_reference
     if has_reference is None:

@@ -110,6 +110,7 @@ def _micro_batch(
             generators,
             config.loss_settings(),
             normalizer=total_weight / runtime.world,  # DDP / FSDP average over ranks
+            runner=run.runner,
         )
         run.scaler.scale(result.loss).backward()
     per_sample, t = result.per_sample.cpu().double(), result.t.cpu()
