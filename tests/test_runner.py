@@ -15,6 +15,7 @@ from omnigen.model.runner import PLAIN, Runner
 from omnigen.sampling.guidance import guided_velocity
 from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor
+from test_training import make_config, world  # noqa: F401 (`world` is a fixture)
 
 EDIT = "make it blue <img><|image_1|></img>"
 
@@ -150,3 +151,29 @@ def test_pipeline_runner_keeps_the_split_and_the_fp16_guard(tokenizer):
     assert pipe.with_defaults(seed=1).runner is pipe.runner
     pipe.to("cpu")
     assert pipe.runner == Runner(fp16_guard=False)
+
+
+def test_training_runs_its_layers_through_the_runs_runner(world, tmp_path, monkeypatch):  # noqa: F811
+    """``gradient_checkpointing`` reaches the layers through ``Run.runner`` (not an attribute of the
+    model) and takes the same steps."""
+    import json
+
+    import omnigen.model.runner as runner_module
+    from omnigen.training.trainer import train
+
+    root, _ = world
+    checkpointed = []
+    original = runner_module.checkpoint
+    monkeypatch.setattr(
+        runner_module, "checkpoint", lambda *a, **k: checkpointed.append(1) or original(*a, **k)
+    )
+    curves = {}
+    for flag in (False, True):
+        checkpointed.clear()
+        stage = {"resolution": 16, "steps": 2, "batch_size": 3, "lr": 3e-3}
+        out = tmp_path / str(flag)
+        train(make_config(root, out, 2, stages=[stage], gradient_checkpointing=flag), device="cpu")
+        curves[flag] = [json.loads(x)["loss"] for x in (out / "loss.jsonl").read_text().splitlines()]
+        assert bool(checkpointed) == flag
+    assert len(curves[False]) == 2
+    assert max(abs(a - b) for a, b in zip(curves[False], curves[True])) <= 1e-6, curves
