@@ -172,7 +172,8 @@ class OmniGenModel(nn.Module):
         if cache is not None:
             sequence = step
             stored = cache.step_inputs.get((n, x.shape[0]))
-            inputs = replace(stored or self.step_inputs(cache, n, x.shape[0]), past=cache)
+            inputs = self.step_inputs(cache, n, x.shape[0]) if stored is None else stored
+            inputs = replace(inputs, past=cache)
         else:
             copies = copies_per_row(x.shape[0], condition.batch_size)
             token_mask = condition.token_mask.repeat_interleave(copies, dim=0)  # (B, Lc)
