@@ -10,6 +10,7 @@ import torch
 from conftest import random_model, tiny_config, tiny_vae
 from omnigen.model import offload
 from omnigen.model.layers import Block
+from omnigen.model.runner import Runner
 from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor
 
@@ -117,13 +118,13 @@ def test_offload_model_equals_resident_and_copies_nothing_back(tokenizer, monkey
     got = run(pipe, "a red cat", offload_model=True)
     torch.testing.assert_close(got, base, atol=0, rtol=0)
     assert moved == [], "offload must not move whole layers (and so not copy them back)"
-    masters = model.llm.offloaded.masters
+    masters = pipe.runner.offloaded.masters
     state = [[(m.data_ptr(), m._version) for m in layer] for layer in masters]
     torch.testing.assert_close(run(pipe, "a red cat", offload_model=True), base, atol=0, rtol=0)
-    assert model.llm.offloaded.masters is masters, "the masters are made once and reused"
+    assert pipe.runner.offloaded.masters is masters, "the masters are made once and reused"
     assert [[(m.data_ptr(), m._version) for m in layer] for layer in masters] == state
     run(pipe, "a red cat")  # back to resident layers
-    assert model.llm.offloaded is None
+    assert pipe.runner.offloaded is None
 
 
 def test_layers_stream_with_prefetch_and_drop_their_copies(tokenizer, monkeypatch):
@@ -143,7 +144,8 @@ def test_layers_stream_with_prefetch_and_drop_their_copies(tokenizer, monkeypatc
         return tensor.clone()
 
     monkeypatch.setattr(offload, "copy_to", fake_copy)
-    weights = offload.offload_layers(model.llm)
+    weights = offload.offload_layers(model.llm.layers)
+    pipe.runner = Runner(offloaded=weights)  # the call reuses these masters (they are current)
     for index, layer in enumerate(weights.masters):
         owner.update({m.data_ptr(): index for m in layer})
     before = [[(m.data_ptr(), m._version) for m in layer] for layer in weights.masters]
@@ -195,12 +197,15 @@ def _split(events: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
     return passes
 
 
-def test_offload_layers_must_be_enabled_first(model):
-    llm = model.llm
+def test_offloaded_runner_refuses_layers_that_are_not_its_own(model):
+    other = random_model(tiny_config())
+    runner = Runner(offloaded=offload.offload_layers(other.llm.layers))
     x = torch.randn(1, 3, model.config.transformer.hidden_size)
     positions = torch.arange(3)[None]
-    with pytest.raises(ValueError, match="offload_layers"):
-        llm(x, positions, positions[:, -1], None, offload_layers=True)
+    inputs = model.llm.inputs(positions, positions[:, -1], None)
+    with pytest.raises(ValueError, match="offloaded weights are not those of these layers"):
+        model.llm(x, inputs, runner)
+    other.llm(x, inputs, runner)  # its own layers run
 
 
 def test_no_streams_or_pinning_without_cuda():
@@ -220,6 +225,6 @@ def test_cuda_offload_streams_equal_resident(tokenizer):
     pipe = make_pipeline(model, tokenizer).to("cuda")
     base = run(pipe, "a red cat", offload_kv_cache=False)
     got = run(pipe, "a red cat", offload_model=True, offload_kv_cache=True)
-    assert all(m.is_pinned() for layer in model.llm.offloaded.masters for m in layer)
+    assert all(m.is_pinned() for layer in pipe.runner.offloaded.masters for m in layer)
     assert all(p.device.type == "cpu" for p in model.llm.layers.parameters()), "at rest on the host"
     torch.testing.assert_close(got, base, atol=1e-5, rtol=0)

@@ -123,8 +123,9 @@ def test_mask_free_step_equals_masked_step(model, tokenizer, rgb_image, with_ima
             got, want = model(x, tt, cache=free), model(x, tt, cache=masked)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(got, model(x, tt, condition=condition), atol=1e-5, rtol=0)
-    assert free.step_inputs[(n, 1)][1] is None, "no padding: the step must run without a mask"
-    assert masked.step_inputs[(n, 1)][1] is not None
+    assert model.step_inputs(free, n, 1).mask is None, "no padding: the step must run without a mask"
+    assert model.step_inputs(masked, n, 1).mask is not None
+    assert free.step_inputs == {}, "the model reads the step inputs a caller stored, never stores them"
 
 
 def test_padded_rows_keep_the_mask(model, tokenizer):
@@ -139,7 +140,7 @@ def test_padded_rows_keep_the_mask(model, tokenizer):
         torch.testing.assert_close(
             model(x, t, cache=cache), model(x, t, condition=condition), atol=1e-5, rtol=0
         )
-    assert cache.step_inputs[(n, 2)][1] is not None
+    assert model.step_inputs(cache, n, 2).mask is not None
 
 
 def test_pipeline_mask_free_option_is_exact(pipeline, rgb_image):
@@ -261,7 +262,7 @@ def test_fp16_guard_keeps_the_residual_stream_finite(tokenizer):
     got = run(pipe, "a red cat")
     assert torch.isfinite(got).all()
     assert _relative_error(got, exact) < 0.05
-    model.llm.fp16_guard = False
+    pipe.runner = dataclasses.replace(pipe.runner, fp16_guard=False)
     assert not torch.isfinite(run(pipe, "a red cat")).all(), "without the guard fp16 overflows"
 
 
@@ -308,12 +309,13 @@ def test_place_layers_on_two_cpus_gives_the_same_output(tokenizer):
     model = random_model(tiny_config())
     pipe = make_pipeline(model, tokenizer)
     base = run(pipe, "a red cat")
-    placement = place_layers(model, ["cpu", "cpu"])
-    assert placement == {"llm.layers.0": "cpu", "llm.layers.1": "cpu"}
-    assert model.llm.layer_devices == [torch.device("cpu")] * 2
+    assert place_layers(model, ["cpu", "cpu"]).devices == (torch.device("cpu"),) * 2
+    assert pipe.place_layers(["cpu", "cpu"]) is pipe
+    assert pipe.runner.devices == (torch.device("cpu"),) * 2
     torch.testing.assert_close(run(pipe, "a red cat"), base, atol=0, rtol=0)
+    assert pipe.runner.devices == (torch.device("cpu"),) * 2, "the split outlives the call"
     pipe.to("cpu")
-    assert model.llm.layer_devices is None
+    assert pipe.runner.devices is None
 
 
 def test_place_layers_checks_memory(model):
@@ -324,4 +326,3 @@ def test_place_layers_checks_memory(model):
         place_layers(model, ["cpu", "cpu"], memory=[1])
     with pytest.raises(ValueError, match="at least one"):
         place_layers(model, [])
-    assert model.llm.layer_devices is None

@@ -62,7 +62,8 @@ def test_reference_bug_kv_cache_crop_at_step_zero(model, tokenizer, rgb_image):
         mask = masks.full_mask(condition.token_mask, condition.image_spans, n)
         length = condition.input_ids.shape[1]
         mask[:, length:, length:] = False  # step tokens see only the condition (the bug)
-        buggy = model._velocity(model.llm(sequence, positions, positions[:, -1], mask), t_emb, 16, 16)
+        hidden = model.llm(sequence, model.llm.inputs(positions, positions[:, -1], mask))
+        buggy = model._velocity(hidden, t_emb, 16, 16)
         right = model(x, t, condition=condition)
     assert (buggy - right).abs().max() > 1e-3
 

@@ -17,9 +17,10 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
   (``omnigen.sampling.step_cache``); an approximation.
 - ``compile()`` (opt-in): ``torch.compile`` of the decoder blocks.
 - ``omnigen.weights.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
-- fp16 guard (on, ``model.llm.fp16_guard``): fp16 weights run with an fp32 residual stream.
+- fp16 guard (on, ``pipe.runner.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
-- ``omnigen.model.placement.place_layers(pipe.model, devices)``: decoder layers split over several devices.
+- ``pipe.place_layers(devices)``: decoder layers split over several devices (``omnigen.model.placement``).
+``pipe.runner`` (``omnigen.model.runner``): how the decoder layers run (split, offload, fp16 guard).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,8 @@ from PIL import Image
 
 from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
-from omnigen.model.placement import place_model
+from omnigen.model.placement import place_layers, place_model
+from omnigen.model.runner import Runner
 from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
 from omnigen.sampling.euler import make_noise
 from omnigen.sampling.guidance import branch_rows, guided_velocity
@@ -82,6 +85,7 @@ class OmniGenPipeline:
         self.tokenizer = tokenizer
         self.defaults = defaults or GenerationConfig()
         self.device = torch.device(device)
+        self.runner = Runner()  # how the decoder layers run (module docstring)
         self.processor = OmniGenProcessor(tokenizer, model.config, self.defaults.max_input_image_size)
 
     @classmethod
@@ -178,7 +182,7 @@ class OmniGenPipeline:
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
-        place_model(self.model, self.device, offload_layers=cfg.offload_model)
+        self.runner = place_model(self.model, self.device, self.runner, offload_layers=cfg.offload_model)
         per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
@@ -284,7 +288,7 @@ class OmniGenPipeline:
         steps = cfg.num_inference_steps
         step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
         velocity = guided_velocity(
-            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache
+            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache, self.runner
         )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
@@ -301,8 +305,7 @@ class OmniGenPipeline:
 
     def to(self, device: torch.device | str) -> OmniGenPipeline:
         self.device = torch.device(device)
-        self.model.llm.layer_devices = None
-        self.model.llm.offloaded = None
+        self.runner = replace(self.runner, devices=None, offloaded=None)  # no split, nothing offloaded
         self.model.to(self.device)
         self.model.materialize_buffers(self.device)
         self.codec.to(self.device)
@@ -318,10 +321,21 @@ class OmniGenPipeline:
         return self
 
     def with_defaults(self, **changes: Any) -> OmniGenPipeline:
-        """A pipeline sharing this one's model with some defaults changed (validated)."""
-        return OmniGenPipeline(
+        """A pipeline sharing this one's model and runner with some defaults changed (validated)."""
+        pipe = OmniGenPipeline(
             self.model, self.codec, self.tokenizer, self.defaults.replace(**changes), self.device
         )
+        pipe.runner = self.runner
+        return pipe
+
+    def place_layers(
+        self, devices: Sequence[str | torch.device], memory: Sequence[int] | None = None
+    ) -> OmniGenPipeline:
+        """Split the decoder layers over ``devices`` (``placement.place_layers``); ``to`` undoes it."""
+        self.runner = replace(
+            self.runner, devices=place_layers(self.model, devices, memory).devices, offloaded=None
+        )
+        return self
 
     def save_pretrained(
         self,

@@ -32,7 +32,8 @@ class ConditionCache:
     offload: bool = False
     mask_free: bool = True
     layers: list[KV] = field(default_factory=list)  # per layer: k, v (Bc, K, Lc, E)
-    # per (output-token count, step rows): (position ids, step mask, rotary cos/sin), built at the first step
+    # per (output-token count, step rows): the step's ``ForwardInputs`` without ``past`` (rotary tables,
+    # mask), stored by the caller that runs the steps (``OmniGenModel.step_inputs``); the model only reads
     step_inputs: dict = field(default_factory=dict, repr=False)
 
     def append(self, kv: KV) -> None:

@@ -5,7 +5,7 @@ Attention goes through ``F.scaled_dot_product_attention`` with a boolean mask (T
 with no mask at all for a sampling step whose condition has no padding (see ``Attention.forward``).
 
 Blocks compute in their weights' dtype but accept a wider residual stream: with fp16 weights the
-transformer keeps the residual stream in fp32 (see ``Transformer.fp16_guard``), so each sublayer's input
+runner keeps the residual stream in fp32 (see ``Runner.fp16_guard``), so each sublayer's input
 is cast down to the weights' dtype after its RMSNorm and its output is added in fp32.
 """
 

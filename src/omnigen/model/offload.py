@@ -2,8 +2,8 @@
 compute device one layer at a time, the copy of layer i+1 overlapping the compute of layer i.
 
 This module owns every host<->device move of the decoder's weights (``offload_model``) and of an
-offloaded ``ConditionCache`` (``offload_kv_cache``); the transformer's layer loop asks ``stream_layers``
-for each layer in turn. It does not decide where anything else lives (``omnigen.model.placement``).
+offloaded ``ConditionCache`` (``offload_kv_cache``); the layer loop of ``omnigen.model.runner.Runner``
+(which holds the ``OffloadedWeights``) asks ``stream_layers`` for each layer in turn. It does not decide where anything else lives (``omnigen.model.placement``).
 
 - Weights: ``OffloadedWeights`` keeps one host master copy of each parameter and buffer of the decoder
   layers, pinned when CUDA is available (so the copies can run asynchronously). At rest the layers'
@@ -102,13 +102,12 @@ class OffloadedWeights:
         self.install(index, self.masters[index])
 
 
-def offload_layers(transformer: nn.Module) -> OffloadedWeights:
-    """Keep ``transformer.layers``' weights on the host (``Transformer.offloaded``); the masters are made
-    once and reused while the layers still point to them."""
-    current = transformer.offloaded
-    if current is None or not current.is_current(transformer.layers):
-        transformer.offloaded = OffloadedWeights(transformer.layers)
-    return transformer.offloaded
+def offload_layers(layers: Sequence[nn.Module], current: OffloadedWeights | None = None) -> OffloadedWeights:
+    """Keep ``layers``' weights on the host: ``current`` while the layers still point to its masters (they
+    are made once and reused), else new masters."""
+    if current is not None and current.is_current(layers):
+        return current
+    return OffloadedWeights(layers)
 
 
 @dataclass

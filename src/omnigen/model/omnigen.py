@@ -4,6 +4,8 @@ The condition is text with input-image latents scattered into their placeholder 
 returns the velocity for the output latents. Two ways to run it, with equal results:
 - ``forward(x, t, condition)``: the whole sequence in one pass (training, reference);
 - ``prefill(condition, n)`` once, then ``forward(x, t, cache=cache)`` every sampling step.
+Both take the ``Runner`` that runs the decoder layers (``omnigen.model.runner``); the model holds only
+weights and config.
 A step may also take a ``StepCache`` (``omnigen.sampling.step_cache``) that skips most layers at steps whose input
 barely changed: an approximation, off unless asked for.
 
@@ -14,6 +16,7 @@ D hidden.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -31,6 +34,7 @@ from omnigen.model.embeddings import (
     sincos_2d,
     unpatchify,
 )
+from omnigen.model.runner import PLAIN, ForwardInputs, Runner
 from omnigen.model.transformer import Transformer
 from omnigen.sampling.step_cache import StepCache
 from omnigen.types import Condition
@@ -123,24 +127,21 @@ class OmniGenModel(nn.Module):
         self,
         condition: Condition,
         num_output_tokens: int,
+        runner: Runner = PLAIN,
         offload_cache: bool = False,
-        offload_layers: bool = False,
         mask_free: bool = True,
     ) -> ConditionCache:
-        """Run the condition alone and keep its keys/values. ``num_output_tokens`` is needed because the
-        rotary long/short choice depends on the length of the whole row. ``mask_free``: let the steps run
-        their attention without a mask when the condition has no padding (same result, faster kernels)."""
+        """Run the condition alone; ``runner`` fills a new cache with its keys/values. ``num_output_tokens``
+        is needed because the rotary long/short choice depends on the length of the whole row.
+        ``mask_free``: let the steps run their attention without a mask when the condition has no padding
+        (same result, faster kernels)."""
         token_mask = condition.token_mask
         cache = ConditionCache(token_mask=token_mask, offload=offload_cache, mask_free=mask_free)
         positions = masks.condition_positions(token_mask)
         row_max = token_mask.long().sum(dim=1) + num_output_tokens
+        mask = masks.condition_mask(token_mask, condition.image_spans)
         self.llm(
-            self.embed_condition(condition),
-            positions,
-            row_max,
-            masks.condition_mask(token_mask, condition.image_spans),
-            collect=cache,
-            offload_layers=offload_layers,
+            self.embed_condition(condition), self.llm.inputs(positions, row_max, mask, collect=cache), runner
         )
         return cache
 
@@ -150,7 +151,7 @@ class OmniGenModel(nn.Module):
         t: torch.Tensor,
         condition: Condition | None = None,
         cache: ConditionCache | None = None,
-        offload_layers: bool = False,
+        runner: Runner = PLAIN,
         step_cache: StepCache | None = None,
         branch: int = 0,
         max_tokens: int | None = None,
@@ -159,7 +160,9 @@ class OmniGenModel(nn.Module):
 
         Give exactly one of ``condition`` (full pass) or ``cache`` (a prefilled condition). Either may have
         fewer rows than x (Bc dividing B): each of its rows then serves B // Bc consecutive rows of x
-        (several images of one prompt), broadcast rather than stored once per image.
+        (several images of one prompt), broadcast rather than stored once per image. A cached step uses
+        the cache's stored step inputs when its caller stored them (``step_inputs``), else builds them.
+        ``runner``: how the decoder layers run (``omnigen.model.runner``).
         ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
         their residual from an earlier step (``omnigen.sampling.step_cache``).
         ``max_tokens`` (with ``condition``, one row per sample): pack the samples into rows of at most this
@@ -171,10 +174,14 @@ class OmniGenModel(nn.Module):
         step, t_emb = self._step_embeddings(x, t)  # (B, 1 + N, D)
         n = step.shape[1] - 1
         if max_tokens is not None:
-            return self._velocity(self._packed_pass(condition, step, max_tokens), t_emb, height, width)
+            return self._velocity(
+                self._packed_pass(condition, step, max_tokens, runner), t_emb, height, width
+            )
         if cache is not None:
             sequence = step
-            positions, mask, rope = self._cached_step_inputs(cache, n, x.shape[0])
+            stored = cache.step_inputs.get((n, x.shape[0]))
+            inputs = self.step_inputs(cache, n, x.shape[0]) if stored is None else stored
+            inputs = replace(inputs, past=cache)
         else:
             copies = copies_per_row(x.shape[0], condition.batch_size)
             token_mask = condition.token_mask.repeat_interleave(copies, dim=0)  # (B, Lc)
@@ -182,24 +189,17 @@ class OmniGenModel(nn.Module):
             embeds = self.embed_condition(condition).repeat_interleave(copies, dim=0)  # (B, Lc, D)
             sequence = torch.cat([embeds, step], dim=1)  # (B, Lc + 1 + N, D)
             positions = masks.full_positions(token_mask, n)
-            mask = masks.full_mask(token_mask, spans, n)
-            rope = self.llm.rotary(positions, positions[:, -1])
-        run = partial(
-            self.llm,
-            position_ids=positions,
-            row_max_position=positions[:, -1],
-            mask=mask,
-            past=cache,
-            offload_layers=offload_layers,
-            rope=rope,
-        )
+            inputs = self.llm.inputs(positions, positions[:, -1], masks.full_mask(token_mask, spans, n))
+        run = partial(self.llm, inputs=inputs, runner=runner)
         if step_cache is None:
             hidden = run(sequence)  # (B, L, D)
         else:
             hidden = self._layers_with_step_cache(run, sequence, n, step_cache, branch)  # (B, N, D)
         return self._velocity(hidden, t_emb, height, width)
 
-    def _packed_pass(self, condition: Condition | None, step: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    def _packed_pass(
+        self, condition: Condition | None, step: torch.Tensor, max_tokens: int, runner: Runner
+    ) -> torch.Tensor:
         """The output tokens' hidden states (B, N, D) of a pass over packed rows."""
         if condition is None or condition.batch_size != step.shape[0]:
             raise ValueError("max_tokens packs a full pass: give `condition` with one row per sample")
@@ -209,22 +209,18 @@ class OmniGenModel(nn.Module):
         plan = packing.layout(token_mask, condition.image_spans, n, rows, self.llm.rotary)
         sequence = packing.pack(self.embed_condition(condition), token_mask, step, plan)  # (R, Lr, D)
         positions = plan.position_ids
-        hidden = self.llm(sequence, positions, positions.max(dim=1).values, plan.mask, rope=plan.rope)
+        hidden = self.llm(sequence, ForwardInputs(plan.rope, plan.mask), runner)
         return packing.unpack_outputs(hidden, plan, n)  # (B, N, D)
 
-    def _cached_step_inputs(
-        self, cache: ConditionCache, n: int, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        """Positions, mask (None when the step can run mask-free) and rotary of a step over ``batch`` rows;
-        the same at every step, so built once per cache, output size and row count."""
-        key = (n, batch)
-        if key not in cache.step_inputs:
-            token_mask = cache.step_token_mask(batch)  # (B, Lc)
-            positions = masks.step_positions(token_mask, n)
-            mask_free = cache.mask_free and bool(token_mask.all())
-            mask = None if mask_free else masks.step_mask(token_mask, n)
-            cache.step_inputs[key] = (positions, mask, self.llm.rotary(positions, positions[:, -1]))
-        return cache.step_inputs[key]
+    def step_inputs(self, cache: ConditionCache, n: int, batch: int) -> ForwardInputs:
+        """The rotary tables and mask (None when the step can run mask-free) of a step of ``n`` output
+        tokens over ``batch`` rows after ``cache``: the same at every step, so a sampler builds them once
+        and stores them in ``cache.step_inputs[(n, batch)]``. ``past`` is left to the call (no cycle)."""
+        token_mask = cache.step_token_mask(batch)  # (B, Lc)
+        positions = masks.step_positions(token_mask, n)
+        mask_free = cache.mask_free and bool(token_mask.all())
+        mask = None if mask_free else masks.step_mask(token_mask, n)
+        return self.llm.inputs(positions, positions[:, -1], mask)
 
     def _layers_with_step_cache(
         self,

@@ -1,24 +1,28 @@
 """Layer-wise split of the model over several devices (pipeline parallelism without the pipelining).
 
 ``place_layers`` assigns the decoder layers, in order, to the given devices in contiguous runs balanced
-by parameter bytes (in proportion to ``memory`` when given), moves them there, and records the map on the
-transformer (``Transformer.layer_devices``), which then moves the hidden states (and the per-call rotary
+by parameter bytes (in proportion to ``memory`` when given), moves them there, and returns the map as a
+``Runner`` (``omnigen.model.runner``), which then moves the hidden states (and the per-call rotary
 tables and mask) from one device to the next and back. Everything else (embeddings, time embedders,
 final norm and head, ~1% of OmniGen-v1) goes to ``devices[0]``, which should be the pipeline's device.
 The condition cache's keys/values live where their layer ran. Runs are sequential: one device works at
-a time, so this buys memory, not speed. ``pipeline.to(device)`` undoes the split. ``place_model`` puts a
-model where one pipeline call runs it (split, on one device, or with its layers offloaded).
+a time, so this buys memory, not speed. ``pipe.place_layers`` keeps the runner on the pipeline;
+``pipe.to(device)`` undoes the split. ``place_model`` puts a model where one pipeline call runs it
+(split, on one device, or with its layers offloaded) and returns that call's runner. Nothing is
+recorded on the model: the runner is the only record.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from omnigen.model.offload import offload_layers as offload_layers_to_host
+from omnigen.model.runner import Runner
 from omnigen.weights.quantize import tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -50,9 +54,9 @@ def plan_layers(
 
 def place_layers(
     model: nn.Module, devices: Sequence[str | torch.device], memory: Sequence[int] | None = None
-) -> dict[str, str]:
+) -> Runner:
     """Split ``model`` (an ``OmniGenModel``) over ``devices``; ``memory``: bytes available on each (used to
-    balance, and checked). Returns {"llm.layers.<i>": device} for every decoder layer."""
+    balance, and checked). Returns the runner of the split (``Runner.devices``: each decoder layer's)."""
     if not devices:
         raise ValueError("devices must name at least one device, got an empty list")
     targets = [torch.device(d) for d in devices]
@@ -75,32 +79,32 @@ def place_layers(
                     f"device {devices[d]!s} needs {need} bytes for its layers but memory gives it {have}; "
                     f"the model needs {sum(load)} bytes in all"
                 )
-    llm.offloaded = None
     _place_rest(model, targets[0])
     for layer, device in zip(llm.layers, plan):
         layer.to(targets[device])
-    llm.layer_devices = [targets[d] for d in plan]
-    placement = {f"llm.layers.{i}": str(targets[d]) for i, d in enumerate(plan)}
     logger.info("layers per device: %s", {str(t): plan.count(d) for d, t in enumerate(targets)})
-    return placement
+    return Runner(devices=tuple(targets[d] for d in plan))
 
 
-def place_model(model: nn.Module, device: torch.device, offload_layers: bool = False) -> None:
-    """Where a call runs: with ``offload_layers`` the decoder layers' weights live on the host and stream to
-    ``device`` (``omnigen.model.offload``); otherwise each layer lives on its device of ``place_layers``
-    if the model was split, else on ``device``. Everything else lives on ``device``. Moves only what is
-    elsewhere."""
-    llm = model.llm
+def place_model(
+    model: nn.Module, device: torch.device, runner: Runner, offload_layers: bool = False
+) -> Runner:
+    """Where a call runs, and the runner that runs it there (``runner`` with its offload set): with
+    ``offload_layers`` the decoder layers' weights live on the host and stream to ``device``
+    (``omnigen.model.offload``; ``runner``'s masters are reused while current); otherwise each layer lives
+    on its device of ``runner.devices`` (a split), else on ``device``. Everything else lives on
+    ``device``. Moves only what is elsewhere."""
+    layers = model.llm.layers
     if offload_layers:
-        offload_layers_to_host(llm)
+        runner = replace(runner, offloaded=offload_layers_to_host(layers, runner.offloaded))
     else:
-        llm.offloaded = None
-        devices = llm.layer_devices or [device] * len(llm.layers)
-        for layer, target in zip(llm.layers, devices):
+        runner = replace(runner, offloaded=None)
+        for layer, target in zip(layers, runner.layer_devices(layers, device)):
             if next(layer.parameters()).device != target:
                 layer.to(target)
     if next(model.x_embedder.parameters()).device != device:
         _place_rest(model, device)
+    return runner
 
 
 def _place_rest(model: nn.Module, device: torch.device) -> None:

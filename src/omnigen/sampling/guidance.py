@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from omnigen.model.runner import PLAIN, Runner
+
 if TYPE_CHECKING:
     from omnigen.generation import GenerationConfig
     from omnigen.model import OmniGenModel
@@ -66,15 +68,17 @@ def guided_velocity(
     num_output_tokens: int,
     config: GenerationConfig,
     step_cache: StepCache | None = None,
+    runner: Runner = PLAIN,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """v(z, t) with guidance. ``conditions``: one per branch (separate CFG) or one holding every branch's
-    rows; with ``config.use_kv_cache`` they are prefilled into caches once, here."""
+    rows; with ``config.use_kv_cache`` they are prefilled into caches once, here, and each cache gets the
+    step inputs of its batch at the first step. ``runner``: how the decoder layers run (``omnigen.model.runner``)."""
     caches = [
         model.prefill(
             c,
             num_output_tokens,
+            runner,
             offload_cache=config.offload_kv_cache,
-            offload_layers=config.offload_model,
             mask_free=config.mask_free_attention,
         )
         if config.use_kv_cache
@@ -83,13 +87,17 @@ def guided_velocity(
     ]
 
     def run(index: int, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond = None if caches[index] is not None else conditions[index]
+        cache = caches[index]
+        if cache is not None:
+            key = (num_output_tokens, z.shape[0])
+            if key not in cache.step_inputs:  # the same at every step: built once per cache and batch
+                cache.step_inputs[key] = model.step_inputs(cache, *key)
         return model(
             z,
             t,
-            condition=cond,
-            cache=caches[index],
-            offload_layers=config.offload_model,
+            condition=None if cache is not None else conditions[index],
+            cache=cache,
+            runner=runner,
             step_cache=step_cache,
             branch=index,
         ).float()

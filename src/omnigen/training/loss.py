@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from omnigen.model import OmniGenModel
+from omnigen.model.runner import PLAIN, Runner
 from omnigen.sampling.flow import interpolate, sample_t, velocity_target
 from omnigen.training.batches import TrainBatch
 from omnigen.training.config import LossSettings
@@ -82,6 +83,7 @@ def flow_matching_loss(
     settings: LossSettings,
     normalizer: float | None = None,
     max_tokens: int | None = None,
+    runner: Runner = PLAIN,
 ) -> LossOutput:
     """The batch's loss; noise and t drawn on the CPU, then moved.
 
@@ -90,6 +92,7 @@ def flow_matching_loss(
     ``normalizer``: divide the weighted sum by this instead of the batch's weight sum, e.g. the weight
     sum of a global batch split over micro-batches and ranks.
     ``max_tokens``: run the model on rows packed up to this many tokens (``omnigen.model.packing``).
+    ``runner``: how the decoder layers run (e.g. with gradient checkpointing; ``omnigen.model.runner``).
     """
     x1 = batch.x1
     size = x1.shape[0]
@@ -107,7 +110,7 @@ def flow_matching_loss(
         x0 = torch.stack([d[1] for d in draws])
     t, x0 = t.to(x1.device), x0.to(x1.device, x1.dtype)
     xt = interpolate(x0, x1, t)
-    prediction = model(xt, t, condition=batch.condition, max_tokens=max_tokens).float()
+    prediction = model(xt, t, condition=batch.condition, runner=runner, max_tokens=max_tokens).float()
     target = velocity_target(x0, x1).float()
     has_reference = batch.has_reference
     if has_reference is None:

@@ -1,6 +1,6 @@
 """The live objects of one training run (``Run``), built once by ``start_run`` from a built model:
 LoRA adapters (if any), the distributed wrapper, the trainable tensors, the EMA, AdamW, the fp16 loss
-scaler and the batch builder. The step, checkpoint and log code take a ``Run`` instead of long lists.
+scaler, the batch builder and the decoder's runner (gradient checkpointing). The step, checkpoint and log code take a ``Run`` instead of long lists.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from omnigen.model import OmniGenModel
+from omnigen.model.runner import Runner
 from omnigen.text.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
@@ -32,6 +33,7 @@ class Run:
     scaler: torch.amp.GradScaler
     builder: BatchBuilder
     base_reference: str | None  # LoRA: the folder of the adapted base model
+    runner: Runner  # how the decoder layers run (gradient checkpointing)
 
     @property
     def is_lora(self) -> bool:
@@ -64,7 +66,6 @@ def start_run(
 
         torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
         add_lora(model, **config.lora.arguments())
-    model.llm.gradient_checkpointing = config.gradient_checkpointing
     train_model = distributed.wrap(model, runtime)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     ema = {name: p.detach().clone() for name, p in trainable.items()} if config.ema_decay > 0 else None
@@ -89,4 +90,5 @@ def start_run(
         scaler=scaler,
         builder=builder,
         base_reference=base_reference,
+        runner=Runner(checkpoint=config.gradient_checkpointing),
     )

@@ -111,6 +111,7 @@ def _micro_batch(
             config.loss_settings(),
             normalizer=total_weight / runtime.world,  # DDP / FSDP average over ranks
             max_tokens=config.max_tokens,
+            runner=run.runner,
         )
         run.scaler.scale(result.loss).backward()
     per_sample, t = result.per_sample.cpu().double(), result.t.cpu()
