@@ -208,7 +208,6 @@ class OmniGenModel(nn.Module):
         rows = packing.plan_rows(packing.sample_lengths(token_mask, n), max_tokens)
         plan = packing.layout(token_mask, condition.image_spans, n, rows, self.llm.rotary)
         sequence = packing.pack(self.embed_condition(condition), token_mask, step, plan)  # (R, Lr, D)
-        positions = plan.position_ids
         hidden = self.llm(sequence, ForwardInputs(plan.rope, plan.mask), runner)
         return packing.unpack_outputs(hidden, plan, n)  # (B, N, D)
 
