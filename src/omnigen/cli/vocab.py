@@ -14,7 +14,8 @@ import textwrap
 WIDTH = 110  # output lines are wrapped here; continuation lines start with INDENT
 INDENT = "    "
 PLACEHOLDERS = (
-    "{ref}: 'red circle'; {object}: 'a small red circle in the top left'; {img1}: <img><|image_1|></img>"
+    "{ref}: 'red circle'; {object(s)}: 'a small red circle in the top left'; {at}: 'in the top left'; "
+    "{img1}: <img><|image_1|></img>; the others: a name above"
 )
 
 
