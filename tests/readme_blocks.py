@@ -1,5 +1,6 @@
-"""README.md's fenced code blocks, read for tests/test_readme.py: which are commands, which are data, which
-the README itself marks, and the commands of a shell block one by one. Runs nothing.
+"""The fenced code blocks of README.md and docs/*.md, read for tests/test_readme.py: which are commands,
+which are data, which the document itself marks, and the commands of a shell block one by one. Runs
+nothing.
 
 A marker is an HTML comment on the last non-blank line before a fence:
     <!-- readme-test: skip (why) -->     the block is not run; the test lists it with the reason
@@ -24,10 +25,11 @@ class Block:
     text: str
     marker: str | None = None  # "skip" | "file" | None
     argument: str = ""  # the skip reason or the file path
+    source: str = "README.md"  # the document, relative to the repository
 
     @property
     def where(self) -> str:
-        return f"README.md:{self.line} ({self.language})"
+        return f"{self.source}:{self.line} ({self.language})"
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Command:
     text: str  # continuation lines joined, as bash would read it
 
 
-def read_blocks(markdown: str) -> list[Block]:
+def read_blocks(markdown: str, source: str = "README.md") -> list[Block]:
     """Every fenced block, in order. An unclosed fence or a marker that is malformed is a ValueError."""
     lines = markdown.splitlines()
     blocks, index = [], 0
@@ -44,21 +46,21 @@ def read_blocks(markdown: str) -> list[Block]:
         fence = FENCE.match(lines[index])
         if fence is None:
             if "readme-test" in lines[index] and not MARKER.match(lines[index].strip()):
-                raise ValueError(f"README.md:{index + 1}: malformed readme-test marker {lines[index]!r}")
+                raise ValueError(f"{source}:{index + 1}: malformed readme-test marker {lines[index]!r}")
             index += 1
             continue
         start = index
         end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("```")), None)
         if end is None:
-            raise ValueError(f"README.md:{start + 1}: code block never closed")
-        marker, argument = _marker_before(lines, start)
+            raise ValueError(f"{source}:{start + 1}: code block never closed")
+        marker, argument = _marker_before(lines, start, source)
         text = "\n".join(lines[start + 1 : end]) + "\n"
-        blocks.append(Block(start + 1, fence.group(1), text, marker, argument))
+        blocks.append(Block(start + 1, fence.group(1), text, marker, argument, source))
         index = end + 1
     return blocks
 
 
-def _marker_before(lines: list[str], fence: int) -> tuple[str | None, str]:
+def _marker_before(lines: list[str], fence: int, source: str) -> tuple[str | None, str]:
     k = fence - 1
     while k >= 0 and not lines[k].strip():
         k -= 1
@@ -70,7 +72,7 @@ def _marker_before(lines: list[str], fence: int) -> tuple[str | None, str]:
         argument = argument.removeprefix("(").removesuffix(")").strip()
     if not argument:
         raise ValueError(
-            f"README.md:{k + 1}: '{kind}' marker without a {'reason' if kind == 'skip' else 'path'}"
+            f"{source}:{k + 1}: '{kind}' marker without a {'reason' if kind == 'skip' else 'path'}"
         )
     return kind, argument
 

@@ -1,13 +1,20 @@
-"""The README is tested: every command of its bash/sh/console blocks and every Python block runs, in order,
-in a scratch folder that links the repository's src/, configs/, docs/, ... (so relative paths work and
-nothing is written into the repository). Python blocks share one namespace, as in one session.
+"""The README and docs/*.md are tested: every command of their bash/sh/console blocks and every Python block
+runs, in order, one document at a time, each in its own scratch folder that links the repository's src/,
+configs/, docs/, ... (so relative paths work and nothing is written into the repository). The Python
+blocks of a document share one namespace, as in one session.
 
 What a snippet needs and CI has not (the official weights, a GPU, a second machine, a download, hours) is
 replaced by a documented substitution (SUBSTITUTIONS: README text -> test text, applied to every block),
 or built here (PREPARED). Set-up steps (SETUP) are not run here: .ci/run runs the README's test command,
-which this file checks. A block the test cannot run must carry ``<!-- readme-test: skip (reason) -->`` in
-the README; the run lists and counts them (and every set-up step and data block), nothing is left out
-silently. ``pytest -s tests/test_readme.py`` prints that list.
+which this file checks. A README block the test cannot run must carry ``<!-- readme-test: skip (reason) -->``;
+the run lists and counts them (and every set-up step and data block), nothing is left out silently.
+``pytest -s tests/test_readme.py`` prints that list. docs/*.md may not skip a block: what a doc's block
+needs and CI has not goes through the same SUBSTITUTIONS.
+
+Beyond running the blocks: the README stays a short guide (MAX_README_LINES, the set-up commands first),
+its vocabulary listing is ``omnigen vocab --short``'s output, its code map and docs/architecture.md's
+module table name every module, that page's import table allows every import between wings, and every
+relative link of README.md and docs/*.md resolves (file and heading).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from readme_blocks import DATA_LANGUAGES, RUN_LANGUAGES, Block, chain, read_bloc
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+MAX_README_LINES = 350
 COMMAND_TIMEOUT_S = 300
 SERVER_START_S = 180
 
@@ -49,6 +58,7 @@ SUBSTITUTIONS = (
     ),
     Substitution("/models/sdxl-vae", "{vae}", "the SDXL VAE: that folder's tiny AutoencoderKL (vae/)"),
     Substitution('device="cuda"', 'device="cpu"', "no GPU in CI"),
+    Substitution("--device cuda", "--device cpu", "no GPU in CI"),
     Substitution('["cuda:0", "cuda:1"]', '["cpu", "cpu"]', "two GPUs: the CPU twice"),
     Substitution(
         "python -m pytest -q\n", "python -m pytest -q --collect-only\n", "the suite itself: collected only"
@@ -106,7 +116,16 @@ PREPARED = {
 }
 
 
-def test_readme_blocks_run(tmp_path, model_folder, monkeypatch):
+def _name(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix()
+
+
+def _blocks(doc: Path):
+    return read_blocks(doc.read_text(), _name(doc))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_name)
+def test_readme_blocks_run(doc, tmp_path, model_folder, monkeypatch):
     import torch._dynamo
 
     scratch = tmp_path / "readme"
@@ -118,26 +137,33 @@ def test_readme_blocks_run(tmp_path, model_folder, monkeypatch):
     _prepare(scratch)
     env = _environment()
     monkeypatch.chdir(scratch)
-    # pipe.compile() is called, but compiling takes minutes on a CPU: blocks run eagerly
-    # (tests/test_performance.py checks compiled blocks against eager ones)
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     namespace: dict = {"__name__": "readme"}
     report: list[str] = []
     servers: list[subprocess.Popen] = []  # a shell block's servers live through the next block (its client)
     try:
-        _run_blocks(scratch, values, env, namespace, report, servers)
+        # pipe.compile() is called, but compiling takes minutes on a CPU: blocks run eagerly
+        # (tests/test_performance.py checks compiled blocks against eager ones). config.patch, not
+        # monkeypatch: undoing a monkeypatch on torch's config module removes the setting for the next doc
+        with torch._dynamo.config.patch(disable=True):
+            _run_blocks(_blocks(doc), scratch, values, env, namespace, report, servers)
     finally:
         for proc in servers:
             _stop(proc)
     skipped = [line for line in report if "SKIPPED" in line or "not run" in line]
-    print(f"\nREADME blocks ({len(skipped)} skipped or set-up parts):\n" + "\n".join(report))
-    assert any(line.endswith("ran") for line in report)
+    print(f"\n{_name(doc)} blocks ({len(skipped)} skipped or set-up parts):\n" + "\n".join(report))
+    assert len(report) >= len(_blocks(doc))
+    if doc == README:
+        assert any(line.endswith("ran") for line in report)
 
 
-def _run_blocks(scratch: Path, values: dict, env: dict, namespace: dict, report: list, servers: list) -> None:
-    for block in read_blocks(README.read_text()):
+def _run_blocks(
+    blocks: list[Block], scratch: Path, values: dict, env: dict, namespace: dict, report: list, servers: list
+) -> None:
+    for block in blocks:
         started_before = list(servers)
         if block.marker == "skip":
+            if block.source != "README.md":
+                pytest.fail(f"{block.where}: docs/*.md may not skip a block; add a substitution instead")
             report.append(f"{block.where}: SKIPPED, marked in the README: {block.argument}")
             continue
         text = _substitute(block.text, values)
@@ -172,16 +198,16 @@ def _run_shell(
     block: Block, text: str, scratch: Path, env: dict, report: list[str], servers: list[subprocess.Popen]
 ) -> None:
     """Runs a shell block's commands; servers it starts join `servers` (stopped after the next block)."""
-    for command in shell_commands(Block(block.line, block.language, text)):
+    for command in shell_commands(Block(block.line, block.language, text, source=block.source)):
+        where = f"{block.source}:{command.line}"
         parts = chain(command.text)
         for part in parts:
             reason = _setup_reason(part)
             if reason:
-                report.append(f"README.md:{command.line}: not run, set-up ({reason}; {SETUP_NOTE}): {part}")
+                report.append(f"{where}: not run, set-up ({reason}; {SETUP_NOTE}): {part}")
         rest = " && ".join(part for part in parts if not _setup_reason(part))
         if not rest:
             continue
-        where = f"README.md:{command.line}"
         server = next((path for prefix, path in SERVERS.items() if rest.startswith(prefix)), None)
         if server is not None:
             servers.append(_start_server(where, rest, server, scratch, env)[0])
@@ -359,19 +385,26 @@ def _prepare(scratch: Path) -> None:
     pq.write_table(pa.table(control), scratch / "multigen" / "validation-00000-of-00001.parquet")
 
 
-# ------------------------------------------------------------------------- checks of the README itself
+# ------------------------------------------------------------------- checks of the README and docs
 def _runnable_text() -> str:
-    return "".join(b.text for b in read_blocks(README.read_text()) if b.marker != "skip")
+    return "".join(b.text for doc in DOCS for b in _blocks(doc) if b.marker != "skip")
 
 
 @pytest.mark.parametrize("sub", SUBSTITUTIONS, ids=lambda s: s.readme.strip())
 def test_every_substitution_is_used(sub):
-    assert sub.readme in _runnable_text(), f"stale substitution (the README no longer has {sub.readme!r})"
+    assert sub.readme in _runnable_text(), f"stale substitution (no document has {sub.readme!r} any more)"
 
 
 def test_every_block_is_run_or_data():
-    for block in read_blocks(README.read_text()):
-        assert block.language in RUN_LANGUAGES + DATA_LANGUAGES, f"{block.where}: unknown language"
+    assert len(DOCS) > 1, "docs/*.md not found"
+    for doc in DOCS:
+        for block in _blocks(doc):
+            assert block.language in RUN_LANGUAGES + DATA_LANGUAGES, f"{block.where}: unknown language"
+
+
+def test_docs_skip_no_block():
+    marked = [b.where for doc in DOCS[1:] for b in _blocks(doc) if b.marker == "skip"]
+    assert not marked, f"docs/*.md may not skip a block (use a substitution): {marked}"
 
 
 def _setup_commands() -> list[str]:
@@ -470,15 +503,110 @@ def test_demo_without_gradio_says_so_before_loading_a_model(monkeypatch, caplog)
     assert "the demo needs gradio: pip install 'omnigen-unified[demo]'" in caplog.text
 
 
-def test_the_code_map_names_every_module():
-    text = README.read_text()
-    table = text[text.index("## Code map") :].split("\n## ")[0]
+def _section(text: str, heading: str) -> str:
+    return text[text.index(heading) :].split("\n## ")[0]
+
+
+def _unnamed_modules(table: str, folders: bool) -> list[str]:
+    """Modules of src/omnigen/ the table does not name (by path; by their wing's folder where `folders`)."""
     named = set(re.findall(r"`([\w/]+(?:\.py|/))`", table))
     package = ROOT / "src" / "omnigen"
     missing = []
     for path in sorted(package.rglob("*.py")):
         relative = path.relative_to(package).as_posix()
         folder = relative.split("/")[0] + "/"
-        if path.name != "__init__.py" and relative not in named and folder not in named:
+        if path.name != "__init__.py" and relative not in named and not (folders and folder in named):
             missing.append(relative)
+    return missing
+
+
+def test_the_code_map_names_every_module():
+    missing = _unnamed_modules(_section(README.read_text(), "## Code map"), folders=True)
     assert not missing, f"README's code map lacks {missing}"
+
+
+def test_the_architecture_page_names_every_module():
+    table = _section((ROOT / "docs" / "architecture.md").read_text(), "## The modules")
+    missing = _unnamed_modules(table, folders=False)
+    assert not missing, f"docs/architecture.md's module table lacks {missing}"
+
+
+def _wing(module: str) -> str:
+    """omnigen.text.processor -> text; omnigen.pipeline -> pipeline."""
+    return module.split(".")[1]
+
+
+def test_the_architecture_page_allows_every_import_between_wings():
+    from test_architecture import import_graph
+
+    section = _section((ROOT / "docs" / "architecture.md").read_text(), "## Which layer may import which")
+    allowed: dict[str, set[str]] = {}
+    for row in re.findall(r"^\| (`.*?) \| (.*?) \|$", section, flags=re.M):
+        for wing in re.findall(r"`(\w+)`", row[0]):
+            allowed[wing] = set(re.findall(r"`(\w+)`", row[1]))
+    assert {"text", "model", "sampling", "pipeline", "cli"} <= set(allowed), allowed
+    found = sorted(
+        (a, b)
+        for a, targets in import_graph().items()
+        for b in targets
+        if a != "omnigen" and b != "omnigen" and _wing(a) != _wing(b)
+    )
+    stray = [f"{a} -> {b}" for a, b in found if _wing(b) not in allowed.get(_wing(a), set())]
+    assert not stray, (
+        f"imports docs/architecture.md does not allow (add them to its table, or remove): {stray}"
+    )
+    unused = [
+        f"{wing} -> {target}"
+        for wing, targets in allowed.items()
+        for target in targets
+        if not any(_wing(a) == wing and _wing(b) == target for a, b in found)
+    ]
+    assert not unused, f"docs/architecture.md allows imports the code does not make: {unused}"
+
+
+def test_the_readme_is_a_short_guide_that_opens_with_the_setup_commands():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines; at most {MAX_README_LINES}"
+    first = _blocks(README)[0]
+    headings = [k + 1 for k, line in enumerate(lines) if line.startswith("## ")]
+    assert first.language == "bash" and first.line < headings[0], "the README must open with the set-up block"
+    assert [c.split(" && ")[-1] for c in _setup_commands()] == [
+        'omnigen generate "a red circle in the top left on a white background" -o out.png',
+        "python -m pytest -q",
+    ]
+
+
+def test_the_readme_vocabulary_is_the_vocab_commands_output():
+    from omnigen.cli.vocab import render
+
+    listings = [
+        b for b in _blocks(README) if b.language == "console" and b.text.startswith("$ omnigen vocab")
+    ]
+    assert len(listings) == 1, "README.md should show `omnigen vocab --short` once"
+    command, *output = listings[0].text.rstrip("\n").split("\n")
+    assert command == "$ omnigen vocab --short"
+    assert "\n".join(output) == render(short=True), (
+        "README's vocabulary is stale: paste `omnigen vocab --short`"
+    )
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"\w+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            if not file.exists():
+                broken.append(f"{_name(doc)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{_name(doc)}: {target} (no such heading)")
+    assert not broken, broken

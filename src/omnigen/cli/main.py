@@ -129,6 +129,7 @@ def _extra_commands() -> list:
     """Subcommands defined next to the code they run (their heavy imports happen only when run)."""
     from omnigen.batch.cli import register as register_batch
     from omnigen.cli.export import register as register_export
+    from omnigen.cli.vocab import register as register_vocab
     from omnigen.data.cli import register as register_data
     from omnigen.demo.app import register as register_demo
     from omnigen.eval.cli import register as register_eval
@@ -143,6 +144,7 @@ def _extra_commands() -> list:
         register_batch,
         register_eval,
         register_export,
+        register_vocab,
     ]
 
 
