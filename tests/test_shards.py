@@ -134,9 +134,9 @@ def test_bad_arguments_are_named(world, tmp_path):
 
 
 def test_latents_are_stored_per_image_with_their_codec_and_resolution(world, tmp_path):
-    from omnigen.data.shard_latents import read_sample
     from omnigen.text.processor import load_image
     from omnigen.training.batches import fill_pixels
+    from omnigen.training.shard_latents import read_sample
 
     folder, meta, rows = world
     command = [

@@ -169,9 +169,9 @@ def test_two_ranks_share_one_pass_without_a_repeat(tmp_path):
 
 
 def _streamed_run(tmp_path, out, stop_after=None, latents=False, steps=5):
-    from omnigen.data.shard_latents import load_codec
     from omnigen.data.shards import write_shards as pack
     from omnigen.miniworld.world import save_tokenizer, write_dataset
+    from omnigen.training.shard_latents import load_codec
     from omnigen.training.trainer import train
     from test_training import make_config
 

@@ -60,8 +60,8 @@ def _run_miniworld(args: argparse.Namespace) -> int:
 
 
 def _run_shards(args: argparse.Namespace) -> int:
-    from omnigen.data.shard_latents import load_codec
     from omnigen.data.shards import write_shards
+    from omnigen.training.shard_latents import load_codec
 
     if (args.latents is None) != (args.resolution is None):
         raise ValueError("--latents CODEC and --resolution R go together")

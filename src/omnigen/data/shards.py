@@ -38,9 +38,9 @@ from typing import Any
 
 from PIL import Image
 
-from omnigen.data.shard_latents import LatentSpec, encode_sample
 from omnigen.data.sources import ImageSource, open_images
 from omnigen.text.tags import validate_image_tags
+from omnigen.training.shard_latents import LatentSpec, encode_sample
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def write_shards(
     latents: LatentSpec | None = None,
 ) -> ShardReport:
     """Write the shards, ``index.json`` and ``report.json`` under ``out``; returns the report.
-    ``latents``: also store each sample's latents (``omnigen.data.shard_latents``)."""
+    ``latents``: also store each sample's latents (``omnigen.training.shard_latents``)."""
     if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
     for file in jsonl:

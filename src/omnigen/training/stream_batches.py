@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from omnigen.data.shard_latents import read_sample
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import Stage, TrainConfig
 from omnigen.training.latent_cache import codec_fingerprint
 from omnigen.training.schedule import stage_of
+from omnigen.training.shard_latents import read_sample
 from omnigen.training.stream import SampleStream, ShardSource
 from omnigen.training.x2i import FewShot, X2ISample
 
