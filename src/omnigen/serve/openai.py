@@ -31,7 +31,6 @@ from pydantic import BaseModel, Field, create_model
 from omnigen.serve.errors import ApiError, ErrorResponse
 from omnigen.serve.inputs import (
     GenerationRequest,
-    check_mask,
     decode_image,
     parse_request,
     pipeline_kwargs,
@@ -154,10 +153,10 @@ def request_mask(data: bytes | None, edit: bool, pipe: Any, settings: ServeSetti
     return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
-def _checked_kwargs(req: Any, images: list, request: Request, edit: bool) -> dict[str, Any]:
+def _checked_kwargs(req: Any, images: list, mask: Any, request: Request, edit: bool) -> dict[str, Any]:
     """``inputs.pipeline_kwargs``, its errors naming the OpenAI field the client sent."""
     try:
-        return pipeline_kwargs(req, images, request.app.state.pipeline, request.app.state.settings)
+        return pipeline_kwargs(req, images, request.app.state.pipeline, request.app.state.settings, mask)
     except ApiError as err:
         renamed = {"images": "image"} if edit else {}
         if req.n is not None:
@@ -195,9 +194,8 @@ async def _images(request: Request, edit: bool) -> Response:
     if edit and not parsed.images:
         raise ApiError(400, "missing_required_parameter", "an edit needs at least one 'image'", field="image")
     req = resolve(parsed.req, edit=edit, images=len(parsed.images))
-    kwargs = _checked_kwargs(req, parsed.images, request, edit)
     mask = request_mask(parsed.files.get("mask"), edit, request.app.state.pipeline, settings)
-    kwargs.update(check_mask(mask, kwargs, request.app.state.pipeline))
+    kwargs = _checked_kwargs(req, parsed.images, mask, request, edit)
     try:
         results = await run_job(request, kwargs, deadline)
     except ClientGone:
