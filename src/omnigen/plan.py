@@ -205,7 +205,9 @@ def _output_size(
     cfg: GenerationConfig, model_config: OmniGenConfig, mask: CanvasMask | None, inputs: list[tuple[int, int]]
 ) -> tuple[int, int]:
     """One prompt's output (height, width): the mask's canvas, else the input image's prepared size
-    (``use_input_image_size_as_output``), else height x width; checked by ``check_output``."""
+    (``use_input_image_size_as_output``), else height x width; the last two checked by ``check_output``.
+    A canvas is the prepared input image itself (a model size by construction); it is not held to
+    ``trained_sizes``, so masked edits and outpainting of other shapes stay possible."""
     if mask is not None:
         return mask.size  # the prepared first input image: a multiple of the image multiple by construction
     if cfg.use_input_image_size_as_output:
