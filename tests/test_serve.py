@@ -243,7 +243,11 @@ def test_empty_prompt_is_refused_as_everywhere(pipeline, prompt):
     with client_for(pipeline) as client:
         response = client.post(URL, json={"prompt": prompt})
         form = client.post(URL, data={"prompt": prompt})
-    for answer in (response, form):
+        image = [("image", ("in.png", png_bytes(NOISE), "image/png"))]
+        edit = client.post("/v1/images/edits", data={"prompt": prompt}, files=image)  # not tagged into one
+        stats = client.get("/health").json()
+    assert stats["jobs"]["accepted"] == 0
+    for answer in (response, form, edit):
         assert answer.status_code == 400, answer.text[:300]
         error = answer.json()["error"]
         assert error["param"] == "prompt" and "prompt is empty" in error["message"]

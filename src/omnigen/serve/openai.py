@@ -130,8 +130,9 @@ def resolve(req: Any, *, edit: bool, images: int) -> Any:
 
 
 def tagged_prompt(prompt: str, count: int) -> str:
-    """``prompt`` with ``<img><|image_1|></img> ... <img><|image_n|></img> `` in front when it has no tag."""
-    if count == 0 or BARE_TAG_PATTERN.search(prompt):
+    """``prompt`` with ``<img><|image_1|></img> ... <img><|image_n|></img> `` in front when it has no tag
+    (an empty prompt stays empty: it is refused, as everywhere)."""
+    if count == 0 or not prompt.strip() or BARE_TAG_PATTERN.search(prompt):
         return prompt
     return " ".join(image_tag(k) for k in range(1, count + 1)) + " " + prompt
 
