@@ -130,6 +130,31 @@ def test_run_generation_reports_progress_and_seed(pipeline):
     assert result.image.tobytes() == direct.tobytes()
 
 
+@pytest.mark.parametrize(
+    ("sampler", "steps", "reported"),
+    [
+        ("euler", 6, [1, 2, 3, 4, 5, 6]),
+        ("heun", 6, [1, 3, 5, 6]),  # 4 steps, 6 model evaluations: the bar used to stop at 4/6
+        ("heun", 5, [2, 4, 5]),
+        ("dpmpp_2m", 6, [1, 2, 3, 4, 5, 6]),
+    ],
+)
+def test_progress_ends_at_its_total_for_every_sampler(pipeline, sampler, steps, reported):
+    calls = []
+    values = ui_values(pipeline, sampler=sampler, num_inference_steps=float(steps))
+    demo_module.run_generation(pipeline, values, lambda done, total: calls.append((done, total)))
+    assert calls == [(done, steps) for done in reported]
+
+
+def test_progress_ends_at_its_total_with_the_fast_preset(pipeline):
+    """The model's defaults carry the preset (Heun, 6 evaluations); the UI sends no sampler or steps."""
+    fast = pipeline.with_defaults(preset="fast")
+    values = {k: v for k, v in ui_values(fast).items() if k not in ("sampler", "num_inference_steps")}
+    calls = []
+    demo_module.run_generation(fast, values, lambda done, total: calls.append((done, total)))
+    assert fast.defaults.sampler == "heun" and calls[-1] == (6, 6) and len(calls) == 4
+
+
 def test_step_cache_slider_reaches_the_pipeline(pipeline):
     assert demo_module.pipeline_arguments(ui_values(pipeline))["step_cache_threshold"] is None
     values = ui_values(pipeline, step_cache_threshold=0.2, num_inference_steps=6.0)

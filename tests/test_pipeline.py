@@ -129,6 +129,8 @@ def test_offload_paths_give_same_result(pipeline):
         (dict(prompt="<img><|image_1|></img> <img><|image_1|></img>", images=["a", "b"]), "duplicated"),
         (dict(prompt="<img><|image_2|></img>", images=["a"]), "out of range"),
         (dict(prompt="a <|image_1|> cat", images=["a"]), "without the <img>"),
+        (dict(prompt=" \n "), "prompt is empty"),
+        (dict(prompt=["a cat", ""]), r"prompt\[1\] is empty"),
         (dict(prompt="a cat", height=30), "multiple of 4"),
         (dict(prompt="a cat", width=4096), "at most"),
         (dict(prompt="a cat", num_inference_steps=0), "num_inference_steps"),

@@ -242,6 +242,41 @@ def test_bad_inputs_are_rejected_with_a_named_error(
     assert stats["jobs"]["accepted"] == 0  # rejected before taking a queue slot
 
 
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_refused_as_everywhere(pipeline, prompt):
+    """The rule of omnigen.plan (Python, CLI and batch refuse it too): a 400 naming the prompt."""
+    with client_for(pipeline) as client:
+        response = client.post(URL, json={"prompt": prompt})
+        form = client.post(URL, data={"prompt": prompt})
+        image = [("image", ("in.png", png_bytes(NOISE), "image/png"))]
+        edit = client.post("/v1/images/edits", data={"prompt": prompt}, files=image)  # not tagged into one
+        stats = client.get("/health").json()
+    assert stats["jobs"]["accepted"] == 0
+    for answer in (response, form, edit):
+        assert answer.status_code == 400, answer.text[:300]
+        error = answer.json()["error"]
+        assert error["param"] == "prompt" and "prompt is empty" in error["message"]
+
+
+def test_max_pixels_counts_the_exact_output_of_an_input_sized_request(pipeline, rgb_image):
+    """A 40x37 input at max_input_image_size 32 comes out 32x28 = 896 pixels (resized and cropped as the
+    pipeline prepares it): allowed at max_pixels=896, refused at 895 with the exact count."""
+    body = {
+        "prompt": "make it blue <img><|image_1|></img>",
+        "images": [b64(png_bytes(rgb_image(40, 37)))],
+        "use_input_image_size_as_output": True,
+        "num_inference_steps": 1,
+        "response_format": "png",
+    }
+    with client_for(pipeline, max_pixels=896) as client:
+        ok = client.post(URL, json=body)
+    with client_for(pipeline, max_pixels=895) as client:
+        refused = client.post(URL, json=body)
+    assert ok.status_code == 200, ok.text[:300]
+    assert Image.open(io.BytesIO(ok.content)).size == (32, 28)
+    assert refused.status_code == 400 and "output of 896 pixels" in refused.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------------------------------ masks
 
 MASK_PROMPT = "make it blue <img><|image_1|></img>"

@@ -26,7 +26,6 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -40,10 +39,11 @@ from omnigen.model import OmniGenModel
 from omnigen.model.placement import place_layers, place_model
 from omnigen.model.runner import Runner
 from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
+from omnigen.plan import CallPlan, count_condition_tokens, plan_call
 from omnigen.sampling.euler import make_noise
 from omnigen.sampling.guidance import branch_rows, guided_velocity
-from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
-from omnigen.sampling.solvers import plan, solve
+from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike
+from omnigen.sampling.solvers import solve
 from omnigen.sampling.step_cache import StepCache
 from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor, cfg_prompts, resized_size
@@ -112,28 +112,21 @@ class OmniGenPipeline:
         tokenizer = Tokenizer.from_file(layout.tokenizer_dir)
         return cls(model, codec.to(device), tokenizer, GenerationConfig.load(layout.root), device)
 
-    # ------------------------------------------------------------------ inputs
-    def _normalise(self, prompt, input_images) -> tuple[list[str], list[list]]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-            if input_images is not None and not isinstance(input_images, (list, tuple)):
-                input_images = [input_images]
-            images = [list(input_images or [])]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-            if input_images is None:
-                images = [[] for _ in prompts]
-            elif not isinstance(input_images, (list, tuple)) or len(input_images) != len(prompts):
-                raise ValueError(
-                    f"with {len(prompts)} prompts, input_images must be a list of {len(prompts)} lists (or None)"
-                )
-            else:
-                images = [list(x or []) for x in input_images]
-        else:
-            raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
-        return prompts, images
-
     # ------------------------------------------------------------------ call
+    def plan(
+        self,
+        prompt: str | Sequence[str],
+        input_images: Sequence | None = None,
+        mask: MaskLike | Sequence[MaskLike | None] | None = None,
+        **overrides: Any,
+    ) -> CallPlan:
+        """What ``self(prompt, input_images, mask=mask, **overrides)`` would do, resolved and checked
+        without running the model (``omnigen.plan``): config, output sizes, masks, condition tokens and
+        the schedule (``num_evaluations``, ``num_steps``, ``progress``). Bad input raises as the call would."""
+        return plan_call(
+            self.defaults, self.model.config, self.processor, prompt, input_images, mask, **overrides
+        )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -148,86 +141,56 @@ class OmniGenPipeline:
         """Generate one image per prompt (times ``num_images_per_prompt``).
 
         ``overrides``: any field of ``GenerationConfig`` (None keeps this pipeline's default); a bad value
-        raises a ValueError/TypeError naming the field and its range.
+        raises a ValueError/TypeError naming the field and its range. An empty prompt is refused.
         ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
+        ``callback_on_step_end(pipe, i, t, latents)`` runs after each solver step: ``self.plan(...).num_steps``
+        times per output size (Heun's steps make two model evaluations each).
 
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
         seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
         """
-        cfg = self.defaults.replace(**overrides)
-        prompts, images = self._normalise(prompt, input_images)
-        seed, masks = self._check_call(cfg, prompt, images, mask, overrides, output_type)
-
-        # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
-        pixels = [
-            [self.processor.prepare_image(img, cfg.max_input_image_size) for img in imgs] for imgs in images
-        ]
-        processed = [self.processor(p, imgs) for p, imgs in zip(prompts, pixels, strict=True)]
-        use_img_cfg = cfg.use_img_guidance and any(images)
-        branches = [
-            cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(prompts, pixels)
-        ]
-        sizes = [
-            tuple(proc.pixel_values[0].shape[-2:])
-            if cfg.use_input_image_size_as_output
-            else (cfg.height, cfg.width)
-            for proc in processed
-        ]
-        sizes = [size if m is None else m.size for size, m in zip(sizes, masks)]
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
+            )
+        call = self.plan(prompt, input_images, mask, **overrides)
+        cfg, sizes = call.config, call.sizes
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
+        # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
+        pixels = [
+            [self.processor.prepare_image(img, cfg.max_input_image_size) for img in imgs]
+            for imgs in call.images
+        ]
+        processed = [self.processor(p, imgs) for p, imgs in zip(call.prompts, pixels, strict=True)]
+        use_img_cfg = cfg.use_img_guidance and any(call.images)
+        branches = [
+            cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(call.prompts, pixels)
+        ]
         self.runner = place_model(self.model, self.device, self.runner, offload_layers=cfg.offload_model)
         per_prompt = cfg.num_images_per_prompt
-        outputs: list = [None] * len(prompts)
+        outputs: list = [None] * len(call.prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
             rows = [i for i, s in enumerate(sizes) if s == size]
             result = self._generate(
                 [processed[i] for i in rows],
                 [branches[i] for i in rows],
                 size,
-                [seed + i * per_prompt for i in rows],
-                cfg,
+                [call.seed + i * per_prompt for i in rows],
+                call,
                 (callback_on_step_end, progress, output_type != "latent"),
-                [masks[i] for i in rows],
+                [call.masks[i] for i in rows],
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
-        return _assemble(flat, [m for m in masks for _ in range(per_prompt)], output_type, seed)
-
-    def _check_call(
-        self, cfg: GenerationConfig, prompt: Any, images: list, mask: Any, overrides: dict, output_type: str
-    ) -> tuple[int, list[CanvasMask | None]]:
-        """Everything a call can get wrong, checked before any work; returns (seed, per-prompt masks)."""
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
-            )
-        if cfg.use_input_image_size_as_output and any(len(x) != 1 for x in images):
-            raise ValueError("use_input_image_size_as_output needs exactly one input image per prompt")
-        if not cfg.use_input_image_size_as_output:
-            self.model.config.check_image_size(cfg.height, cfg.width, "output")
-        if cfg.step_cache_threshold is not None:
-            StepCache(cfg.step_cache_threshold, cfg.num_inference_steps)  # validates the threshold
-        plan(cfg.sampler, cfg.num_inference_steps, cfg.time_shift or 1.0)  # validates the schedule
-        seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
-        masks = prepare_masks(
-            mask,
-            images,
-            cfg.mask_blur,
-            cfg.max_input_image_size,
-            self.model.config.image_multiple,
-            not isinstance(prompt, str),
-        )
-        if not cfg.use_input_image_size_as_output:
-            check_output_size(masks, overrides.get("height"), overrides.get("width"))
-        return seed, masks
+        return _assemble(flat, [m for m in call.masks for _ in range(per_prompt)], output_type, call.seed)
 
     def condition_tokens(
         self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
@@ -237,8 +200,7 @@ class OmniGenPipeline:
         longest = self.defaults.replace(max_input_image_size=max_input_image_size).max_input_image_size
         multiple = self.model.config.image_multiple
         sizes = [resized_size(w, h, longest, multiple) for w, h in image_sizes]
-        stand_ins = [torch.zeros(1).expand(3, h, w) for w, h in sizes]  # shapes only, no memory
-        return len(self.processor(prompt, stand_ins).input_ids)
+        return count_condition_tokens(self.processor, prompt, sizes)
 
     def _encode_images(self, conditions: list[ProcessedPrompt]) -> list[list[torch.Tensor]]:
         """Latents of every input image, each distinct tensor encoded once."""
@@ -259,13 +221,14 @@ class OmniGenPipeline:
         branches: list,
         size: tuple[int, int],
         seeds: list[int],
-        cfg: GenerationConfig,
+        call: CallPlan,
         hooks: tuple[StepEndCallback | None, bool, bool],
         masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
         ``hooks``: (step-end callback, progress bar, decode)."""
         callback, progress, decode = hooks
+        cfg = call.config
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
         rows = branch_rows(self.processor, processed, branches)
         all_rows = [p for group in rows for p in group]
@@ -291,10 +254,9 @@ class OmniGenPipeline:
             self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache, self.runner
         )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
-        schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
         edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
         project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
-        z = solve(velocity, z, schedule, project, callback=step_callback, progress=progress)
+        z = solve(velocity, z, call.schedule, project, callback=step_callback, progress=progress)
         if step_cache is not None:
             logger.info("step cache: ran all layers at %d of %d steps", step_cache.num_computed, steps)
         if decode:

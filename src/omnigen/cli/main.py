@@ -97,7 +97,9 @@ def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tu
 
 def _run_generate(args: argparse.Namespace) -> int:
     from omnigen.cli.args import generation_overrides, load_pipeline
+    from omnigen.plan import check_prompts
 
+    check_prompts([args.prompt])  # the call's own rule, before the model loads
     overrides = generation_overrides(args) | {"seed": args.seed}
     paths = check_output_path(args.output, overrides.get("num_images_per_prompt", 1))
     pads = check_mask_args(args.mask, args.outpaint, args.image)

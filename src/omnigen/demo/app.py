@@ -176,16 +176,17 @@ def run_generation(
 ) -> DemoResult:
     """One image for the UI's values. Bad values raise ValueError/TypeError with a user-facing message.
 
-    ``on_step(done, total)`` is called after every sampling step (the progress bar).
+    ``on_step(done, total)`` is called after every sampling step (the progress bar): ``done`` model
+    evaluations of ``total`` (the call's plan, ``omnigen.plan``: a Heun step makes two), ending at total.
     """
     kwargs = pipeline_arguments(values)
     if kwargs.get("use_input_image_size_as_output") and not kwargs["input_images"]:
         raise ValueError("'Use input image size as output' needs an input image in slot 1")
-    total = kwargs.get("num_inference_steps") or pipe.defaults.num_inference_steps
+    call = pipe.plan(**kwargs)
 
     def step_end(_pipe: Any, step: int, _t: float, _latents: Any) -> None:
         if on_step is not None:
-            on_step(step + 1, total)
+            on_step(call.progress[step], call.num_evaluations)
 
     start = time.perf_counter()
     (image,) = pipe(**kwargs, callback_on_step_end=step_end, progress=False)

@@ -3,7 +3,7 @@
 This module owns ``GenerationRequest`` (the request-scope fields of ``GenerationConfig`` plus the request's
 own), the body formats (JSON with base64 images; multipart or url-encoded forms with image uploads under
 the route's image field names, and named extra file fields such as ``mask``) and the request limits of
-``ServeSettings``. ``parse_request`` + ``pipeline_kwargs`` check a request completely, so that a bad one
+``ServeSettings``. ``parse_request`` + ``pipeline_kwargs`` (the call itself through ``omnigen.plan``) check a request completely, so that a bad one
 never takes a queue slot. OpenAI's spellings of the fields are ``openai``'s; no routes here.
 """
 
@@ -24,7 +24,6 @@ from omnigen import generation
 from omnigen.serve.decode import decode_base64, too_large
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
-from omnigen.text.tags import validate_image_tags
 from omnigen.util.strict_json import check_text, parse_json
 
 MAX_SEED = 2**53  # exact in JSON numbers
@@ -254,34 +253,8 @@ def _validate(data: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
         raise _validation_error(err, schema) from err
 
 
-def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
-    """``{"mask": mask}`` for ``kwargs`` (``pipeline_kwargs``'s answer) after the pipeline's own mask checks
-    (an input image, readable, not all black, the canvas's aspect ratio and size), so a bad mask never
-    takes a queue slot; ``{}`` without a mask."""
-    if mask is None:
-        return {}
-    from omnigen.sampling.inpaint import check_output_size, prepare_canvas_mask
-
-    images = kwargs.get("input_images") or []
-    if not images:
-        message = "a mask needs an input image: it applies to the first input image, the canvas"
-        raise ApiError(400, "invalid_value", message, field="mask")
-    cfg = pipe.defaults.replace(**{k: v for k, v in kwargs.items() if k not in ("prompt", "input_images")})
-    try:
-        canvas = prepare_canvas_mask(
-            mask, images[0], cfg.mask_blur, cfg.max_input_image_size, pipe.model.config.image_multiple
-        )
-        if not cfg.use_input_image_size_as_output:
-            check_output_size([canvas], kwargs.get("height"), kwargs.get("width"))
-    except (ValueError, TypeError) as err:
-        raise ApiError(400, "invalid_value", str(err), field="mask") from err
-    return {"mask": mask}
-
-
 def check_prompt_chars(req: Any, settings: ServeSettings) -> None:
-    """A non-empty prompt; the prompt and the request's negative prompt within max_prompt_chars together."""
-    if not req.prompt.strip():
-        raise ApiError(400, "invalid_value", "prompt is empty", field="prompt")
+    """The prompt and the request's negative prompt within max_prompt_chars together."""
     negative = req.negative_prompt or ""
     if len(req.prompt) + len(negative) > settings.max_prompt_chars:
         message = (
@@ -293,10 +266,12 @@ def check_prompt_chars(req: Any, settings: ServeSettings) -> None:
 
 
 def pipeline_kwargs(
-    req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings
+    req: Any, images: list[Image.Image], pipe: Any, settings: ServeSettings, mask: Any = None
 ) -> dict[str, Any]:
     """Keyword arguments of OmniGenPipeline.__call__ for a ``GenerationRequest`` (or a subclass: only
-    GenerationConfig's fields are passed on), after every limit and model constraint."""
+    GenerationConfig's fields are passed on) and its ``mask`` (the pipeline's, white = regenerate; None:
+    none), after every limit and the call's own checks (``omnigen.plan``: the empty prompt, image tags,
+    output sizes, the mask, the exact condition tokens), so a bad request never takes a queue slot."""
     check_prompt_chars(req, settings)
     if req.model is not None and req.model != settings.model_name:
         raise ApiError(
@@ -311,6 +286,29 @@ def pipeline_kwargs(
     except (ValueError, TypeError) as err:
         where = next((name for name in overrides if name in str(err)), None)
         raise ApiError(400, "invalid_value", str(err), field=where) from err
+    _check_limits(cfg, req, settings)
+    try:
+        call = pipe.plan(req.prompt, images or None, mask, **overrides)
+    except (ValueError, TypeError) as err:
+        raise ApiError(400, "invalid_value", str(err), field=getattr(err, "field", None)) from err
+    pixels = max(height * width for height, width in call.sizes)
+    if pixels > settings.max_pixels:
+        message = f"output of {pixels} pixels exceeds the limit max_pixels={settings.max_pixels}"
+        raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
+    (tokens,) = call.budget_tokens
+    if tokens > settings.max_condition_tokens:
+        message = (
+            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size}"
+            f"{' and the negative prompt' if call.negative_tokens else ''} make {tokens} condition tokens; limit max_condition_tokens is {settings.max_condition_tokens} "
+            "(use smaller or fewer images, or a lower max_input_image_size)"
+        )
+        raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
+    extra = {} if mask is None else {"mask": mask}
+    return {"prompt": req.prompt, "input_images": images or None, **overrides, **extra}
+
+
+def _check_limits(cfg: Any, req: Any, settings: ServeSettings) -> None:
+    """The operator's limits on one request's work (``ServeSettings``)."""
     if cfg.num_inference_steps > settings.max_steps:
         message = (
             f"num_inference_steps={cfg.num_inference_steps} exceeds the limit max_steps={settings.max_steps}"
@@ -325,42 +323,3 @@ def pipeline_kwargs(
     if req.response_format == "png" and cfg.num_images_per_prompt > 1:
         message = "response_format 'png' returns one image; use 'b64_json' for n (num_images_per_prompt) > 1"
         raise ApiError(400, "invalid_value", message, field="response_format")
-    try:
-        validate_image_tags(req.prompt, len(images))
-    except ValueError as err:
-        raise ApiError(400, "invalid_value", str(err), field="prompt") from err
-    if cfg.use_input_image_size_as_output:
-        if len(images) != 1:
-            raise ApiError(
-                400,
-                "invalid_value",
-                "use_input_image_size_as_output needs exactly one input image",
-                field="images",
-            )
-        longest = cfg.max_input_image_size
-        scale = min(1.0, longest / max(images[0].size))
-        pixels = images[0].width * images[0].height * scale * scale
-    else:
-        height, width = cfg.height, cfg.width
-        try:
-            pipe.model.config.check_image_size(height, width, "output")
-        except (ValueError, TypeError) as err:
-            raise ApiError(
-                400, "invalid_value", str(err), field="height" if "height" in str(err) else "width"
-            ) from err
-        pixels = height * width
-    if pixels > settings.max_pixels:
-        message = f"output of {int(pixels)} pixels exceeds the limit max_pixels={settings.max_pixels}"
-        raise ApiError(400, "limit_exceeded", message, limit="max_pixels", field="height")
-    tokens = pipe.condition_tokens(req.prompt, [image.size for image in images], cfg.max_input_image_size)
-    if req.negative_prompt:  # the request's own (the model's default is the operator's, and short)
-        tokens += pipe.condition_tokens(req.negative_prompt, [], cfg.max_input_image_size)
-    if tokens > settings.max_condition_tokens:
-        also = " and the negative prompt" if req.negative_prompt else ""
-        message = (
-            f"the prompt and its {len(images)} input image(s) at max_input_image_size={cfg.max_input_image_size}"
-            f"{also} make {tokens} condition tokens; limit max_condition_tokens is "
-            f"{settings.max_condition_tokens} (use smaller or fewer images, or a lower max_input_image_size)"
-        )
-        raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
-    return {"prompt": req.prompt, "input_images": images or None, **overrides}

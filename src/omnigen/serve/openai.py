@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, create_model
 
 from omnigen.serve.decode import DecodePool, decode_image, image_cost
 from omnigen.serve.errors import ApiError, ErrorResponse
-from omnigen.serve.inputs import GenerationRequest, ParsedRequest, check_mask, parse_request, pipeline_kwargs
+from omnigen.serve.inputs import GenerationRequest, ParsedRequest, parse_request, pipeline_kwargs
 from omnigen.serve.jobs import ClientGone, run_job
 from omnigen.serve.settings import ServeSettings
 from omnigen.serve.worker import GeneratedImage
@@ -126,8 +126,9 @@ def resolve(req: Any, *, edit: bool, images: int) -> Any:
 
 
 def tagged_prompt(prompt: str, count: int) -> str:
-    """``prompt`` with ``<img><|image_1|></img> ... <img><|image_n|></img> `` in front when it has no tag."""
-    if count == 0 or BARE_TAG_PATTERN.search(prompt):
+    """``prompt`` with ``<img><|image_1|></img> ... <img><|image_n|></img> `` in front when it has no tag
+    (an empty prompt stays empty: it is refused, as everywhere)."""
+    if count == 0 or not prompt.strip() or BARE_TAG_PATTERN.search(prompt):
         return prompt
     return " ".join(image_tag(k) for k in range(1, count + 1)) + " " + prompt
 
@@ -149,10 +150,12 @@ def request_mask(data: bytes | None, edit: bool, pipe: Any, settings: ServeSetti
     return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
-def _checked_kwargs(req: Any, images: list, pipe: Any, settings: ServeSettings, edit: bool) -> dict[str, Any]:
+def _checked_kwargs(
+    req: Any, images: list, mask: Any, pipe: Any, settings: ServeSettings, edit: bool
+) -> dict[str, Any]:
     """``inputs.pipeline_kwargs``, its errors naming the OpenAI field the client sent."""
     try:
-        return pipeline_kwargs(req, images, pipe, settings)
+        return pipeline_kwargs(req, images, pipe, settings, mask)
     except ApiError as err:
         renamed = {"images": "image"} if edit else {}
         if req.n is not None:
@@ -187,10 +190,8 @@ def prepare(parsed: ParsedRequest, pipe: Any, settings: ServeSettings, edit: boo
     everything. Blocking (decoding, mask preparation): runs in the ``DecodePool``."""
     images = [decode_image(data, name, settings) for name, data in parsed.blobs]
     req = resolve(parsed.req, edit=edit, images=len(images))
-    kwargs = _checked_kwargs(req, images, pipe, settings, edit)
     mask = request_mask(parsed.files.get("mask"), edit, pipe, settings)
-    kwargs.update(check_mask(mask, kwargs, pipe))
-    return req, kwargs
+    return req, _checked_kwargs(req, images, mask, pipe, settings, edit)
 
 
 async def _images(request: Request, edit: bool) -> Response:

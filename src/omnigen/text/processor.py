@@ -42,26 +42,46 @@ def load_image(image: Image.Image | str | Path | np.ndarray) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise TypeError(f"array images must be HxW or HxWx3 uint8, got {image.dtype} {image.shape}")
-        return Image.fromarray(image).convert("RGB")
-    if isinstance(image, bytes):
-        source: io.BytesIO | Path = io.BytesIO(image)
-        name = "<bytes>"
-    elif isinstance(image, (str, Path)):
-        source = Path(image)
-        name = str(image)
-        if not source.is_file():
-            raise ValueError(f"input image not found: {name}")
-    else:
-        raise TypeError(
-            f"input images must be PIL images, paths, bytes or uint8 arrays, got {type(image).__name__}"
-        )
+        return _array_image(image)
+    source, name = _source(image)
     try:
         with Image.open(source, formats=IMAGE_FORMATS) as opened:
             return opened.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read input image {name}: {err}") from err
+
+
+def image_size(image: Image.Image | str | Path | np.ndarray) -> tuple[int, int]:
+    """(width, height) of an input image as ``load_image`` reads it; a file's header only is read."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, np.ndarray):
+        return _array_image(image).size
+    source, name = _source(image)
+    try:
+        with Image.open(source) as opened:
+            return opened.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read input image {name}: {err}") from err
+
+
+def _array_image(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise TypeError(f"array images must be HxW or HxWx3 uint8, got {array.dtype} {array.shape}")
+    return Image.fromarray(array).convert("RGB")
+
+
+def _source(image: bytes | str | Path) -> tuple[io.BytesIO | Path, str]:
+    """What ``Image.open`` reads for bytes or a path, and the name errors use."""
+    if isinstance(image, bytes):
+        return io.BytesIO(image), "<bytes>"
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise ValueError(f"input image not found: {image}")
+        return Path(image), str(image)
+    raise TypeError(
+        f"input images must be PIL images, paths, bytes or uint8 arrays, got {type(image).__name__}"
+    )
 
 
 def resized_size(width: int, height: int, max_size: int, multiple: int) -> tuple[int, int]:
