@@ -99,13 +99,14 @@ def test_empty_prompt_is_refused_in_python(pipeline, prompt):
 
 def test_empty_prompt_is_refused_by_the_cli(tmp_path, caplog, monkeypatch):
     """Exit 2 with the message (it used to exit 0 with a random image), before the model loads."""
-    import omnigen.cli.args
+    from omnigen import OmniGenPipeline
     from omnigen.cli.main import main
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the prompt was checked")
 
-    monkeypatch.setattr(omnigen.cli.args, "load_pipeline", refuse)
+    # on the class, looked up at call time (a module attribute would leak into modules imported meanwhile)
+    monkeypatch.setattr(OmniGenPipeline, "from_pretrained", staticmethod(refuse))
     out = tmp_path / "out.png"
     for prompt in ("", "  "):
         caplog.clear()
