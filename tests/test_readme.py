@@ -77,11 +77,21 @@ SUBSTITUTIONS = (
         "resolution: 32, steps: 2, batch_size: 2",
         "a fine-tuning run: 2 steps at the tiny model's size",
     ),
+    Substitution(
+        "--nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29400",
+        "--nnodes 1 --nproc_per_node 1 --rdzv_backend c10d --rdzv_endpoint 127.0.0.1:{rdzv_port}",
+        "a second machine and a rendezvous host: one process, a local rendezvous on a free port",
+    ),
     Substitution("--nproc_per_node 8", "--nproc_per_node 1", "8 GPUs: one CPU process"),
     Substitution(
         "--nnodes 2 --node_rank 0 --master_addr HOST",
         "--nnodes 1 --node_rank 0 --master_addr 127.0.0.1",
         "a second machine: none",
+    ),
+    Substitution(
+        "--jsonl x2i/text_to_image.jsonl --jsonl x2i/editing.jsonl --images x2i/images.tar.gz.aa --out /shared/x2i",
+        "--jsonl data/world/train.jsonl --images data/world --out data/shards/x2i",
+        "the X2I download (hundreds of GB of split archives): the miniature world's rows",
     ),
     Substitution("/models/clip-vit-large-patch14", "{clip}", "CLIP ViT-L/14: a tiny random CLIP"),
     Substitution("/models/dino-vits16", "{dino}", "DINO ViT-S/16: a tiny random ViT"),
@@ -294,6 +304,7 @@ def _values(tmp_path: Path, model_folder: Path) -> dict:
         "dino": str(dino),
         "demo_port": _free_port(),
         "serve_port": _free_port(),
+        "rdzv_port": _free_port(),
     }
 
 
