@@ -175,3 +175,53 @@ def _parts(pipe: OmniGenPipeline):
 def test_fp8_linear_refuses_a_float_weight():
     with pytest.raises(TypeError, match="fp8 weight"):
         fp8.Fp8Linear(torch.zeros(2, 2), torch.tensor(1.0), None)
+
+
+def test_formats_doc_commands_run(tmp_path):
+    """docs/formats.md's commands (the benchmark's --quick mode) run and print both tables."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from readme_blocks import RUN_LANGUAGES, read_blocks, shell_commands
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = [
+        b for b in read_blocks((root / "docs" / "formats.md").read_text()) if b.language in RUN_LANGUAGES
+    ]
+    commands = [c.text for b in blocks if b.marker != "skip" for c in shell_commands(b)]
+    bench = [c for c in commands if "bench_formats" in c]
+    assert bench and all("--quick" in c for c in bench)
+    (tmp_path / "benchmarks").symlink_to(
+        root / "benchmarks"
+    )  # relative paths work, nothing lands in the repo
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    for command in commands:
+        command = command.replace("python ", f"{sys.executable} ", 1)
+        proc = subprocess.run(
+            command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        if "bench_formats" in command:
+            for fmt in ("bf16", "fp32", "int8", "fp8"):
+                assert f"| {fmt} |" in proc.stdout
+    assert (tmp_path / "fp8.png").is_file()
+
+
+def test_torchao_float8_path_where_fp8_matmuls_exist(shipped_fp8, monkeypatch):
+    """The GPU path (compute capability >= 8.9) swaps each Fp8Linear for a Linear holding torchao's
+    Float8Tensor; torchao's tensor also runs on CPU, so the swap is checked here as if on such a GPU."""
+    pytest.importorskip("torchao")
+    native, _ = load_model(shipped_fp8, dtype=torch.bfloat16)
+    monkeypatch.setattr(fp8, "has_fp8_matmul", lambda device: True)
+    fast, _ = load_model(shipped_fp8, dtype=torch.bfloat16)
+    proj = fast.llm.layers[0].mlp.down_proj
+    assert type(proj) is nn.Linear and type(proj.weight).__name__ == "Float8Tensor"
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in fast.modules())
+    assert linear_weight_bytes(fast) <= linear_numel(fast) * 1.1  # one byte + a scale per row
+    pipes = [OmniGenPipeline(m, *_parts(OmniGenPipeline.from_pretrained(None))) for m in (native, fast)]
+    want = native.llm.layers[0].mlp.down_proj.dequantized_weight(torch.float32)
+    got = proj.weight.dequantize().float()  # requantized per row from the per-tensor fp8 values
+    assert (got - want).abs().max() <= want.abs().max() / 16
+    assert psnr(generate(pipes[1]), generate(pipes[0])) > 25  # two fp8 roundings; bf16 vs fp32 is ~40

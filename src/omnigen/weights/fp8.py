@@ -91,7 +91,8 @@ def has_fp8_matmul(device: torch.device | str) -> bool:
 
 def accelerate(model: nn.Module) -> str:
     """On a GPU with FP8 matmuls (and torchao), each ``Fp8Linear`` becomes a Linear holding torchao's
-    float8 weight-only tensor, one layer at a time; elsewhere nothing changes. Returns the path used."""
+    float8 weight-only tensor (in the model's compute dtype), one layer at a time; elsewhere nothing
+    changes. Returns the path used."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear)]
     if not layers or not has_fp8_matmul(layers[0][1].weight.device):
         return "native"
@@ -100,18 +101,23 @@ def accelerate(model: nn.Module) -> str:
     except ImportError:
         logger.warning("torchao is not installed: fp8 layers dequantize at each matmul (pip install torchao)")
         return "native"
+    dtype = compute_dtype(model)
     for name, layer in layers:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        dtype = torch.bfloat16
-        plain = plain.to(device=layer.weight.device, dtype=dtype)
-        plain.weight.data = layer.dequantized_weight(dtype)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = nn.Parameter(layer.dequantized_weight(dtype), requires_grad=False)
         if layer.bias is not None:
-            plain.bias.data = layer.bias.data.to(dtype)
+            plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         holder = nn.Sequential(plain)
         quantize_(holder, Float8WeightOnlyConfig(set_inductor_config=False))
         _replace(model, name, holder[0])
     logger.info("%d fp8 linears run through torchao's float8 tensors", len(layers))
     return "torchao"
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating, non-fp8 parameters (bfloat16 when it has none)."""
+    floating = (p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype not in FP8_DTYPES)
+    return next(floating, torch.bfloat16)
 
 
 # ------------------------------------------------------------------ checkpoints
