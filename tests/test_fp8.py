@@ -225,3 +225,19 @@ def test_torchao_float8_path_where_fp8_matmuls_exist(shipped_fp8, monkeypatch):
     got = proj.weight.dequantize().float()  # requantized per row from the per-tensor fp8 values
     assert (got - want).abs().max() <= want.abs().max() / 16
     assert psnr(generate(pipes[1]), generate(pipes[0])) > 25  # two fp8 roundings; bf16 vs fp32 is ~40
+
+
+@pytest.mark.parametrize("backend", ["torchao", "native"])
+def test_int8_on_an_fp8_checkpoint_leaves_the_fp8_layers(shipped_fp8, backend):
+    """``--memory low`` (int8) on an fp8 file: its fp8 layers stay fp8 (torchao would fail on them)."""
+    from omnigen.weights.quantize import quantize_int8
+
+    if backend == "torchao":
+        pytest.importorskip("torchao")
+    model, _ = load_model(shipped_fp8, dtype=torch.float32)
+    before = linear_weight_bytes(model.llm.layers)
+    quantize_int8(model, backend=backend)
+    assert all(
+        isinstance(m, fp8.Fp8Linear) for m in model.llm.layers[0].modules() if isinstance(m, nn.Linear)
+    )
+    assert linear_weight_bytes(model.llm.layers) == before

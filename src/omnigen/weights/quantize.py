@@ -116,8 +116,8 @@ class Int8Linear(nn.Linear):
 
 
 def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
-    """Quantize every ``nn.Linear`` of ``model.llm.layers`` (an ``OmniGenModel``) in place; returns the
-    backend used. The state-dict keys stay the same, the weights' storage changes."""
+    """Quantize every plain ``nn.Linear`` of ``model.llm.layers`` (an ``OmniGenModel``) in place; returns the
+    backend used (fp8 layers of an fp8 checkpoint are left as they are). The state-dict keys stay the same, the weights' storage changes."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from omnigen.weights import lora
@@ -132,7 +132,9 @@ def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
         except ImportError as err:
             raise ImportError("the torchao backend needs torchao: pip install torchao") from err
-        quantize_(layers, Int8WeightOnlyConfig(set_inductor_config=False))
+        # plain Linears only: layers loaded in fp8 (``fp8.Fp8Linear``) are one byte already and stay so
+        only_plain = lambda module, fqn: type(module) is nn.Linear  # noqa: E731
+        quantize_(layers, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=only_plain)
     else:
         targets = [(name, m) for name, m in layers.named_modules() if type(m) is nn.Linear]
         for name, linear in targets:
