@@ -14,6 +14,10 @@ weight is read), builds the model on the meta device, then reads the tensors one
 therefore peaks at the loaded model (nothing, for a GPU target) plus one tensor, not at the file size
 plus the cast copy. Each tensor is read through its own short-lived ``safe_open`` handle: a handle maps
 the whole file and the pages it touched stay resident until it is closed.
+
+FP8 files (plain casts or ComfyUI's scaled fp8, in either layout): Linear weights stored as float8 stay
+float8 (``omnigen.weights.fp8.Fp8Linear``, at one byte per weight; torchao's float8 tensors on GPUs with
+FP8 matmuls); other float8 tensors are dequantized to the target dtype. ``dtype`` is then the compute dtype.
 """
 
 from __future__ import annotations
