@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -144,3 +145,108 @@ def test_generate_bad_mask_is_a_clear_error_before_loading(tmp_path, rgb_image, 
     proc = _generate(tmp_path / "no-model", tmp_path, *image, *extra)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _model_parsers(parser, path=()):
+    """(command path, parser) of every (sub)command that loads a model for inference (--device and --dtype: not train, export)."""
+    import argparse
+
+    found = []
+    options = {s for a in parser._actions for s in a.option_strings}
+    if {"--device", "--dtype"} <= options:
+        found.append((path, parser))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _model_parsers(sub, (*path, name))
+    return found
+
+
+def test_quantize_and_memory_flags_on_every_front_end():
+    from omnigen.cli.args import MEMORY_PRESETS
+    from omnigen.cli.main import build_parser
+    from omnigen.weights.quantize import QUANTIZE_CHOICES
+
+    parsers = _model_parsers(build_parser())
+    tops = {path[0] for path, _ in parsers}
+    assert {"generate", "serve", "batch", "demo", "eval"} <= tops, tops
+    for path, p in parsers:
+        options = {s: a for a in p._actions for s in a.option_strings}
+        assert tuple(options["--quantize"].choices) == QUANTIZE_CHOICES, path
+        assert tuple(options["--memory"].choices) == tuple(MEMORY_PRESETS), path
+        assert "memory, not speed" in options["--quantize"].help
+
+
+def _namespace(**changes):
+    import argparse
+
+    base = {"model": None, "vae": None, "device": "cpu", "dtype": "float32", "quantize": None, "memory": None}
+    return argparse.Namespace(**(base | changes))
+
+
+@pytest.mark.parametrize(
+    "quantize, layer",
+    [("int8", None), ("fp8", "Fp8Linear"), ("nf4", "Linear4bit"), ("none", "Linear")],
+)
+def test_quantize_flag_quantizes_the_decoder(quantize, layer):
+    from omnigen.cli.args import load_pipeline
+    from omnigen.weights.quantize import linear_weight_bytes
+
+    if quantize == "nf4":
+        pytest.importorskip("bitsandbytes")
+    plain = linear_weight_bytes(load_pipeline(_namespace()).model.llm.layers)
+    pipe = load_pipeline(_namespace(quantize=quantize))
+    proj = pipe.model.llm.layers[0].mlp.down_proj
+    if layer is not None:
+        assert type(proj).__name__ == layer
+    else:  # int8: torchao's tensor or the native Int8Linear
+        assert proj.weight.dtype == torch.int8 or "Int8" in type(proj.weight).__name__
+    if quantize != "nf4":  # bitsandbytes' packed weight is not a plain tensor to count
+        expected = {"none": 1, "int8": 1 / 4, "fp8": 1 / 4}[quantize]
+        assert linear_weight_bytes(pipe.model.llm.layers) == pytest.approx(
+            plain * expected, rel=0.05
+        )  # + scales
+    image = pipe("a red square", num_inference_steps=2, seed=0)[0]
+    assert image.size == (pipe.defaults.width, pipe.defaults.height)
+
+
+def test_memory_presets_set_the_switches_and_an_explicit_quantize_wins():
+    from omnigen.cli.args import MEMORY_PRESETS, load_pipeline
+
+    for preset, (kind, offload_model, offload_kv_cache, separate) in MEMORY_PRESETS.items():
+        pipe = load_pipeline(_namespace(memory=preset))
+        d = pipe.defaults
+        assert (d.offload_model, d.offload_kv_cache, d.separate_cfg_infer) == (
+            offload_model,
+            offload_kv_cache,
+            separate,
+        ), preset
+        proj = pipe.model.llm.layers[0].mlp.down_proj  # int8: torchao's weight tensor or Int8Linear
+        quantized = type(proj) is not torch.nn.Linear or type(proj.weight) is not torch.nn.Parameter
+        assert quantized == (kind != "none"), preset
+    pipe = load_pipeline(_namespace(memory="minimal", quantize="fp8"))
+    assert type(pipe.model.llm.layers[0].mlp.down_proj).__name__ == "Fp8Linear"
+    assert pipe.defaults.offload_model
+
+
+def test_generate_with_memory_minimal_and_bad_quantize(tmp_path):
+    from omnigen.cli.main import main
+
+    out = tmp_path / "minimal.png"
+    assert main(["generate", "a red square", "--memory", "minimal", "--steps", "2", "-o", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+    with pytest.raises(SystemExit) as err:
+        main(["generate", "a red square", "--quantize", "int4", "-o", str(out)])
+    assert err.value.code == 2
+
+
+def test_quantize_errors_name_the_options(monkeypatch):
+    from omnigen.pipeline import OmniGenPipeline
+    from omnigen.weights.quantize import quantize
+
+    model = OmniGenPipeline.from_pretrained(None).model
+    with pytest.raises(ValueError, match="none, int8, fp8, nf4"):
+        quantize(model, "int4")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ValueError, match="nf4 needs bitsandbytes.*int8 or fp8"):
+        quantize(model, "nf4")

@@ -121,6 +121,32 @@ def test_diffusers_layout_files_and_round_trip_through_our_loader(tmp_path, rgb_
                                latents(pipe, "make it blue <img><|image_1|></img>", images))  # fmt: skip
 
 
+def test_fp8_export_in_the_diffusers_layout_loads_fp8_and_computes_its_dequantization(tmp_path):
+    """``dtype=float8_e4m3fn`` in the diffusers layout: to_q/to_k/to_v (diffusers names) each in fp8 with
+    its own ``scale_weight``; our loader keeps them fp8 (fused qkv, a scale per row) and computes exactly
+    what a float32 model of the dequantized weights computes."""
+    from omnigen.weights import fp8
+    from omnigen.weights.checkpoint import build_model
+
+    pipe = make_pipe()
+    folder = pipe.save_pretrained(tmp_path / "d", layout="diffusers", dtype=fp8.FP8)
+    with safe_open(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice("layers.0.self_attn.to_q.weight").get_dtype() == "F8_E4M3"
+        assert {"scaled_fp8", "layers.0.self_attn.to_k.scale_weight"} <= set(f.keys())
+        assert not any(k.startswith("llm.") or "qkv_proj" in k for k in f.keys())
+    back = OmniGenPipeline.from_pretrained(folder, dtype=torch.float32)
+    qkv = back.model.llm.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, fp8.Fp8Linear) and qkv.weight.dtype == fp8.FP8
+    dense = build_model(
+        back.model.config, {k: v.float() for k, v in fp8.dequantized_state(back.model).items()}
+    )
+    want = latents(OmniGenPipeline(dense, back.codec, back.tokenizer, back.defaults))
+    torch.testing.assert_close(latents(back), want, atol=1e-5, rtol=0)
+    original = pipe.model.state_dict()
+    for key, value in dense.state_dict().items():  # an approximation of the exported model
+        assert (value - original[key].float()).abs().max() <= original[key].abs().max() / 16 + 1e-6, key
+
+
 def test_key_map_is_one_table_read_both_ways():
     """ours -> diffusers -> ours is the identity on the full-size model's keys and shapes."""
     config = OmniGenConfig.load(FIXTURES / "omnigen_v1_config.json")
@@ -230,7 +256,7 @@ def test_bad_arguments_and_quantized_models_are_refused(tmp_path):
     pipe = make_pipe()
     with pytest.raises(ValueError, match="layout must be one of"):
         pipe.save_pretrained(tmp_path / "x", layout="onnx")
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype must be one of.*float8_e4m3fn"):
         pipe.save_pretrained(tmp_path / "x", dtype=torch.int8)
     for backend in ("native", "torchao"):
         pipe = make_pipe()

@@ -1,5 +1,5 @@
 """Command-line arguments shared by every entry point: the model-loading flags (``--model``, ``--vae``,
-``--device``, ``--dtype``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
+``--device``, ``--dtype``, ``--quantize``, ``--memory``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
 
 The single home of these flags; ``generate``, ``serve``, ``demo``, ``batch`` and every ``eval`` subcommand
 add them from here. The pipeline is imported by ``load_pipeline`` only.
@@ -14,6 +14,21 @@ from typing import Any
 from omnigen import generation
 from omnigen.generation import GenerationConfig
 from omnigen.util.dtypes import AUTO, AUTO_HELP, DTYPE_CHOICES
+from omnigen.weights.quantize import QUANTIZE_CHOICES, QUANTIZE_HELP, quantize
+
+# --memory presets: (quantize, offload_model, offload_kv_cache, separate_cfg_infer). Explicit --quantize and
+# generation flags (--offload-model, ...) win over the preset.
+MEMORY_PRESETS = {
+    "fast": ("none", False, False, False),
+    "balanced": ("none", False, False, True),
+    "low": ("int8", False, True, True),
+    "minimal": ("int8", True, True, True),
+}
+MEMORY_HELP = (
+    "memory preset: fast = no quantization, all CFG branches in one batch; balanced = one CFG branch "
+    "at a time; low = + int8 weights, KV cache offloaded to the CPU; minimal = + decoder layers "
+    "offloaded to the CPU between uses (default: the model's settings, no quantization)"
+)
 
 
 def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -28,6 +43,13 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
         default=AUTO,
         help=f"weights' dtype (default: {AUTO_HELP})",
     )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help=f"{QUANTIZE_HELP} (default: none, or the --memory preset's)",
+    )
+    p.add_argument("--memory", choices=tuple(MEMORY_PRESETS), default=None, help=MEMORY_HELP)
 
 
 def add_device_arg(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -46,7 +68,17 @@ def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoid
     from omnigen.pipeline import OmniGenPipeline
 
     target = pick_device(device or args.device)
-    return OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
+    pipe = OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
+    preset = getattr(args, "memory", None)
+    kind, offload_model, offload_kv_cache, separate = MEMORY_PRESETS.get(preset, ("none", None, None, None))
+    kind = getattr(args, "quantize", None) or kind
+    if kind != "none":
+        quantize(pipe.model, kind)
+    if preset is not None:
+        pipe = pipe.with_defaults(
+            offload_model=offload_model, offload_kv_cache=offload_kv_cache, separate_cfg_infer=separate
+        )
+    return pipe
 
 
 def flag(name: str) -> str:

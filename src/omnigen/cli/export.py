@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from omnigen.util.dtypes import DTYPES
-from omnigen.weights.export import LAYOUTS, save_pretrained
+from omnigen.weights.export import EXPORT_DTYPES, LAYOUTS, save_pretrained
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", default=None, metavar="PATH", help="LoRA adapter folder to merge in first")
     p.add_argument("--lora-scale", type=float, default=1.0, help="adapter scale when merging (default: 1)")
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="weight dtype to write (default: as stored)"
+        "--dtype",
+        choices=sorted(EXPORT_DTYPES),
+        default=None,
+        help="weight dtype to write (default: as stored); float8_e4m3fn writes a scaled-fp8 file "
+        "(Linear weights at one byte with a per-tensor scale, the rest bfloat16; ComfyUI's convention)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=_run)
@@ -39,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         lora=args.lora,
         lora_scale=args.lora_scale,
         vae=args.vae,
-        dtype=None if args.dtype is None else DTYPES[args.dtype],
+        dtype=None if args.dtype is None else EXPORT_DTYPES[args.dtype],
         overwrite=args.overwrite,
     )
     return 0

@@ -14,6 +14,10 @@ weight is read), builds the model on the meta device, then reads the tensors one
 therefore peaks at the loaded model (nothing, for a GPU target) plus one tensor, not at the file size
 plus the cast copy. Each tensor is read through its own short-lived ``safe_open`` handle: a handle maps
 the whole file and the pages it touched stay resident until it is closed.
+
+FP8 files (plain casts or ComfyUI's scaled fp8, in either layout): Linear weights stored as float8 stay
+float8 (``omnigen.weights.fp8.Fp8Linear``, at one byte per weight; torchao's float8 tensors on GPUs with
+FP8 matmuls); other float8 tensors are dequantized to the target dtype. ``dtype`` is then the compute dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.util.atomic import atomic_write
+from omnigen.weights import fp8
 from omnigen.weights.keymap import diffusers_sources
 
 logger = logging.getLogger(__name__)
@@ -121,6 +126,8 @@ def read_tensor(
         with safe_open(str(part.file), framework="pt") as handle:
             tensor = handle.get_tensor(part.key)
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if tensor.dtype in fp8.FP8_DTYPES:  # kept at one byte; load_model scales or dequantizes it
+            cast = tensor.dtype
         out.append(tensor.to(device=device, dtype=cast, copy=True))
         del tensor
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)
@@ -225,7 +232,7 @@ def load_model(
     layout = resolve_layout(folder)
     config = load_config(layout)
     source = str(layout.weights_dir / layout.weights_name)
-    plan = tensor_plan(layout, config)
+    plan, scales = fp8.split_plan(tensor_plan(layout, config))
     with torch.device("meta"):
         model = OmniGenModel(config)
     shapes = {name: _planned_shape(parts) for name, parts in plan.items()}
@@ -236,8 +243,7 @@ def load_model(
         model.load_state_dict(
             {"pos_embed": table.to(device, dtype or table.dtype)}, strict=False, assign=True
         )
-    for name, tensor in stream_tensors(plan, device, dtype):
-        model.load_state_dict({name: tensor}, strict=False, assign=True)
+    _assign_streamed(model, plan, scales, device, dtype)
     model.materialize_buffers(device)
     model.eval()
     shape = config.transformer
@@ -250,6 +256,30 @@ def load_model(
         f"{model.num_parameters():,}",
     )
     return model, layout
+
+
+def _assign_streamed(
+    model: OmniGenModel,
+    plan: dict[str, tuple[StoredTensor, ...]],
+    scales: dict[str, StoredTensor],
+    device: torch.device | str,
+    dtype: torch.dtype | None,
+) -> None:
+    """Assign every planned tensor; fp8 Linear weights stay fp8 (``fp8.Fp8Linear``), other fp8 tensors are
+    dequantized to ``dtype`` (bfloat16 when None)."""
+    linear_keys, kept = fp8.linear_weight_keys(model), {}
+    for name, tensor in stream_tensors(plan, device, dtype):
+        if tensor.dtype in fp8.FP8_DTYPES:
+            scale = fp8.part_scale(plan[name], scales, lambda s: read_tensor((s,), device, None))
+            if name in linear_keys and tensor.dim() == 2:
+                kept[name] = (tensor, scale)
+                continue
+            compute = dtype or torch.bfloat16
+            tensor = tensor.to(compute) * scale.to(device, compute)
+        model.load_state_dict({name: tensor}, strict=False, assign=True)
+    fp8.install(model, kept)
+    if kept:
+        logger.info("%d Linear weights kept in fp8 (%s)", len(kept), fp8.accelerate(model))
 
 
 def save_model(model: OmniGenModel, folder: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -16,7 +16,10 @@
 
 Both layouts also get our ``omnigen_generation.json`` (ignored by the other loaders). Weights are written
 with safetensors only, the whole folder atomically (``omnigen.util.atomic.atomic_folder``). A LoRA adapter must be
-merged first (``pipe.merge_lora()``; it is folded into the plain weights); a quantized model is refused.
+merged first (``pipe.merge_lora()``; it is folded into the plain weights); an int8-quantized model is refused.
+``dtype=torch.float8_e4m3fn`` writes a scaled-fp8 checkpoint (``omnigen.weights.fp8.scaled_state``: Linear
+weights in fp8 with a per-tensor scale, the rest in bfloat16) in either layout; a model loaded from fp8
+is written from its dequantized weights.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.util.atomic import atomic_folder
 from omnigen.util.dtypes import DTYPES
+from omnigen.weights import fp8
 from omnigen.weights.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, check_state_dict
 from omnigen.weights.keymap import ours_to_diffusers
 
@@ -51,6 +55,7 @@ ORIGINAL_GEOMETRY = {
     "pos_embed_max_size": 192,
     "time_embed_dim": 256,
 }
+EXPORT_DTYPES = {**DTYPES, "float8_e4m3fn": fp8.FP8}  # the names ``omnigen export --dtype`` takes
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
@@ -68,8 +73,11 @@ def save_pretrained(
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if dtype is not None and dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (torch dtypes) or None, got {dtype!r}")
+    if dtype is not None and dtype not in EXPORT_DTYPES.values():
+        raise ValueError(
+            f"dtype must be one of {sorted(EXPORT_DTYPES)} (torch dtypes) or None, got {dtype!r}"
+        )
+    scaled = dtype == fp8.FP8
     config = pipe.model.config
     if layout == "diffusers":
         transformer_config = diffusers_transformer_config(config)  # refuses what diffusers cannot hold
@@ -81,14 +89,19 @@ def save_pretrained(
             )
     else:
         _warn_if_not_original(config, pipe.codec)
-    state = plain_state_dict(pipe.model, dtype)
+    state = plain_state_dict(pipe.model, None if scaled else dtype)
+    linear_keys = (
+        {k.replace(".base_layer.", ".") for k in fp8.linear_weight_keys(pipe.model)} if scaled else None
+    )
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         if layout == "original":
+            if linear_keys is not None:
+                state = fp8.scaled_state(state, linear_keys)
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
             config.save(tmp / "config.json")
             pipe.tokenizer.save(tmp)
         else:
-            _write_diffusers(tmp, pipe, state, transformer_config)
+            _write_diffusers(tmp, pipe, state, transformer_config, linear_keys)
         pipe.codec.save(tmp)
         pipe.defaults.save(tmp)
     logger.info("wrote %s (%s layout)", folder, layout)
@@ -102,7 +115,7 @@ def plain_state_dict(model: OmniGenModel, dtype: torch.dtype | None = None) -> d
     if any(not layer.merged for layer in lora.lora_layers(model).values()):
         raise ValueError("the model has an unmerged LoRA adapter: call merge_lora() first (or unload_lora())")
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in fp8.dequantized_state(model).items():
         if ".lora_" in key:
             continue  # a merged adapter's own tensors; its effect is in base_layer
         if type(value) is not torch.Tensor or not value.is_floating_point():
@@ -138,10 +151,17 @@ def diffusers_transformer_config(config: OmniGenConfig) -> dict:
     return {"_class_name": "OmniGenTransformer2DModel", "_diffusers_version": diffusers.__version__, **data}
 
 
-def _write_diffusers(tmp: Path, pipe: OmniGenPipeline, state: dict, transformer_config: dict) -> None:
+def _write_diffusers(
+    tmp: Path, pipe: OmniGenPipeline, state: dict, transformer_config: dict, linear_keys: set | None
+) -> None:
+    """``linear_keys`` (our names): write those weights in scaled fp8 under their diffusers names."""
     version = transformer_config["_diffusers_version"]
     (tmp / "transformer").mkdir()
-    diffusers_state = ours_to_diffusers(state, pipe.model.config)
+    config = pipe.model.config
+    diffusers_state = ours_to_diffusers(state, config)
+    if linear_keys is not None:
+        linears = {k: state[k] for k in linear_keys if k in state}  # renamed (and qkv split) the same way
+        diffusers_state = fp8.scaled_state(diffusers_state, set(ours_to_diffusers(linears, config)))
     save_file(diffusers_state, str(tmp / "transformer" / DIFFUSERS_WEIGHTS), metadata={"format": "pt"})
     _write_json(tmp / "transformer" / "config.json", transformer_config)
     (tmp / "scheduler").mkdir()
