@@ -37,7 +37,8 @@ from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
 from omnigen.model.placement import place_model
 from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
-from omnigen.sampling.euler import make_noise
+from omnigen.sampling import img2img
+from omnigen.sampling.euler import draw_noise, noise_generators
 from omnigen.sampling.guidance import branch_rows, guided_velocity
 from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
 from omnigen.sampling.solvers import plan, solve
@@ -139,6 +140,7 @@ class OmniGenPipeline:
         progress: bool = True,
         output_type: str = "pil",
         mask: MaskLike | Sequence[MaskLike | None] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -148,6 +150,9 @@ class OmniGenPipeline:
         ``output_type``: "pil" (list of images), "pt" (pixels in [-1, 1]) or "latent" (the final latents).
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
+        ``generator`` (diffusers' convention, instead of ``seed``): one ``torch.Generator`` that the images
+        draw their noise from in turn, or a list of one per image; ``torch.Generator().manual_seed(s)``
+        gives the image ``seed=s`` gives (no ``image.info["seed"]`` then).
 
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
@@ -156,6 +161,10 @@ class OmniGenPipeline:
         cfg = self.defaults.replace(**overrides)
         prompts, images = self._normalise(prompt, input_images)
         seed, masks = self._check_call(cfg, prompt, images, mask, overrides, output_type)
+        if generator is not None and overrides.get("seed") is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        per_prompt = cfg.num_images_per_prompt
+        generators = noise_generators(generator, seed, len(prompts) * per_prompt)
 
         # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
         pixels = [
@@ -173,13 +182,14 @@ class OmniGenPipeline:
             for proc in processed
         ]
         sizes = [size if m is None else m.size for size, m in zip(sizes, masks)]
+        firsts = [tuple(p.pixel_values[0].shape[-2:]) if p.pixel_values else None for p in processed]
+        img2img.check_start(cfg.strength, firsts, sizes)
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
         place_model(self.model, self.device, offload_layers=cfg.offload_model)
-        per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(prompts)
         for size in dict.fromkeys(sizes):  # one sampling run per output size, in order
             rows = [i for i, s in enumerate(sizes) if s == size]
@@ -187,7 +197,7 @@ class OmniGenPipeline:
                 [processed[i] for i in rows],
                 [branches[i] for i in rows],
                 size,
-                [seed + i * per_prompt for i in rows],
+                [g for i in rows for g in generators[i * per_prompt : (i + 1) * per_prompt]],
                 cfg,
                 (callback_on_step_end, progress, output_type != "latent"),
                 [masks[i] for i in rows],
@@ -195,7 +205,8 @@ class OmniGenPipeline:
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
-        return _assemble(flat, [m for m in masks for _ in range(per_prompt)], output_type, seed)
+        shown_seed = seed if generator is None else None
+        return _assemble(flat, [m for m in masks for _ in range(per_prompt)], output_type, shown_seed)
 
     def _check_call(
         self, cfg: GenerationConfig, prompt: Any, images: list, mask: Any, overrides: dict, output_type: str
@@ -254,13 +265,13 @@ class OmniGenPipeline:
         processed: list[ProcessedPrompt],
         branches: list,
         size: tuple[int, int],
-        seeds: list[int],
+        generators: list[torch.Generator],
         cfg: GenerationConfig,
         hooks: tuple[StepEndCallback | None, bool, bool],
         masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
-        ``hooks``: (step-end callback, progress bar, decode)."""
+        ``generators``: one per image (the noise); ``hooks``: (step-end callback, progress bar, decode)."""
         callback, progress, decode = hooks
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
         rows = branch_rows(self.processor, processed, branches)
@@ -278,9 +289,7 @@ class OmniGenPipeline:
         conditions = [c.to(self.device, dtype) for c in conditions]
 
         h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
-        z = make_noise(
-            (config.in_channels, h, w), [s + j for s in seeds for j in range(per_prompt)], self.device
-        )
+        noise = draw_noise((config.in_channels, h, w), generators, self.device)
         steps = cfg.num_inference_steps
         step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
         velocity = guided_velocity(
@@ -288,8 +297,12 @@ class OmniGenPipeline:
         )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
-        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
-        project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
+        z = noise
+        if cfg.strength < 1:  # img2img: from the first input image (cond rows come first)
+            start = torch.stack([latents[k][0] for k in range(len(processed)) for _ in range(per_prompt)])
+            z, schedule = img2img.start_from_image(noise, start, schedule, cfg.strength)
+        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, noise)
+        project = None if edit is None else (lambda x, t: edit.blend(x, t, noise))
         z = solve(velocity, z, schedule, project, callback=step_callback, progress=progress)
         if step_cache is not None:
             logger.info("step cache: ran all layers at %d of %d steps", step_cache.num_computed, steps)
@@ -362,7 +375,7 @@ class OmniGenPipeline:
 
 
 def _assemble(
-    flat: list[torch.Tensor], masks: Sequence[CanvasMask | None], output_type: str, seed: int
+    flat: list[torch.Tensor], masks: Sequence[CanvasMask | None], output_type: str, seed: int | None
 ) -> list[Image.Image] | torch.Tensor:
     """The call's outputs (image k, prompt-major): composited with their masks (``inpaint``) and stacked
     ("pt", "latent") or turned into PIL images carrying their seed."""
@@ -374,6 +387,7 @@ def _assemble(
     for k, (pixels, m) in enumerate(zip(flat, masks)):
         image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
         image = image if m is None else m.composite_image(image)
-        image.info["seed"] = seed + k
+        if seed is not None:
+            image.info["seed"] = seed + k
         pil.append(image)
     return pil
