@@ -1,5 +1,5 @@
 """Command-line arguments shared by every entry point: the model-loading flags (``--model``, ``--vae``,
-``--device``, ``--dtype``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
+``--device``, ``--dtype``, ``--lora``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
 
 The single home of these flags; ``generate``, ``serve``, ``demo``, ``batch`` and every ``eval`` subcommand
 add them from here. The pipeline is imported by ``load_pipeline`` only.
@@ -28,6 +28,17 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
         default=AUTO,
         help=f"weights' dtype (default: {AUTO_HELP})",
     )
+    add_lora_arg(p)
+
+
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA adapter folder (peft format) and its scale (default 1); repeat to stack several",
+    )
 
 
 def add_device_arg(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -46,7 +57,17 @@ def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoid
     from omnigen.pipeline import OmniGenPipeline
 
     target = pick_device(device or args.device)
-    return OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
+    pipe = OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
+    apply_lora_args(pipe, args)
+    return pipe
+
+
+def apply_lora_args(pipe, args: argparse.Namespace) -> None:
+    """Load the ``--lora PATH[:SCALE]`` adapters (``omnigen.weights.lora.apply_loras``), if any."""
+    if getattr(args, "lora", None):
+        from omnigen.weights import lora
+
+        lora.apply_loras(pipe.model, [lora.parse_lora_arg(text) for text in args.lora])
 
 
 def flag(name: str) -> str:
