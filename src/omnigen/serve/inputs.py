@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnigen import generation
+from omnigen.serve import adapters
 from omnigen.serve.decode import decode_base64, too_large
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
@@ -79,6 +80,7 @@ GenerationRequest = create_model(
         ),
     ),
     **{name: _request_field(name) for name in generation.names("request")},
+    **adapters.REQUEST_FIELDS,
 )
 
 
@@ -266,7 +268,9 @@ def check_mask(mask: Any, kwargs: dict[str, Any], pipe: Any) -> dict[str, Any]:
     if not images:
         message = "a mask needs an input image: it applies to the first input image, the canvas"
         raise ApiError(400, "invalid_value", message, field="mask")
-    cfg = pipe.defaults.replace(**{k: v for k, v in kwargs.items() if k not in ("prompt", "input_images")})
+    cfg = pipe.defaults.replace(
+        **{k: v for k, v in kwargs.items() if k not in ("prompt", "input_images", "loras")}
+    )
     try:
         canvas = prepare_canvas_mask(
             mask, images[0], cfg.mask_blur, cfg.max_input_image_size, pipe.model.config.image_multiple
@@ -363,4 +367,6 @@ def pipeline_kwargs(
             f"{settings.max_condition_tokens} (use smaller or fewer images, or a lower max_input_image_size)"
         )
         raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
-    return {"prompt": req.prompt, "input_images": images or None, **overrides}
+    loras = adapters.request_stack(req, settings.lora_dir)
+    extra = {} if loras is None else {"loras": loras}  # the worker's, not the pipeline's (``adapters``)
+    return {"prompt": req.prompt, "input_images": images or None, **overrides, **extra}
