@@ -2,12 +2,13 @@
 
 The operator chooses the adapters (the subfolders of DIR, each a peft adapter folder); a request names one
 by its folder name (field ``lora``, never a path: a name with ``/``, ``\\`` or ``..`` is refused) and
-gives its ``lora_scale``. The worker makes the model's adapters exactly the request's before running it
-(``AdapterSwitch``, on ``omnigen.weights.lora.apply_loras``): the adapters given with ``--lora`` at start
-stay under every request, and a request without ``lora`` runs with them alone. Switching unloads the old
-adapter and loads the new one from disk (the base weights are never changed), so a request gets exactly
-what a service running only its adapter would give; consecutive requests for the same adapter switch
-nothing. ``/health`` reports the switches and their mean time.
+gives its ``lora_scale``. The worker makes the model's active adapters exactly the request's before running
+it (``AdapterSwitch``): the adapters given with ``--lora`` at start stay under every request, and a request
+without ``lora`` runs with them alone. An adapter is loaded on its first request and stays (inactive
+adapters cost nothing and change nothing; the base weights are never changed), so a request gets exactly
+what a service running only its adapter would give, and a switch between loaded adapters only flips which
+are active. ``/health`` reports the loads and switches and their mean times
+(``benchmarks/bench_lora_switch.py`` measures them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -88,30 +90,70 @@ def request_stack(req: Any, lora_dir: str | None) -> tuple[tuple[str, float], ..
 
 
 class AdapterSwitch:
-    """Applies each job's adapters on top of the ones the model had at start; counts and times switches."""
+    """Makes each job's adapters the active ones, on top of those the model had at start (``--lora``).
 
-    def __init__(self, model: Any) -> None:
+    An adapter is read and injected on its first request and then stays loaded (at most ``max_resident``,
+    the least recently used leaving first), so switching between loaded adapters only changes which are
+    active (``omnigen.weights.lora.activate``). Counts and times the loads and the switches."""
+
+    def __init__(self, model: Any, max_resident: int = 8) -> None:
         from omnigen.weights import lora
 
-        self._lora = lora
-        self.model = model
-        self.base = lora.current_stack(model)
-        if lora.has_lora(model) and not self.base:
+        self._lora, self.model, self.max_resident = lora, model, max_resident
+        base = lora.current_stack(model)
+        if lora.has_lora(model) and not base:
             raise ValueError(
                 "the model has a LoRA adapter not loaded with --lora; per-request adapters replace it"
             )
+        self.base = {f"lora_{k}": scale for k, (_, scale) in enumerate(base)}  # apply_loras' names
+        self.resident: OrderedDict[str, str] = OrderedDict()  # folder -> adapter name
+        self._layers: list | None = None
+        self._active: dict[str, float] | None = None
+        self._serial = 0
         self._lock = threading.Lock()
-        self.switches, self.seconds = 0, 0.0
+        self.counts = {"switches": 0, "switch_s": 0.0, "loads": 0, "load_s": 0.0}
 
     def apply(self, stack: tuple[tuple[str, float], ...]) -> None:
+        wanted = dict(self.base)
+        for folder, scale in stack:
+            if folder not in self.resident:
+                self._load(folder, keep={f for f, _ in stack})
+            self.resident.move_to_end(folder)
+            wanted[self.resident[folder]] = scale
+        if wanted == self._active:
+            return
         started = time.perf_counter()
-        if self._lora.apply_loras(self.model, (*self.base, *stack)):
-            took = time.perf_counter() - started
-            with self._lock:
-                self.switches, self.seconds = self.switches + 1, self.seconds + took
-            logger.info("LoRA switch to %s in %.3f s", [Path(f).name for f, _ in stack], took)
+        if self._layers is None:
+            self._layers = list(self._lora.lora_layers(self.model).values())
+        self._lora.activate(self.model, wanted, self._layers)
+        self._active = wanted
+        self._count("switch", time.perf_counter() - started)
+
+    def _load(self, folder: str, keep: set[str]) -> None:
+        started = time.perf_counter()
+        while len(self.resident) >= self.max_resident:
+            evict = next(f for f in self.resident if f not in keep)
+            self._lora.delete_adapter(self.model, self.resident.pop(evict))
+        self._serial += 1
+        name = f"serve_{self._serial}"
+        self._layers, self._active = None, None  # new layers; peft activated every adapter
+        self._lora.load_lora(self.model, folder, adapter=name)
+        self.resident[folder] = name
+        took = time.perf_counter() - started
+        self._count("load", took)
+        logger.info("LoRA adapter %s loaded in %.3f s", Path(folder).name, took)
+
+    def _count(self, what: str, seconds: float) -> None:
+        with self._lock:
+            self.counts[what + "es" if what == "switch" else what + "s"] += 1
+            self.counts[what + "_s"] += seconds
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            mean = self.seconds / self.switches if self.switches else None
-            return {"lora_switches": self.switches, "lora_switch_mean_s": mean}
+            c = dict(self.counts)
+        return {
+            "lora_loads": c["loads"],
+            "lora_load_mean_s": c["load_s"] / c["loads"] if c["loads"] else None,
+            "lora_switches": c["switches"],
+            "lora_switch_mean_s": c["switch_s"] / c["switches"] if c["switches"] else None,
+        }

@@ -193,7 +193,7 @@ def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0, ad
                 f"missing {sorted(missing)[:10]}"
             )
     except BaseException:
-        unload_lora(model)
+        delete_adapter(model, adapter)
         raise
     set_lora_scale(model, scale, adapter)
     logger.info("loaded LoRA adapter %s (r=%d, %d layers)", folder, config.r, len(lora_layers(model)))
@@ -295,6 +295,29 @@ def apply_loras(model: torch.nn.Module, stack: Sequence[tuple[str | Path, float]
     if wanted:
         model.__dict__[STACK_ATTRIBUTE] = wanted
     return True
+
+
+def delete_adapter(model: torch.nn.Module, adapter: str) -> None:
+    """Remove one adapter (the others stay); the last one leaves the plain model (``unload_lora``)."""
+    if adapter_names(model) in ([adapter], []):
+        unload_lora(model)
+        return
+    for layer in lora_layers(model).values():
+        if adapter in layer.lora_A:
+            layer.delete_adapter(adapter)
+    model.peft_config.pop(adapter, None)
+
+
+def activate(model: torch.nn.Module, scales: dict[str, float], layers: Sequence | None = None) -> None:
+    """Make exactly the adapters named in ``scales`` active, at those scales; the others stay loaded
+    but inactive (an inactive adapter costs nothing and changes nothing: the layers add only the active
+    ones, so one active adapter gives what loading it alone gives, and none the plain model's outputs).
+    ``layers``: the model's LoRA layers, if known (finding them walks every module)."""
+    for layer in lora_layers(model).values() if layers is None else layers:
+        present = [name for name in scales if name in layer.lora_A]
+        layer.set_adapter(present, inference_mode=True)
+        for name in present:
+            layer.set_scale(name, scales[name])
 
 
 def _merged(model: torch.nn.Module) -> bool:
