@@ -644,6 +644,15 @@ def test_bad_lora_requests_are_refused(pipeline, lora_service, body, message):
     assert stats["jobs"]["accepted"] == 0
 
 
+def test_img2img_strength_without_an_image_is_refused_before_queueing(pipeline):
+    with client_for(pipeline) as client:
+        response = client.post(URL, json={"prompt": "a red circle", "strength": 0.5})
+        stats = client.get("/health").json()
+    assert response.status_code == 400 and response.json()["error"]["param"] == "strength"
+    assert "starts from the first input image" in response.json()["error"]["message"]
+    assert stats["jobs"]["accepted"] == 0
+
+
 def test_lora_needs_a_lora_dir(pipeline, lora_service, tmp_path):
     with client_for(pipeline) as client:
         response = client.post(URL, json={"prompt": "a red circle", "lora": "style"})

@@ -151,7 +151,8 @@ class OmniGenPipeline:
         Image k of the call (prompt-major) uses noise seeded with ``seed + k``, so a batch equals the same
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
         ``generator`` (diffusers' convention, instead of ``seed``): one ``torch.Generator`` that the images
-        draw their noise from in turn, or a list of one per image; ``torch.Generator().manual_seed(s)``
+        draw their noise from in turn (in sampling order: by output size, then prompt), or a list of one
+        per image (prompt-major); ``torch.Generator().manual_seed(s)``
         gives the image ``seed=s`` gives (no ``image.info["seed"]`` then).
 
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the

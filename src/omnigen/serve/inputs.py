@@ -329,6 +329,9 @@ def pipeline_kwargs(
     if req.response_format == "png" and cfg.num_images_per_prompt > 1:
         message = "response_format 'png' returns one image; use 'b64_json' for n (num_images_per_prompt) > 1"
         raise ApiError(400, "invalid_value", message, field="response_format")
+    if cfg.strength < 1 and not images:
+        message = f"strength={cfg.strength} (img2img) starts from the first input image; send one"
+        raise ApiError(400, "invalid_value", message, field="strength")
     try:
         validate_image_tags(req.prompt, len(images))
     except ValueError as err:
