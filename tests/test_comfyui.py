@@ -506,7 +506,11 @@ def cloned_as_omnigen(monkeypatch, tmp_path):
 
 def test_a_clone_of_the_repository_is_a_node_folder(cloned_as_omnigen, folders):
     """ComfyUI registers the folder as module "omnigen"; the library must still be the library."""
-    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {
+        "OmniGenLoader",
+        "OmniGenLoraLoader",
+        "OmniGenGenerate",
+    }
     assert set(cloned_as_omnigen.NODE_DISPLAY_NAME_MAPPINGS) == set(cloned_as_omnigen.NODE_CLASS_MAPPINGS)
     assert hasattr(sys.modules["omnigen"], "OmniGenPipeline")  # not the node folder
     runner = Executor({**core_nodes(*folders), **cloned_as_omnigen.NODE_CLASS_MAPPINGS})
@@ -540,7 +544,12 @@ def test_a_clone_works_without_the_library_installed(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["['OmniGenGenerate',", "'OmniGenLoader']", "src/omnigen/__init__.py"]
+    assert done.stdout.split() == [
+        "['OmniGenGenerate',",
+        "'OmniGenLoader',",
+        "'OmniGenLoraLoader']",
+        "src/omnigen/__init__.py",
+    ]
 
 
 def test_the_root_file_does_nothing_outside_comfyui():
