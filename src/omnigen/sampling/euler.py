@@ -3,7 +3,8 @@
 ``make_noise`` draws on a CPU generator and then moves the tensor, so a seed gives the same image on any
 device. ``noise_generators`` turns a call's ``seed=`` or ``generator=`` (diffusers' convention: one
 ``torch.Generator``, drawn from image after image, or a list of one per image) into one generator per
-image, so ``generator=torch.Generator().manual_seed(s)`` gives what ``seed=s`` gives. ``euler_sample`` integrates dz/dt = v(z, t) from t = 0 (noise) to t = 1 (data).
+image, so ``generator=torch.Generator().manual_seed(s)`` gives what ``seed=s`` gives.
+``euler_sample`` integrates dz/dt = v(z, t) from t = 0 (noise) to t = 1 (data).
 """
 
 from __future__ import annotations
