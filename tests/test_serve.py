@@ -697,3 +697,25 @@ def test_adapter_switch_evicts_and_stays_exact(model, tokenizer, lora_service):
     torch.testing.assert_close(
         pipe("a red circle", seed=1, progress=False, output_type="latent"), plain, atol=0, rtol=0
     )
+
+
+def test_adapter_switch_keeps_the_startup_adapters(model, tokenizer, lora_service):
+    """``--lora`` adapters given at start stay under every request's own."""
+    from omnigen.serve.adapters import AdapterSwitch
+    from omnigen.weights import lora
+
+    style, ink = str(lora_service / "style"), str(lora_service / "ink")
+    reference, pipe = lora_pipeline(model, tokenizer), lora_pipeline(model, tokenizer)
+    lora.apply_loras(reference.model, [(style, 0.5), (ink, 0.7)])
+    both = reference("a red circle", seed=1, progress=False, output_type="latent")
+    lora.apply_loras(reference.model, [(style, 0.5)])
+    base_only = reference("a red circle", seed=1, progress=False, output_type="latent")
+    lora.apply_loras(pipe.model, [(style, 0.5)])  # what --lora does at start
+    switch = AdapterSwitch(pipe.model)
+    switch.apply(((ink, 0.7),))
+    got = pipe("a red circle", seed=1, progress=False, output_type="latent")
+    torch.testing.assert_close(got, both, atol=1e-6, rtol=0)
+    switch.apply(())
+    torch.testing.assert_close(
+        pipe("a red circle", seed=1, progress=False, output_type="latent"), base_only, atol=0, rtol=0
+    )
