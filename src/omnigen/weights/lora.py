@@ -105,7 +105,10 @@ def add_lora(
 
 def _inject(model: torch.nn.Module, config, adapter: str = ADAPTER_NAME) -> None:
     if adapter in adapter_names(model) or (adapter == ADAPTER_NAME and has_lora(model)):
-        raise ValueError(f"the model already has a LoRA adapter named {adapter!r}; call unload_lora first")
+        raise ValueError(
+            f"the model already has a LoRA adapter ({', '.join(adapter_names(model)) or 'unnamed'}); "
+            "call unload_lora first"
+        )
     names = [name for name, _ in model.named_modules()]
     targets = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if targets:
