@@ -2,7 +2,7 @@
 
 Install: ``git clone`` the repository into ``ComfyUI/custom_nodes`` (or ComfyUI-Manager's "install via
 git URL"): the repository's root ``__init__.py`` loads this package. Nodes: "OmniGen Loader"
-(-> OMNIGEN_PIPE) and "OmniGen Generate" (-> IMAGE), their settings derived from GenerationConfig
+(-> OMNIGEN_PIPE), "OmniGen LoRA" (OMNIGEN_PIPE -> OMNIGEN_PIPE) and "OmniGen Generate" (-> IMAGE), their settings derived from GenerationConfig
 (``fields``); an example workflow in ComfyUI's API format is in ``workflows/``.
 """
 

@@ -26,11 +26,12 @@ from omnigen import generation
 
 MODEL_DEFAULT = "model default"
 MAX_SEED = 2**63 - 1  # image k of a batch uses seed + k; torch seeds go up to 2**64 - 1
-# ComfyUI's own names for three fields (what its other nodes call them); every other input is the field.
+# ComfyUI's own names for four fields (what its other nodes call them); every other input is the field.
 INPUT_NAMES = {
     "num_inference_steps": "steps",
     "num_images_per_prompt": "batch_size",
     "use_input_image_size_as_output": "use_input_image_size",
+    "strength": "denoise",
 }
 ALWAYS_SENT = {"seed": 0, "num_images_per_prompt": 1}  # -> the widget's default
 # (upper end, step) of each number widget; the lower end comes from GenerationConfig.
@@ -46,6 +47,9 @@ UI_RANGES: dict[str, tuple[float, float]] = {
     "time_shift": (20.0, 0.05),
     "mask_blur": (256, 1),
     "step_cache_threshold": (1.0, 0.01),
+    "guidance_start": (1.0, 0.01),
+    "guidance_end": (1.0, 0.01),
+    "strength": (1.0, 0.01),
 }
 # What the pipeline's messages call the node's inputs.
 ARGUMENT_NAMES = {**INPUT_NAMES, "input_images": "image_1..image_3"}

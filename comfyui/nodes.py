@@ -1,4 +1,11 @@
-"""The OmniGen nodes: a loader (-> OMNIGEN_PIPE) and a generate node (-> IMAGE), on omnigen's pipeline.
+"""The OmniGen nodes: a loader (-> OMNIGEN_PIPE), a LoRA node (OMNIGEN_PIPE -> OMNIGEN_PIPE) and a generate
+node (-> IMAGE), on omnigen's pipeline.
+
+LoRA, as ComfyUI's own LoraLoader: each LoRA node adds an adapter (a peft folder) and its strength to the
+pipe it passes on; chaining nodes stacks adapters. The pipe value only records the stack
+(``LoadedOmniGen.loras``) and never changes the upstream pipeline object, so two branches from one loader
+keep their own adapters; the generate node makes the model's adapters exactly its pipe's stack before it
+runs (``omnigen.weights.lora.apply_loras``: free when the stack is unchanged).
 
 The node contract is ComfyUI's (``nodes.py`` / ``execution.py`` in comfyanonymous/ComfyUI):
 ``INPUT_TYPES`` lists required and optional inputs as ``(type, options)`` with ``default``/``min``/``max``
@@ -9,7 +16,7 @@ with one value per ``RETURN_TYPES`` entry. ComfyUI itself is used only through `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ from .host import Progress, check_interrupt, free_memory, model_folders, torch_d
 try:
     from omnigen.sampling.solvers import step_kinds
     from omnigen.util.dtypes import AUTO, AUTO_HELP, DTYPE_CHOICES
+    from omnigen.weights import lora
 
     from . import fields
 except ImportError as error:  # ComfyUI's Python needs the library itself
@@ -43,6 +51,7 @@ class LoadedOmniGen:
 
     pipeline: Any  # omnigen.pipeline.OmniGenPipeline
     operator: dict[str, Any]
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter folder, strength), applied in order by generate
 
 
 def _weights_size(folder: Path | None) -> int:
@@ -75,6 +84,8 @@ class OmniGenLoader:
                     {"default": "", "tooltip": "a model folder or hub id; when set, used instead of model"},
                 ),
                 "vae_path": ("STRING", {"default": "", "tooltip": "VAE folder when the model has none"}),
+                "lora_path": ("STRING", {"default": "", "tooltip": "a LoRA adapter folder (peft format)"}),
+                "lora_strength": STRENGTH,
                 **fields.widgets("operator"),
             },
         }
@@ -91,6 +102,8 @@ class OmniGenLoader:
         device: str,
         model_path: str = "",
         vae_path: str = "",
+        lora_path: str = "",
+        lora_strength: float = 1.0,
         **operator: Any,
     ) -> tuple[LoadedOmniGen]:
         from omnigen.pipeline import OmniGenPipeline
@@ -105,6 +118,7 @@ class OmniGenLoader:
         unknown = sorted(set(operator) - set(fields.widgets("operator")))
         if unknown:
             raise TypeError(f"unknown loader inputs {unknown}")
+        loras = (checked_lora(lora_path, lora_strength),) if lora_path.strip() else ()
         target = torch_device() if device == "auto" else torch.device(device)
         folder = _model_folder(model, model_path)
         free_memory(_weights_size(folder), target)
@@ -115,7 +129,46 @@ class OmniGenLoader:
             pipeline.defaults.replace(**settings)  # refuse bad settings at load time
         except (TypeError, ValueError) as error:
             raise fields.in_node_terms(error) from error
-        return (LoadedOmniGen(pipeline, settings),)
+        return (LoadedOmniGen(pipeline, settings, loras),)
+
+
+STRENGTH = (
+    "FLOAT",
+    {"default": 1.0, "min": -lora.MAX_SCALE, "max": lora.MAX_SCALE, "step": 0.01, "tooltip": "LoRA scale"},
+)
+
+
+def checked_lora(path: str, strength: float) -> tuple[str, float]:
+    """(folder, strength) of a LoRA input, refused at once if the folder is not an adapter."""
+    folder = Path(path.strip())
+    lora.read_adapter(folder)  # a clear ValueError for a wrong folder, before any generation
+    return str(folder), lora.check_scale(strength, "strength")
+
+
+class OmniGenLoraLoader:
+    """Add a LoRA adapter to the pipe (chain several to stack them); the upstream pipe is unchanged."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "pipe": (PIPE_TYPE,),
+                "lora_path": ("STRING", {"default": "", "tooltip": "a LoRA adapter folder (peft format)"}),
+                "strength": STRENGTH,
+            }
+        }
+
+    RETURN_TYPES = (PIPE_TYPE,)
+    RETURN_NAMES = ("pipe",)
+    FUNCTION = "add_lora"
+    CATEGORY = CATEGORY
+
+    def add_lora(self, pipe: LoadedOmniGen, lora_path: str, strength: float) -> tuple[LoadedOmniGen]:
+        if not isinstance(pipe, LoadedOmniGen):
+            raise TypeError(f"pipe must come from the OmniGen loader node, got {type(pipe).__name__}")
+        if not lora_path.strip():
+            raise ValueError("lora_path is empty: give a LoRA adapter folder")
+        return (replace(pipe, loras=(*pipe.loras, checked_lora(lora_path, strength))),)
 
 
 def _model_folder(model: str, model_path: str) -> Path | None:
@@ -203,6 +256,7 @@ class OmniGenGenerate:
         except (TypeError, ValueError) as error:
             raise fields.in_node_terms(error) from error
         progress = Progress(len(step_kinds(chosen.sampler, chosen.num_inference_steps)))
+        lora.apply_loras(pipe.pipeline.model, pipe.loras)  # this branch's adapters, exactly
 
         def on_step_end(_pipeline: Any, index: int, _t: float, _latents: torch.Tensor) -> None:
             progress.done(index + 1)  # once per solver step
@@ -222,5 +276,13 @@ class OmniGenGenerate:
         return (pixels_to_image(pixels),)
 
 
-NODE_CLASS_MAPPINGS = {"OmniGenLoader": OmniGenLoader, "OmniGenGenerate": OmniGenGenerate}
-NODE_DISPLAY_NAME_MAPPINGS = {"OmniGenLoader": "OmniGen Loader", "OmniGenGenerate": "OmniGen Generate"}
+NODE_CLASS_MAPPINGS = {
+    "OmniGenLoader": OmniGenLoader,
+    "OmniGenLoraLoader": OmniGenLoraLoader,
+    "OmniGenGenerate": OmniGenGenerate,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "OmniGenLoader": "OmniGen Loader",
+    "OmniGenLoraLoader": "OmniGen LoRA",
+    "OmniGenGenerate": "OmniGen Generate",
+}

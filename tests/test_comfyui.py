@@ -111,7 +111,7 @@ def test_package_registers_both_nodes_without_comfyui(package):
     # nothing of ComfyUI was needed to import it (pytest may import the repository root's
     # __init__.py under its folder's name, which may be "comfy")
     assert "comfy.model_management" not in sys.modules and "folder_paths" not in sys.modules
-    assert set(package.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(package.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenLoraLoader", "OmniGenGenerate"}
     assert set(package.NODE_DISPLAY_NAME_MAPPINGS) == set(package.NODE_CLASS_MAPPINGS)
     generate = package.NODE_CLASS_MAPPINGS["OmniGenGenerate"]
     assert generate.RETURN_TYPES == ("IMAGE",)
@@ -506,7 +506,11 @@ def cloned_as_omnigen(monkeypatch, tmp_path):
 
 def test_a_clone_of_the_repository_is_a_node_folder(cloned_as_omnigen, folders):
     """ComfyUI registers the folder as module "omnigen"; the library must still be the library."""
-    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {"OmniGenLoader", "OmniGenGenerate"}
+    assert set(cloned_as_omnigen.NODE_CLASS_MAPPINGS) == {
+        "OmniGenLoader",
+        "OmniGenLoraLoader",
+        "OmniGenGenerate",
+    }
     assert set(cloned_as_omnigen.NODE_DISPLAY_NAME_MAPPINGS) == set(cloned_as_omnigen.NODE_CLASS_MAPPINGS)
     assert hasattr(sys.modules["omnigen"], "OmniGenPipeline")  # not the node folder
     runner = Executor({**core_nodes(*folders), **cloned_as_omnigen.NODE_CLASS_MAPPINGS})
@@ -540,7 +544,12 @@ def test_a_clone_works_without_the_library_installed(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["['OmniGenGenerate',", "'OmniGenLoader']", "src/omnigen/__init__.py"]
+    assert done.stdout.split() == [
+        "['OmniGenGenerate',",
+        "'OmniGenLoader',",
+        "'OmniGenLoraLoader']",
+        "src/omnigen/__init__.py",
+    ]
 
 
 def test_the_root_file_does_nothing_outside_comfyui():
@@ -560,3 +569,74 @@ def test_requirements_are_the_library_dependencies():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two adapters that fit the shipped model (random, non-zero)."""
+    pytest.importorskip("peft")
+    from omnigen.pipeline import default_model_path
+    from omnigen.weights import lora
+    from omnigen.weights.checkpoint import load_model
+
+    folder = tmp_path_factory.mktemp("loras")
+    for seed, name in enumerate(("a", "b")):
+        model, _ = load_model(default_model_path())
+        lora.add_lora(model, rank=2, alpha=2)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if ".lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        lora.save_lora(model, folder / name)
+    return folder / "a", folder / "b"
+
+
+def test_lora_nodes_chain_and_leave_other_branches_alone(executor, adapters):
+    from omnigen.weights import lora
+
+    a, b = adapters
+    prompt = "a green square under a big violet triangle on gray"
+    nodes = graph(prompt)
+    nodes["la"] = {
+        "class_type": "OmniGenLoraLoader",
+        "inputs": {"pipe": ["1", 0], "lora_path": str(a), "strength": 1.0},
+    }
+    nodes["lb"] = {
+        "class_type": "OmniGenLoraLoader",
+        "inputs": {"pipe": ["la", 0], "lora_path": str(b), "strength": 0.5},
+    }
+    nodes["gen2"] = {"class_type": "OmniGenGenerate", "inputs": {**nodes["gen"]["inputs"], "pipe": ["lb", 0]}}
+    nodes["save2"] = {"class_type": "SaveImage", "inputs": {"images": ["gen2", 0], "filename_prefix": "l"}}
+    results = executor.run(nodes)
+    plain, stacked = results["gen"]["outputs"][0][0], results["gen2"]["outputs"][0][0]
+    loaded = results["1"]["outputs"][0][0]
+    assert loaded.loras == () and results["la"]["outputs"][0][0].loras == ((str(a), 1.0),)
+    pipeline = loaded.pipeline
+    lora.apply_loras(pipeline.model, [])
+    expected_plain = (pipeline_pixels(pipeline, prompt) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    lora.apply_loras(pipeline.model, [(a, 1.0), (b, 0.5)])
+    expected_stacked = (pipeline_pixels(pipeline, prompt) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    lora.apply_loras(pipeline.model, [])
+    assert torch.equal(plain, expected_plain) and torch.equal(stacked, expected_stacked)
+    assert not torch.equal(plain, stacked)  # the adapters matter
+
+
+def test_the_loader_takes_a_lora_and_refuses_a_wrong_folder(executor, adapters, tmp_path):
+    a, _ = adapters
+    nodes = graph("a red circle")
+    nodes["1"] = {**LOADER, "inputs": {**LOADER["inputs"], "lora_path": str(a), "lora_strength": 0.7}}
+    results = executor.run(nodes)
+    assert results["1"]["outputs"][0][0].loras == ((str(a), 0.7),)
+    nodes["1"]["inputs"]["lora_path"] = str(tmp_path)
+    with pytest.raises(NodeError, match="not a LoRA adapter folder"):
+        executor.run(nodes)
+    bad = graph("a red circle")
+    bad["la"] = {
+        "class_type": "OmniGenLoraLoader",
+        "inputs": {"pipe": ["1", 0], "lora_path": str(a), "strength": float("nan")},
+    }
+    bad["gen"]["inputs"]["pipe"] = ["la", 0]
+    with pytest.raises(NodeError, match="strength must be a finite number"):
+        executor.run(bad)

@@ -292,3 +292,100 @@ def test_lora_settings_are_typed_validated_and_round_trip(world, tmp_path):  # n
             make_config(root, tmp_path / "run", 1, lora=bad)
     with pytest.raises(TypeError, match="lora.target_modules must be a list of str, got str 'qkv_proj'"):
         make_config(root, tmp_path / "run", 1, lora={"rank": 2, "target_modules": "qkv_proj"})
+
+
+# ---------------------------------------------------------------------- stacks of adapters (--lora)
+def saved_adapter(folder, seed, targets=lora.DEFAULT_TARGET_MODULES, config=None):
+    donor = random_model(config or tiny_config())
+    lora.add_lora(donor, rank=2, alpha=2, target_modules=targets)
+    randomize_adapter(donor, seed=seed, scale=0.1)
+    return lora.save_lora(donor, folder)
+
+
+def test_parse_lora_arg():
+    assert lora.parse_lora_arg("ads/style:0.5") == ("ads/style", 0.5)
+    assert lora.parse_lora_arg("ads/style") == ("ads/style", 1.0)
+    assert lora.parse_lora_arg("ads/v1:-1") == ("ads/v1", -1.0)
+    assert lora.parse_lora_arg("C:\\ads\\style") == ("C:\\ads\\style", 1.0)  # a drive letter is path
+    with pytest.raises(ValueError, match="between -100 and 100"):
+        lora.parse_lora_arg("ads/style:500")
+    with pytest.raises(ValueError, match="needs a path"):
+        lora.parse_lora_arg("")
+
+
+def test_stacked_adapters_sum_and_come_off_exactly(inputs, tmp_path):
+    a = saved_adapter(tmp_path / "a", seed=1)
+    b = saved_adapter(tmp_path / "b", seed=2, targets=("qkv_proj", "down_proj"))  # other targets
+    model = random_model(tiny_config())
+    base = velocity(model, inputs)
+    assert lora.apply_loras(model, [(a, 1.0), (b, 0.5)])
+    stacked = velocity(model, inputs)
+    assert lora.adapter_names(model) == ["lora_0", "lora_1"]
+    # the same as A merged into the weights with B on top
+    reference = random_model(tiny_config())
+    lora.load_lora(reference, a)
+    lora.unload_lora(reference, merge=True)
+    lora.load_lora(reference, b, scale=0.5)
+    torch.testing.assert_close(stacked, velocity(reference, inputs), atol=1e-5, rtol=0)
+    only_a = random_model(tiny_config())
+    lora.apply_loras(only_a, [(a, 1.0)])
+    assert (velocity(only_a, inputs) - stacked).abs().max() > 1e-4  # B contributes
+
+    assert not lora.apply_loras(model, [(str(a), 1.0), (str(b), 0.5)])  # the same stack: nothing to do
+    assert not lora.apply_loras(model, [(a, 1.0), (b, 0.0)])  # other scales: rescaled in place
+    torch.testing.assert_close(velocity(model, inputs), velocity(only_a, inputs), atol=1e-6, rtol=0)
+    assert lora.apply_loras(model, [(b, 0.5)])  # other folders: reloaded
+    assert lora.current_stack(model) == ((str(b), 0.5),)
+    assert lora.apply_loras(model, [])
+    assert not lora.has_lora(model)
+    torch.testing.assert_close(velocity(model, inputs), base, atol=0, rtol=0)  # base weights untouched
+
+
+def test_failed_stack_leaves_no_adapter(tmp_path):
+    a = saved_adapter(tmp_path / "a", seed=1)
+    model = random_model(tiny_config())
+    with pytest.raises(ValueError, match="not a LoRA adapter folder"):
+        lora.apply_loras(model, [(a, 1.0), (tmp_path / "missing", 1.0)])
+    assert not lora.has_lora(model) and lora.current_stack(model) == ()
+
+
+def every_parser(parser):
+    import argparse
+
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from every_parser(sub)
+
+
+def test_every_model_loading_command_has_lora(tmp_path):
+    from omnigen.cli.args import load_pipeline
+    from omnigen.cli.main import build_parser
+
+    loading = [p for p in every_parser(build_parser()) if "--model" in p._option_string_actions]
+    names = {p.prog.split(" ", 1)[1] for p in loading}
+    assert {"generate", "serve", "batch", "demo", "eval miniworld", "eval geneval"} <= names
+    assert all("--lora" in p._option_string_actions for p in loading)
+
+    from omnigen.pipeline import default_model_path
+    from omnigen.weights.checkpoint import load_model
+
+    shipped, _ = load_model(default_model_path())
+    lora.add_lora(shipped, rank=2, alpha=2)
+    randomize_adapter(shipped)
+    lora.save_lora(shipped, tmp_path / "ad")
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "x",
+            "-o",
+            str(tmp_path / "o.png"),
+            "--lora",
+            f"{tmp_path / 'ad'}:0.5",
+            "--lora",
+            str(tmp_path / "ad"),
+        ]
+    )
+    pipe = load_pipeline(args)
+    assert lora.current_stack(pipe.model) == ((str(tmp_path / "ad"), 0.5), (str(tmp_path / "ad"), 1.0))

@@ -572,3 +572,185 @@ def test_omnigen_serve_command(model_folder, tmp_path):
         process.terminate()
         process.wait(10)
         log.close()
+
+
+# ------------------------------------------------------------------------------------------ per-request LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_service(model, tokenizer, tmp_path_factory):
+    """A --lora-dir with adapters "style" and "ink" (and a folder that is not an adapter)."""
+    pytest.importorskip("peft")
+    import copy
+
+    from omnigen.weights import lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    for seed, name in enumerate(("style", "ink")):
+        donor = copy.deepcopy(model)
+        lora.add_lora(donor, rank=2, alpha=2)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, p in donor.named_parameters():
+                if ".lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        lora.save_lora(donor, folder / name)
+    (folder / "not-an-adapter").mkdir()
+    return folder
+
+
+def lora_pipeline(model, tokenizer):
+    """Its own pipeline (a copy of the model), so the shared one never gets adapters."""
+    import copy
+
+    from conftest import tiny_vae
+    from omnigen.generation import GenerationConfig
+    from omnigen.model.vae import AutoencoderKLCodec
+    from omnigen.pipeline import OmniGenPipeline
+
+    defaults = GenerationConfig(height=32, width=32, num_inference_steps=3, max_input_image_size=32)
+    return OmniGenPipeline(copy.deepcopy(model), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+
+
+def test_lora_requests_interleaved_equal_sequential_runs(model, tokenizer, lora_service):
+    from omnigen.weights import lora
+
+    pipe = lora_pipeline(model, tokenizer)
+    order = [
+        ("style", 1.0),
+        ("style", 0.5),
+        ("ink", 0.5),
+        (None, None),
+        ("style", 0.5),
+        ("ink", 0.5),
+        ("style", 1.0),
+    ]
+    expected = {}
+    for name, scale in set(order):  # each adapter alone, straight through the pipeline
+        lora.apply_loras(pipe.model, [] if name is None else [(lora_service / name, scale)])
+        (image,) = pipe("a red circle", seed=3, progress=False)
+        expected[name, scale] = png_bytes(image)
+    lora.apply_loras(pipe.model, [])
+    assert len(set(expected.values())) == len(expected)  # every adapter and scale matters
+    with client_for(pipe, lora_dir=str(lora_service)) as client:
+        got = []
+        for name, scale in order:
+            body = {"prompt": "a red circle", "seed": 3, "response_format": "png"}
+            body |= {} if name is None else {"lora": name, "lora_scale": scale}
+            response = client.post(URL, json=body)
+            assert response.status_code == 200, response.text[:300]
+            got.append(Image.open(io.BytesIO(response.content)))
+        health = client.get("/health").json()
+        form = client.post(
+            URL,
+            data={
+                "prompt": "a red circle",
+                "seed": "3",
+                "lora": "ink",
+                "lora_scale": "0.5",
+                "response_format": "png",
+            },
+        )
+    for (name, scale), image in zip(order, got):
+        assert png_bytes(image) == expected[name, scale], (name, scale)
+    assert png_bytes(Image.open(io.BytesIO(form.content))) == expected["ink", 0.5]  # a form field too
+    # each adapter is loaded once; every request changed the active adapters or their scale
+    assert health["loras"] == ["ink", "style"] and health["lora_loads"] == 2
+    assert health["lora_switches"] == 7 and health["lora_switch_mean_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"lora": "../style"}, "name of one of the service's adapters"),
+        ({"lora": "sub/style"}, "name of one of the service's adapters"),
+        ({"lora": ".."}, "name of one of the service's adapters"),
+        ({"lora": "nope"}, "no LoRA adapter named 'nope'; available: ['ink', 'style']"),
+        ({"lora": "not-an-adapter"}, "no LoRA adapter named 'not-an-adapter'"),
+        ({"lora_scale": 0.5}, "lora_scale given without lora"),
+        ({"lora": "style", "lora_scale": 50}, "less than or equal to 10"),
+    ],
+)
+def test_bad_lora_requests_are_refused(pipeline, lora_service, body, message):
+    with client_for(pipeline, lora_dir=str(lora_service)) as client:
+        response = client.post(URL, json={"prompt": "a red circle", **body})
+        stats = client.get("/health").json()
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
+    assert stats["jobs"]["accepted"] == 0
+
+
+def test_img2img_strength_without_an_image_is_refused_before_queueing(pipeline):
+    with client_for(pipeline) as client:
+        response = client.post(URL, json={"prompt": "a red circle", "strength": 0.5})
+        stats = client.get("/health").json()
+    assert response.status_code == 400 and response.json()["error"]["param"] == "strength"
+    assert "starts from the first input image" in response.json()["error"]["message"]
+    assert stats["jobs"]["accepted"] == 0
+
+
+def test_lora_needs_a_lora_dir(pipeline, lora_service, tmp_path):
+    with client_for(pipeline) as client:
+        response = client.post(URL, json={"prompt": "a red circle", "lora": "style"})
+    assert response.status_code == 400 and "--lora-dir" in response.json()["error"]["message"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        ServeSettings(lora_dir=str(tmp_path / "missing"))
+
+
+def test_lora_on_the_openai_edit_route(model, tokenizer, lora_service, rgb_image):
+    pipe = lora_pipeline(model, tokenizer)
+    with client_for(pipe, lora_dir=str(lora_service)) as client:
+        answers = [
+            client.post(
+                "/v1/images/edits",
+                data={"prompt": "make it blue", "seed": "2", **extra},
+                files={"image": ("a.png", png_bytes(rgb_image()), "image/png")},
+            )
+            for extra in ({}, {"lora": "style"}, {})
+        ]
+    assert all(a.status_code == 200 for a in answers), answers[0].text[:300]
+    plain, styled, again = (a.json()["data"][0]["b64_json"] for a in answers)
+    assert plain == again and styled != plain
+
+
+def test_adapter_switch_evicts_and_stays_exact(model, tokenizer, lora_service):
+    from omnigen.serve.adapters import AdapterSwitch
+    from omnigen.weights import lora
+
+    reference, pipe = lora_pipeline(model, tokenizer), lora_pipeline(model, tokenizer)
+    expected = {}
+    for name in ("style", "ink"):
+        lora.apply_loras(reference.model, [(lora_service / name, 0.7)])
+        expected[name] = reference("a red circle", seed=1, progress=False, output_type="latent")
+    switch = AdapterSwitch(pipe.model, max_resident=1)
+    for name in ("style", "ink", "style"):
+        switch.apply(((str(lora_service / name), 0.7),))
+        got = pipe("a red circle", seed=1, progress=False, output_type="latent")
+        torch.testing.assert_close(got, expected[name], atol=0, rtol=0)
+    assert switch.stats()["lora_loads"] == 3 and len(lora.adapter_names(pipe.model)) == 1  # evicted
+    switch.apply(())  # no adapter: the plain model's output
+    plain = lora_pipeline(model, tokenizer)("a red circle", seed=1, progress=False, output_type="latent")
+    torch.testing.assert_close(
+        pipe("a red circle", seed=1, progress=False, output_type="latent"), plain, atol=0, rtol=0
+    )
+
+
+def test_adapter_switch_keeps_the_startup_adapters(model, tokenizer, lora_service):
+    """``--lora`` adapters given at start stay under every request's own."""
+    from omnigen.serve.adapters import AdapterSwitch
+    from omnigen.weights import lora
+
+    style, ink = str(lora_service / "style"), str(lora_service / "ink")
+    reference, pipe = lora_pipeline(model, tokenizer), lora_pipeline(model, tokenizer)
+    lora.apply_loras(reference.model, [(style, 0.5), (ink, 0.7)])
+    both = reference("a red circle", seed=1, progress=False, output_type="latent")
+    lora.apply_loras(reference.model, [(style, 0.5)])
+    base_only = reference("a red circle", seed=1, progress=False, output_type="latent")
+    lora.apply_loras(pipe.model, [(style, 0.5)])  # what --lora does at start
+    switch = AdapterSwitch(pipe.model)
+    switch.apply(((ink, 0.7),))
+    got = pipe("a red circle", seed=1, progress=False, output_type="latent")
+    torch.testing.assert_close(got, both, atol=1e-6, rtol=0)
+    switch.apply(())
+    torch.testing.assert_close(
+        pipe("a red circle", seed=1, progress=False, output_type="latent"), base_only, atol=0, rtol=0
+    )

@@ -134,6 +134,22 @@ class GenerationConfig:
         label="Image guidance scale",
     )
     use_img_guidance: bool = _param(True, "bool", "image guidance when the prompt has input images")
+    guidance_start: float = _param(
+        0.0,
+        "float",
+        "guidance applies from this time t of the flow (0 = noise; sampling.guidance)",
+        low=0,
+        high=1,
+        label="Guidance from t",
+    )
+    guidance_end: float = _param(
+        1.0,
+        "float",
+        "guidance applies until this time t (outside: the conditional branch alone, fewer evaluations)",
+        low=0,
+        high=1,
+        label="Guidance until t",
+    )
     negative_prompt: str = _param(
         DEFAULT_NEGATIVE_PROMPT, "str", "the unconditional branch's prompt", label="Negative prompt"
     )
@@ -177,6 +193,14 @@ class GenerationConfig:
         choice_flags=True,
     )
     mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=1024)
+    strength: float = _param(
+        1.0,
+        "float",
+        "img2img: start from the first input image noised to t = 1 - strength (1: from noise; sampling.img2img)",
+        low=0,
+        high=1,
+        label="Strength (img2img denoise; 1 = from noise)",
+    )
     step_cache_threshold: float | None = _param(
         None,
         "float",
@@ -222,6 +246,10 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             object.__setattr__(self, f.name, param(f.name).check(f.name, getattr(self, f.name)))
+        if self.guidance_start > self.guidance_end:
+            raise ValueError(
+                f"guidance_start={self.guidance_start} must be <= guidance_end={self.guidance_end}"
+            )
         if self.trained_sizes and not self.use_input_image_size_as_output:
             for name in ("height", "width"):
                 if getattr(self, name) not in self.trained_sizes:

@@ -40,7 +40,8 @@ from omnigen.model.placement import place_layers, place_model
 from omnigen.model.runner import Runner
 from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled_decoding, to_uint8
 from omnigen.plan import CallPlan, count_condition_tokens, plan_call
-from omnigen.sampling.euler import make_noise
+from omnigen.sampling import img2img
+from omnigen.sampling.euler import draw_noise, noise_generators
 from omnigen.sampling.guidance import branch_rows, guided_velocity
 from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike
 from omnigen.sampling.solvers import solve
@@ -136,6 +137,7 @@ class OmniGenPipeline:
         progress: bool = True,
         output_type: str = "pil",
         mask: MaskLike | Sequence[MaskLike | None] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -147,6 +149,10 @@ class OmniGenPipeline:
         prompts generated one by one with consecutive seeds. The seed of each image is in ``image.info["seed"]``.
         ``callback_on_step_end(pipe, i, t, latents)`` runs after each solver step: ``self.plan(...).num_steps``
         times per output size (Heun's steps make two model evaluations each).
+        ``generator`` (diffusers' convention, instead of ``seed``): one ``torch.Generator`` that the images
+        draw their noise from in turn (in sampling order: by output size, then prompt), or a list of one
+        per image (prompt-major); ``torch.Generator().manual_seed(s)``
+        gives the image ``seed=s`` gives (no ``image.info["seed"]`` then).
 
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
@@ -158,6 +164,9 @@ class OmniGenPipeline:
             )
         call = self.plan(prompt, input_images, mask, **overrides)
         cfg, sizes = call.config, call.sizes
+        if generator is not None and overrides.get("seed") is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        generators = noise_generators(generator, call.seed, call.num_images)
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
@@ -182,7 +191,7 @@ class OmniGenPipeline:
                 [processed[i] for i in rows],
                 [branches[i] for i in rows],
                 size,
-                [call.seed + i * per_prompt for i in rows],
+                [g for i in rows for g in generators[i * per_prompt : (i + 1) * per_prompt]],
                 call,
                 (callback_on_step_end, progress, output_type != "latent"),
                 [call.masks[i] for i in rows],
@@ -190,7 +199,12 @@ class OmniGenPipeline:
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
         flat = [img for group in outputs for img in group]
-        return _assemble(flat, [m for m in call.masks for _ in range(per_prompt)], output_type, call.seed)
+        return _assemble(
+            flat,
+            [m for m in call.masks for _ in range(per_prompt)],
+            output_type,
+            None if generator is not None else call.seed,
+        )
 
     def condition_tokens(
         self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
@@ -220,13 +234,13 @@ class OmniGenPipeline:
         processed: list[ProcessedPrompt],
         branches: list,
         size: tuple[int, int],
-        seeds: list[int],
+        generators: list[torch.Generator],
         call: CallPlan,
         hooks: tuple[StepEndCallback | None, bool, bool],
         masks: Sequence[CanvasMask | None] = (),
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
-        ``hooks``: (step-end callback, progress bar, decode)."""
+        ``generators``: one per image (the noise); ``hooks``: (step-end callback, progress bar, decode)."""
         callback, progress, decode = hooks
         cfg = call.config
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
@@ -245,18 +259,21 @@ class OmniGenPipeline:
         conditions = [c.to(self.device, dtype) for c in conditions]
 
         h, w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
-        z = make_noise(
-            (config.in_channels, h, w), [s + j for s in seeds for j in range(per_prompt)], self.device
-        )
+        noise = draw_noise((config.in_channels, h, w), generators, self.device)
         steps = cfg.num_inference_steps
         step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
         velocity = guided_velocity(
             self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache, self.runner
         )
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
-        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)
-        project = None if edit is None else (lambda x, t, noise=z: edit.blend(x, t, noise))
-        z = solve(velocity, z, call.schedule, project, callback=step_callback, progress=progress)
+        schedule = call.schedule
+        z = noise
+        if cfg.strength < 1:  # img2img: from the first input image (cond rows come first)
+            start = torch.stack([latents[k][0] for k in range(len(processed)) for _ in range(per_prompt)])
+            z, schedule = img2img.start_from_image(noise, start, schedule, cfg.strength)
+        edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, noise)
+        project = None if edit is None else (lambda x, t: edit.blend(x, t, noise))
+        z = solve(velocity, z, schedule, project, callback=step_callback, progress=progress)
         if step_cache is not None:
             logger.info("step cache: ran all layers at %d of %d steps", step_cache.num_computed, steps)
         if decode:
@@ -338,7 +355,7 @@ class OmniGenPipeline:
 
 
 def _assemble(
-    flat: list[torch.Tensor], masks: Sequence[CanvasMask | None], output_type: str, seed: int
+    flat: list[torch.Tensor], masks: Sequence[CanvasMask | None], output_type: str, seed: int | None
 ) -> list[Image.Image] | torch.Tensor:
     """The call's outputs (image k, prompt-major): composited with their masks (``inpaint``) and stacked
     ("pt", "latent") or turned into PIL images carrying their seed."""
@@ -350,6 +367,7 @@ def _assemble(
     for k, (pixels, m) in enumerate(zip(flat, masks)):
         image = Image.fromarray(to_uint8(pixels[None])[0].numpy())
         image = image if m is None else m.composite_image(image)
-        image.info["seed"] = seed + k
+        if seed is not None:
+            image.info["seed"] = seed + k
         pil.append(image)
     return pil

@@ -28,6 +28,7 @@ import torch
 
 from omnigen.config import OmniGenConfig
 from omnigen.generation import GenerationConfig
+from omnigen.sampling import img2img
 from omnigen.sampling.inpaint import CanvasMask, MaskLike, check_output_size, prepare_masks
 from omnigen.sampling.solvers import EVALUATIONS_PER_STEP, Schedule, plan
 from omnigen.sampling.step_cache import StepCache
@@ -205,6 +206,8 @@ def plan_call(
         if not cfg.use_input_image_size_as_output:
             check_output_size(masks, overrides.get("height"), overrides.get("width"))
     sizes = tuple(_output_size(cfg, model_config, m, s) for m, s in zip(masks, inputs))
+    with _about("strength"):
+        img2img.check_start(cfg.strength, [(s[0][1], s[0][0]) if s else None for s in inputs], sizes)
     seed = random.randrange(2**31) if cfg.seed is None else cfg.seed
     return CallPlan(
         cfg,

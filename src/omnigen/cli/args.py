@@ -1,5 +1,6 @@
 """Command-line arguments shared by every entry point: the model-loading flags (``--model``, ``--vae``,
-``--device``, ``--dtype``, ``--quantize``, ``--memory``) and the generation flags, derived from ``omnigen.generation.GenerationConfig``.
+``--device``, ``--dtype``, ``--quantize``, ``--memory``, ``--lora``) and the generation flags, derived from
+``omnigen.generation.GenerationConfig``.
 
 The single home of these flags; ``generate``, ``serve``, ``demo``, ``batch`` and every ``eval`` subcommand
 add them from here. The pipeline is imported by ``load_pipeline`` only.
@@ -50,6 +51,17 @@ def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None
         help=f"{QUANTIZE_HELP} (default: none, or the --memory preset's)",
     )
     p.add_argument("--memory", choices=tuple(MEMORY_PRESETS), default=None, help=MEMORY_HELP)
+    add_lora_arg(p)
+
+
+def add_lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA adapter folder (peft format) and its scale (default 1); repeat to stack several",
+    )
 
 
 def add_device_arg(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
@@ -78,7 +90,16 @@ def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoid
         pipe = pipe.with_defaults(
             offload_model=offload_model, offload_kv_cache=offload_kv_cache, separate_cfg_infer=separate
         )
+    apply_lora_args(pipe, args)
     return pipe
+
+
+def apply_lora_args(pipe, args: argparse.Namespace) -> None:
+    """Load the ``--lora PATH[:SCALE]`` adapters (``omnigen.weights.lora.apply_loras``), if any."""
+    if getattr(args, "lora", None):
+        from omnigen.weights import lora
+
+        lora.apply_loras(pipe.model, [lora.parse_lora_arg(text) for text in args.lora])
 
 
 def flag(name: str) -> str:

@@ -8,6 +8,12 @@ Text-only guidance (no input images):
 Beside the pure combiners, the guided velocity of a sampling run: ``branch_rows`` assembles the CFG
 branches' prompts (each branch a block of rows of the condition batch, in the reference's order
 [cond | uncond | img_cond]) and ``guided_velocity`` prefills them and returns v(z, t) for the solver.
+
+Guidance interval (OmniGen2's ``cfg_range``, BAGEL's ``cfg_interval``; Kynkaanniemi et al. 2024): guidance
+applies only at evaluation times t with ``guidance_start <= t <= guidance_end``; elsewhere the velocity is
+the conditional branch's alone and, with separate CFG batches, the other branches do not run (fewer
+transformer evaluations). With all branches in one batch the batch still runs (its cache holds every
+branch's rows) and only the conditional rows are used.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ def combine(branches: list[torch.Tensor], scale: float, img_scale: float) -> tor
     if len(branches) == 3:
         return text_image_guidance(branches[0], branches[1], branches[2], scale, img_scale)
     raise ValueError(f"expected 2 or 3 CFG branches, got {len(branches)}")
+
+
+def guided_at(t: float, config: GenerationConfig) -> bool:
+    """Whether guidance applies at time t (``guidance_start <= t <= guidance_end``)."""
+    return config.guidance_start <= t <= config.guidance_end
 
 
 def branch_rows(processor: Any, processed: list[ProcessedPrompt], branches: list) -> list[list]:
@@ -106,9 +117,13 @@ def guided_velocity(
         if step_cache is not None:
             step_cache.begin_step()
         scale, img_scale = config.guidance_scale, config.img_guidance_scale
+        guided = guided_at(t[0].item(), config)
         if len(conditions) == 1:  # all branches in one batch
             out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
-            return combine(list(out.chunk(num_branches)), scale, img_scale)
+            branches = list(out.chunk(num_branches))
+            return combine(branches, scale, img_scale) if guided else branches[0]
+        if not guided:
+            return run(0, z, t)
         return combine([run(k, z, t) for k in range(num_branches)], scale, img_scale)
 
     return velocity

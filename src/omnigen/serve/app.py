@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnigen.serve import openai
+from omnigen.serve.adapters import AdapterSwitch, available
 from omnigen.serve.decode import DecodePool
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
@@ -62,6 +63,8 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
 
     settings = settings or ServeSettings()
     worker = Worker(pipeline, settings.queue_size)
+    if settings.lora_dir is not None:
+        worker.adapters = AdapterSwitch(pipeline.model)
     decode_pool = DecodePool(settings)
 
     @asynccontextmanager
@@ -103,6 +106,8 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
     )
     async def health() -> JSONResponse:
         stats = {"model": settings.model_name, **worker.stats(), **decode_pool.in_flight()}
+        if settings.lora_dir is not None:
+            stats["loras"] = available(settings.lora_dir)
         return JSONResponse(stats, status_code=503 if worker.draining.is_set() else 200)
 
     app.include_router(openai.router)

@@ -31,6 +31,7 @@ SETTING_FLAGS = {
     "max_connections": ("--max-connections", int, "open connections, more get 503"),
     "max_header_bytes": ("--max-header-bytes", int, "size of a request's headers"),
     "shutdown_grace_s": ("--shutdown-grace", float, "on SIGTERM: seconds the running job may take to finish"),
+    "lora_dir": ("--lora-dir", str, "folder of LoRA adapters a request may name (its field lora)"),
 }
 
 

@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnigen import generation
+from omnigen.serve import adapters
 from omnigen.serve.decode import decode_base64, too_large
 from omnigen.serve.errors import ApiError
 from omnigen.serve.settings import ServeSettings
@@ -78,6 +79,7 @@ GenerationRequest = create_model(
         ),
     ),
     **{name: _request_field(name) for name in generation.names("request")},
+    **adapters.REQUEST_FIELDS,
 )
 
 
@@ -304,6 +306,9 @@ def pipeline_kwargs(
         )
         raise ApiError(400, "limit_exceeded", message, limit="max_condition_tokens", field="images")
     extra = {} if mask is None else {"mask": mask}
+    loras = adapters.request_stack(req, settings.lora_dir)
+    if loras is not None:
+        extra["loras"] = loras  # the worker's, not the pipeline's (``serve.adapters``)
     return {"prompt": req.prompt, "input_images": images or None, **overrides, **extra}
 
 

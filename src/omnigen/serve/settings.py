@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from omnigen.generation import MAX_CONDITION_TOKENS
 from omnigen.util.checks import check_float, check_int
@@ -37,6 +38,7 @@ class ServeSettings:
     docs: bool = False  # serve /docs and /redoc (their pages load scripts from a CDN); /openapi.json always
     api_key: str | None = None
     model_name: str = "omnigen"
+    lora_dir: str | None = None  # the adapters a request may name (``adapters``); None: no per-request LoRA
 
     def __post_init__(self) -> None:
         positive = ("queue_size", "max_upload_bytes", "max_pixels", "max_input_pixels", "max_steps")
@@ -49,6 +51,8 @@ class ServeSettings:
         check_float("shutdown_grace_s", self.shutdown_grace_s, 0)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ValueError(f"lora_dir {self.lora_dir!r} is not a folder")
 
     def limits(self) -> dict[str, int | float]:
         """The request limits as published by GET /v1/models."""

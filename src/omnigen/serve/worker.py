@@ -110,6 +110,7 @@ class Worker:
         self._grace_end = math.inf  # monotonic time at which a draining worker cancels its running job
         self._thread: threading.Thread | None = None
         self.running: Job | None = None
+        self.adapters: Any = None  # serve.adapters.AdapterSwitch: a job's "loras" (--lora-dir)
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -173,6 +174,7 @@ class Worker:
             "waiting": len(self.queue),
             "running": self.running is not None,
             "jobs": counts,
+            **({} if self.adapters is None else self.adapters.stats()),
         }
 
     def retry_after(self) -> int:
@@ -230,7 +232,11 @@ class Worker:
 
         if job.cancelled.is_set():
             raise JobCancelled
-        images = self.pipeline(**job.kwargs, callback_on_step_end=check, progress=False)
+        kwargs = dict(job.kwargs)
+        loras = kwargs.pop("loras", None)
+        if loras is not None:
+            self.adapters.apply(loras)
+        images = self.pipeline(**kwargs, callback_on_step_end=check, progress=False)
         out = []
         for image in images:
             buffer = io.BytesIO()

@@ -1,8 +1,13 @@
 """LoRA adapters on the transformer's projections, through ``peft``, in peft's on-disk format.
 
-Owns: adding, saving, loading, scaling, merging and removing one adapter on an ``OmniGenModel``. The
+Owns: adding, saving, loading, scaling, merging and removing adapters on an ``OmniGenModel``. An
 adapter is injected into the model in place (``peft.inject_adapter_in_model``), so the model keeps its
-class and its ``forward(x, t, condition=..., cache=...)`` signature.
+class and its ``forward(x, t, condition=..., cache=...)`` signature. Training uses one adapter (named
+``ADAPTER_NAME``); inference may stack several (``apply_loras``: each under its own name, all active, their
+contributions summed), which is what ``--lora PATH[:SCALE]`` (repeatable), the ComfyUI LoRA node and the
+service's per-request adapter use. ``apply_loras`` records the stack it applied, so asking for the same
+stack again costs nothing and a different one unloads the old adapters first (the base weights are never
+changed: unmerged adapters come off exactly).
 
 Our projection names are the original OmniGen's (``llm.layers.N.self_attn.qkv_proj``, ``.o_proj``,
 ``llm.layers.N.mlp.gate_up_proj``, ``.down_proj``), so a folder written by the original training code
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +38,8 @@ ADAPTER_NAME = "default"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module names
+STACK_ATTRIBUTE = "_omnigen_lora_stack"  # the ((folder, scale), ...) that apply_loras last applied
+MAX_SCALE = 100.0
 
 
 def _peft():
@@ -54,12 +63,16 @@ def has_lora(model: torch.nn.Module) -> bool:
     return bool(lora_layers(model))
 
 
-def lora_config(model: torch.nn.Module):  # peft.LoraConfig
-    """The LoraConfig of the injected adapter."""
-    configs = getattr(model, "peft_config", None)
-    if not has_lora(model) or not configs or ADAPTER_NAME not in configs:
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """The names of the injected adapters, in the order they were added."""
+    return list(getattr(model, "peft_config", {}) or {}) if has_lora(model) else []
+
+
+def lora_config(model: torch.nn.Module, name: str = ADAPTER_NAME):  # peft.LoraConfig
+    """The LoraConfig of the injected adapter ``name``."""
+    if name not in adapter_names(model):
         raise ValueError("the model has no LoRA adapter; call add_lora or load_lora first")
-    return configs[ADAPTER_NAME]
+    return model.peft_config[name]
 
 
 def add_lora(
@@ -90,14 +103,22 @@ def add_lora(
     return config
 
 
-def _inject(model: torch.nn.Module, config) -> None:
-    if has_lora(model):
-        raise ValueError("the model already has a LoRA adapter; call unload_lora first")
+def _inject(model: torch.nn.Module, config, adapter: str = ADAPTER_NAME) -> None:
+    if adapter in adapter_names(model) or (adapter == ADAPTER_NAME and has_lora(model)):
+        raise ValueError(
+            f"the model already has a LoRA adapter ({', '.join(adapter_names(model)) or 'unnamed'}); "
+            "call unload_lora first"
+        )
     names = [name for name, _ in model.named_modules()]
     targets = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if targets:
         raise ValueError(f"target_modules {sorted(targets)} match no module of the model")
-    _peft().inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():  # peft warns that a second adapter makes several: we mean it
+        warnings.simplefilter("ignore", UserWarning)
+        _peft().inject_adapter_in_model(config, model, adapter_name=adapter)
+    active = adapter_names(model)
+    for layer in lora_layers(model).values():  # every adapter active; a layer skips those it lacks
+        layer.set_adapter(active)
     model.requires_grad_(False)
     for name, param in model.named_parameters():
         if ".lora_" in name:
@@ -156,37 +177,39 @@ def read_adapter(folder: str | Path):  # (peft.LoraConfig, dict)
     }
 
 
-def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0):
-    """Inject the adapter saved in ``folder`` and load its weights; every tensor must find its place.
-
-    ``scale`` multiplies the adapter's contribution (1.0: as trained). Returns its LoraConfig.
+def load_lora(model: torch.nn.Module, folder: str | Path, scale: float = 1.0, adapter: str = ADAPTER_NAME):
+    """Inject the adapter saved in ``folder`` under the name ``adapter`` and load its weights; every
+    tensor must find its place. ``scale`` multiplies the adapter's contribution (1.0: as trained).
+    Returns its LoraConfig.
     """
     peft = _peft()
+    scale = check_scale(scale)
     config, tensors = read_adapter(folder)
-    _inject(model, config)
+    _inject(model, config, adapter)
     try:
-        result = peft.set_peft_model_state_dict(model, tensors, adapter_name=ADAPTER_NAME)
+        result = peft.set_peft_model_state_dict(model, tensors, adapter_name=adapter)
         unexpected = [k for k in result.unexpected_keys if ".lora_" in k]
-        missing = [k for k in result.missing_keys if ".lora_" in k]
+        missing = [k for k in result.missing_keys if ".lora_" in k and f".{adapter}." in k]
         if unexpected or missing:
             raise ValueError(
                 f"adapter {folder} does not fit the model: unexpected {sorted(unexpected)[:10]}, "
                 f"missing {sorted(missing)[:10]}"
             )
     except BaseException:
-        unload_lora(model)
+        delete_adapter(model, adapter)
         raise
-    set_lora_scale(model, scale)
+    set_lora_scale(model, scale, adapter)
     logger.info("loaded LoRA adapter %s (r=%d, %d layers)", folder, config.r, len(lora_layers(model)))
     return config
 
 
-def set_lora_scale(model: torch.nn.Module, scale: float) -> None:
+def set_lora_scale(model: torch.nn.Module, scale: float, adapter: str = ADAPTER_NAME) -> None:
     """The adapter's output times ``scale`` (on top of alpha / r). Unmerge before changing a merged one."""
     for layer in lora_layers(model).values():
         if layer.merged:
             raise ValueError("unmerge_lora before changing the scale of a merged adapter")
-        layer.set_scale(ADAPTER_NAME, scale)
+        if adapter in layer.lora_A:
+            layer.set_scale(adapter, scale)
 
 
 def merge_lora(model: torch.nn.Module) -> None:
@@ -196,7 +219,7 @@ def merge_lora(model: torch.nn.Module) -> None:
         raise ValueError("the model has no LoRA adapter to merge")
     for layer in layers.values():
         if not layer.merged:
-            layer.merge(adapter_names=[ADAPTER_NAME])
+            layer.merge(adapter_names=[a for a in layer.active_adapters if a in layer.lora_A])
 
 
 def unmerge_lora(model: torch.nn.Module) -> None:
@@ -210,7 +233,7 @@ def unload_lora(model: torch.nn.Module, merge: bool = False) -> None:
     ``merge=True``: the base weights keep the adapter merged in (a plain model with the LoRA applied)."""
     for name, layer in lora_layers(model).items():
         if merge and not layer.merged:
-            layer.merge(adapter_names=[ADAPTER_NAME])
+            layer.merge(adapter_names=[a for a in layer.active_adapters if a in layer.lora_A])
         elif not merge and layer.merged:
             layer.unmerge()
         parent_name, _, child = name.rpartition(".")
@@ -218,3 +241,87 @@ def unload_lora(model: torch.nn.Module, merge: bool = False) -> None:
         setattr(parent, child, layer.get_base_layer())
     if hasattr(model, "peft_config"):
         del model.peft_config
+    model.__dict__.pop(STACK_ATTRIBUTE, None)
+
+
+# ---------------------------------------------------------------------- stacks of adapters (inference)
+def check_scale(scale: float, name: str = "LoRA scale") -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{name} must be a finite number, got {scale!r:.60}")
+    if abs(scale) > MAX_SCALE:
+        raise ValueError(f"{name} must be between -{MAX_SCALE:g} and {MAX_SCALE:g}, got {scale!r}")
+    return float(scale)
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` (the ``--lora`` flag) -> (path, scale); a tail that is not a number is part of
+    the path (so ``C:\\adapters\\x`` keeps its colon)."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, check_scale(float(tail), f"the scale in --lora {text!r}")
+        except ValueError as err:
+            if "between" in str(err):
+                raise
+    if not text:
+        raise ValueError("--lora needs a path: --lora PATH[:SCALE]")
+    return text, 1.0
+
+
+def current_stack(model: torch.nn.Module) -> tuple[tuple[str, float], ...]:
+    """The ((folder, scale), ...) that ``apply_loras`` last applied (empty: none, or another adapter)."""
+    return model.__dict__.get(STACK_ATTRIBUTE, ())
+
+
+def apply_loras(model: torch.nn.Module, stack: Sequence[tuple[str | Path, float]]) -> bool:
+    """Make ``stack`` (folder, scale pairs; empty: none) exactly the model's adapters, all active and
+    summed. The same stack as last time costs nothing; the same folders at other scales only rescale;
+    otherwise the old adapters are unloaded (the base weights are restored exactly) and the new ones
+    loaded. Any adapter not applied by this function (``load_lora``, training) is replaced too.
+    Returns whether adapters were (re)loaded."""
+    wanted = tuple((str(folder), check_scale(scale)) for folder, scale in stack)
+    current = current_stack(model)
+    if wanted == current:
+        return False
+    if current and [f for f, _ in wanted] == [f for f, _ in current] and not _merged(model):
+        for k, (_, scale) in enumerate(wanted):
+            set_lora_scale(model, scale, f"lora_{k}")
+        model.__dict__[STACK_ATTRIBUTE] = wanted
+        return False
+    unload_lora(model)
+    try:
+        for k, (folder, scale) in enumerate(wanted):
+            load_lora(model, folder, scale, adapter=f"lora_{k}")
+    except BaseException:
+        unload_lora(model)
+        raise
+    if wanted:
+        model.__dict__[STACK_ATTRIBUTE] = wanted
+    return True
+
+
+def delete_adapter(model: torch.nn.Module, adapter: str) -> None:
+    """Remove one adapter (the others stay); the last one leaves the plain model (``unload_lora``)."""
+    if adapter_names(model) in ([adapter], []):
+        unload_lora(model)
+        return
+    for layer in lora_layers(model).values():
+        if adapter in layer.lora_A:
+            layer.delete_adapter(adapter)
+    model.peft_config.pop(adapter, None)
+
+
+def activate(model: torch.nn.Module, scales: dict[str, float], layers: Sequence | None = None) -> None:
+    """Make exactly the adapters named in ``scales`` active, at those scales; the others stay loaded
+    but inactive (an inactive adapter costs nothing and changes nothing: the layers add only the active
+    ones, so one active adapter gives what loading it alone gives, and none the plain model's outputs).
+    ``layers``: the model's LoRA layers, if known (finding them walks every module)."""
+    for layer in lora_layers(model).values() if layers is None else layers:
+        present = [name for name in scales if name in layer.lora_A]
+        layer.set_adapter(present, inference_mode=True)
+        for name in present:
+            layer.set_scale(name, scales[name])
+
+
+def _merged(model: torch.nn.Module) -> bool:
+    return any(layer.merged for layer in lora_layers(model).values())
