@@ -373,15 +373,18 @@ def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
     folder = checkpoints / "step_00000001"
     assert sorted(p.name for p in folder.iterdir()) == [
         "ema.safetensors",
+        "manifest.json",
         "model.safetensors",
         "optimizer.safetensors",
         "state.json",
     ]
     state = json.loads((folder / "state.json").read_text())
-    assert list(state) == ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "optimizer"]
+    keys = ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "ema_updates", "optimizer"]
+    assert list(state) == keys
     assert (state["step"], state["stage"], state["world_size"], state["base_model"]) == (1, 0, 1, None)
+    assert state["ema_updates"] == 1
     assert set(state["sampler"]) == {"epoch", "position", "seed", "num_replicas", "batch_size", "num_samples"}
-    assert set(state["optimizer"]) == {"param_groups", "scalars"}
+    assert set(state["optimizer"]) == {"param_groups", "scalars", "with_state"}
     model = load_file(str(folder / "model.safetensors"))
     trainable = load_file(str(folder / "ema.safetensors")).keys()  # the EMA: every trainable parameter
     assert set(model) - set(trainable) == {"pos_embed"}  # the model file also holds the buffer
@@ -389,6 +392,7 @@ def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
     moments = ("exp_avg", "exp_avg_sq", "step")
     assert set(optimizer) == {f"{name}.{moment}" for name in trainable for moment in moments}
     assert state["optimizer"]["scalars"] == {}
+    assert sorted(state["optimizer"]["with_state"]) == sorted(trainable)
     groups = state["optimizer"]["param_groups"]
     assert sorted(n for g in groups for n in g["params"]) == sorted(trainable)
 

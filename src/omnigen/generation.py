@@ -136,7 +136,7 @@ class GenerationConfig:
         label="Use input image size as output (one input image; ignores height/width)",
     )
     seed: int | None = _param(
-        None, "int", "noise seed; image k uses seed + k (None: random)", low=0, optional=True
+        None, "int", "noise seed; image k uses seed + k (None: random)", low=0, high=2**64 - 1, optional=True
     )
     num_images_per_prompt: int = _param(1, "int", "images per prompt", low=1, aliases=("--num-images",))
     sampler: str = _param("euler", "choice", "ODE solver (omnigen.sampling.solvers)", choices=SOLVERS)

@@ -84,12 +84,7 @@ class LoraSettings:
 
     def arguments(self) -> dict[str, Any]:
         """``omnigen.weights.lora.add_lora`` keyword arguments."""
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "target_modules": self.target_modules,
-            "dropout": self.dropout,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,13 @@ class TrainConfig:
     )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
+    ema_decay: float = field(
+        default=0.999,
+        metadata={"help": "EMA decay (0 = no EMA), warmed up: min(ema_decay, (1 + s) / (10 + s)) at step s"},
+    )
+    skip_nonfinite_loss: bool = field(
+        default=False, metadata={"help": "skip a step whose loss is NaN/inf (default: stop the run)"}
+    )
     precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' autocast"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
     t_distribution: str = field(default="logit_normal", metadata={"help": "'uniform' or 'logit_normal'"})
@@ -242,7 +243,6 @@ class TrainConfig:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def loss_settings(self) -> LossSettings:
-
         return LossSettings(
             self.t_distribution,
             self.edit_weight,
@@ -360,6 +360,8 @@ class TrainConfig:
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """YAML (.yaml/.yml) or TOML (.toml); ``overrides`` are ``key=value`` with JSON/YAML values."""
         path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config {str(path)!r}: no such file")
         text = path.read_text()
         if path.suffix == ".toml":
             import tomllib
@@ -380,19 +382,6 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
-
-
-def describe_fields() -> str:
-    """The help text listing every field."""
-    lines = []
-    for f in fields(TrainConfig):
-        default = (
-            "required"
-            if f.default is MISSING and f.default_factory is MISSING
-            else (f"default {f.default!r}" if f.default is not MISSING else "default empty")
-        )
-        lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
-    return "\n".join(lines)
 
 
 def _default_lora_targets() -> tuple[str, ...]:

@@ -32,6 +32,7 @@ class Run:
     scaler: torch.amp.GradScaler
     builder: BatchBuilder
     base_reference: str | None  # LoRA: the folder of the adapted base model
+    ema_updates: int = 0  # EMA updates done (its warm-up position; saved in checkpoints)
 
     @property
     def is_lora(self) -> bool:
