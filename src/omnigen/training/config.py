@@ -102,19 +102,19 @@ class TrainConfig:
     )
     grow_layers: int | None = field(
         default=None,
-        metadata={
-            "help": "with init_from: deepen the loaded model to this many layers before training (new "
-            "blocks interleaved, starting as the identity: omnigen.training.grow)"
-        },
+        metadata={"help": "with init_from: deepen to N layers, new ones the identity (training.grow)"},
     )
     grow_intermediate: int | None = field(
         default=None,
-        metadata={
-            "help": "with init_from: widen every MLP to this many hidden units before training (new units "
-            "start with zero output weights: omnigen.training.grow)"
-        },
+        metadata={"help": "with init_from: widen every MLP to N units, new ones silent (training.grow)"},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json (default: init_from's)"})
+    add_words: list[str] = field(
+        default_factory=list, metadata={"help": "new words for the tokenizer (training.vocabulary)"}
+    )
+    extend_tokenizer: bool = field(
+        default=False, metadata={"help": "add every word of the data the tokenizer does not know"}
+    )
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
     on_bad_row: str = field(default="error", metadata={"help": "'error' or 'skip' bad JSONL rows"})
@@ -224,6 +224,12 @@ class TrainConfig:
         for name in ("edit_weight", "foreground_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in self.add_words):
+            raise ValueError(f"add_words must be a list of single words, got {self.add_words!r}")
+        if self.lora is not None and (self.add_words or self.extend_tokenizer):
+            raise ValueError(
+                "add_words / extend_tokenizer train new embedding rows: a full fine-tune, not lora"
+            )
         check_int("foreground_dilate", self.foreground_dilate, 0)
         check_int("length_groups", self.length_groups, 1)
         check_int("val_every", self.val_every, 0)
@@ -278,16 +284,16 @@ class TrainConfig:
         """With ``init_from`` and a ``tokenizer`` whose vocabulary differs from the base model's: (base
         vocabulary, new vocabulary), the trainer remapping the token embedding from one to the other;
         else None (also when the base folder has no tokenizer: its ids are then taken as ``tokenizer``'s)."""
-        if not (self.init_from and self.tokenizer):
+        if not (self.init_from and (self.tokenizer or self.add_words or self.extend_tokenizer)):
             return None
         from omnigen.text.tokenizer import Tokenizer
+        from omnigen.training.vocabulary import run_tokenizer
         from omnigen.weights.checkpoint import resolve_layout
 
         base_file = resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json"
         if not base_file.is_file():
             return None
-        base = Tokenizer.from_file(base_file)
-        old, new = base.backend.get_vocab(), Tokenizer.from_file(self.tokenizer).backend.get_vocab()
+        old, new = Tokenizer.from_file(base_file).backend.get_vocab(), run_tokenizer(self).backend.get_vocab()
         return None if new == old else (old, new)
 
     def tokenizer_file(self) -> str:

@@ -42,6 +42,7 @@ from omnigen.training.run_log import RunLog
 from omnigen.training.schedule import BatchStream, lr_at
 from omnigen.training.step import ema_decay_at, train_step
 from omnigen.training.validation import Validator, swapped_in
+from omnigen.training.vocabulary import run_tokenizer
 from omnigen.weights.checkpoint import build_model, load_model, save_model
 
 __all__ = ["export", "lr_at", "precompute_latents", "train"]
@@ -61,7 +62,7 @@ def _check_vocabulary(config: TrainConfig, tokenizer: Tokenizer) -> None:
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
-    tokenizer = Tokenizer.from_file(config.tokenizer_file())
+    tokenizer = run_tokenizer(config)
     _check_vocabulary(config, tokenizer)
     if config.init_from:
         # fp32 master weights whatever the folder stores (the shipped model is fp16)
@@ -95,7 +96,7 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     config.check_paths()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_config = config.model_config()
-    tokenizer = Tokenizer.from_file(config.tokenizer_file())
+    tokenizer = run_tokenizer(config)
     codec = _make_codec(config, model_config, device)
     builder = BatchBuilder.from_config(config, tokenizer, codec, model_config, device, rank)
     indices = range(rank, len(builder.samples), world)
