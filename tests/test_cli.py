@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,92 @@ def test_quantize_errors_name_the_options(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ValueError, match="nf4 needs bitsandbytes.*int8 or fp8"):
         quantize(model, "nf4")
+
+
+def _main_error(argv, caplog, capsys) -> str:
+    """``main(argv)`` in-process: exit 2 with one error line and no traceback; returns that line."""
+    import logging
+
+    from omnigen.cli.main import main
+
+    with caplog.at_level(logging.INFO, logger="omnigen"):
+        assert main(argv) == 2
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, errors
+    assert "Traceback" not in capsys.readouterr().err
+    message = errors[0].getMessage()
+    assert "\n" not in message
+    return message
+
+
+def _device_defaults(parser, prefix="") -> dict[str, str]:
+    """The --device default of every (sub)command under ``parser``."""
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if "--device" in action.option_strings:
+            found[prefix.strip()] = action.default
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_device_defaults(sub, f"{prefix} {name}"))
+    return found
+
+
+def test_every_command_with_a_device_flag_defaults_to_auto():
+    from omnigen.cli.main import build_parser
+
+    defaults = _device_defaults(build_parser())
+    assert {"generate", "demo", "serve", "batch", "train"} <= {key.split()[0] for key in defaults}
+    assert set(defaults.values()) == {"auto"}, defaults
+
+
+def test_auto_device_is_cuda_exactly_when_available(monkeypatch):
+    import torch
+
+    from omnigen.cli.args import resolve_device
+
+    for available, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert resolve_device("auto") == expected
+
+
+@pytest.mark.parametrize(
+    "device, cuda, message",
+    [
+        ("cuda", False, "--device 'cuda': this torch was built without CUDA"),
+        ("cuda:3", True, "--device 'cuda:3': this machine has 1 CUDA GPU(s)"),
+        ("tpu", False, "--device 'tpu': unknown device; use auto"),
+        ("cuda:x", False, "--device 'cuda:x': unknown device"),
+    ],
+)
+def test_an_unusable_device_is_one_line_naming_it(
+    tmp_path, monkeypatch, caplog, capsys, device, cuda, message
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "cuda", "12.1" if cuda else None)
+    argv = ["generate", "a red circle", "--device", device, "-o", str(tmp_path / "x.png")]
+    assert message in _main_error(argv, caplog, capsys)
+    assert message in _main_error(
+        ["train", "--config", "x.yaml", "--device", device], caplog.clear() or caplog, capsys
+    )
+
+
+def test_bad_train_config_output_and_seed_are_one_line_naming_the_value(tmp_path, caplog, capsys):
+    missing = str(tmp_path / "missing.yaml")
+    assert f"--config {missing!r}: no such file" in _main_error(
+        ["train", "--config", missing], caplog, capsys
+    )
+    caplog.clear()
+    common = ["generate", "a red circle", "--model", str(tmp_path / "no-model")]
+    if Path("/proc").is_dir():
+        message = _main_error([*common, "-o", "/proc/x.png"], caplog, capsys)
+        assert "-o '/proc/x.png': cannot write /proc/x.png" in message
+        caplog.clear()
+    huge = str(2**64)
+    message = _main_error([*common, "--seed", huge, "-o", str(tmp_path / "x.png")], caplog, capsys)
+    assert "seed" in message and huge in message and "18446744073709551615" in message
+    assert not (tmp_path / "x.png").exists()

@@ -142,3 +142,71 @@ def test_streaming_load_peaks_far_below_the_file(tmp_path):
     growth, model_bytes = (int(x) for x in out.split("GROWTH")[1].split())
     assert model_bytes == pytest.approx(file_bytes / 2, rel=0.01)
     assert growth < 0.75 * file_bytes, (growth / 2**20, file_bytes / 2**20)
+
+
+def test_a_config_that_does_not_describe_its_weights_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    """config.json saying num_hidden_layers: 1000000 (or another MLP size) over a small file: a
+    CheckpointError from the headers, and no model of the config's size is ever built."""
+    from omnigen.weights import checkpoint
+    from omnigen.weights.checkpoint import CheckpointError
+
+    save_model(random_model(tiny_config()), tmp_path / "m")
+    built = []
+    real = checkpoint.OmniGenModel
+
+    def guarded(config):
+        built.append(config.transformer.num_layers)
+        if config.transformer.num_layers > 100:
+            raise AssertionError(f"built a model of the config's size: {config.transformer}")
+        return real(config)
+
+    monkeypatch.setattr(checkpoint, "OmniGenModel", guarded)
+    data = json.loads((tmp_path / "m" / "config.json").read_text())
+    layers = data["num_hidden_layers"]
+    for key, value, message in (
+        (
+            "num_hidden_layers",
+            1_000_000,
+            f"num_hidden_layers=1000000 but the weights hold layers 0 to {layers - 1}",
+        ),
+        ("num_hidden_layers", layers - 1, f"unexpected keys: llm.layers.{layers - 1}."),
+        ("intermediate_size", 1_000_000, "shape mismatches: .*mlp"),
+    ):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**data, key: value}))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "m")
+    assert built and max(built) <= 1  # only the one-layer model the headers are checked against
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor_and_file(tmp_path, value):
+    from safetensors.torch import load_file
+
+    from omnigen.pipeline import OmniGenPipeline
+    from omnigen.weights.checkpoint import CheckpointError
+
+    save_model(random_model(tiny_config()), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["llm.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(state, str(weights))
+    expected = f"{weights}: tensor 'llm.layers.1.mlp.down_proj.weight' holds NaN or infinite values"
+    with pytest.raises(CheckpointError, match=expected.replace(".", r"\.")):
+        load_model(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="llm.layers.1.mlp.down_proj.weight"):
+        OmniGenPipeline.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_weights_that_overflow_the_load_dtype_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    from omnigen.weights.checkpoint import CheckpointError
+
+    save_model(random_model(tiny_config()), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["final_layer.linear.weight"][0, 0] = 1e6  # finite in fp32, inf in fp16
+    save_file(state, str(weights))
+    assert load_model(tmp_path / "m")[0] is not None
+    with pytest.raises(CheckpointError, match="'final_layer.linear.weight'.*once cast to torch.float16"):
+        load_model(tmp_path / "m", dtype=torch.float16)

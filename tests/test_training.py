@@ -373,15 +373,18 @@ def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
     folder = checkpoints / "step_00000001"
     assert sorted(p.name for p in folder.iterdir()) == [
         "ema.safetensors",
+        "manifest.json",
         "model.safetensors",
         "optimizer.safetensors",
         "state.json",
     ]
     state = json.loads((folder / "state.json").read_text())
-    assert list(state) == ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "optimizer"]
+    keys = ["step", "stage", "sampler", "world_size", "base_model", "grad_scaler", "ema_updates", "optimizer"]
+    assert list(state) == keys
     assert (state["step"], state["stage"], state["world_size"], state["base_model"]) == (1, 0, 1, None)
+    assert state["ema_updates"] == 1
     assert set(state["sampler"]) == {"epoch", "position", "seed", "num_replicas", "batch_size", "num_samples"}
-    assert set(state["optimizer"]) == {"param_groups", "scalars"}
+    assert set(state["optimizer"]) == {"param_groups", "scalars", "with_state"}
     model = load_file(str(folder / "model.safetensors"))
     trainable = load_file(str(folder / "ema.safetensors")).keys()  # the EMA: every trainable parameter
     assert set(model) - set(trainable) == {"pos_embed"}  # the model file also holds the buffer
@@ -389,6 +392,7 @@ def test_checkpoint_layout_is_the_one_running_jobs_resume_from(world, tmp_path):
     moments = ("exp_avg", "exp_avg_sq", "step")
     assert set(optimizer) == {f"{name}.{moment}" for name in trainable for moment in moments}
     assert state["optimizer"]["scalars"] == {}
+    assert sorted(state["optimizer"]["with_state"]) == sorted(trainable)
     groups = state["optimizer"]["param_groups"]
     assert sorted(n for g in groups for n in g["params"]) == sorted(trainable)
 
@@ -704,3 +708,67 @@ def test_validation_loss_is_the_exported_ema_models_loss_at_fixed_draws(world, t
     assert abs(rows[0]["val_loss"] - rows[1]["val_loss"]) > 1e-4  # the weights moved it
     with pytest.raises(ValueError, match="val_samples must be an int >= 1, got 0"):
         make_config(root, tmp_path / "x", 1, val_samples=0)
+
+
+def test_extending_the_tokenizer_gives_new_words_their_own_ids_and_trained_rows(world, tmp_path, caplog):
+    """A base model whose tokenizer lacks some of the data's words, fine-tuned with extend_tokenizer and
+    add_words: each new word gets its own id (known ids unchanged), its embedding row starts at the mean
+    of the old rows, the rows of words in the data train, and the export reads them with its tokenizer."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from omnigen.config import OmniGenConfig
+    from omnigen.model import OmniGenModel
+    from omnigen.text.tags import BARE_TAG_PATTERN
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.weights.checkpoint import save_model
+
+    root, _ = world
+    full = Tokenizer.from_file(root / "tokenizer.json")
+    rows = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()]
+    texts = [r["instruction"] for r in rows] + [r["few_shot"]["instruction"] for r in rows if "few_shot" in r]
+    instructions = [chunk for text in texts for chunk in BARE_TAG_PATTERN.split(text)[::2]]
+    split = full.backend.pre_tokenizer.pre_tokenize_str
+    words = sorted({w for text in instructions for w, _ in split(text.lower()) if w.isalpha() and len(w) > 3})
+    dropped = set(words[::3])  # the base model's tokenizer lacks a third of the data's longer words
+    data = json.loads(full.backend.to_str())  # the special tokens (ids 0-9) first, then the words
+    kept = [t for t, _ in sorted(data["model"]["vocab"].items(), key=lambda x: x[1]) if t not in dropped]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(kept)}
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "tokenizer.json").write_text(json.dumps(data))
+    small = Tokenizer.from_file(tmp_path / "base")
+    unknown = list(dict.fromkeys(w for text in instructions for w in small.unknown_words(text)))
+    assert sorted(unknown) == sorted(dropped)  # the base tokenizer maps them to <unk>
+    config = OmniGenConfig.from_dict({**PIXEL_MODEL, "vocab_size": small.backend.get_vocab_size()})
+    torch.manual_seed(0)
+    base = OmniGenModel(config)
+    base.initialize_weights()
+    save_model(base, tmp_path / "base")
+    run = make_config(
+        root,
+        tmp_path / "run",
+        3,
+        model={},
+        init_from=str(tmp_path / "base"),
+        tokenizer=None,  # the base model's
+        extend_tokenizer=True,
+        add_words=["Zorblax"],
+        warmup_steps=0,
+    )
+    with caplog.at_level(logging.WARNING, logger="omnigen.text.tokenizer"):
+        final = train(run, device="cpu")
+    assert "does not know" not in caplog.text  # every word of the data has an id now
+    tuned = Tokenizer.from_file(final)
+    old_size = small.backend.get_vocab_size()
+    new_ids = {w: tuned.encode(w)[-1] for w in [*unknown, "zorblax"]}
+    assert sorted(new_ids.values()) == list(range(old_size, old_size + len(new_ids)))
+    known = " ".join(t for t, i in small.backend.get_vocab().items() if i >= 10)
+    assert tuned.encode(known) == small.encode(known)
+    table = load_file(str(final / "model.safetensors"))["llm.embed_tokens.weight"]
+    old_table = base.llm.embed_tokens.weight.detach()
+    assert table.shape[0] == old_size + len(new_ids)
+    mean = old_table.mean(0)
+    assert torch.allclose(table[new_ids["zorblax"]], mean)  # not in the data: no gradient, unchanged
+    moved = [(table[new_ids[w]] - mean).abs().max().item() for w in unknown]
+    assert min(moved) > 1e-4, moved  # every new word of the data trained its row

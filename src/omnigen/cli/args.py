@@ -32,12 +32,12 @@ MEMORY_HELP = (
 )
 
 
-def add_model_args(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=None, help="model folder or hub id (default: the shipped miniature model)"
     )
     p.add_argument("--vae", default=None, help="VAE folder when the model folder has none (default: none)")
-    add_device_arg(p, device_default)
+    add_device_arg(p)
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -64,22 +64,53 @@ def add_lora_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_arg(p: argparse.ArgumentParser, device_default: str | None = None) -> None:
-    where = "cuda if available, else cpu" if device_default is None else device_default
-    p.add_argument("--device", default=device_default, help=f"cpu, cuda or cuda:K (default: {where})")
+DEVICES = "auto (CUDA when available, else CPU), cpu, cuda, cuda:K or mps"
 
 
-def pick_device(device: str | None) -> str:
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``, the same default for every command; ``omnigen.cli.main`` resolves it (``resolve_device``)
+    before the command runs."""
+    p.add_argument("--device", default="auto", help=f"{DEVICES} (default: auto)")
+
+
+def resolve_device(value: str | None) -> str:
+    """``--device`` as a torch device string that this machine has; ValueError naming the value otherwise."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = (value or "auto").strip().lower()
+    kind, colon, index = name.partition(":")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if kind == "cuda" and (not colon or index.isdigit()):
+        if not torch.cuda.is_available():
+            why = (
+                "this torch was built without CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise ValueError(f"--device {value!r}: {why}; use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if colon and int(index) >= count:
+            raise ValueError(
+                f"--device {value!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+        return name
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(
+                f"--device {value!r}: MPS (Apple GPU) is not available here; use --device cpu or auto"
+            )
+        return name
+    raise ValueError(f"--device {value!r}: unknown device; use {DEVICES}")
 
 
 def load_pipeline(args: argparse.Namespace, device: str | None = None):  # avoids importing torch here
     """The pipeline of ``--model/--vae/--dtype`` on ``device`` (default: ``--device``)."""
     from omnigen.pipeline import OmniGenPipeline
 
-    target = pick_device(device or args.device)
+    target = resolve_device(device or args.device)
     pipe = OmniGenPipeline.from_pretrained(args.model, device=target, dtype=args.dtype, vae_path=args.vae)
     preset = getattr(args, "memory", None)
     kind, offload_model, offload_kv_cache, separate = MEMORY_PRESETS.get(preset, ("none", None, None, None))

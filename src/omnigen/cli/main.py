@@ -36,7 +36,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="L,R,T,B",
         help="pad the first --image by LEFT,RIGHT,TOP,BOTTOM pixels and generate only the padding",
     )
-    add_model_args(p, device_default="cpu")
+    add_model_args(p)
     add_generation_args(p, skip=("seed",))
     p.set_defaults(func=_run_generate)
 
@@ -63,9 +63,14 @@ def check_output_path(output: str, count: int = 1) -> list[Path]:
         raise ValueError(f"-o {output!r}: cannot create its folder {out.parent}: {err.strerror}") from None
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
     for path in paths:
-        target = path if path.exists() else path.parent
-        if not os.access(target, os.W_OK):
-            raise ValueError(f"-o {output!r}: {target} is not writable")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"-o {output!r}: {path} is not writable")
+        if not path.exists():  # try it: permissions alone miss read-only and virtual file systems
+            try:
+                path.open("xb").close()
+            except OSError as err:
+                raise ValueError(f"-o {output!r}: cannot write {path}: {err.strerror}") from None
+            path.unlink()
     return paths
 
 
@@ -157,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if hasattr(args, "device"):  # every command's --device, resolved once (omnigen.cli.args)
+            from omnigen.cli.args import resolve_device
+
+            args.device = resolve_device(args.device)
         return args.func(args)
-    except (ValueError, TypeError, ImportError) as err:
+    except (ValueError, TypeError, ImportError, FloatingPointError) as err:
         logger.error("%s", err)
         return 2
 

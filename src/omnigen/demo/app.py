@@ -350,7 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from omnigen.cli.args import add_generation_args, add_model_args
 
     p = sub.add_parser("demo", help="launch the web UI (gradio)")
-    add_model_args(p, device_default="cpu")
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="(default: 7860)")
     g = p.add_argument_group("memory modes (for every user of the demo)")

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="HTTP API in OpenAI's Images API shape: /v1/images/generations, /v1/images/edits (FastAPI)",
     )
-    add_model_args(p, device_default="cpu")
+    add_model_args(p)
     g = p.add_argument_group("memory modes (for every request; not a request field)")
     add_generation_args(g, scopes=("operator",))
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")

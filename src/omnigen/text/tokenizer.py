@@ -171,7 +171,13 @@ class Tokenizer:
             self._warn_unknown(text, encoding)
         return encoding.ids
 
-    def _warn_unknown(self, text: str, encoding) -> None:  # tokenizers.Encoding
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` this tokenizer maps to its unknown token, in order, each once."""
+        if self.unk_token_id is None:
+            return []
+        return self._unknown(text, self.backend.encode(text, add_special_tokens=True))
+
+    def _unknown(self, text: str, encoding) -> list[str]:  # tokenizers.Encoding
         words = [
             text[start:end]
             for token_id, (start, end), special in zip(
@@ -179,7 +185,31 @@ class Tokenizer:
             )
             if token_id == self.unk_token_id and not special and end > start
         ]
-        new = [w for w in dict.fromkeys(words) if w not in self._warned]
+        return list(dict.fromkeys(words))
+
+    def with_words(self, words: list[str]) -> Tokenizer:
+        """A copy that knows ``words`` too: each one the vocabulary lacks becomes a token of its own (the
+        next free id, matched as a whole word after the tokenizer's normalizer); known ids are unchanged."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(self.backend.to_str())
+        normalize = backend.normalizer.normalize_str if backend.normalizer is not None else str
+        new = [w for w in dict.fromkeys(normalize(word) for word in words) if backend.token_to_id(w) is None]
+        tokens = [AddedToken(w, single_word=any(c.isalnum() for c in w), normalized=True) for w in new]
+        backend.add_tokens(tokens)  # a word matches only as a whole word (punctuation anywhere)
+        used = set(self.backend.get_vocab().values())
+        clashes = [w for w in new if backend.token_to_id(w) in used]
+        if clashes:
+            raise ValueError(
+                f"cannot add {clashes[:5]} to this tokenizer: its ids have gaps, so a new word would take an id "
+                "a known token has; renumber the tokenizer's vocabulary first"
+            )
+        unk = None if self.unk_token_id is None else self.backend.id_to_token(self.unk_token_id)
+        return Tokenizer(backend, self.bos_token, unk, self.sidecars)
+
+    def _warn_unknown(self, text: str, encoding) -> None:  # tokenizers.Encoding
+        new = [w for w in self._unknown(text, encoding) if w not in self._warned]
         if new:
             self._warned.update(new)
             logger.warning(

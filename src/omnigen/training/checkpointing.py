@@ -3,8 +3,12 @@ rank 0 writes through ``omnigen.training.state``) and ``resume`` loads the lates
 
 What a checkpoint holds (its format is ``omnigen.training.state``'s): the trainable weights (the whole
 model, or the LoRA tensors), the EMA, AdamW's state by parameter name, and ``state.json`` with the
-step, the stage, the sampler position, the world size, the LoRA base model and the loss scaler. There is
-no RNG state: every draw derives from (seed, step, sample index).
+step, the stage, the sampler position, the world size, the LoRA base model, the loss scaler and the EMA's
+update count (its warm-up position); ``manifest.json`` holds each file's size and hash. There is no RNG
+state: every draw derives from (seed, step, sample index).
+
+``resume`` takes the newest intact checkpoint: its manifest verified, every tensor finite, and every entry
+the run needs there (each weight, the EMA if the run keeps one, optimizer state as the parameters had it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from omnigen.training import distributed
 from omnigen.training.run import Run
 from omnigen.training.schedule import BatchStream
 from omnigen.training.state import load_checkpoint, save_checkpoint
+from omnigen.weights.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ def save(run: Run, step: int, stream: BatchStream) -> None:
             "world_size": runtime.world,
             "base_model": run.base_reference,
             "grad_scaler": run.scaler.state_dict(),
+            "ema_updates": run.ema_updates,
         }
         adapter = (
             (lambda tmp: save_adapter(run, tmp / "adapter", model_state, ema_state)) if run.is_lora else None
@@ -72,7 +78,7 @@ def save(run: Run, step: int, stream: BatchStream) -> None:
 def resume(run: Run) -> ResumePoint:
     """Load the latest checkpoint into ``run`` (weights, EMA, optimizer, loss scale) and say where it
     stopped; step 0 if there is none. Every rank loads the full tensors and keeps its shard."""
-    resumed = load_checkpoint(folder(run))
+    resumed = load_checkpoint(folder(run), check=lambda loaded: check_entries(run, loaded))
     if resumed is None:
         return ResumePoint(0, None, None)
     if run.is_lora:
@@ -85,9 +91,42 @@ def resume(run: Run) -> ResumePoint:
     info = resumed["info"]
     if info.get("grad_scaler"):
         run.scaler.load_state_dict(info["grad_scaler"])
+    run.ema_updates = info.get("ema_updates", info["step"])  # older checkpoints: one update a step
     if run.is_main:
         logger.info("resumed from %s at step %d", resumed["path"], info["step"])
     return ResumePoint(info["step"], info["sampler"], info.get("stage"))
+
+
+def check_entries(run: Run, loaded: dict[str, Any]) -> None:
+    """CheckpointError unless ``loaded`` holds every entry ``run`` resumes from: each weight (no more),
+    the EMA of each trainable parameter when the run keeps one, and optimizer state for the run's
+    parameters, each with the same moments (a parameter that never had a gradient has none)."""
+    path = loaded["path"]
+    names = set(run.trainable)
+    expected = names if run.is_lora else set(run.model.state_dict())
+    _same_names(expected, set(loaded["model"]), path / "model.safetensors")
+    if run.ema is not None:
+        if loaded["ema"] is None:
+            raise CheckpointError(f"{path / 'ema.safetensors'} is missing and the run keeps an EMA")
+        _same_names(names, set(loaded["ema"]), path / "ema.safetensors")
+    optimizer = loaded["optimizer"]
+    grouped = {name for group in optimizer["param_groups"] for name in group["params"]}
+    _same_names(names, grouped, path / "state.json (optimizer param_groups)")
+    moments = {key: set(values) for key, values in optimizer["state"].items()}
+    every = set().union(*moments.values())
+    odd = sorted(str(key) for key, found in moments.items() if key not in names or found != every)
+    if odd:
+        raise CheckpointError(
+            f"{path / 'optimizer.safetensors'}: incomplete or unknown entries for {odd[:10]}"
+        )
+
+
+def _same_names(expected: set[str], found: set[str], where: Path | str) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: missing entries {missing[:10]}, unexpected entries {unexpected[:10]}"
+        )
 
 
 def save_adapter(run: Run, target: Path, state: dict[str, Any], ema_state: dict[str, Any] | None) -> None:

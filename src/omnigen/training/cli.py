@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import MISSING, fields
 
 from omnigen.cli.args import add_device_arg
-from omnigen.training.config import describe_fields
+from omnigen.training.config import TrainConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from omnigen.training.config import TrainConfig
     from omnigen.training.trainer import train
 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 logs
@@ -33,3 +33,16 @@ def _run(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config, args.overrides)
     train(config, device=args.device)
     return 0
+
+
+def describe_fields() -> str:
+    """The help text listing every field."""
+    lines = []
+    for f in fields(TrainConfig):
+        default = (
+            "required"
+            if f.default is MISSING and f.default_factory is MISSING
+            else (f"default {f.default!r}" if f.default is not MISSING else "default empty")
+        )
+        lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
+    return "\n".join(lines)

@@ -84,12 +84,7 @@ class LoraSettings:
 
     def arguments(self) -> dict[str, Any]:
         """``omnigen.weights.lora.add_lora`` keyword arguments."""
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "target_modules": self.target_modules,
-            "dropout": self.dropout,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -107,19 +102,19 @@ class TrainConfig:
     )
     grow_layers: int | None = field(
         default=None,
-        metadata={
-            "help": "with init_from: deepen the loaded model to this many layers before training (new "
-            "blocks interleaved, starting as the identity: omnigen.training.grow)"
-        },
+        metadata={"help": "with init_from: deepen to N layers, new ones the identity (training.grow)"},
     )
     grow_intermediate: int | None = field(
         default=None,
-        metadata={
-            "help": "with init_from: widen every MLP to this many hidden units before training (new units "
-            "start with zero output weights: omnigen.training.grow)"
-        },
+        metadata={"help": "with init_from: widen every MLP to N units, new ones silent (training.grow)"},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.json (default: init_from's)"})
+    add_words: list[str] = field(
+        default_factory=list, metadata={"help": "new words for the tokenizer (training.vocabulary)"}
+    )
+    extend_tokenizer: bool = field(
+        default=False, metadata={"help": "add every word of the data the tokenizer does not know"}
+    )
     codec: str = field(default="identity", metadata={"help": "'identity' (pixel space) or a VAE folder"})
     image_root: str | None = field(default=None, metadata={"help": "base folder for relative image paths"})
     on_bad_row: str = field(default="error", metadata={"help": "'error' or 'skip' bad JSONL rows"})
@@ -156,7 +151,13 @@ class TrainConfig:
     max_tokens: int | None = field(default=None, metadata={"help": "pack rows of <= N tokens (null: pad)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0 = off)"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay (0 = no EMA)"})
+    ema_decay: float = field(
+        default=0.999,
+        metadata={"help": "EMA decay (0 = no EMA), warmed up: min(ema_decay, (1 + s) / (10 + s)) at step s"},
+    )
+    skip_nonfinite_loss: bool = field(
+        default=False, metadata={"help": "skip a step whose loss is NaN/inf (default: stop the run)"}
+    )
     precision: str = field(default="fp32", metadata={"help": "'fp32', 'bf16' or 'fp16' autocast"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute layers in backward"})
     t_distribution: str = field(default="logit_normal", metadata={"help": "'uniform' or 'logit_normal'"})
@@ -224,6 +225,12 @@ class TrainConfig:
         for name in ("edit_weight", "foreground_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not all(isinstance(w, str) and w.strip() and len(w.split()) == 1 for w in self.add_words):
+            raise ValueError(f"add_words must be a list of single words, got {self.add_words!r}")
+        if self.lora is not None and (self.add_words or self.extend_tokenizer):
+            raise ValueError(
+                "add_words / extend_tokenizer train new embedding rows: a full fine-tune, not lora"
+            )
         check_int("foreground_dilate", self.foreground_dilate, 0)
         check_int("length_groups", self.length_groups, 1)
         check_int("max_tokens", 1 if self.max_tokens is None else self.max_tokens, 1)
@@ -244,7 +251,6 @@ class TrainConfig:
             raise ValueError(f"latent_cache must be a folder path or null, got {self.latent_cache!r}")
 
     def loss_settings(self) -> LossSettings:
-
         return LossSettings(
             self.t_distribution,
             self.edit_weight,
@@ -280,16 +286,16 @@ class TrainConfig:
         """With ``init_from`` and a ``tokenizer`` whose vocabulary differs from the base model's: (base
         vocabulary, new vocabulary), the trainer remapping the token embedding from one to the other;
         else None (also when the base folder has no tokenizer: its ids are then taken as ``tokenizer``'s)."""
-        if not (self.init_from and self.tokenizer):
+        if not (self.init_from and (self.tokenizer or self.add_words or self.extend_tokenizer)):
             return None
         from omnigen.text.tokenizer import Tokenizer
+        from omnigen.training.vocabulary import run_tokenizer
         from omnigen.weights.checkpoint import resolve_layout
 
         base_file = resolve_layout(self.init_from).tokenizer_dir / "tokenizer.json"
         if not base_file.is_file():
             return None
-        base = Tokenizer.from_file(base_file)
-        old, new = base.backend.get_vocab(), Tokenizer.from_file(self.tokenizer).backend.get_vocab()
+        old, new = Tokenizer.from_file(base_file).backend.get_vocab(), run_tokenizer(self).backend.get_vocab()
         return None if new == old else (old, new)
 
     def tokenizer_file(self) -> str:
@@ -365,6 +371,8 @@ class TrainConfig:
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
         """YAML (.yaml/.yml) or TOML (.toml); ``overrides`` are ``key=value`` with JSON/YAML values."""
         path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--config {str(path)!r}: no such file")
         text = path.read_text()
         if path.suffix == ".toml":
             import tomllib
@@ -385,19 +393,6 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
-
-
-def describe_fields() -> str:
-    """The help text listing every field."""
-    lines = []
-    for f in fields(TrainConfig):
-        default = (
-            "required"
-            if f.default is MISSING and f.default_factory is MISSING
-            else (f"default {f.default!r}" if f.default is not MISSING else "default empty")
-        )
-        lines.append(f"  {f.name:<24} {f.metadata.get('help', '')} ({default})")
-    return "\n".join(lines)
 
 
 def _default_lora_targets() -> tuple[str, ...]:

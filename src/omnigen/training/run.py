@@ -34,6 +34,7 @@ class Run:
     builder: BatchBuilder
     base_reference: str | None  # LoRA: the folder of the adapted base model
     runner: Runner  # how the decoder layers run (gradient checkpointing)
+    ema_updates: int = 0  # EMA updates done (its warm-up position; saved in checkpoints)
 
     @property
     def is_lora(self) -> bool:

@@ -10,6 +10,8 @@ ranks) divided by its weight sum, so the split over ranks and micro-batches does
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from omnigen.training.run import Run
 from omnigen.training.sampling_data import sample_generator
 from omnigen.training.schedule import lr_at
 
+logger = logging.getLogger(__name__)
+
 T_BINS = 5  # the loss is also reported per t in [k/T_BINS, (k+1)/T_BINS)
 
 
@@ -32,6 +36,16 @@ class StepResult:
     bins: torch.Tensor  # (T_BINS, 2) float32: loss sum and sample count per t-bin, all ranks
     samples: int  # global samples in the step (pads included)
     stop: bool  # some rank was asked to stop (SIGTERM)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step's loss was NaN or infinite (the run stops before the optimizer takes it)."""
+
+
+def ema_decay_at(updates: int, decay: float) -> float:
+    """The decay of EMA update number ``updates`` (0-based): ``decay`` warmed up as min(decay, (1 + s) /
+    (10 + s)), so a short run's EMA follows the raw weights instead of staying at the initial ones."""
+    return min(decay, (1 + updates) / (10 + updates))
 
 
 @torch.no_grad()
@@ -53,8 +67,9 @@ def train_step(
     run: Run, step: int, stage: Stage, global_batches: list[list[int]], stop_requested: Callable[[], bool]
 ) -> StepResult:
     """Optimizer step ``step`` (0-based) over ``global_batches`` (its ``grad_accum`` global batches).
-    ``stop_requested()``, asked once the step is taken: this rank was asked to stop (e.g. SIGTERM during
-    the step); all ranks learn it through the step's all-reduce."""
+    ``stop_requested()``, asked once the gradients are in: this rank was asked to stop (e.g. SIGTERM
+    during the step); all ranks learn it through the step's all-reduce. A NaN/inf loss raises
+    ``NonFiniteLossError`` before the update, or with ``skip_nonfinite_loss`` skips the update."""
     config, runtime = run.config, run.runtime
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, config)
@@ -66,25 +81,42 @@ def train_step(
     for micro, indices in enumerate(global_batches):
         last = micro == len(global_batches) - 1
         _micro_batch(run, step, stage, indices, total_weight, last, stats)
-    grad_norm = None
-    if config.clip_grad > 0:
-        run.scaler.unscale_(run.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), config.clip_grad)
-        grad_norm = distributed.full_tensor(norm).item()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        update_ema(run.ema, run.trainable, 0.0 if step == 0 else config.ema_decay)
     stats[1] = float(stop_requested())
-    stats = distributed.all_reduce_sum(stats, runtime)
+    stats = distributed.all_reduce_sum(stats, runtime)  # before the update: every rank sees a NaN loss
+    loss = stats[0].item() / total_weight
+    grad_norm = None
+    if math.isfinite(loss):
+        grad_norm = _update(run)
+    elif config.skip_nonfinite_loss:
+        logger.warning("step %d: the loss is %s; its batch is skipped (skip_nonfinite_loss)", step + 1, loss)
+    else:
+        raise NonFiniteLossError(
+            f"step {step + 1}: the loss is {loss}, the weights are left as they were after step {step} "
+            "(lower the learning rate, check the data, or set skip_nonfinite_loss: true to skip such batches)"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
     return StepResult(
-        loss=stats[0].item() / total_weight,
+        loss=loss,
         grad_norm=grad_norm,
         bins=stats[2:].view(T_BINS, 2).float(),
         samples=sum(len(indices) for indices in global_batches),
         stop=bool(stats[1] > 0),
     )
+
+
+def _update(run: Run) -> float | None:
+    """Unscale + clip, AdamW, the loss scaler's update and the EMA; returns the grad norm before clipping."""
+    grad_norm = None
+    if run.config.clip_grad > 0:
+        run.scaler.unscale_(run.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(list(run.trainable.values()), run.config.clip_grad)
+        grad_norm = distributed.full_tensor(norm).item()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        update_ema(run.ema, run.trainable, ema_decay_at(run.ema_updates, run.config.ema_decay))
+        run.ema_updates += 1
+    return grad_norm
 
 
 def _micro_batch(

@@ -40,9 +40,10 @@ from omnigen.training.grow import grow_depth, grow_width, remap_vocabulary
 from omnigen.training.run import Run, start_run
 from omnigen.training.run_log import RunLog
 from omnigen.training.schedule import BatchStream, lr_at
-from omnigen.training.step import train_step
+from omnigen.training.step import ema_decay_at, train_step
 from omnigen.training.stream import parse_sources
 from omnigen.training.validation import Validator, swapped_in
+from omnigen.training.vocabulary import run_tokenizer
 from omnigen.weights.checkpoint import build_model, load_model, save_model
 
 __all__ = ["export", "lr_at", "precompute_latents", "train"]
@@ -62,7 +63,7 @@ def _check_vocabulary(config: TrainConfig, tokenizer: Tokenizer) -> None:
 
 
 def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
-    tokenizer = Tokenizer.from_file(config.tokenizer_file())
+    tokenizer = run_tokenizer(config)
     _check_vocabulary(config, tokenizer)
     if config.init_from:
         # fp32 master weights whatever the folder stores (the shipped model is fp16)
@@ -96,7 +97,7 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     config.check_paths()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_config = config.model_config()
-    tokenizer = Tokenizer.from_file(config.tokenizer_file())
+    tokenizer = run_tokenizer(config)
     codec = _make_codec(config, model_config, device)
     builder = BatchBuilder.from_config(config, tokenizer, codec, model_config, device, rank)
     indices = range(rank, len(builder.samples), world)
@@ -134,6 +135,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
             run.builder.cache.flush()
     final = out / "final"
     if step >= config.total_steps:
+        _log_exported(run)
         _export_final(config, model, run.trainable, run.ema, tokenizer, codec, final, base_reference, runtime)
     distributed.barrier(runtime)
     distributed.teardown(runtime)
@@ -188,6 +190,21 @@ def _validate(
     with swapped_in(run.trainable, run.ema):
         val_loss = validator(run.train_model, resolution, batch_size)
     log.validation(step, val_loss, "ema" if run.ema is not None else "model")
+
+
+def _log_exported(run: Run) -> None:
+    if not run.is_main:
+        return
+    if run.ema is None:
+        logger.info("exporting the raw weights (ema_decay is 0)")
+        return
+    decay = ema_decay_at(max(run.ema_updates - 1, 0), run.config.ema_decay)
+    logger.info(
+        "exporting the EMA weights: %d updates, decay %s warmed up to %.4f at the last one",
+        run.ema_updates,
+        run.config.ema_decay,
+        decay,
+    )
 
 
 @contextlib.contextmanager

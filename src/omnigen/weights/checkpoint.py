@@ -120,7 +120,8 @@ def read_tensor(
 ) -> torch.Tensor:
     """One of our tensors: its stored part(s) read, cast, moved, and concatenated along rows (a fused qkv).
 
-    Always a fresh copy, so no tensor keeps a file mapping alive."""
+    Always a fresh copy, so no tensor keeps a file mapping alive. CheckpointError, naming the tensor and
+    its file, if it holds NaN or infinite values (or overflows ``dtype``): such weights render black."""
     out = []
     for part in parts:
         with safe_open(str(part.file), framework="pt") as handle:
@@ -128,9 +129,20 @@ def read_tensor(
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         if tensor.dtype in fp8.FP8_DTYPES:  # kept at one byte; load_model scales or dequantizes it
             cast = tensor.dtype
-        out.append(tensor.to(device=device, dtype=cast, copy=True))
+        _check_finite(tensor, part, "")
+        moved = tensor.to(device=device, dtype=cast, copy=True)
+        if cast != tensor.dtype:
+            _check_finite(moved, part, f" once cast to {cast} (its values exceed that dtype's range)")
+        out.append(moved)
         del tensor
     return out[0] if len(out) == 1 else torch.cat(out, dim=0)
+
+
+def _check_finite(tensor: torch.Tensor, part: StoredTensor, how: str) -> None:
+    if tensor.dtype in fp8.FP8_DTYPES:  # torch has no isfinite for fp8: check a half-precision copy
+        tensor = tensor.to(torch.float16)
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{part.file}: tensor {part.key!r} holds NaN or infinite values{how}")
 
 
 def load_config(layout: Layout) -> OmniGenConfig:
@@ -153,7 +165,38 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
 def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """``check_state_dict`` on names and shapes alone (a checkpoint's header, before reading it)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _compare({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, source)
+
+
+LAYERS = "llm.layers."
+
+
+def check_config(config: OmniGenConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """``check_shapes`` before the model is built: the layer count the file holds, then every shape of a
+    one-layer model of ``config`` (on the meta device), layer 0's shapes standing for each layer. So a
+    config.json that does not describe its weights (num_hidden_layers: 1000000) fails at once instead of
+    building a model of its size."""
+    stored = sorted({int(k[len(LAYERS) :].split(".")[0]) for k in shapes if k.startswith(LAYERS)})
+    layers = config.transformer.num_layers
+    if layers > len(stored):  # more layers than the file holds: refused before any is built
+        held = f"layers 0 to {stored[-1]} ({len(stored)} in all)" if stored else "no layers"
+        raise CheckpointError(
+            f"checkpoint {source} does not match its config: config.json says num_hidden_layers={layers} "
+            f"but the weights hold {held}"
+        )
+    with torch.device("meta"):
+        one = OmniGenModel(
+            replace(config, transformer=replace(config.transformer, num_layers=min(layers, 1)))
+        )
+    expected = {}
+    for key, value in one.state_dict().items():
+        rest = key[len(LAYERS) + 2 :]
+        names = [f"{LAYERS}{n}.{rest}" for n in range(layers)] if key.startswith(LAYERS) else [key]
+        expected.update({name: tuple(value.shape) for name in names})
+    _compare(expected, shapes, source)
+
+
+def _compare(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str) -> None:
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     mismatched = [
@@ -233,10 +276,12 @@ def load_model(
     config = load_config(layout)
     source = str(layout.weights_dir / layout.weights_name)
     plan, scales = fp8.split_plan(tensor_plan(layout, config))
+    shapes = {name: _planned_shape(parts) for name, parts in plan.items()}
+    if "pos_embed" not in shapes:  # recomputable; some exports drop it
+        shapes["pos_embed"] = (1, config.pos_embed_max_size**2, config.transformer.hidden_size)
+    check_config(config, shapes, source)
     with torch.device("meta"):
         model = OmniGenModel(config)
-    shapes = {name: _planned_shape(parts) for name, parts in plan.items()}
-    shapes.setdefault("pos_embed", tuple(model.pos_embed.shape))  # recomputable; some exports drop it
     check_shapes(model, shapes, source)
     if "pos_embed" not in plan:
         table = _pos_embed(config)

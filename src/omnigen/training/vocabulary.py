@@ -1,0 +1,57 @@
+"""Teaching a fine-tune new words. The run's tokenizer is the one it names (``tokenizer``, else
+``init_from``'s) extended with ``add_words`` and, with ``extend_tokenizer``, with every word of the training
+instructions that it maps to its unknown token. Each new word gets the next free id (a token matched as a
+whole word), so the ids the base model knows are unchanged; the trainer then grows the token embedding
+(``grow.remap_vocabulary``: a new row starts at the mean of the existing ones) and trains it, and the
+exported folder carries the extended tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omnigen.text.tags import BARE_TAG_PATTERN
+from omnigen.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from omnigen.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def run_tokenizer(config: TrainConfig) -> Tokenizer:
+    """The tokenizer the run trains with and exports (read once per file and word list)."""
+    file = Path(config.tokenizer_file())
+    data = tuple(config.data) if config.extend_tokenizer else ()
+    return _extended(str(file), file.stat().st_mtime_ns, tuple(config.add_words), data, config.image_root)
+
+
+@functools.lru_cache(maxsize=4)
+def _extended(
+    file: str, _mtime: int, add_words: tuple[str, ...], data: tuple[str, ...], image_root: str | None
+) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(file)
+    words = list(add_words) + (unknown_words(tokenizer, list(data), image_root) if data else [])
+    if not words:
+        return tokenizer
+    extended = tokenizer.with_words(words)
+    added = extended.backend.get_vocab_size() - tokenizer.backend.get_vocab_size()
+    logger.info("extended the tokenizer %s with %d new words: %s", file, added, ", ".join(words[:20]))
+    return extended
+
+
+def unknown_words(tokenizer: Tokenizer, data: list[str], image_root: str | None) -> list[str]:
+    """The words of the data's instructions (few-shot examples included) ``tokenizer`` does not know."""
+    from omnigen.text.processor import apply_template
+    from omnigen.training.x2i import compose_instruction, read_x2i
+
+    samples = read_x2i(data, image_root, on_bad_row="skip", check_images=False).samples
+    words: dict[str, None] = {}
+    for sample in samples:  # the text chunks the processor encodes
+        text = apply_template(compose_instruction(sample)[0])
+        for chunk in BARE_TAG_PATTERN.split(text)[::2]:
+            words.update(dict.fromkeys(tokenizer.unknown_words(chunk)))
+    return list(words)
