@@ -338,5 +338,5 @@ def test_bad_train_config_output_and_seed_are_one_line_naming_the_value(tmp_path
         caplog.clear()
     huge = str(2**64)
     message = _main_error([*common, "--seed", huge, "-o", str(tmp_path / "x.png")], caplog, capsys)
-    assert "seed" in message and huge in message and "18446744073709551615" in message
+    assert "seed" in message and huge in message and str(2**63 - 1) in message
     assert not (tmp_path / "x.png").exists()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ from PIL import Image
 from omnigen.data.sources import ImageSource, open_images
 from omnigen.text.tags import validate_image_tags
 from omnigen.training.shard_latents import LatentSpec, encode_sample
+from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -221,18 +221,21 @@ class ShardWriter:
         if len(self.pending) == self.per_shard:
             self.flush(report, key)
 
+    def _write_tar(self, path: Path) -> None:
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+            for key, files in self.pending:
+                for suffix, data in files.items():
+                    _add(tar, f"{key}.{suffix}", data)
+
     def flush(self, report: ShardReport, last_row: str) -> None:
         if not self.pending:
             return
         name = f"{self.index:06d}"
-        tmp = self.out / f".{name}.tar.tmp"
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            for key, files in self.pending:
-                for suffix, data in files.items():
-                    _add(tar, f"{key}.{suffix}", data)
-        os.replace(tmp, self.out / f"{name}.tar")
+        atomic_write(self.out / f"{name}.tar", self._write_tar)
         side = {"samples": len(self.pending), "last_row": last_row, "skipped": dict(self.skipped)}
-        (self.out / f"{name}.json").write_text(json.dumps(side, sort_keys=True))
+        atomic_write(
+            self.out / f"{name}.json", lambda path: path.write_text(json.dumps(side, sort_keys=True))
+        )
         report.written += len(self.pending)
         report.shards.append({"name": f"{name}.tar", "samples": len(self.pending)})
         self.index, self.pending, self.skipped = self.index + 1, [], Counter()
