@@ -21,6 +21,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from omnigen.sampling.inpaint import MAX_MASK_BLUR
 from omnigen.sampling.solvers import SOLVERS
 from omnigen.util.checks import check_bool, check_choice, check_float, check_int, check_str
 
@@ -192,7 +193,7 @@ class GenerationConfig:
         optional=True,
         choice_flags=True,
     )
-    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=1024)
+    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=MAX_MASK_BLUR)
     strength: float = _param(
         1.0,
         "float",

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageFilter, UnidentifiedImageError
 
-from omnigen.generation import param
 from omnigen.model.vae import LatentCodec
 from omnigen.sampling.flow import interpolate
 from omnigen.text.processor import IMAGE_FORMATS, load_image, resize_and_crop, to_tensor
@@ -127,11 +126,12 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> Non
         )
 
 
+MAX_MASK_BLUR = 1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (GenerationConfig's range)
+
+
 def check_blur(mask_blur: float) -> float:
-    """A blur radius in pixels within GenerationConfig's range of ``mask_blur`` (Pillow's blur crashes the
-    process on radii near 2**31), as a float."""
-    allowed = param("mask_blur")
-    return check_float("mask_blur", mask_blur, allowed.low, allowed.high)
+    """A blur radius in pixels within [0, MAX_MASK_BLUR], as a float."""
+    return check_float("mask_blur", mask_blur, 0, MAX_MASK_BLUR)
 
 
 def feather(mask: Image.Image, mask_blur: float) -> Image.Image:
