@@ -86,7 +86,7 @@ def test_fast_preset_fills_its_fields_and_explicit_values_win():
     loaded = GenerationConfig.from_dict({"preset": "fast", "num_inference_steps": 7})
     assert loaded.num_inference_steps == 7 and loaded.sampler == fast["sampler"]
     assert GenerationConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="preset must be one of 'fast' or None, got 'slow'"):
+    with pytest.raises(ValueError, match="preset must be one of 'fast', got 'slow'"):
         model.replace(preset="slow")
 
 

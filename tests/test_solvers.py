@@ -244,8 +244,8 @@ def test_step_kinds_spell_out_the_budget_rules():
     [
         (("ddim", 6), "unknown sampler 'ddim'; allowed: 'euler', 'heun', 'dpmpp_2m'"),
         (("heun", 0), "num_inference_steps (the number of evaluations) must be an int >= 1, got 0"),
-        (("heun", 2.5), "must be an int >= 1, got float 2.5"),
-        (("euler", True), "must be an int >= 1, got bool True"),
+        (("heun", 2.5), "must be an int >= 1, got 2.5"),
+        (("euler", True), "must be an int >= 1, got True"),
         (("euler", 4, 0.0), "time_shift must be a finite number > 0"),
         (("euler", 4, -2), "got -2"),
         (("euler", 4, float("nan")), "got nan"),

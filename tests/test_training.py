@@ -175,19 +175,19 @@ def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_fie
     assert isinstance(config.stages[0].lr, float) and config.stages[0].lr == 1e-5
     assert config.weight_decay == 0.01
     assert TrainConfig.load(path, ["clip_grad=5E-1"]).clip_grad == 0.5
-    with pytest.raises(TypeError, match="seed must be an int >= 0, got str 'x'"):
+    with pytest.raises(TypeError, match="seed must be an int >= 0, got 'x'"):
         TrainConfig.load(path, ["seed=x"])
-    with pytest.raises(TypeError, match="ema_decay must be a finite number >= 0 and < 1, got bool True"):
+    with pytest.raises(TypeError, match="ema_decay must be a finite number >= 0 and < 1, got True"):
         TrainConfig.load(path, ["ema_decay=true"])
     with pytest.raises(ValueError, match="ema_decay must be a finite number >= 0 and < 1, got 1"):
         TrainConfig.load(path, ["ema_decay=1"])
-    with pytest.raises(TypeError, match="stage lr must be a finite number > 0, got str 'fast'"):
+    with pytest.raises(TypeError, match="stage lr must be a finite number > 0, got 'fast'"):
         TrainConfig.load(path, ["stages=[{resolution: 16, steps: 1, batch_size: 1, lr: fast}]"])
     with pytest.raises(ValueError, match="stage steps must be an int >= 1, got 0"):
         TrainConfig.load(path, ["stages=[{resolution: 16, steps: 0, batch_size: 1, lr: 0.1}]"])
-    with pytest.raises(ValueError, match="drop_text must be a finite number >= 0 and <= 1, got nan"):
+    with pytest.raises(ValueError, match="drop_text must be a finite number between 0 and 1, got nan"):
         TrainConfig.load(path, ["drop_text=.nan"])
-    with pytest.raises(TypeError, match="lora.dropout must be a finite number >= 0 and < 1, got str 'some'"):
+    with pytest.raises(TypeError, match="lora.dropout must be a finite number >= 0 and < 1, got 'some'"):
         TrainConfig.load(path, ["lora={rank: 2, dropout: some}"])
     with pytest.raises(TypeError, match="data must be a list of str, got list \\[1\\]"):
         TrainConfig.load(path, ["data=[1]"])
@@ -648,7 +648,7 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
     assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
     with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
-    with pytest.raises(TypeError, match="grow_layers must be an int >= 1 or None, got str 'deep'"):
+    with pytest.raises(TypeError, match="grow_layers must be an int >= 1 or None, got 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
 
 

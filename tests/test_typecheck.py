@@ -69,11 +69,11 @@ def test_validate_accepts_values_that_match_their_annotations():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rate": "1e-5"}, "rate must be a finite number, got str '1e-5'"),
-        ({"count": 1.5}, "count must be an int, got float 1.5"),
-        ({"count": True}, "count must be an int, got bool True"),
-        ({"flag": 1}, "flag must be true or false, got int 1"),
-        ({"name": 3}, "name must be a string or None, got int 3"),
+        ({"rate": "1e-5"}, "rate must be a finite number, got '1e-5'"),
+        ({"count": 1.5}, "count must be an int, got 1.5"),
+        ({"count": True}, "count must be an int, got True"),
+        ({"flag": 1}, "flag must be true or false, got 1"),
+        ({"name": 3}, "name must be a string or None, got 3"),
         ({"items": ["a", 2]}, "items must be a list of str"),
         ({"items": "a"}, "items must be a list of str, got str 'a'"),
         ({"pair": (1.0,)}, "pair must be a list of 2"),

@@ -66,7 +66,7 @@ class Rule:
                 return _wrong_type(name, allowed, value)
             return tuple(check_int(f"{name}[{k}]", v, 1) for k, v in enumerate(value))
         if not matches(value, annotation):
-            _wrong_type(name, describe_type(annotation), value)
+            _wrong_type(name, describe_type(annotation), value, structure=True)
         return value
 
     def describe(self, kind: str | None = None) -> str:
@@ -81,11 +81,12 @@ class Rule:
             "str": "a string",
             "sizes": "a list of positive ints",
         }.get(kind, kind)
-        bounds = []
-        if self.low is not None:
-            bounds.append(f"{'>' if self.low_open else '>='} {self.low}")
-        if self.high is not None:
-            bounds.append(f"{'<' if self.high_open else '<='} {self.high}")
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high}"
+        if low and high and not (self.low_open or self.high_open):
+            bounds = [f"between {self.low} and {self.high}"]
+        else:
+            bounds = [b for b in (low, high) if b]
         return " ".join([what, " and ".join(bounds)]).strip()
 
 
@@ -132,12 +133,15 @@ def _kind_of(annotation: Any, choices: Sequence[Any]) -> str:
 _UnionType = type(int | None)
 
 
-def _wrong_type(name: str, allowed: str, value: Any) -> Any:
-    raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r:.60}")
+def _wrong_type(name: str, allowed: str, value: Any, structure: bool = False) -> Any:
+    """A TypeError; the value's repr says a scalar's type, a structure's type is named before it."""
+    got = f"{type(value).__name__} {value!r:.60}" if structure else f"{value!r:.60}"
+    raise TypeError(f"{name} must be {allowed}, got {got}")
 
 
 def _out_of_range(name: str, allowed: str, value: Any) -> Any:
-    raise ValueError(f"{name} must be {allowed}, got {value!r:.60}")
+    """A ValueError; the value has the right type, so None (of an optional field) is beside the point."""
+    raise ValueError(f"{name} must be {allowed.removesuffix(' or None')}, got {value!r:.60}")
 
 
 def _in_range(value: float, rule: Rule) -> bool:
