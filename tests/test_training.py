@@ -258,6 +258,46 @@ def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(
         resolve_base(make_config(root, tmp_path / "c", 1, tokenizer=None))
 
 
+def test_a_fine_tuning_run_reads_the_base_folder_and_each_tokenizer_once(world, tmp_path, monkeypatch):
+    """The config is plain data; ``resolve_base`` reads init_from's layout, config.json and tokenizer once
+    per run, and the trainer passes its result on (no file is read again before the model is built)."""
+    from collections import Counter
+
+    from omnigen.model import OmniGenModel
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.training import base as base_module
+    from omnigen.weights import checkpoint
+
+    root, _ = world
+    checkpoint.save_model(OmniGenModel(OmniGenConfig.from_dict(PIXEL_MODEL)), tmp_path / "base")
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    config = make_config(root, tmp_path / "run", 1, model={}, init_from=str(tmp_path / "base"))
+    calls: Counter = Counter()
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("resolve_layout", "load_config"):
+        wrapper = counted(name, getattr(checkpoint, name))
+        monkeypatch.setattr(checkpoint, name, wrapper)
+        monkeypatch.setattr(base_module, name, wrapper)
+    read = Tokenizer.from_file.__func__
+    monkeypatch.setattr(
+        Tokenizer, "from_file", classmethod(lambda cls, path: (calls.update([str(path)]), read(cls, path))[1])
+    )
+    train(config, device="cpu")
+    assert calls == {
+        "resolve_layout": 1,
+        "load_config": 1,
+        str(root / "tokenizer.json"): 1,  # the run's tokenizer
+        str(tmp_path / "base" / "tokenizer.json"): 1,  # the base folder's, for the vocabulary change
+    }
+
+
 def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
     from safetensors.torch import load_file
 
