@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 import torch
 
 from omnigen.text.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
-from omnigen.util.checks import check_float, check_int
+from omnigen.util.checks import check_choice, check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class ConditionDropout:
         image-only CFG prompt), images kept. drop_images: images and their tags removed, the rest of the
         text kept with whitespace tidied. drop_both: ("", []). Returns a new list; inputs not mutated.
         """
-        if choice not in DROP_CHOICES:
-            raise ValueError(f"choice must be one of {DROP_CHOICES}, got {choice!r}")
+        check_choice("choice", choice, DROP_CHOICES)
         validate_image_tags(instruction, len(images))
         if choice == "keep":
             return instruction, list(images)
