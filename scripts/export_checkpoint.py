@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from omnigen.generation import GenerationConfig
 from omnigen.model.vae import IdentityCodec
-from omnigen.text.tokenizer import Tokenizer
+from omnigen.training.base import resolve_base
 from omnigen.training.config import TrainConfig
 from omnigen.weights.checkpoint import build_model, save_model
 
@@ -35,9 +35,10 @@ def main() -> None:
     if config.codec != "identity":
         raise SystemExit("only pixel-space (identity codec) runs are exported by this script")
     weights = "model.safetensors" if args.raw else "ema.safetensors"
-    model = build_model(config.model_config(), load_file(str(folder / step / weights)))
+    base = resolve_base(config)
+    model = build_model(base.model_config, load_file(str(folder / step / weights)))
     save_model(model, args.out, dtype=torch.float16 if args.fp16 else None)
-    Tokenizer.from_file(config.tokenizer_file()).save(args.out)
+    base.tokenizer.save(args.out)
     IdentityCodec(channels=model.config.in_channels).save(args.out)
     GenerationConfig.from_dict(config.generation, "generation").save(args.out)
     (args.out / "training.json").write_text(

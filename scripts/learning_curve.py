@@ -22,18 +22,19 @@ from omnigen.generation import GenerationConfig
 from omnigen.miniworld.score import summarize
 from omnigen.model.vae import IdentityCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.text.tokenizer import Tokenizer
+from omnigen.training.base import resolve_base
 from omnigen.training.config import TrainConfig
 from omnigen.weights.checkpoint import build_model
 
 
 def score(run: Path, step_dir: Path, n: int) -> dict:
     config = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
-    model = build_model(config.model_config(), load_file(str(step_dir / "ema.safetensors")))
+    base = resolve_base(config)
+    model = build_model(base.model_config, load_file(str(step_dir / "ema.safetensors")))
     pipe = OmniGenPipeline(
         model,
         IdentityCodec(model.config.in_channels),
-        Tokenizer.from_file(config.tokenizer_file()),
+        base.tokenizer,
         GenerationConfig.from_dict(config.generation, "generation"),
     )
     result = evaluate(pipe, "heldout", n, data_seed=1, progress=False)

@@ -236,13 +236,14 @@ def test_help_shows_defaults():
 
 @pytest.fixture
 def no_model(monkeypatch):
-    """Fail the test if the CLI gets as far as loading a model."""
-    import omnigen.cli.args
+    """Fail the test if the CLI gets as far as loading a model (patched on the class, looked up at call
+    time: a module attribute would leak into the modules that import it meanwhile)."""
+    from omnigen import OmniGenPipeline
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(omnigen.cli.args, "load_pipeline", refuse)
+    monkeypatch.setattr(OmniGenPipeline, "from_pretrained", staticmethod(refuse))
 
 
 @pytest.mark.parametrize(

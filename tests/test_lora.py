@@ -281,8 +281,8 @@ def test_lora_settings_are_typed_validated_and_round_trip(world, tmp_path):  # n
     assert again == config
     for bad, message in (
         ({"rank": 0}, "lora.rank must be an int >= 1, got 0"),
-        ({"rank": 2, "alpha": -1}, "lora.alpha must be a positive number, got -1"),
-        ({"rank": 2, "dropout": 1.0}, "lora.dropout must be in \\[0, 1\\), got 1.0"),
+        ({"rank": 2, "alpha": -1}, "lora.alpha must be a finite number > 0, got -1"),
+        ({"rank": 2, "dropout": 1.0}, "lora.dropout must be a finite number >= 0 and < 1, got 1.0"),
         ({"rank": 2, "target_modules": []}, "lora.target_modules must be a non-empty list"),
         ({"rank": 2, "scale": 1}, "unknown lora keys \\['scale'\\]"),
         ({"alpha": 2}, "lora needs `rank`"),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from omnigen.training.base import resolve_base
 from omnigen.training.trainer import train
 from omnigen.weights.checkpoint import CheckpointError
 from test_training import make_config, world  # noqa: F401 - `world` is a fixture
@@ -234,7 +235,7 @@ def test_a_short_run_exports_most_of_what_it_learnt_and_resumes_its_ema_exactly(
         train(config, device="cpu")
     assert "exporting the EMA weights: 20 updates" in caplog.text
     torch.manual_seed(config.seed)  # the trainer's initialisation of a new model
-    start = OmniGenModel(config.model_config())
+    start = OmniGenModel(resolve_base(config).model_config)
     start.initialize_weights()
     initial = start.state_dict()
     raw = _tensors(tmp_path / "a" / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")

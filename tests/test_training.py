@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from omnigen.config import OmniGenConfig
+from omnigen.training.base import resolve_base
 from omnigen.training.config import TrainConfig
 from omnigen.training.loss import edit_weights
 from omnigen.training.trainer import lr_at, train
@@ -173,13 +175,19 @@ def test_yaml_reads_scientific_notation_as_numbers_and_names_a_wrongly_typed_fie
     assert isinstance(config.stages[0].lr, float) and config.stages[0].lr == 1e-5
     assert config.weight_decay == 0.01
     assert TrainConfig.load(path, ["clip_grad=5E-1"]).clip_grad == 0.5
-    with pytest.raises(TypeError, match="seed must be int, got str 'x'"):
+    with pytest.raises(TypeError, match="seed must be an int >= 0, got 'x'"):
         TrainConfig.load(path, ["seed=x"])
-    with pytest.raises(TypeError, match="ema_decay must be float, got bool True"):
+    with pytest.raises(TypeError, match="ema_decay must be a finite number >= 0 and < 1, got True"):
         TrainConfig.load(path, ["ema_decay=true"])
-    with pytest.raises(TypeError, match="stage lr must be float, got str 'fast'"):
+    with pytest.raises(ValueError, match="ema_decay must be a finite number >= 0 and < 1, got 1"):
+        TrainConfig.load(path, ["ema_decay=1"])
+    with pytest.raises(TypeError, match="stage lr must be a finite number > 0, got 'fast'"):
         TrainConfig.load(path, ["stages=[{resolution: 16, steps: 1, batch_size: 1, lr: fast}]"])
-    with pytest.raises(TypeError, match="lora.dropout must be float, got str 'some'"):
+    with pytest.raises(ValueError, match="stage steps must be an int >= 1, got 0"):
+        TrainConfig.load(path, ["stages=[{resolution: 16, steps: 0, batch_size: 1, lr: 0.1}]"])
+    with pytest.raises(ValueError, match="drop_text must be a finite number between 0 and 1, got nan"):
+        TrainConfig.load(path, ["drop_text=.nan"])
+    with pytest.raises(TypeError, match="lora.dropout must be a finite number >= 0 and < 1, got 'some'"):
         TrainConfig.load(path, ["lora={rank: 2, dropout: some}"])
     with pytest.raises(TypeError, match="data must be a list of str or a mapping, got list \\[1\\]"):
         TrainConfig.load(path, ["data=[1]"])
@@ -222,7 +230,7 @@ def test_the_recipes_from_scratch_config_fits_the_worlds_tokenizer(tmp_path):
     save_tokenizer(tmp_path / "tokenizer.json")
     config = TrainConfig.load("configs/miniworld.yaml")
     needed = max(Tokenizer.from_file(tmp_path / "tokenizer.json").backend.get_vocab().values()) + 1
-    assert config.model_config().transformer.vocab_size >= needed
+    assert OmniGenConfig.from_dict(config.model).transformer.vocab_size >= needed
 
 
 def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(world, tmp_path):
@@ -232,19 +240,62 @@ def test_fine_tuning_config_resolves_the_base_models_architecture_and_tokenizer(
     from omnigen.weights.checkpoint import save_model
 
     root, _ = world
-    new = make_config(root, tmp_path / "a", 1)
-    assert new.model_config() == OmniGenConfig.from_dict(PIXEL_MODEL)
-    assert new.tokenizer_file() == str(root / "tokenizer.json")
+    new = resolve_base(make_config(root, tmp_path / "a", 1))
+    assert new.model_config == OmniGenConfig.from_dict(PIXEL_MODEL) and new.layout is None
+    assert new.tokenizer_file == str(root / "tokenizer.json")
     base_config = OmniGenConfig.from_dict({**PIXEL_MODEL, "num_hidden_layers": 3})
     save_model(OmniGenModel(base_config), tmp_path / "base")
     Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
-    tuned = make_config(root, tmp_path / "b", 1, model={}, tokenizer=None, init_from=str(tmp_path / "base"))
-    assert tuned.model_config() == base_config
-    assert Tokenizer.from_file(tuned.tokenizer_file()).encode("a red circle") == Tokenizer.from_file(
-        root / "tokenizer.json"
-    ).encode("a red circle")
+    tuned = resolve_base(
+        make_config(root, tmp_path / "b", 1, model={}, tokenizer=None, init_from=str(tmp_path / "base"))
+    )
+    assert tuned.model_config == base_config == tuned.folder_config and tuned.vocabulary_change is None
+    assert tuned.layout.root == tmp_path / "base"
+    assert tuned.tokenizer.encode("a red circle") == Tokenizer.from_file(root / "tokenizer.json").encode(
+        "a red circle"
+    )
     with pytest.raises(ValueError, match="a new model needs `tokenizer`"):
-        make_config(root, tmp_path / "c", 1, tokenizer=None).tokenizer_file()
+        resolve_base(make_config(root, tmp_path / "c", 1, tokenizer=None))
+
+
+def test_a_fine_tuning_run_reads_the_base_folder_and_each_tokenizer_once(world, tmp_path, monkeypatch):
+    """The config is plain data; ``resolve_base`` reads init_from's layout, config.json and tokenizer once
+    per run, and the trainer passes its result on (no file is read again before the model is built)."""
+    from collections import Counter
+
+    from omnigen.model import OmniGenModel
+    from omnigen.text.tokenizer import Tokenizer
+    from omnigen.training import base as base_module
+    from omnigen.weights import checkpoint
+
+    root, _ = world
+    checkpoint.save_model(OmniGenModel(OmniGenConfig.from_dict(PIXEL_MODEL)), tmp_path / "base")
+    Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
+    config = make_config(root, tmp_path / "run", 1, model={}, init_from=str(tmp_path / "base"))
+    calls: Counter = Counter()
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("resolve_layout", "load_config"):
+        wrapper = counted(name, getattr(checkpoint, name))
+        monkeypatch.setattr(checkpoint, name, wrapper)
+        monkeypatch.setattr(base_module, name, wrapper)
+    read = Tokenizer.from_file.__func__
+    monkeypatch.setattr(
+        Tokenizer, "from_file", classmethod(lambda cls, path: (calls.update([str(path)]), read(cls, path))[1])
+    )
+    train(config, device="cpu")
+    assert calls == {
+        "resolve_layout": 1,
+        "load_config": 1,
+        str(root / "tokenizer.json"): 1,  # the run's tokenizer
+        str(tmp_path / "base" / "tokenizer.json"): 1,  # the base folder's, for the vocabulary change
+    }
 
 
 def test_fine_tuning_an_fp16_folder_keeps_fp32_master_weights(world, tmp_path):
@@ -334,7 +385,9 @@ def test_fine_tuning_with_a_new_vocabulary_keeps_known_words(world, tmp_path):
     save_model(base, tmp_path / "base")
     small.save(tmp_path / "base")
     run = make_config(root, tmp_path / "run", 1, model={}, init_from=str(tmp_path / "base"))
-    assert run.model_config().transformer.vocab_size == full.backend.get_vocab_size()
+    resolved = resolve_base(run)
+    assert resolved.model_config.transformer.vocab_size == full.backend.get_vocab_size()
+    assert resolved.vocabulary_change == (small.backend.get_vocab(), full.backend.get_vocab())
     tuned, _ = load_model(train(run, device="cpu"))
     assert tuned.config.transformer.vocab_size == full.backend.get_vocab_size()
     assert Tokenizer.from_file(tmp_path / "run" / "final").backend.get_vocab() == full.backend.get_vocab()
@@ -578,7 +631,7 @@ def test_grow_width_keeps_the_outputs_and_trains_the_new_units(world, tmp_path):
     )
     assert old.abs().max() > 0.1
     torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="grow_intermediate must be an int >= the model's 128, got 16"):
+    with pytest.raises(ValueError, match="grow_intermediate must be an int >= 128, got 16"):
         grow_width(model, 16)
     save_model(model, tmp_path / "base")
     Tokenizer.from_file(root / "tokenizer.json").save(tmp_path / "base")
@@ -591,7 +644,7 @@ def test_grow_width_keeps_the_outputs_and_trains_the_new_units(world, tmp_path):
         init_from=str(tmp_path / "base"),
         grow_intermediate=192,
     )
-    assert config.model_config().transformer.intermediate_size == 192
+    assert resolve_base(config).model_config.transformer.intermediate_size == 192
     trained, _ = load_model(train(config, device="cpu"))
     assert trained.llm.layers[0].mlp.down_proj.weight[:, 128:].any()  # the new units trained
     with pytest.raises(ValueError, match="grow_intermediate widens a trained model: it needs `init_from`"):
@@ -619,7 +672,7 @@ def test_grow_depth_keeps_the_outputs_and_interleaves_identity_blocks(world, tmp
     )
     assert old.abs().max() > 0.1
     torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="grow_layers must be an int >= the model's 2 layers, got 1"):
+    with pytest.raises(ValueError, match="grow_layers must be an int >= 2, got 1"):
         grow_depth(model, 1)
 
 
@@ -633,13 +686,13 @@ def test_grow_layers_config_trains_the_deeper_model(world, tmp_path):
     config = make_config(
         root, tmp_path / "run", 2, model={}, tokenizer=None, init_from=str(tmp_path / "base"), grow_layers=3
     )
-    assert config.model_config().transformer.num_layers == 3
+    assert resolve_base(config).model_config.transformer.num_layers == 3
     trained, _ = load_model(train(config, device="cpu"))
     assert trained.config.transformer.num_layers == 3
     assert trained.llm.layers[1].self_attn.o_proj.weight.any()  # the new block trained
     with pytest.raises(ValueError, match="grow_layers deepens a trained model: it needs `init_from`"):
         make_config(root, tmp_path / "x", 1, grow_layers=3)
-    with pytest.raises(TypeError, match="grow_layers must be int or None, got str 'deep'"):
+    with pytest.raises(TypeError, match="grow_layers must be an int >= 1 or None, got 'deep'"):
         make_config(root, tmp_path / "x", 1, model={}, init_from=str(tmp_path / "base"), grow_layers="deep")
 
 

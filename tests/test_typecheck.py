@@ -1,4 +1,5 @@
-"""omnigen.util.typecheck: YAML numbers and dataclass field checks."""
+"""omnigen.util.typecheck: YAML numbers and the type half of ``omnigen.util.checks.validate`` (fields
+checked against their annotations)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from omnigen.util.typecheck import check_fields, load_yaml
+from omnigen.util.checks import validate
+from omnigen.util.typecheck import load_yaml
 
 
 @dataclass
@@ -48,30 +50,30 @@ def test_yaml_scientific_notation_is_a_float_and_other_scalars_keep_their_types(
     assert all(isinstance(values[k], float) for k in "abcef")
 
 
-def test_check_fields_accepts_matching_values():
-    check_fields(Example())
-    check_fields(
-        Example(
-            rate=2,
-            name="x",
-            items=["a"],
-            pair=(1, 2.5),
-            many=("a", "b"),
-            table={"a": 1},
-            inner=Inner(3),
-            anything=object(),
-        )
+def test_validate_accepts_values_that_match_their_annotations():
+    validate(Example())
+    example = Example(
+        rate=2,
+        name="x",
+        items=["a"],
+        pair=(1, 2.5),
+        many=("a", "b"),
+        table={"a": 1},
+        inner=Inner(3),
+        anything=object(),
     )
+    validate(example)
+    assert example.rate == 2.0 and isinstance(example.rate, float)  # an int is taken for a float field
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rate": "1e-5"}, "rate must be float, got str '1e-5'"),
-        ({"count": 1.5}, "count must be int, got float 1.5"),
-        ({"count": True}, "count must be int, got bool True"),
-        ({"flag": 1}, "flag must be bool, got int 1"),
-        ({"name": 3}, "name must be str or None, got int 3"),
+        ({"rate": "1e-5"}, "rate must be a finite number, got '1e-5'"),
+        ({"count": 1.5}, "count must be an int, got 1.5"),
+        ({"count": True}, "count must be an int, got True"),
+        ({"flag": 1}, "flag must be true or false, got 1"),
+        ({"name": 3}, "name must be a string or None, got 3"),
         ({"items": ["a", 2]}, "items must be a list of str"),
         ({"items": "a"}, "items must be a list of str, got str 'a'"),
         ({"pair": (1.0,)}, "pair must be a list of 2"),
@@ -80,8 +82,8 @@ def test_check_fields_accepts_matching_values():
         ({"inner": {"size": 1}}, "inner must be a mapping \\(Inner\\) or None"),
     ],
 )
-def test_check_fields_names_the_field_and_the_type_expected(changes, message):
+def test_validate_names_the_field_and_the_type_expected(changes, message):
     with pytest.raises(TypeError, match=message):
-        check_fields(Example(**changes), prefix="")
+        validate(Example(**changes), prefix="")
     with pytest.raises(TypeError, match="example." + message.split(" ")[0]):
-        check_fields(Example(**changes), prefix="example.")
+        validate(Example(**changes), prefix="example.")

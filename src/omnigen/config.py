@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from omnigen.util.checks import check_int, option, validate
+
 # Field names of our extra section inside a Phi-3 style config.json.
 OMNIGEN_SECTION = "omnigen"
 
@@ -22,11 +24,10 @@ class RopeScaling:
 
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]
-    type: str = "su"
+    type: str = option("su", "rope scaling kind", choices=("su", "longrope"))
 
     def __post_init__(self) -> None:
-        if self.type not in ("su", "longrope"):
-            raise ValueError(f"rope_scaling.type must be 'su' or 'longrope', got {self.type!r}")
+        validate(self, prefix="rope_scaling.")
         if len(self.short_factor) != len(self.long_factor):
             raise ValueError(
                 f"rope_scaling short_factor ({len(self.short_factor)}) and long_factor "
@@ -38,30 +39,21 @@ class RopeScaling:
 class TransformerConfig:
     """The decoder stack (Phi-3 shaped)."""
 
-    hidden_size: int = 3072
-    intermediate_size: int = 8192
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 32
-    vocab_size: int = 32064
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 131072
-    original_max_position_embeddings: int = 4096
+    hidden_size: int = option(3072, low=1)
+    intermediate_size: int = option(8192, low=1)
+    num_layers: int = option(32, low=1)
+    num_heads: int = option(32, low=1)
+    num_kv_heads: int = option(32, low=1)
+    vocab_size: int = option(32064, low=1)
+    rms_norm_eps: float = option(1e-5, low=0, low_open=True)
+    rope_theta: float = option(10000.0, low=0, low_open=True)
+    max_position_embeddings: int = option(131072, low=1)
+    original_max_position_embeddings: int = option(4096, low=1)
     rope_scaling: RopeScaling | None = None
-    pad_token_id: int = 32000
+    pad_token_id: int = option(32000, low=0)
 
     def __post_init__(self) -> None:
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "vocab_size",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        validate(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -90,23 +82,15 @@ class OmniGenConfig:
     """
 
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
-    in_channels: int = 4
-    patch_size: int = 2
-    latent_downsample: int = 8
-    pos_embed_max_size: int = 192
-    pos_embed_base_size: int = 64
-    time_embed_dim: int = 256
+    in_channels: int = option(4, low=1)
+    patch_size: int = option(2, low=1)
+    latent_downsample: int = option(8, low=1)
+    pos_embed_max_size: int = option(192, low=1)
+    pos_embed_base_size: int = option(64, low=1)
+    time_embed_dim: int = option(256, low=2)
 
     def __post_init__(self) -> None:
-        for name in (
-            "in_channels",
-            "patch_size",
-            "latent_downsample",
-            "pos_embed_max_size",
-            "time_embed_dim",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        validate(self)
         if self.time_embed_dim % 2:
             raise ValueError(f"time_embed_dim must be even, got {self.time_embed_dim}")
 
@@ -127,12 +111,9 @@ class OmniGenConfig:
     def check_image_size(self, height: int, width: int, what: str = "image") -> None:
         m = self.image_multiple
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{what} {name} must be an int, got {type(value).__name__}")
-            if value <= 0 or value % m:
+            value = check_int(f"{what} {name}", value, m, self.max_image_size)
+            if value % m:
                 raise ValueError(f"{what} {name} must be a positive multiple of {m}, got {value}")
-            if value > self.max_image_size:
-                raise ValueError(f"{what} {name} must be at most {self.max_image_size}, got {value}")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

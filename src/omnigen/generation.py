@@ -23,7 +23,7 @@ from typing import Any
 
 from omnigen.sampling.inpaint import MAX_MASK_BLUR
 from omnigen.sampling.solvers import SOLVERS
-from omnigen.util.checks import check_bool, check_choice, check_float, check_int, check_str
+from omnigen.util.checks import RULE, Rule, validate
 
 logger = logging.getLogger(__name__)
 
@@ -54,55 +54,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class Param:
-    """What a front end needs to know about one field."""
+class Param(Rule):
+    """A field's ``Rule`` (its kind, range and choices: ``omnigen.util.checks``) plus what a front end
+    needs to know about it."""
 
-    kind: str  # "int", "float", "bool", "str", "choice" or "sizes" (a list of ints)
-    help: str
+    help: str = ""
     scope: str = "request"
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    optional: bool = False  # None allowed (its meaning is in the help)
-    choices: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # extra command-line spellings, e.g. "--steps"
     label: str = ""  # the demo's label (default: the name in words)
     choice_flags: bool = False  # each choice is also a command-line switch of its own ("--fast")
-
-    def check(self, name: str, value: Any) -> Any:
-        if value is None and self.optional:
-            return None
-        if self.kind == "int":
-            return check_int(name, value, self.low, self.high)
-        if self.kind == "float":
-            return check_float(name, value, self.low, self.high, self.low_open)
-        if self.kind == "bool":
-            return check_bool(name, value)
-        if self.kind == "str":
-            return check_str(name, value)
-        if self.kind == "choice":
-            return check_choice(name, value, self.choices)
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{name} must be a list of ints, got {value!r:.60}")
-        return tuple(check_int(f"{name}[{k}]", v, 1) for k, v in enumerate(value))
 
     @property
     def python_type(self) -> type:
         return {"int": int, "float": float, "bool": bool, "str": str, "choice": str}.get(self.kind, tuple)
 
-    def describe(self) -> str:
-        """The allowed values in words (for help texts and errors)."""
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.kind in ("int", "float") and (self.low is not None or self.high is not None):
-            low = "" if self.low is None else (f"> {self.low}" if self.low_open else f">= {self.low}")
-            high = "" if self.high is None else f"<= {self.high}"
-            return " and ".join(x for x in (low, high) if x)
-        return self.kind
-
 
 def _param(default: Any, kind: str, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"param": Param(kind, help, **kwargs)})
+    return field(default=default, metadata={RULE: Param(kind, help=help, **kwargs)})
 
 
 @dataclass(frozen=True)
@@ -193,7 +161,9 @@ class GenerationConfig:
         optional=True,
         choice_flags=True,
     )
-    mask_blur: int = _param(0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=MAX_MASK_BLUR)
+    mask_blur: int = _param(
+        0, "int", "blur radius in pixels of an inpainting mask's edge", low=0, high=MAX_MASK_BLUR
+    )
     strength: float = _param(
         1.0,
         "float",
@@ -245,8 +215,7 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, param(f.name).check(f.name, getattr(self, f.name)))
+        validate(self)
         if self.guidance_start > self.guidance_end:
             raise ValueError(
                 f"guidance_start={self.guidance_start} must be <= guidance_end={self.guidance_end}"
@@ -319,7 +288,7 @@ def with_preset(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def param(name: str) -> Param:
-    return _FIELDS[name].metadata["param"]
+    return _FIELDS[name].metadata[RULE]
 
 
 def names(scope: str | None = None) -> list[str]:

@@ -126,7 +126,9 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> Non
         )
 
 
-MAX_MASK_BLUR = 1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (GenerationConfig's range)
+MAX_MASK_BLUR = (
+    1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (GenerationConfig's range)
+)
 
 
 def check_blur(mask_blur: float) -> float:

@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 
 from omnigen.sampling.euler import StepCallback, VelocityFn
 from omnigen.sampling.flow import log_snr, predict_data, time_grid
+from omnigen.util.checks import check_int
 
 SOLVERS = ("euler", "heun", "dpmpp_2m")
 EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1}
@@ -114,9 +115,7 @@ def step_kinds(solver: str, num_evaluations: int) -> tuple[str, ...]:
     """The kind of each step for a budget of ``num_evaluations`` (module docstring)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown sampler {solver!r}; allowed: {', '.join(map(repr, SOLVERS))}")
-    n = num_evaluations
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of evaluations (num_inference_steps) must be a positive int, got {n!r}")
+    n = check_int("num_inference_steps (the number of evaluations)", num_evaluations, 1)
     if solver == "euler" or n <= 2:
         return ("euler",) * n
     if solver == "heun":

@@ -25,6 +25,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from omnigen.util.checks import check_choice
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -46,8 +48,7 @@ def setup(device: str | torch.device | None, kind: str) -> Runtime:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Runtime(0, 1, device, "single")
-    if kind not in ("ddp", "fsdp"):
-        raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {kind!r}")
+    check_choice("distributed", kind, ("ddp", "fsdp"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -23,6 +23,7 @@ from torch import nn
 from omnigen.model.layers import Block
 from omnigen.model.omnigen import OmniGenModel
 from omnigen.text.tokenizer import embedding_rows
+from omnigen.util.checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ def _identity_block(block: Block) -> Block:
 def grow_depth(model: OmniGenModel, num_layers: int, seed: int = 0) -> OmniGenModel:
     """A copy of `model` with `num_layers` transformer blocks (>= its own), equal in output to `model`."""
     old = model.config.transformer.num_layers
-    if not isinstance(num_layers, int) or num_layers < old:
-        raise ValueError(f"grow_layers must be an int >= the model's {old} layers, got {num_layers!r}")
+    num_layers = check_int("grow_layers", num_layers, old)  # at least the model's own layers
     if num_layers == old:
         return model
     config = replace(model.config, transformer=replace(model.config.transformer, num_layers=num_layers))
@@ -106,8 +106,7 @@ def grow_width(model: OmniGenModel, intermediate_size: int, seed: int = 0) -> Om
     `model`: the new units' gate and up rows are initialised as from scratch and their down_proj columns
     are zero, so they add nothing until training moves them."""
     old = model.config.transformer.intermediate_size
-    if not isinstance(intermediate_size, int) or intermediate_size < old:
-        raise ValueError(f"grow_intermediate must be an int >= the model's {old}, got {intermediate_size!r}")
+    intermediate_size = check_int("grow_intermediate", intermediate_size, old)  # at least the model's own
     if intermediate_size == old:
         return model
     transformer = replace(model.config.transformer, intermediate_size=intermediate_size)

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from omnigen.util.atomic import atomic_write
+from omnigen.util.checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ class LatentCache:
     ) -> None:
         if not writer or any(c in writer for c in "/\\") or writer.startswith("."):
             raise ValueError(f"writer must be a plain file-name part, got {writer!r}")
-        if flush_every < 1:
-            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        flush_every = check_int("flush_every", flush_every, 1)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.codec_id = codec_id

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 import torch
 
 from omnigen.text.tags import IMAGE_TAG_PATTERN, image_tag, validate_image_tags
-from omnigen.util.checks import check_int
+from omnigen.util.checks import check_choice, check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,7 @@ class ConditionDropout:
 
     def __post_init__(self) -> None:
         for name in ("p_drop_text", "p_drop_images", "p_drop_both"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
-            if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+            object.__setattr__(self, name, check_float(name, getattr(self, name), 0, 1))
         total = self.p_drop_text + self.p_drop_images + self.p_drop_both
         if total > 1.0 + 1e-9:
             raise ValueError(
@@ -84,8 +80,7 @@ class ConditionDropout:
         image-only CFG prompt), images kept. drop_images: images and their tags removed, the rest of the
         text kept with whitespace tidied. drop_both: ("", []). Returns a new list; inputs not mutated.
         """
-        if choice not in DROP_CHOICES:
-            raise ValueError(f"choice must be one of {DROP_CHOICES}, got {choice!r}")
+        check_choice("choice", choice, DROP_CHOICES)
         validate_image_tags(instruction, len(images))
         if choice == "keep":
             return instruction, list(images)
@@ -116,16 +111,15 @@ def make_buckets(
     Each bucket is the largest one with height * width <= max_pixels, sides rounded down. Returned
     sorted by ratio, duplicates removed.
     """
-    check_int("max_pixels", max_pixels, 1)
-    check_int("multiple", multiple, 1)
+    max_pixels = check_int("max_pixels", max_pixels, 1)
+    multiple = check_int("multiple", multiple, 1)
     if max_pixels < multiple * multiple:
         raise ValueError(f"max_pixels must be >= multiple**2 = {multiple * multiple}, got {max_pixels}")
     if len(ratios) == 0:
         raise ValueError("ratios must not be empty")
     buckets: set[tuple[int, int]] = set()
     for ratio in ratios:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-            raise ValueError(f"ratios must be positive finite numbers, got {ratio!r}")
+        ratio = check_float("ratios", ratio, 0, low_open=True)
         buckets.add(_bucket_for_ratio(max_pixels, multiple, ratio))
     return sorted(buckets, key=lambda bucket: (bucket[1] / bucket[0], bucket[0]))
 
@@ -148,8 +142,7 @@ def _bucket_for_ratio(max_pixels: int, multiple: int, ratio: float) -> tuple[int
 
 def bucket_for(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The (height, width) bucket whose aspect ratio is closest (in log space); ties -> larger area."""
-    check_int("height", height, 1)
-    check_int("width", width, 1)
+    height, width = check_int("height", height, 1), check_int("width", width, 1)
     if len(buckets) == 0:
         raise ValueError("buckets must not be empty")
     for bucket in buckets:
@@ -201,15 +194,13 @@ class ShardedBucketSampler:
         lengths: Sequence[int] | None = None,
         length_groups: int = 1,
     ) -> None:
-        check_int("batch_size", batch_size, 1)
-        check_int("length_groups", length_groups, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        length_groups = check_int("length_groups", length_groups, 1)
         if lengths is not None and len(lengths) != len(sizes):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(sizes)} samples")
-        check_int("num_replicas", num_replicas, 1)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an int in [0, {num_replicas - 1}], got {rank!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        num_replicas = check_int("num_replicas", num_replicas, 1)
+        rank = check_int("rank", rank, 0, num_replicas - 1)
+        seed = check_int("seed", seed)
         self.batch_size = batch_size
         self.num_replicas = num_replicas
         self.rank = rank
@@ -235,8 +226,7 @@ class ShardedBucketSampler:
         return self._length
 
     def set_epoch(self, epoch: int) -> None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        epoch = check_int("epoch", epoch, 0)
         if epoch != self.epoch:
             self.epoch = epoch
             self.position = 0
@@ -287,9 +277,7 @@ class ShardedBucketSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore (epoch, position); other keys, if present, must match this sampler's settings."""
         for key in ("epoch", "position"):
-            value = state.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"state[{key!r}] must be an int >= 0, got {value!r}")
+            check_int(f"state[{key!r}]", state.get(key), 0)
         for key in ("seed", "num_replicas", "batch_size", "num_samples"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
@@ -314,12 +302,9 @@ def group_by_size(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:
     """Sample indices grouped by (height, width), groups in sorted size order, indices in order."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, key in enumerate(sizes):
-        if (
-            not isinstance(key, (tuple, list))
-            or len(key) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) for side in key)
-        ):
+        if not isinstance(key, (tuple, list)) or len(key) != 2:
             raise ValueError(f"sizes[{index}] must be a (height, width) pair of ints, got {key!r}")
+        key = (check_int(f"sizes[{index}] height", key[0]), check_int(f"sizes[{index}] width", key[1]))
         groups.setdefault((key[0], key[1]), []).append(index)
     return [groups[key] for key in sorted(groups)]
 

@@ -32,8 +32,9 @@ from omnigen.config import OmniGenConfig
 from omnigen.generation import GenerationConfig
 from omnigen.model import OmniGenModel
 from omnigen.model.vae import AutoencoderKLCodec, IdentityCodec
-from omnigen.text.tokenizer import Tokenizer, embedding_rows
+from omnigen.text.tokenizer import Tokenizer
 from omnigen.training import checkpointing, distributed
+from omnigen.training.base import BaseModel, check_paths, resolve_base
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
 from omnigen.training.grow import grow_depth, grow_width, remap_vocabulary
@@ -43,7 +44,6 @@ from omnigen.training.schedule import BatchStream, lr_at
 from omnigen.training.step import ema_decay_at, train_step
 from omnigen.training.stream import parse_sources
 from omnigen.training.validation import Validator, swapped_in
-from omnigen.training.vocabulary import run_tokenizer
 from omnigen.weights.checkpoint import build_model, load_model, save_model
 
 __all__ = ["export", "lr_at", "precompute_latents", "train"]
@@ -51,35 +51,21 @@ __all__ = ["export", "lr_at", "precompute_latents", "train"]
 logger = logging.getLogger(__name__)
 
 
-def _check_vocabulary(config: TrainConfig, tokenizer: Tokenizer) -> None:
-    """ValueError, before any model is built, when the tokenizer has ids the token embedding lacks."""
-    needed = embedding_rows(tokenizer.backend.get_vocab())
-    rows = config.model_config().transformer.vocab_size
-    if needed > rows:
-        raise ValueError(
-            f"the tokenizer {config.tokenizer_file()} has {needed} token ids but the model's vocabulary "
-            f"holds {rows}: set model.vocab_size to at least {needed}"
-        )
-
-
-def _build(config: TrainConfig, device: torch.device) -> tuple[OmniGenModel, Tokenizer, object]:
-    tokenizer = run_tokenizer(config)
-    _check_vocabulary(config, tokenizer)
-    if config.init_from:
+def _build(config: TrainConfig, base: BaseModel, device: torch.device) -> tuple[OmniGenModel, object]:
+    if base.layout is not None:
         # fp32 master weights whatever the folder stores (the shipped model is fp16)
-        model, _ = load_model(config.init_from, device=device, dtype=torch.float32)
-        change = config.vocabulary_change()
-        if change is not None:
-            model = remap_vocabulary(model, *change)
+        model, _ = load_model(base.layout, device=device, dtype=torch.float32, config=base.folder_config)
+        if base.vocabulary_change is not None:
+            model = remap_vocabulary(model, *base.vocabulary_change)
         if config.grow_layers is not None:
             model = grow_depth(model, config.grow_layers, seed=config.seed)
         if config.grow_intermediate is not None:
             model = grow_width(model, config.grow_intermediate, seed=config.seed)
     else:
         torch.manual_seed(config.seed)
-        model = OmniGenModel(config.model_config()).to(device)
+        model = OmniGenModel(base.model_config).to(device)
         model.initialize_weights()
-    return model, tokenizer, _make_codec(config, model.config, device)
+    return model, _make_codec(config, model.config, device)
 
 
 def _make_codec(config: TrainConfig, model_config: OmniGenConfig, device: torch.device):
@@ -94,12 +80,11 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     cache lazily anyway; this only moves the encoding up front. Returns how many latents were encoded."""
     if config.latent_cache is None:
         raise ValueError("precompute_latents needs `latent_cache` (a folder) in the config")
-    config.check_paths()
+    check_paths(config)
+    base = resolve_base(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model_config = config.model_config()
-    tokenizer = run_tokenizer(config)
-    codec = _make_codec(config, model_config, device)
-    builder = BatchBuilder.from_config(config, tokenizer, codec, model_config, device, rank)
+    codec = _make_codec(config, base.model_config, device)
+    builder = BatchBuilder.from_config(config, base.tokenizer, codec, base.model_config, device, rank)
     indices = range(rank, len(builder.samples), world)
     return sum(builder.precompute(indices, r) for r in sorted({s.resolution for s in config.stages}))
 
@@ -109,13 +94,15 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
 
     ``stop_after``: stop (with a checkpoint) once this many optimizer steps are done — for tests.
     """
-    config.check_paths()
+    check_paths(config)
+    base = resolve_base(config)
     runtime = distributed.setup(device, config.distributed)
     out = Path(config.out_dir)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(config.to_json())
-    model, tokenizer, codec = _build(config, runtime.device)
+    model, codec = _build(config, base, runtime.device)
+    tokenizer = base.tokenizer
     base_reference = (
         _base_reference(config, model, tokenizer, codec, out, runtime.is_main) if config.lora else None
     )

@@ -8,9 +8,7 @@ exported folder carries the extended tokenizer.
 
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from omnigen.text.tags import BARE_TAG_PATTERN
@@ -22,24 +20,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def run_tokenizer(config: TrainConfig) -> Tokenizer:
-    """The tokenizer the run trains with and exports (read once per file and word list)."""
-    file = Path(config.tokenizer_file())
-    data = tuple(config.data) if config.extend_tokenizer else ()
-    return _extended(str(file), file.stat().st_mtime_ns, tuple(config.add_words), data, config.image_root)
+def extend(tokenizer: Tokenizer, config: TrainConfig, source: str) -> Tokenizer:
+    """``tokenizer`` (read from ``source``) with the run's ``add_words`` and, with ``extend_tokenizer``,
+    every word of its JSONL data the tokenizer does not know; itself when there are none."""
+    data: list[str] = []
+    if config.extend_tokenizer:
+        from omnigen.training.stream import parse_sources
 
-
-@functools.lru_cache(maxsize=4)
-def _extended(
-    file: str, _mtime: int, add_words: tuple[str, ...], data: tuple[str, ...], image_root: str | None
-) -> Tokenizer:
-    tokenizer = Tokenizer.from_file(file)
-    words = list(add_words) + (unknown_words(tokenizer, list(data), image_root) if data else [])
+        jsonl, shards = parse_sources(config.data)
+        if shards:
+            raise ValueError(
+                "extend_tokenizer reads the words of JSONL data; list new words in add_words instead"
+            )
+        data = list(jsonl)
+    words = list(
+        dict.fromkeys(
+            list(config.add_words) + (unknown_words(tokenizer, data, config.image_root) if data else [])
+        )
+    )
     if not words:
         return tokenizer
     extended = tokenizer.with_words(words)
     added = extended.backend.get_vocab_size() - tokenizer.backend.get_vocab_size()
-    logger.info("extended the tokenizer %s with %d new words: %s", file, added, ", ".join(words[:20]))
+    logger.info("extended the tokenizer %s with %d new words: %s", source, added, ", ".join(words[:20]))
     return extended
 
 

@@ -1,7 +1,6 @@
-"""Typed values from config text: ``load_yaml`` (YAML that reads ``1e-5`` as a number) and
-``check_fields`` (each field of a dataclass against its annotation, with an error naming the field and
-the type expected). The one home of both rules; config dataclasses call ``check_fields`` first thing in
-``__post_init__``, before their range checks.
+"""Types of config values: ``load_yaml`` (YAML that reads ``1e-5`` as a number) and ``matches`` /
+``describe_type`` (does a value fit a type annotation; the annotation in words). The one home of both
+rules; ``omnigen.util.checks.validate`` checks config fields with them.
 
 Supported annotations: ``int``, ``float`` (an int is accepted), ``str``, ``bool``, ``None``, ``Any``,
 unions (``X | None``), ``list[X]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``dict`` / ``dict[K, V]`` and
@@ -43,27 +42,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
-def check_fields(instance: Any, prefix: str = "") -> None:
-    """Raise TypeError for the first field of dataclass ``instance`` whose value does not match its
-    annotation, e.g. ``lr must be float, got str '1e-5'``; ``prefix`` names the object (``stages[0].``)."""
-    hints = typing.get_type_hints(type(instance))
-    for f in dataclasses.fields(instance):
-        value = getattr(instance, f.name)
-        expected = hints[f.name]
-        if not _matches(value, expected):
-            raise TypeError(
-                f"{prefix}{f.name} must be {_name(expected)}, got {type(value).__name__} {value!r}"
-            )
-
-
-def _matches(value: Any, expected: Any) -> bool:
+def matches(value: Any, expected: Any) -> bool:
     if expected is Any:
         return True
     if expected is None or expected is type(None):
         return value is None
     origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in args)
+        return any(matches(value, arg) for arg in args)
     if expected is bool:
         return isinstance(value, bool)
     if expected is int:
@@ -71,34 +57,34 @@ def _matches(value: Any, expected: Any) -> bool:
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is list:
-        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+        return isinstance(value, list) and (not args or all(matches(v, args[0]) for v in value))
     if origin is tuple:
         if not isinstance(value, tuple):
             return False
         if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+            return all(matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(matches(v, a) for v, a in zip(value, args))
     if origin is dict:
         if not isinstance(value, dict):
             return False
-        return not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+        return not args or all(matches(k, args[0]) and matches(v, args[1]) for k, v in value.items())
     if isinstance(expected, type):
         return isinstance(value, expected)
     return True  # an annotation this checker does not know: not checked
 
 
-def _name(expected: Any) -> str:
+def describe_type(expected: Any) -> str:
     if expected is type(None) or expected is None:
         return "None"
     origin, args = typing.get_origin(expected), typing.get_args(expected)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_name(a) for a in args)
+        return " or ".join(describe_type(a) for a in args)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"a list of {_name(args[0])}"
+        return f"a list of {describe_type(args[0])}"
     if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_name(a) for a in args)})"
+        return f"a list of {len(args)} ({', '.join(describe_type(a) for a in args)})"
     if origin is list:
-        return f"a list of {_name(args[0])}" if args else "a list"
+        return f"a list of {describe_type(args[0])}" if args else "a list"
     if origin is dict or expected is dict:
         return "a mapping"
     if dataclasses.is_dataclass(expected):

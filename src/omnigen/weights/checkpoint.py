@@ -269,11 +269,15 @@ def stream_tensors(
 
 
 def load_model(
-    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    folder: str | Path | Layout,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    config: OmniGenConfig | None = None,
 ) -> tuple[OmniGenModel, Layout]:
-    """Stream a model folder's weights into a meta-built model (see the module docstring)."""
-    layout = resolve_layout(folder)
-    config = load_config(layout)
+    """Stream a model folder's weights into a meta-built model (see the module docstring). A caller that
+    has already resolved the folder passes its ``Layout`` (and its ``load_config``) to read them once."""
+    layout = folder if isinstance(folder, Layout) else resolve_layout(folder)
+    config = config or load_config(layout)
     source = str(layout.weights_dir / layout.weights_name)
     plan, scales = fp8.split_plan(tensor_plan(layout, config))
     shapes = {name: _planned_shape(parts) for name, parts in plan.items()}
@@ -294,7 +298,7 @@ def load_model(
     shape = config.transformer
     logger.info(
         "loaded the model in %s (%s layout; %d layers, hidden %d, %s parameters)",
-        folder,
+        layout.root,
         layout.kind,
         shape.num_layers,
         shape.hidden_size,
