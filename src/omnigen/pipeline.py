@@ -40,6 +40,7 @@ from omnigen.model.vae import AutoencoderKLCodec, LatentCodec, load_codec, tiled
 from omnigen.sampling.euler import make_noise
 from omnigen.sampling.guidance import branch_rows, guided_velocity
 from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike, check_output_size, prepare_masks
+from omnigen.sampling.parallel import CfgGroup, check_parallel
 from omnigen.sampling.solvers import plan, solve
 from omnigen.sampling.step_cache import StepCache
 from omnigen.text.collate import collate
@@ -139,6 +140,7 @@ class OmniGenPipeline:
         progress: bool = True,
         output_type: str = "pil",
         mask: MaskLike | Sequence[MaskLike | None] | None = None,
+        parallel: str | None = None,
         **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -152,7 +154,12 @@ class OmniGenPipeline:
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
         seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
+
+        ``parallel="cfg"`` (``omnigen.sampling.parallel``), inside an initialized process group of 2 or 3
+        ranks that all make the same call: each rank runs its own guidance branches; every rank returns
+        the images, equal to one process's.
         """
+        check_parallel(parallel)
         cfg = self.defaults.replace(**overrides)
         prompts, images = self._normalise(prompt, input_images)
         seed, masks = self._check_call(cfg, prompt, images, mask, overrides, output_type)
@@ -166,6 +173,7 @@ class OmniGenPipeline:
         branches = [
             cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(prompts, pixels)
         ]
+        group = CfgGroup.join(parallel, 2 + (branches[0].img_cond is not None), cfg.step_cache_threshold)
         sizes = [
             tuple(proc.pixel_values[0].shape[-2:])
             if cfg.use_input_image_size_as_output
@@ -191,6 +199,7 @@ class OmniGenPipeline:
                 cfg,
                 (callback_on_step_end, progress, output_type != "latent"),
                 [masks[i] for i in rows],
+                group,
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
@@ -258,20 +267,22 @@ class OmniGenPipeline:
         cfg: GenerationConfig,
         hooks: tuple[StepEndCallback | None, bool, bool],
         masks: Sequence[CanvasMask | None] = (),
+        group: CfgGroup | None = None,
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
-        ``hooks``: (step-end callback, progress bar, decode)."""
+        ``hooks``: (step-end callback, progress bar, decode). ``group``: CFG-parallel, this rank's branches."""
         callback, progress, decode = hooks
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
         rows = branch_rows(self.processor, processed, branches)
-        all_rows = [p for group in rows for p in group]
+        mine = rows if group is None else group.mine(rows)
+        all_rows = [p for branch in mine for p in branch]
         latents = self._encode_images(all_rows)
         dtype = next(self.model.parameters()).dtype
         pad = config.transformer.pad_token_id
-        if cfg.separate_cfg_infer:
+        if cfg.separate_cfg_infer or group is not None:
             conditions = [
-                collate(group, latents[k * len(group) : (k + 1) * len(group)], pad)
-                for k, group in enumerate(rows)
+                collate(branch, latents[k * len(branch) : (k + 1) * len(branch)], pad)
+                for k, branch in enumerate(mine)
             ]
         else:
             conditions = [collate(all_rows, latents, pad)]
@@ -284,8 +295,9 @@ class OmniGenPipeline:
         steps = cfg.num_inference_steps
         step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
         velocity = guided_velocity(
-            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache
+            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache, group
         )
+        progress = progress and (group is None or group.rank == 0)
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = plan(cfg.sampler, steps, cfg.time_shift or 1.0)
         edit = MaskedEdit.prepare([m for m in masks for _ in range(per_prompt)], self.codec, z)

@@ -20,6 +20,7 @@ import torch
 if TYPE_CHECKING:
     from omnigen.generation import GenerationConfig
     from omnigen.model import OmniGenModel
+    from omnigen.sampling.parallel import CfgGroup
     from omnigen.sampling.step_cache import StepCache
     from omnigen.types import Condition, ProcessedPrompt
 
@@ -66,9 +67,12 @@ def guided_velocity(
     num_output_tokens: int,
     config: GenerationConfig,
     step_cache: StepCache | None = None,
+    group: CfgGroup | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """v(z, t) with guidance. ``conditions``: one per branch (separate CFG) or one holding every branch's
-    rows; with ``config.use_kv_cache`` they are prefilled into caches once, here."""
+    rows; with ``config.use_kv_cache`` they are prefilled into caches once, here. With a CFG-parallel
+    ``group`` (``omnigen.sampling.parallel``): one per branch of this rank, the others gathered."""
+    ids = list(range(len(conditions))) if group is None else list(group.branches)
     caches = [
         model.prefill(
             c,
@@ -91,13 +95,15 @@ def guided_velocity(
             cache=caches[index],
             offload_layers=config.offload_model,
             step_cache=step_cache,
-            branch=index,
+            branch=ids[index],
         ).float()
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if step_cache is not None:
             step_cache.begin_step()
         scale, img_scale = config.guidance_scale, config.img_guidance_scale
+        if group is not None:
+            return combine(group.gather([run(k, z, t) for k in range(len(ids))]), scale, img_scale)
         if len(conditions) == 1:  # all branches in one batch
             out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
             return combine(list(out.chunk(num_branches)), scale, img_scale)
