@@ -150,3 +150,34 @@ def test_cli_parallel_without_torchrun_is_a_clear_error(tmp_path, caplog):
     code = main(["generate", T2I, "-o", str(tmp_path / "x.png"), "--steps", "1", "--parallel", "cfg"])
     assert code == 2 and not (tmp_path / "x.png").exists()
     assert "parallel='cfg' needs an initialized torch.distributed process group" in caplog.text
+
+
+def test_batch_two_ranks_match_one_process(tmp_path):
+    """`omnigen batch --parallel cfg` on 2 ranks: every image byte-equal to a one-process batch run, and
+    rank 0 the only writer (no results file of rank 1)."""
+    import json
+
+    from omnigen.cli.main import main
+
+    image = edit_input(tmp_path)
+    rows = [
+        {"id": "t", "prompt": T2I, "n": 2, "num_inference_steps": STEPS},
+        {"id": "e", "prompt": EDIT, "input_images": [str(image)], "num_inference_steps": STEPS},
+    ]
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["batch", str(requests), "--no-progress", "--batch-size", "2"]
+    done = _torchrun(2, [*args, "--out", str(tmp_path / "two"), "--parallel", "cfg"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    files = ["t/0.png", "t/1.png", "e/0.png"]
+    for file in files:
+        two = np.asarray(Image.open(tmp_path / "two" / file))
+        assert np.array_equal(two, np.asarray(Image.open(tmp_path / "one" / file))), file
+    assert not (tmp_path / "two" / "results.rank1.jsonl").exists()
+    assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == len(files)
