@@ -20,6 +20,7 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
 - fp16 guard (on, ``model.llm.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
 - ``omnigen.model.placement.place_layers(pipe.model, devices)``: decoder layers split over several devices.
+- ``parallel="cfg"`` (``omnigen.sampling.parallel``): the guidance branches of one image over 2-3 ranks.
 """
 
 from __future__ import annotations
