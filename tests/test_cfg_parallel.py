@@ -42,9 +42,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def generate(pipe, folder: Path, parallel: str | None) -> dict[str, bytes]:
-    """The text-to-image (2 CFG branches) and edit (3 branches) images; for more ranks than a task has
-    branches, the error it raises."""
-    image = Image.open(edit_input(folder))
+    """The text-to-image (2 CFG branches) and edit (3 branches) images (the edit of ``folder``'s
+    ``edit_input``); for more ranks than a task has branches, the error it raises."""
+    image = Image.open(folder / "input.png")
     kw = {"num_inference_steps": STEPS, "seed": 7, "progress": False, "parallel": parallel}
     outputs = {}
     for name, prompt, images in (("t2i", T2I, None), ("edit", EDIT, [image])):
@@ -64,7 +64,12 @@ def _worker(rank: int, world_size: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        outputs = generate(OmniGenPipeline.from_pretrained(), Path(folder), "cfg")
+        pipe = OmniGenPipeline.from_pretrained()
+        outputs = generate(pipe, Path(folder), "cfg")
+        # no seed: every rank samples from rank 0's random seed
+        image = Image.open(Path(folder) / "input.png")
+        drawn = pipe(EDIT, input_images=[image], num_inference_steps=1, progress=False, parallel="cfg")[0]
+        outputs["drawn"] = png_bytes(drawn) + str(drawn.info["seed"]).encode()
         for name, data in outputs.items():
             (Path(folder) / f"{name}.rank{rank}.png").write_bytes(data)
     finally:
@@ -79,7 +84,9 @@ def single(tmp_path_factory) -> dict[str, bytes]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return generate(OmniGenPipeline.from_pretrained(), tmp_path_factory.mktemp("single"), None)
+        folder = tmp_path_factory.mktemp("single")
+        edit_input(folder)
+        return generate(OmniGenPipeline.from_pretrained(), folder, None)
     finally:
         torch.set_num_threads(threads)
 
@@ -88,7 +95,10 @@ def single(tmp_path_factory) -> dict[str, bytes]:
 def test_ranks_match_one_process(single, tmp_path, world_size):
     import torch.multiprocessing as mp
 
+    edit_input(tmp_path)  # written once, read by every rank
     mp.spawn(_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    drawn = {(tmp_path / f"drawn.rank{rank}.png").read_bytes() for rank in range(world_size)}
+    assert len(drawn) == 1, "without a seed, the ranks disagree"
     for rank in range(world_size):
         assert (tmp_path / f"edit.rank{rank}.png").read_bytes() == single["edit"], f"edit: rank {rank}"
         t2i = (tmp_path / f"t2i.rank{rank}.png").read_bytes()

@@ -175,6 +175,7 @@ class OmniGenPipeline:
             cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(prompts, pixels)
         ]
         group = CfgGroup.join(parallel, 2 + (branches[0].img_cond is not None), cfg.step_cache_threshold)
+        seed = seed if group is None or cfg.seed is not None else group.agree(seed)  # the same noise
         sizes = [
             tuple(proc.pixel_values[0].shape[-2:])
             if cfg.use_input_image_size_as_output

@@ -86,6 +86,14 @@ class CfgGroup:
     def branches(self) -> tuple[int, ...]:
         return self.assignment[self.rank]
 
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object), on every rank: e.g. a seed drawn at random."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
     def mine(self, rows: list) -> list:
         """The entries of a per-branch list that belong to this rank."""
         return [rows[k] for k in self.branches]
