@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"| task | contender | s/image | vs {BASELINE} | image equal to it |")
     print("|---|---|---|---|---|")
+    differs = []
     for task in ("t2i", "edit"):
         base = results[BASELINE][task]
         for name in args.contenders:
@@ -158,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ratio = row["seconds"] / base["seconds"]
             equal = "yes" if row["png"] == base["png"] else "no"
+            if equal == "no" and CONTENDERS[name][0] > 1:
+                differs.append(f"{task}: {name}")
             print(f"| {task} | {name} | {row['seconds']:.2f} | {ratio:.2f}x | {equal} |")
+    if differs:  # CFG-parallel must reproduce the single-thread process's image exactly
+        sys.exit(f"CFG-parallel images differ from one process's: {differs}")
 
 
 if __name__ == "__main__":
