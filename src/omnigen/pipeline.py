@@ -5,10 +5,8 @@ reference's order). With ``separate_cfg_infer`` each branch runs as its own batc
 run together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
 output tokens run at each step.
 
-Every generation parameter, its default and its allowed range is a field of
-``omnigen.generation.GenerationConfig``; the pipeline's ``defaults`` is the model folder's, and a call's
-keyword overrides are validated by ``defaults.replace``. The solver is ``omnigen.sampling.solvers`` (``sampler``,
-``time_shift``); the guided velocity over the CFG branches is ``omnigen.sampling.guidance``'s.
+A call is planned first (``omnigen.plan``: the validated ``GenerationConfig``, sizes, masks, schedule),
+then run: the solver is ``omnigen.sampling.solvers``'s, the guided velocity ``omnigen.sampling.guidance``'s.
 
 Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --options``):
 - ``mask_free_attention`` (on): a cached step whose rows have no padding (separate CFG with one prompt)
@@ -19,8 +17,8 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
 - ``omnigen.weights.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
 - fp16 guard (on, ``pipe.runner.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
-- ``pipe.place_layers(devices)``: decoder layers split over several devices (``omnigen.model.placement``).
-``pipe.runner`` (``omnigen.model.runner``): how the decoder layers run (split, offload, fp16 guard).
+- ``pipe.place_layers(devices)``: decoder layers split over several devices, held by ``pipe.runner``.
+- ``parallel="cfg"`` (``omnigen.sampling.parallel``): the guidance branches of one image over 2-3 ranks.
 """
 
 from __future__ import annotations
@@ -44,6 +42,7 @@ from omnigen.sampling import img2img
 from omnigen.sampling.euler import draw_noise, noise_generators
 from omnigen.sampling.guidance import branch_rows, guided_velocity
 from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike
+from omnigen.sampling.parallel import CfgGroup, check_parallel
 from omnigen.sampling.solvers import solve
 from omnigen.sampling.step_cache import StepCache
 from omnigen.text.collate import collate
@@ -138,6 +137,7 @@ class OmniGenPipeline:
         output_type: str = "pil",
         mask: MaskLike | Sequence[MaskLike | None] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        parallel: str | None = None,
         **overrides: Any,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate one image per prompt (times ``num_images_per_prompt``).
@@ -157,7 +157,12 @@ class OmniGenPipeline:
         ``mask`` (``omnigen.sampling.inpaint``): regenerate only where it is white on the first input image (the
         canvas; the output has its size) and keep every other pixel exactly; ``mask_blur`` feathers the
         seam (pixels). For a list of prompts: one mask for all, or a list with a mask or None per prompt.
+
+        ``parallel="cfg"`` (``omnigen.sampling.parallel``), inside an initialized process group of 2 or 3
+        ranks that all make the same call: each rank runs its own guidance branches; every rank returns
+        the images, equal to one process's.
         """
+        check_parallel(parallel)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
@@ -166,22 +171,15 @@ class OmniGenPipeline:
         cfg, sizes = call.config, call.sizes
         if generator is not None and overrides.get("seed") is not None:
             raise ValueError("pass seed= or generator=, not both")
-        generators = noise_generators(generator, call.seed, call.num_images)
         if output_type != "pil" and len(set(sizes)) > 1:
             raise ValueError(
                 f"output_type={output_type!r} stacks the outputs into one tensor, but the output sizes differ "
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
-        # Images become tensors once, in the caller's order (the image-only branch numbers them 1..n).
-        pixels = [
-            [self.processor.prepare_image(img, cfg.max_input_image_size) for img in imgs]
-            for imgs in call.images
-        ]
-        processed = [self.processor(p, imgs) for p, imgs in zip(call.prompts, pixels, strict=True)]
-        use_img_cfg = cfg.use_img_guidance and any(call.images)
-        branches = [
-            cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(call.prompts, pixels)
-        ]
+        processed, branches = self._prompt_rows(call)
+        group = CfgGroup.join(parallel, 2 + (branches[0].img_cond is not None), cfg.step_cache_threshold)
+        seed = call.seed if group is None or cfg.seed is not None else group.agree(call.seed)  # same noise
+        generators = noise_generators(generator, seed, call.num_images)
         self.runner = place_model(self.model, self.device, self.runner, offload_layers=cfg.offload_model)
         per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(call.prompts)
@@ -195,6 +193,7 @@ class OmniGenPipeline:
                 call,
                 (callback_on_step_end, progress, output_type != "latent"),
                 [call.masks[i] for i in rows],
+                group,
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
@@ -203,8 +202,23 @@ class OmniGenPipeline:
             flat,
             [m for m in call.masks for _ in range(per_prompt)],
             output_type,
-            None if generator is not None else call.seed,
+            None if generator is not None else seed,
         )
+
+    def _prompt_rows(self, call: CallPlan) -> tuple[list[ProcessedPrompt], list]:
+        """Each prompt processed and its CFG prompts; images become tensors once, in the caller's order
+        (the image-only branch numbers them 1..n)."""
+        cfg = call.config
+        pixels = [
+            [self.processor.prepare_image(img, cfg.max_input_image_size) for img in imgs]
+            for imgs in call.images
+        ]
+        processed = [self.processor(p, imgs) for p, imgs in zip(call.prompts, pixels, strict=True)]
+        use_img_cfg = cfg.use_img_guidance and any(call.images)
+        branches = [
+            cfg_prompts(p, imgs, cfg.negative_prompt, use_img_cfg) for p, imgs in zip(call.prompts, pixels)
+        ]
+        return processed, branches
 
     def condition_tokens(
         self, prompt: str, image_sizes: Sequence[tuple[int, int]], max_input_image_size: int | None = None
@@ -238,21 +252,24 @@ class OmniGenPipeline:
         call: CallPlan,
         hooks: tuple[StepEndCallback | None, bool, bool],
         masks: Sequence[CanvasMask | None] = (),
+        group: CfgGroup | None = None,
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
-        ``generators``: one per image (the noise); ``hooks``: (step-end callback, progress bar, decode)."""
+        ``generators``: one per image (the noise); ``hooks``: (step-end callback, progress bar, decode).
+        ``group``: CFG-parallel, this rank's branches."""
         callback, progress, decode = hooks
         cfg = call.config
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
         rows = branch_rows(self.processor, processed, branches)
-        all_rows = [p for group in rows for p in group]
+        mine = rows if group is None else group.mine(rows)
+        all_rows = [p for branch in mine for p in branch]
         latents = self._encode_images(all_rows)
         dtype = next(self.model.parameters()).dtype
         pad = config.transformer.pad_token_id
-        if cfg.separate_cfg_infer:
+        if cfg.separate_cfg_infer or group is not None:
             conditions = [
-                collate(group, latents[k * len(group) : (k + 1) * len(group)], pad)
-                for k, group in enumerate(rows)
+                collate(branch, latents[k * len(branch) : (k + 1) * len(branch)], pad)
+                for k, branch in enumerate(mine)
             ]
         else:
             conditions = [collate(all_rows, latents, pad)]
@@ -263,8 +280,16 @@ class OmniGenPipeline:
         steps = cfg.num_inference_steps
         step_cache = None if cfg.step_cache_threshold is None else StepCache(cfg.step_cache_threshold, steps)
         velocity = guided_velocity(
-            self.model, conditions, len(rows), config.num_image_tokens(*size), cfg, step_cache, self.runner
+            self.model,
+            conditions,
+            len(rows),
+            config.num_image_tokens(*size),
+            cfg,
+            step_cache,
+            self.runner,
+            group,
         )
+        progress = progress and (group is None or group.rank == 0)
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = call.schedule
         z = noise

@@ -3,6 +3,8 @@
 Scale out with ``torchrun --nproc_per_node N -m omnigen batch ...`` (add ``--nnodes``/``--node_rank``/
 ``--rdzv-endpoint`` across nodes; DIR must be a folder every node sees). Each rank loads the model on its
 own device (``cuda:LOCAL_RANK`` when CUDA is used) and generates its slice of the pending images.
+With ``--parallel cfg`` the ranks instead make every image together (``omnigen.sampling.parallel``: each
+rank runs its own guidance branches): rank 0 plans, writes and records; the others follow its calls.
 """
 
 from __future__ import annotations
@@ -91,32 +93,85 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="bad lines and failed batches: report and go on (skip, default) or stop (fatal)",
     )
     add_batch_args(p)
+    p.add_argument(
+        "--parallel",
+        choices=["cfg"],
+        default=None,
+        help="cfg: all 2-3 ranks make each image together, each running its own guidance branches; "
+        "rank 0 writes everything (default: each rank generates its own slice)",
+    )
     p.set_defaults(func=_run)
 
 
 def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
     """Load the pipeline of ``args`` on this rank's device and run ``requests`` into ``out`` (every rank);
     shared by ``omnigen batch`` and the ``omnigen eval`` generators. Returns this rank's BatchReport."""
-    from omnigen.batch.runner import run_batch
+    from omnigen.batch.runner import BatchReport, run_batch
+    from omnigen.sampling.parallel import check_parallel
 
     ctx = init_distributed(args.device)
+    parallel = getattr(args, "parallel", None)
     try:
+        check_parallel(parallel)
         pipe = load_pipeline(args, ctx.device)
+        if parallel is not None and ctx.rank > 0:
+            follow(pipe)
+            return BatchReport(0, 0, 0, 0, rank=ctx.rank, world_size=ctx.world_size)
+        alone = parallel is not None  # rank 0 is the only writer
         return run_batch(
-            pipe,
+            _Leader(pipe) if alone else pipe,
             requests,
             out,
             batch_size=args.batch_size,
             rank=ctx.rank,
-            world_size=ctx.world_size,
-            barrier=ctx.barrier,
+            world_size=1 if alone else ctx.world_size,
+            barrier=None if alone else ctx.barrier,
             model=str(args.model) if args.model is not None else None,
             progress=not args.no_progress,
             max_condition_tokens=args.max_condition_tokens or None,
             **kwargs,
         )
     finally:
+        if parallel is not None and ctx.rank == 0 and ctx.world_size > 1:
+            _broadcast(None)  # the followers stop
         ctx.close()
+
+
+class _Leader:
+    """Rank 0's pipeline under ``--parallel cfg``: each call's arguments go to the other ranks first."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, *args, **kwargs):
+        _broadcast((args, kwargs))
+        return self.pipe(*args, parallel="cfg", **kwargs)
+
+
+def follow(pipe) -> int:
+    """Ranks > 0 under ``--parallel cfg``: make every call rank 0 makes, until it sends None; returns
+    the number of calls. A failing call fails on rank 0 too, which records it."""
+    calls = 0
+    while (message := _broadcast(None)) is not None:
+        args, kwargs = message
+        try:
+            pipe(*args, parallel="cfg", **kwargs)
+        except Exception as err:
+            logger.debug("followed call failed: %s", err)
+        calls += 1
+    return calls
+
+
+def _broadcast(message):
+    """Rank 0's ``message`` on every rank (what the others pass is ignored)."""
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _run(args: argparse.Namespace) -> int:

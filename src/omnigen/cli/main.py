@@ -36,6 +36,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         metavar="L,R,T,B",
         help="pad the first --image by LEFT,RIGHT,TOP,BOTTOM pixels and generate only the padding",
     )
+    p.add_argument(
+        "--parallel",
+        choices=["cfg"],
+        default=None,
+        help="cfg: one image over the processes of `torchrun --nproc-per-node 2|3`, each running its own "
+        "guidance branches (gloo on CPU, NCCL on cuda:LOCAL_RANK); rank 0 writes the output",
+    )
     add_model_args(p)
     add_generation_args(p, skip=("seed",))
     p.set_defaults(func=_run_generate)
@@ -101,22 +108,35 @@ def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tu
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    """One process, or with ``--parallel cfg`` one rank of torchrun's (only rank 0 writes)."""
+    import os
+
+    from omnigen.batch.cli import init_distributed
     from omnigen.cli.args import generation_overrides, load_pipeline
     from omnigen.plan import check_prompts
 
     check_prompts([args.prompt])  # the call's own rule, before the model loads
     overrides = generation_overrides(args) | {"seed": args.seed}
-    paths = check_output_path(args.output, overrides.get("num_images_per_prompt", 1))
+    writer = args.parallel is None or os.environ.get("RANK", "0") == "0"
+    count = overrides.get("num_images_per_prompt", 1)
+    paths = check_output_path(args.output, count) if writer else []
     pads = check_mask_args(args.mask, args.outpaint, args.image)
-    pipe = load_pipeline(args)
-    inputs, mask = list(args.image), args.mask
-    if pads is not None:
-        from omnigen.sampling.inpaint import outpaint
+    ctx = init_distributed(args.device) if args.parallel is not None else None
+    try:
+        pipe = load_pipeline(args, None if ctx is None else ctx.device)
+        inputs, mask = list(args.image), args.mask
+        if pads is not None:
+            from omnigen.sampling.inpaint import outpaint
 
-        multiple = pipe.model.config.image_multiple
-        inputs[0], mask = outpaint(inputs[0], *pads, multiple=multiple)
-    images = pipe(args.prompt, input_images=inputs or None, mask=mask, **overrides)
-    for path, image in zip(paths, images, strict=True):
+            multiple = pipe.model.config.image_multiple
+            inputs[0], mask = outpaint(inputs[0], *pads, multiple=multiple)
+        images = pipe(
+            args.prompt, input_images=inputs or None, mask=mask, parallel=args.parallel, **overrides
+        )
+    finally:
+        if ctx is not None:
+            ctx.close()
+    for path, image in zip(paths, images if writer else [], strict=True):
         image.save(path)
         logger.info("wrote %s (%dx%d, seed %s)", path, image.width, image.height, image.info.get("seed"))
     return 0

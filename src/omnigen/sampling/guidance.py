@@ -28,6 +28,7 @@ from omnigen.model.runner import PLAIN, Runner
 if TYPE_CHECKING:
     from omnigen.generation import GenerationConfig
     from omnigen.model import OmniGenModel
+    from omnigen.sampling.parallel import CfgGroup
     from omnigen.sampling.step_cache import StepCache
     from omnigen.types import Condition, ProcessedPrompt
 
@@ -80,10 +81,14 @@ def guided_velocity(
     config: GenerationConfig,
     step_cache: StepCache | None = None,
     runner: Runner = PLAIN,
+    group: CfgGroup | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """v(z, t) with guidance. ``conditions``: one per branch (separate CFG) or one holding every branch's
     rows; with ``config.use_kv_cache`` they are prefilled into caches once, here, and each cache gets the
-    step inputs of its batch at the first step. ``runner``: how the decoder layers run (``omnigen.model.runner``)."""
+    step inputs of its batch at the first step. ``runner``: how the decoder layers run
+    (``omnigen.model.runner``). With a CFG-parallel ``group`` (``omnigen.sampling.parallel``): one per
+    branch of this rank, the others gathered."""
+    ids = list(range(len(conditions))) if group is None else list(group.branches)
     caches = [
         model.prefill(
             c,
@@ -110,7 +115,7 @@ def guided_velocity(
             cache=cache,
             runner=runner,
             step_cache=step_cache,
-            branch=index,
+            branch=ids[index],
         ).float()
 
     def velocity(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -118,6 +123,9 @@ def guided_velocity(
             step_cache.begin_step()
         scale, img_scale = config.guidance_scale, config.img_guidance_scale
         guided = guided_at(t[0].item(), config)
+        if group is not None:
+            gathered = group.gather([run(k, z, t) for k in range(len(ids))])
+            return combine(gathered, scale, img_scale) if guided else gathered[0]
         if len(conditions) == 1:  # all branches in one batch
             out = run(0, torch.cat([z] * num_branches), torch.cat([t] * num_branches))
             branches = list(out.chunk(num_branches))
