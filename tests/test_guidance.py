@@ -57,19 +57,30 @@ def test_branch_rows_are_cond_uncond_img_cond_one_row_per_prompt():
     assert guidance.branch_rows(FakeProcessor(), ["P"], text_only) == [["P"], ["processed(bad)"]]
 
 
+class FakeCache:
+    """A prefilled condition: its values, and the step inputs the sampler stores per (tokens, rows)."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.values, self.step_inputs = values, {}
+
+
 class FakeModel:
     """v = z * (row's condition value) + t, so each branch's output is known; records how it was called."""
 
     def __init__(self) -> None:
-        self.calls, self.prefills = [], []
+        self.calls, self.prefills, self.step_input_builds = [], [], []
 
     def prefill(self, condition, num_output_tokens, **options):
         self.prefills.append((condition, num_output_tokens, options))
-        return ("cache", condition)
+        return FakeCache(condition)
+
+    def step_inputs(self, cache, n, batch):
+        self.step_input_builds.append((n, batch))
+        return ("inputs", n, batch)
 
     def __call__(self, z, t, condition=None, cache=None, branch=0, **options):
         self.calls.append((z.shape[0], condition is None, cache is not None, branch))
-        values = cache[1] if cache is not None else condition
+        values = cache.values if cache is not None else condition
         return z * values.view(-1, 1) + t.view(-1, 1)
 
 
@@ -88,6 +99,7 @@ def test_guided_velocity_combines_the_branches(use_kv_cache, separate):
     assert len(model.prefills) == (len(conditions) if use_kv_cache else 0)  # once, not per step
     velocity(z, t)
     assert len(model.prefills) == (len(conditions) if use_kv_cache else 0)
+    assert len(model.step_input_builds) == (len(conditions) if use_kv_cache else 0)  # once per cache
     if separate:  # one call per branch, each told its index
         assert [c[3] for c in model.calls[:3]] == [0, 1, 2] and {c[0] for c in model.calls} == {1}
     else:  # one call with every branch's rows

@@ -93,7 +93,7 @@ def guided_velocity(
         model.prefill(
             c,
             num_output_tokens,
-            runner,
+            runner=runner,
             offload_cache=config.offload_kv_cache,
             mask_free=config.mask_free_attention,
         )
