@@ -168,3 +168,15 @@ def test_a_retried_group_writes_nothing_twice(pipeline, tmp_path):
     keys = Counter((r["id"], r["k"]) for r in rank_records(tmp_path / "out"))
     assert keys == Counter({key: 1 for key in expected}), keys
     assert pngs(tmp_path / "out") == first
+
+
+def test_cli_ray_flags_are_checked_before_ray_starts(model_folder, tmp_path, caplog):
+    from omnigen.cli.main import main
+
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a red circle"}])
+    argv = ["batch", str(path), "--out", str(tmp_path / "o"), "--model", str(model_folder), "--no-progress"]
+    assert main([*argv, "--actors", "2"]) == 2
+    assert "--actors and --ray-address need --engine ray" in caplog.text
+    assert main([*argv, "--engine", "ray", "--actors", "0"]) == 2
+    assert "--actors must be >= 1, got 0" in caplog.text
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()

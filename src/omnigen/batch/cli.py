@@ -138,12 +138,16 @@ def _generate_with_ray(args: argparse.Namespace, requests: list, out, **kwargs):
     one CPU); the driver plans with one loaded on the CPU. A Ray started (or joined) here is shut down."""
     import functools
 
-    import ray
+    if args.actors is not None and args.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {args.actors}")
+    try:
+        import ray
+        import ray.data
+    except ImportError as err:
+        raise ImportError(f"--engine ray needs {err.name}: pip install 'omnigen-unified[raydata]'") from err
 
     from omnigen.batch.ray_engine import run_batch_ray
 
-    if args.actors is not None and args.actors < 1:
-        raise ValueError(f"--actors must be >= 1, got {args.actors}")
     started = not ray.is_initialized()
     if started:
         local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
@@ -153,7 +157,9 @@ def _generate_with_ray(args: argparse.Namespace, requests: list, out, **kwargs):
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = (args.device or ("cuda" if gpus else "cpu")).startswith("cuda")
         return run_batch_ray(
-            functools.partial(load_pipeline, args, args.device),
+            functools.partial(
+                load_pipeline, args, "cuda" if use_gpu else "cpu"
+            ),  # an actor sees its GPU as 0
             requests,
             out,
             actors=args.actors or (gpus if use_gpu and gpus else 1),
@@ -177,6 +183,8 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning("%s:%d: %s", args.requests, line.line, line.reason)
     if bad and args.on_error == "fatal":
         raise RequestError(f"{args.requests}:{bad[0].line}: {bad[0].reason} ({len(bad)} bad line(s))")
+    if args.engine != "ray" and (args.actors is not None or args.ray_address is not None):
+        raise ValueError("--actors and --ray-address need --engine ray")
     run = _generate_with_ray if args.engine == "ray" else generate_requests
     report = run(args, requests, args.out, on_error=args.on_error, bad_lines=bad)
     logger.info(
