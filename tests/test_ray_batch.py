@@ -180,3 +180,25 @@ def test_cli_ray_flags_are_checked_before_ray_starts(model_folder, tmp_path, cap
     assert main([*argv, "--engine", "ray", "--actors", "0"]) == 2
     assert "--actors must be >= 1, got 0" in caplog.text
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
+def test_a_failed_group_returns_its_error_rows(pipeline, tmp_path):
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            raise RuntimeError("out of memory")
+
+    requests, _ = read_requests(write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "a cat", "n": 2}]))
+    params, _ = _validate(pipeline, requests, "skip", None)
+    expected = {("a", k): expected_record(requests[0], k, params[0], None, f"a/{k}.png") for k in range(2)}
+    (group,) = consecutive_batches(plan(requests, params, {}, 0, 1), 4)
+    worker = GroupWorker(Broken, str(tmp_path / "out"), "skip")
+    generated, failed, skipped, rows = worker.run_group(_task(requests, params, expected, group))
+    assert (generated, failed, skipped) == (0, 2, 0)
+    assert [(r["id"], r["k"], r["error"]) for r in rows] == [
+        ("a", k, "RuntimeError: out of memory") for k in range(2)
+    ]
+    assert rank_records(tmp_path / "out") == []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        GroupWorker(Broken, str(tmp_path / "out"), "fatal").run_group(
+            _task(requests, params, expected, group)
+        )

@@ -148,6 +148,7 @@ def _generate_with_ray(args: argparse.Namespace, requests: list, out, **kwargs):
 
     from omnigen.batch.ray_engine import run_batch_ray
 
+    ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
     started = not ray.is_initialized()
     if started:
         local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
