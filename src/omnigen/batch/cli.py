@@ -92,6 +92,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="skip",
         help="bad lines and failed batches: report and go on (skip, default) or stop (fatal)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["torchrun", "ray"],
+        default="torchrun",
+        help="torchrun: this process is one rank (default); ray: a Ray Data actor pool (docs/batch_at_scale.md)",
+    )
+    p.add_argument(
+        "--actors", type=int, default=None, help="ray: pipelines in the pool (default: one per GPU, else 1)"
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)",
+    )
     add_batch_args(p)
     p.add_argument(
         "--parallel",
@@ -174,6 +188,50 @@ def _broadcast(message):
     return box[0]
 
 
+def _generate_with_ray(args: argparse.Namespace, requests: list, out, **kwargs):
+    """``--engine ray``: the actors load the pipeline of ``args`` (one GPU each when CUDA is used, else
+    one CPU); the driver plans with one loaded on the CPU. A Ray started (or joined) here is shut down."""
+    import functools
+
+    if args.actors is not None and args.actors < 1:
+        raise ValueError(f"--actors must be >= 1, got {args.actors}")
+    try:
+        import ray
+        import ray.data
+    except ImportError as err:
+        raise ImportError(f"--engine ray needs {err.name}: pip install 'omnigen-unified[raydata]'") from err
+
+    from omnigen.batch.ray_engine import run_batch_ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
+    started = not ray.is_initialized()
+    if started:
+        local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
+        extra = {"_node_ip_address": "127.0.0.1"} if local else {}  # a local Ray listens on loopback only
+        ray.init(address=args.ray_address, include_dashboard=False, **extra)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        device = args.device if args.device not in (None, "auto") else ("cuda" if gpus else "cpu")
+        use_gpu = device.startswith("cuda")
+        return run_batch_ray(
+            functools.partial(
+                load_pipeline, args, "cuda" if use_gpu else "cpu"
+            ),  # an actor sees its GPU as 0
+            requests,
+            out,
+            actors=args.actors or (gpus if use_gpu and gpus else 1),
+            num_gpus=1 if use_gpu else 0,
+            planner=load_pipeline(args, "cpu"),
+            batch_size=args.batch_size,
+            model=str(args.model) if args.model is not None else None,
+            max_condition_tokens=args.max_condition_tokens or None,
+            **kwargs,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _run(args: argparse.Namespace) -> int:
     from omnigen.batch.requests import RequestError, read_requests
 
@@ -182,7 +240,14 @@ def _run(args: argparse.Namespace) -> int:
         logger.warning("%s:%d: %s", args.requests, line.line, line.reason)
     if bad and args.on_error == "fatal":
         raise RequestError(f"{args.requests}:{bad[0].line}: {bad[0].reason} ({len(bad)} bad line(s))")
-    report = generate_requests(args, requests, args.out, on_error=args.on_error, bad_lines=bad)
+    if args.engine != "ray" and (args.actors is not None or args.ray_address is not None):
+        raise ValueError("--actors and --ray-address need --engine ray")
+    if args.engine == "ray" and args.parallel is not None:
+        raise ValueError(
+            "--parallel cfg runs under torchrun; with --engine ray each actor makes whole images"
+        )
+    run = _generate_with_ray if args.engine == "ray" else generate_requests
+    report = run(args, requests, args.out, on_error=args.on_error, bad_lines=bad)
     logger.info(
         "rank %d: %d images requested, %d already done, %d generated, %d failed, %d bad line(s)",
         report.rank,
