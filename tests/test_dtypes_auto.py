@@ -28,7 +28,7 @@ def fake_cpu(monkeypatch, flags: set[str], speedup: float) -> list[int]:
     calls: list[int] = []
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
 
-    def probe(width: int = cpu.PROBE_WIDTH) -> float:
+    def probe(width: int = cpu.PROBE_WIDTH, rounds: int = cpu.PROBE_ROUNDS) -> float:
         calls.append(width)
         return speedup
 

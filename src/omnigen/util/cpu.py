@@ -6,9 +6,9 @@ The one home of the CPU half of ``dtype="auto"`` (``omnigen.util.dtypes.resolve_
 2. Otherwise the CPU must advertise native bfloat16 arithmetic: ``amx_bf16`` or ``avx512_bf16`` in the
    ``flags`` of ``/proc/cpuinfo`` (x86), ``bf16`` in its ``Features`` (Arm). Without /proc/cpuinfo
    (macOS, Windows) the answer is no.
-3. And a probe must confirm it: one bfloat16 and one float32 matmul of width ``PROBE_WIDTH`` with the
-   current torch thread count; bfloat16 must reach ``MIN_SPEEDUP`` times the float32 GFLOP/s. The
-   probe runs once per process (about 0.1 s) and is cached.
+3. And a probe must confirm it: bfloat16 and float32 matmuls of width ``PROBE_WIDTH`` with the current
+   torch thread count, the best of ``PROBE_ROUNDS`` interleaved timings each; bfloat16 must be
+   ``MIN_SPEEDUP`` times as fast. The probe runs once per process (about 0.15 s) and is cached.
 
 Nothing runs at import time; the probe runs on the first question.
 """
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 ENV = "OMNIGEN_CPU_BF16"
 BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16", "bf16"})
 PROBE_WIDTH = 1024
+PROBE_ROUNDS = 3
+PROBED = (torch.float32, torch.bfloat16)
 MIN_SPEEDUP = 1.5
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -51,22 +53,26 @@ def native_bf16() -> bool:
     return bool(cpu_flags() & BF16_FLAGS)
 
 
-def _gflops(dtype: torch.dtype, width: int) -> float:
-    a = torch.randn(width, width).to(dtype)
-    b = torch.randn(width, width).to(dtype)
-    torch.mm(a, b)  # warm-up: oneDNN picks and packs its kernel
+def _seconds(a: torch.Tensor, b: torch.Tensor) -> float:
     start = time.perf_counter()
     torch.mm(a, b)
-    return 2 * width**3 / max(time.perf_counter() - start, 1e-9) / 1e9
+    return time.perf_counter() - start
 
 
 @functools.lru_cache(maxsize=1)
-def bf16_speedup(width: int = PROBE_WIDTH) -> float:
-    """bfloat16 over float32 matmul GFLOP/s at ``width`` on this CPU (measured once per process)."""
+def bf16_speedup(width: int = PROBE_WIDTH, rounds: int = PROBE_ROUNDS) -> float:
+    """bfloat16 over float32 matmul speed at ``width`` on this CPU (measured once per process): the best
+    of ``rounds`` interleaved timings of each, so a busy machine's pauses do not decide it."""
     with torch.no_grad():
-        fp32, bf16 = _gflops(torch.float32, width), _gflops(torch.bfloat16, width)
-    log.debug("CPU matmul probe at %d: float32 %.1f, bfloat16 %.1f GFLOP/s", width, fp32, bf16)
-    return bf16 / fp32
+        pairs = {
+            dtype: (torch.randn(width, width).to(dtype), torch.randn(width, width).to(dtype))
+            for dtype in PROBED
+        }
+        for a, b in pairs.values():
+            torch.mm(a, b)  # warm-up: oneDNN picks and packs its kernel
+        best = {dtype: min(_seconds(*pairs[dtype]) for _ in range(rounds)) for dtype in PROBED}
+    log.debug("CPU matmul probe at %d: float32 %.4f s, bfloat16 %.4f s", width, *best.values())
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
 
 
 def forced_bf16() -> bool | None:
