@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fullsize.py [--dtype bfloat16] [--size 256] [--steps 2] [--threads 2]
         [--tasks t2i,edit] [--modes batched,separate,kv_offload,offload_model] [--big-size 1024]
-        [--layers 32]
+        [--layers 32] [--compare modes|dtypes|presets] [--quick]
 
 Weights are built in place in the target dtype (meta device -> ``to_empty`` -> seeded init), so nothing is
 downloaded and the fp32 model is never materialised. Every contender runs in a fresh process (its peak
@@ -17,6 +17,12 @@ Columns: build (seconds to build the random model), first step (prefill included
 peak RSS of the process during the call (weights included; the build's transient memory excluded), growth
 of RSS during the call, KV cache bytes, and the largest |latent difference| to the per-row reference. On a CPU the two offload modes move nothing (the
 "device" is the host), so they show the cost of their bookkeeping, not their savings.
+
+``--compare dtypes``: bfloat16 vs float32 in our batched loop and diffusers' loop in bfloat16, each step's
+matmul GFLOP/s as a share of a 3072-wide bfloat16 matmul measured in the same run, and the latents'
+difference to float32. ``--compare presets``: resident memory of each ``--memory`` preset (bf16 weights,
+one t2i step). ``--quick``: a narrow one-layer model that checks the harness in a few minutes.
+docs/cpu_bf16.md has the results.
 
 The closing table estimates GPU memory at ``--big-size`` for each mode from exact tensor sizes
 (weights, KV cache) plus an activation bound (see ``estimate_gpu_gb``); it is an estimate, not a measurement.
