@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fullsize.py [--dtype bfloat16] [--size 256] [--steps 2] [--threads 2]
         [--tasks t2i,edit] [--modes batched,separate,kv_offload,offload_model] [--big-size 1024]
-        [--layers 32]
+        [--layers 32] [--compare modes|dtypes|presets] [--quick]
 
 Weights are built in place in the target dtype (meta device -> ``to_empty`` -> seeded init), so nothing is
 downloaded and the fp32 model is never materialised. Every contender runs in a fresh process (its peak
@@ -17,6 +17,12 @@ Columns: build (seconds to build the random model), first step (prefill included
 peak RSS of the process during the call (weights included; the build's transient memory excluded), growth
 of RSS during the call, KV cache bytes, and the largest |latent difference| to the per-row reference. On a CPU the two offload modes move nothing (the
 "device" is the host), so they show the cost of their bookkeeping, not their savings.
+
+``--compare dtypes``: bfloat16 vs float32 in our batched loop and diffusers' loop in bfloat16, each step's
+matmul GFLOP/s as a share of a 3072-wide bfloat16 matmul measured in the same run, and the latents'
+difference to float32. ``--compare presets``: resident memory of each ``--memory`` preset (bf16 weights,
+one t2i step). ``--quick``: a narrow one-layer model that checks the harness in a few minutes.
+docs/cpu_bf16.md has the results.
 
 The closing table estimates GPU memory at ``--big-size`` for each mode from exact tensor sizes
 (weights, KV cache) plus an activation bound (see ``estimate_gpu_gb``); it is an estimate, not a measurement.
@@ -51,6 +57,7 @@ from omnigen.model.offload import MAX_RESIDENT_LAYERS
 from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
 from omnigen.text.processor import OmniGenProcessor, cfg_prompts
+from omnigen.util import cpu
 from omnigen.weights.keymap import ours_to_diffusers
 
 FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "omnigen_v1_config.json"
@@ -65,13 +72,16 @@ GUIDANCE, IMG_GUIDANCE, SEED = 3.0, 1.6, 0
 PUBLISHED_GB = {"t2i": 9.0, "edit": 12.0}  # the original's README, A800, 1024x1024, its memory-saving modes
 
 
-def full_config(layers: int | None = None) -> OmniGenConfig:
-    """OmniGen-v1's config (``tests/fixtures``), optionally with fewer decoder layers."""
+QUICK_SHAPES = dict(hidden_size=384, intermediate_size=1024, num_heads=4, num_kv_heads=4)  # head dim 96
+
+
+def full_config(layers: int | None = None, quick: bool = False) -> OmniGenConfig:
+    """OmniGen-v1's config (``tests/fixtures``), optionally with fewer decoder layers; ``quick``: a narrow
+    one-layer model of the same head size (a smoke test of the harness, not a measurement)."""
     config = OmniGenConfig.load(FIXTURE)
-    if layers:
-        config = dataclasses.replace(
-            config, transformer=dataclasses.replace(config.transformer, num_layers=layers)
-        )
+    changes = dict(QUICK_SHAPES, num_layers=1) if quick else ({"num_layers": layers} if layers else {})
+    if changes:
+        config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, **changes))
     return config
 
 
@@ -140,7 +150,7 @@ def peak_rss_gb() -> float:
 
 
 def child_ours(args: argparse.Namespace) -> dict:
-    config = full_config(args.layers)
+    config = full_config(args.layers, args.quick)
     start = time.perf_counter()
     model = build_random_model(config, DTYPES[args.dtype])
     build_s = time.perf_counter() - start
@@ -189,7 +199,7 @@ def child_reference(args: argparse.Namespace) -> dict:
     """diffusers' transformer on the same weights: its batched loop (timed), then the per-row reference."""
     from diffusers import OmniGenTransformer2DModel
 
-    config = full_config(args.layers)
+    config = full_config(args.layers, args.quick)
     start = time.perf_counter()
     model = build_random_model(config, DTYPES[args.dtype])
     with torch.device("meta"):
@@ -217,6 +227,12 @@ def child_reference(args: argparse.Namespace) -> dict:
             out[f"{name}_growth_gb"] = rss.delta_mb / 1024
     save_file(saved, args.save)
     return out
+
+
+def child_flags(args: argparse.Namespace) -> list[str]:
+    """The shape flags every child gets: threads, layers, quick."""
+    flags = ["--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+    return flags + (["--quick"] if args.quick else [])
 
 
 def spawn(argv: list[str], save: Path) -> dict:
@@ -280,7 +296,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def compare_task(args: argparse.Namespace, task: str, work: Path) -> list[str]:
     common = ["--dtype", args.dtype, "--size", str(args.size), "--steps", str(args.steps), "--task", task]
-    common += ["--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+    common += child_flags(args)
     results = {}
     for mode in [m for m in args.modes.split(",") if m]:
         results[mode] = spawn(["--child", "ours", "--mode", mode, *common], work / f"{task}_{mode}.st")
@@ -308,7 +324,7 @@ def compare_task(args: argparse.Namespace, task: str, work: Path) -> list[str]:
 
 def big_step(args: argparse.Namespace, work: Path) -> list[str]:
     common = ["--dtype", args.dtype, "--size", str(args.big_size), "--steps", "1", "--task", "t2i"]
-    common += ["--threads", str(args.threads)] + (["--layers", str(args.layers)] if args.layers else [])
+    common += child_flags(args)
     ours = spawn(["--child", "ours", "--mode", "separate", *common], work / "big_ours.st")
     print(f"# big ours: {json.dumps(ours)}", flush=True)
     ref = spawn(["--child", "reference", "--reference", "rows", *common], work / "big_ref.st")
@@ -351,12 +367,171 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--big-size", type=int, default=1024, help="the one-step t2i check; 0 skips it")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick try)")
-    parser.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="a narrow 1-layer model: checks the harness")
+    parser.add_argument(
+        "--compare",
+        choices=["modes", "dtypes", "presets"],
+        default="modes",
+        help="modes: the memory modes vs diffusers (default); dtypes: bfloat16 vs float32 (ours, batched) "
+        "and diffusers' batched loop in bfloat16, with the share of the bf16 matmul peak; presets: peak "
+        "memory of each --memory preset (bfloat16 weights, one step, t2i)",
+    )
+    parser.add_argument("--child", choices=["ours", "reference", "preset"], help=argparse.SUPPRESS)
     parser.add_argument("--task", choices=sorted(TASKS), default="t2i", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=sorted(MODES), default="separate", help=argparse.SUPPRESS)
-    parser.add_argument("--reference", choices=["both", "rows"], default="both", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference", choices=["both", "rows", "batched"], default="both", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--preset", default="fast", help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- dtypes and memory presets (CPU)
+def describe(args: argparse.Namespace) -> str:
+    config = full_config(args.layers, args.quick)
+    t = config.transformer
+    return (
+        f"{_meta_model(config).num_parameters() / 1e9:.2f}B parameters ({t.num_layers} layers, width "
+        f"{t.hidden_size}), {args.size}x{args.size}, {args.steps} steps, {args.threads} threads, "
+        f"torch {torch.__version__}, CPU bf16 flags {sorted(cpu.cpu_flags() & cpu.BF16_FLAGS)}"
+    )
+
+
+def matmul_gflops(dtype: torch.dtype, width: int = 3072, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of a ``width`` square matmul in ``dtype`` over ``seconds`` (the peak the step is measured
+    against; same thread count as the step)."""
+    a, b = torch.randn(width, width).to(dtype), torch.randn(width, width).to(dtype)
+    torch.mm(a, b)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * width**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def step_gflop(config: OmniGenConfig, lengths: list[int], n: int, cached: bool) -> float:
+    """Matmul GFLOP of one later sampling step, one row per condition of ``lengths``: the decoder's linears
+    on the queries (time token + ``n`` image tokens, plus the condition when not ``cached``) and the
+    attention products against every key. Embedders and the final layer are left out (< 1%)."""
+    t = config.transformer
+    layer = _meta_model(config).llm.layers[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    flops = 0
+    for c in lengths:
+        queries, keys = (n + 1) if cached else (c + n + 1), c + n + 1
+        flops += t.num_layers * (2 * linear * queries + 4 * queries * keys * t.hidden_size)
+    return flops / 1e9
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS of ``a - b`` over RMS of ``b``."""
+    return ((a - b).float().pow(2).mean() / b.float().pow(2).mean()).sqrt().item()
+
+
+def compare_dtypes(args: argparse.Namespace) -> None:
+    """bfloat16 vs float32 in our batched loop, and diffusers' batched loop in bfloat16, on t2i."""
+    config = full_config(args.layers, args.quick)
+    work = Path(tempfile.mkdtemp(prefix="bench_dtypes_"))
+    common = ["--size", str(args.size), "--steps", str(args.steps), "--task", "t2i", *child_flags(args)]
+    lengths, n = (
+        condition_lengths(config, "t2i", args.size)[:2],
+        config.num_image_tokens(args.size, args.size),
+    )
+    try:
+        runs = {}
+        for dtype in ("bfloat16", "float32"):
+            runs[f"ours {dtype}"] = spawn(
+                ["--child", "ours", "--mode", "batched", "--dtype", dtype, *common], work / f"{dtype}.st"
+            )
+        runs["diffusers bfloat16"] = spawn(
+            ["--child", "reference", "--reference", "batched", "--dtype", "bfloat16", *common],
+            work / "ref.st",
+        )
+        fp32 = load_file(str(work / "float32.st"))["latents"]
+        outputs = {
+            "ours bfloat16": load_file(str(work / "bfloat16.st"))["latents"],
+            "ours float32": fp32,
+            "diffusers bfloat16": load_file(str(work / "ref.st"))["batched"],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    width = 1024 if args.quick else 3072
+    peaks = {
+        dt: matmul_gflops(DTYPES[dt], width, 0.3 if args.quick else 3.0) for dt in ("bfloat16", "float32")
+    }
+    print(
+        f"# matmul peak at width {width}: bfloat16 {peaks['bfloat16']:.0f}, float32 {peaks['float32']:.0f} GFLOP/s"
+    )
+    print(
+        f"{'contender':20} {'step s':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% bf16 peak':>11} {'peak GB':>8} {'max|diff| fp32':>14} {'rel RMS':>8} {'fp32 max':>8}"
+    )
+    for name, r in runs.items():
+        ours = name.startswith("ours")
+        step = r["step_s"] if ours else r["batched_step_s"]
+        work_gflop = step_gflop(config, lengths, n, cached=ours)
+        rate = work_gflop / step if step else float("nan")
+        print(
+            f"{name:20} {step or float('nan'):8.2f} {work_gflop:10.0f} {rate:8.1f} "
+            f"{100 * rate / peaks['bfloat16']:10.0f}% {r['peak_rss_gb']:8.2f} {max_diff(outputs[name], fp32):14.2e} "
+            f"{rel_rms(outputs[name], fp32):8.1e} {fp32.abs().max().item():8.2f}",
+            flush=True,
+        )
+    print(
+        f"# bfloat16 speed-up over float32 (ours, later steps): {runs['ours float32']['step_s'] / runs['ours bfloat16']['step_s']:.2f}x"
+    )
+
+
+def child_preset(args: argparse.Namespace) -> dict:
+    """One ``--memory`` preset in a fresh process: RSS above the post-import level over build + quantize +
+    one t2i step (bf16 weights), and the growth during the step alone."""
+    from omnigen.cli.args import MEMORY_PRESETS
+    from omnigen.weights.quantize import quantize
+
+    kind, offload_model, offload_kv_cache, separate = MEMORY_PRESETS[args.preset]
+    with PeakRSS() as whole:
+        model = build_random_model(full_config(args.layers, args.quick), torch.bfloat16)
+        if kind != "none":
+            quantize(model, kind)
+        pipe = build_pipeline(model, args.size).with_defaults(
+            offload_model=offload_model, offload_kv_cache=offload_kv_cache, separate_cfg_infer=separate
+        )
+        weights_gb = (whole.process.memory_info().rss - whole.base) / 2**30
+        with torch.no_grad(), PeakRSS() as step:
+            start = time.perf_counter()
+            pipe(
+                TASKS["t2i"][0],
+                num_inference_steps=1,
+                guidance_scale=GUIDANCE,
+                seed=SEED,
+                progress=False,
+                output_type="latent",
+            )
+            step_s = time.perf_counter() - start
+    return {
+        "after_load_gb": weights_gb,
+        "peak_gb": whole.delta_mb / 1024,
+        "step_growth_gb": step.delta_mb / 1024,
+        "step_s": step_s,
+    }
+
+
+def compare_presets(args: argparse.Namespace) -> None:
+    from omnigen.cli.args import MEMORY_PRESETS
+
+    work = Path(tempfile.mkdtemp(prefix="bench_presets_"))
+    print(f"{'preset':10} {'after load GB':>13} {'peak GB':>8} {'step growth GB':>14} {'step s':>7}")
+    try:
+        for preset in MEMORY_PRESETS:
+            argv = ["--child", "preset", "--preset", preset, "--size", str(args.size), *child_flags(args)]
+            r = spawn(argv, work / f"{preset}.st")
+            print(
+                f"{preset:10} {r['after_load_gb']:13.2f} {r['peak_gb']:8.2f} {r['step_growth_gb']:14.2f} {r['step_s']:7.1f}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> None:
@@ -366,11 +541,16 @@ def main() -> None:
         logging.ERROR
     )  # the bench vocabulary lacks most words
     if args.child:
-        result = (child_ours if args.child == "ours" else child_reference)(args)
+        result = {"ours": child_ours, "reference": child_reference, "preset": child_preset}[args.child](args)
         result["peak_rss_gb"] = peak_rss_gb()
         print("RESULT " + json.dumps(result), flush=True)
         return
-    config = full_config(args.layers)
+    if args.compare != "modes":
+        print(f"# {args.compare}: {describe(args)}; load average at start {os.getloadavg()}", flush=True)
+        (compare_dtypes if args.compare == "dtypes" else compare_presets)(args)
+        print(f"# load average at end {os.getloadavg()}")
+        return
+    config = full_config(args.layers, args.quick)
     print(
         f"# OmniGen-v1 architecture, {_meta_model(config).num_parameters() / 1e9:.2f}B parameters "
         f"({config.transformer.num_layers} layers), random weights in {args.dtype}, {args.size}x{args.size}, "
