@@ -1,8 +1,7 @@
 """OmniGenPipeline: prompt (+ images) -> images. process -> collate -> encode inputs -> sample -> decode.
 
 Every CFG branch is a row of the condition batch: [cond rows | uncond rows | img_cond rows] (the
-reference's order). With ``separate_cfg_infer`` each branch runs as its own batch; otherwise all rows
-run together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
+reference's order), its own batch with ``separate_cfg_infer``, else all rows together. With ``use_kv_cache`` the condition is prefilled once and only the time token and the
 output tokens run at each step.
 
 A call is planned first (``omnigen.plan``: the validated ``GenerationConfig``, sizes, masks, schedule),
@@ -13,8 +12,7 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
   runs its attention without a mask; exact.
 - ``step_cache_threshold`` (off): skip the layers after the first at steps whose input barely changed
   (``omnigen.sampling.step_cache``); an approximation.
-- ``compile()`` (opt-in): ``torch.compile`` of the decoder blocks.
-- ``omnigen.weights.quantize.quantize_int8(pipe.model)``: int8 weight-only decoder linears.
+- ``compile()`` (opt-in); ``omnigen.weights.quantize.quantize(pipe.model, kind)``: int8/fp8/nf4 weights.
 - fp16 guard (on, ``pipe.runner.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
 - ``pipe.place_layers(devices)``: decoder layers split over several devices, held by ``pipe.runner``.
@@ -50,7 +48,7 @@ from omnigen.text.processor import OmniGenProcessor, cfg_prompts, resized_size
 from omnigen.text.tokenizer import Tokenizer
 from omnigen.types import ProcessedPrompt
 from omnigen.util.dtypes import resolve_dtype
-from omnigen.weights.checkpoint import load_model, resolve_model_path
+from omnigen.weights.checkpoint import load_config, load_model, resolve_layout, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +96,13 @@ class OmniGenPipeline:
     ) -> OmniGenPipeline:
         """A local folder (official, diffusers or ours), a hub id, or None for the shipped model.
 
-        ``dtype``: "auto" (bfloat16 on CUDA, float16 where bfloat16 is unsupported, float32 elsewhere),
-        "float32", "bfloat16", "float16", a torch dtype, or None (the stored dtype)."""
+        ``dtype``: "auto" (``omnigen.util.dtypes.resolve_dtype``: by device, and on a CPU by its bf16 speed
+        and the model's width), "float32", "bfloat16", "float16", a torch dtype, or None (as stored)."""
         folder = default_model_path() if name_or_path is None else resolve_model_path(name_or_path)
-        model, layout = load_model(folder, device=device, dtype=resolve_dtype(dtype, device))
+        layout = resolve_layout(folder)
+        config = load_config(layout)  # read once: its width decides "auto" on a CPU
+        dtype = resolve_dtype(dtype, device, config.transformer.hidden_size)
+        model, layout = load_model(layout, device, dtype, config)
         codec = (
             AutoencoderKLCodec.from_pretrained(vae_path) if vae_path is not None else load_codec(layout.root)
         )
