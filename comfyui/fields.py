@@ -8,9 +8,9 @@ default. A fresh node therefore generates with the model's own settings: 16 x 16
 miniature model, where GenerationConfig's 1024 x 1024 is refused.
 
 - a number: the largest whole number below GenerationConfig's lowest allowed value (0 for sizes, steps
-  and the time shift, -1 for the guidance scales and denoise; a whole number, so that ComfyUI's
-  rounding of a float widget to its step keeps it); ``seed`` and the batch size are always sent
-  (ComfyUI's seed widget, a batch of 1);
+  and the time shift, -1 for the guidance scales and denoise; whole, as ComfyUI's UI rounds a float
+  widget to its step's decimals: -0.999 would become -1.0); ``seed`` and the batch size are always
+  sent (ComfyUI's seed widget, a batch of 1);
 - a choice: ``MODEL_DEFAULT``; a string: empty;
 - a switch: GenerationConfig's default (a switch has no third state).
 
