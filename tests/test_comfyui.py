@@ -584,12 +584,14 @@ def test_the_root_file_does_nothing_outside_comfyui():
 
 
 def test_requirements_are_the_library_dependencies():
-    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs."""
+    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs,
+    and the "lora" extra the LoRA node needs (a ComfyUI without peft refused every LoRA)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["lora"]
+    assert [line for line in lines if line and not line.startswith("#")] == wanted
 
 
 # ------------------------------------------------------------------------------------------ LoRA
