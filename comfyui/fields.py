@@ -7,8 +7,10 @@ that means "the loaded model's default" (its ``omnigen_generation.json``), and t
 default. A fresh node therefore generates with the model's own settings: 16 x 16 pixels on the shipped
 miniature model, where GenerationConfig's 1024 x 1024 is refused.
 
-- a number: one below GenerationConfig's lowest allowed value (0 for sizes and steps, -1 for the
-  guidance scales); ``seed`` and the batch size are always sent (ComfyUI's seed widget, a batch of 1);
+- a number: the largest whole number below GenerationConfig's lowest allowed value (0 for sizes, steps
+  and the time shift, -1 for the guidance scales and denoise; whole, as ComfyUI's UI rounds a float
+  widget to its step's decimals: -0.999 would become -1.0); ``seed`` and the batch size are always
+  sent (ComfyUI's seed widget, a batch of 1);
 - a choice: ``MODEL_DEFAULT``; a string: empty;
 - a switch: GenerationConfig's default (a switch has no third state).
 
@@ -19,6 +21,7 @@ only the widgets' upper ends and steps, which ComfyUI needs and GenerationConfig
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -65,7 +68,7 @@ def model_default_value(field: str) -> Any:
     if field in ALWAYS_SENT or param.kind == "bool":
         return None
     if param.kind in ("int", "float"):
-        return param.python_type((param.low or 0) - 1)
+        return param.python_type(math.ceil(param.low or 0) - 1)
     return MODEL_DEFAULT if param.kind == "choice" else ""
 
 

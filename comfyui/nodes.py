@@ -67,6 +67,10 @@ class OmniGenLoader:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
+                "dtype": (list(DTYPE_CHOICES), {"default": AUTO, "tooltip": AUTO_HELP}),
+                "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
+            },
+            "optional": {  # optional: a workflow that names only model_path (or nothing) still runs
                 "model": (
                     [SHIPPED_MODEL, *model_folders()],
                     {
@@ -75,10 +79,6 @@ class OmniGenLoader:
                         "models/diffusers), or the miniature model shipped with omnigen",
                     },
                 ),
-                "dtype": (list(DTYPE_CHOICES), {"default": AUTO, "tooltip": AUTO_HELP}),
-                "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
-            },
-            "optional": {
                 "model_path": (
                     "STRING",
                     {"default": "", "tooltip": "a model folder or hub id; when set, used instead of model"},
@@ -97,9 +97,9 @@ class OmniGenLoader:
 
     def load(
         self,
-        model: str,
         dtype: str,
         device: str,
+        model: str = SHIPPED_MODEL,
         model_path: str = "",
         vae_path: str = "",
         lora_path: str = "",

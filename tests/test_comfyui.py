@@ -154,6 +154,10 @@ def test_widgets_follow_generation_config(package):
         {**spec["vae_tiling"][1], "default": generation.default("vae_tiling")},
     )
     assert spec["preset"][0] == ["model default", *generation.PRESETS]
+    # ComfyUI's UI rounds a float widget to its step's decimals: a model-default value must survive that
+    assert spec["time_shift"][1]["default"] == 0.0 and spec["time_shift"][1]["min"] == 0.0
+    floats = {name: options["default"] for name, (kind, options) in spec.items() if kind == "FLOAT"}
+    assert floats and all(float(value).is_integer() for value in floats.values()), floats
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"].INPUT_TYPES()
     assert set(generation.names("operator")) <= set(loader["optional"])
     assert loader["required"]["dtype"][0] == ["auto", "float32", "bfloat16", "float16"]
@@ -263,14 +267,31 @@ def test_image_inputs_equal_the_pipeline(executor, prompt, images, size):
     assert not torch.equal(image[0], image[1])  # seeds seed and seed + 1
 
 
+def test_a_loader_without_a_model_input_loads_the_shipped_model(package, folders):
+    """An API workflow may name only model_path (or no model at all): the shipped model, as before the
+    model list existed."""
+    runner = Executor({**core_nodes(*folders), **package.NODE_CLASS_MAPPINGS})  # its own loader cache
+    nodes = graph("a red square", steps=2)
+    nodes["1"] = {**LOADER, "inputs": {k: v for k, v in LOADER["inputs"].items() if k != "model"}}
+    image, pipeline = run_image(runner, nodes)
+    assert image.shape == (1, 16, 16, 3) and pipeline.defaults.height == 16
+    nodes["1"]["inputs"]["model_path"] = ""
+    assert torch.equal(run_image(runner, nodes)[0], image)
+
+
 def test_the_loader_runs_once_for_several_prompts(executor):
     run_image(executor, graph("a red square", seed=1))
     run_image(executor, graph("a red square", seed=2))
     assert [c[1] for c in executor.calls].count("OmniGenLoader") == 1  # same inputs: ComfyUI's cache
 
 
-def test_the_example_workflow_runs(executor, folders):
+def test_the_example_workflow_runs(executor, folders, package):
     workflow = json.loads(WORKFLOW.read_text())
+    # as ComfyUI's "Export (API)" writes it: every widget of each node, so each value is validated
+    for node in ("1", "3"):
+        spec = package.NODE_CLASS_MAPPINGS[workflow[node]["class_type"]].INPUT_TYPES()
+        widgets = {k for part in spec.values() for k, v in part.items() if v[0] not in ("IMAGE", "MASK")}
+        assert widgets - {"pipe"} <= set(workflow[node]["inputs"]), widgets - set(workflow[node]["inputs"])
     results = executor.run(workflow)
     image = results["3"]["outputs"][0][0]
     pipeline = results["1"]["outputs"][0][0].pipeline
@@ -317,8 +338,8 @@ def test_a_batch_on_an_image_input_is_refused(package):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"steps": -3}, "steps must be an int >= 1, got -3"),
-        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"steps": -3}, r"steps must be an int (>= 1|between 1 and \d+), got -3"),
+        ({"batch_size": 0}, r"batch_size must be an int (>= 1|between 1 and \d+), got 0"),
         ({"width": 32}, r"width=32: this model was trained at sides \[16\] only"),
         ({"use_input_image_size": True}, "use_input_image_size"),
     ],
@@ -414,7 +435,7 @@ def test_the_loader_refuses_cuda_without_cuda(package, monkeypatch):
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"]()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="device 'cuda' was chosen but torch sees no CUDA device"):
-        loader.load("shipped miniature model", "auto", "cuda", offload_model=False)
+        loader.load(model="shipped miniature model", dtype="auto", device="cuda", offload_model=False)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +497,7 @@ def test_the_loader_lists_comfyuis_model_folders(executor, monkeypatch, tmp_path
         (models / "diffusers" / name / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     folder_paths = fake_folder_paths(monkeypatch, models)
     loader = sys.modules["omnigen-comfyui.nodes"].OmniGenLoader
-    choices = loader.INPUT_TYPES()["required"]["model"][0]
+    choices = loader.INPUT_TYPES()["optional"]["model"][0]
     assert choices == ["shipped miniature model", "omnigen/mini", "diffusers/omni"]
     assert folder_paths.folder_names_and_paths["omnigen"][0] == [str(models / "omnigen")]  # registered once
     nodes = graph("a red square", steps=2)
@@ -563,12 +584,14 @@ def test_the_root_file_does_nothing_outside_comfyui():
 
 
 def test_requirements_are_the_library_dependencies():
-    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs."""
+    """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs,
+    and the "lora" extra the LoRA node needs (a ComfyUI without peft refused every LoRA)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    assert [line for line in lines if line and not line.startswith("#")] == project["dependencies"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["lora"]
+    assert [line for line in lines if line and not line.startswith("#")] == wanted
 
 
 # ------------------------------------------------------------------------------------------ LoRA
