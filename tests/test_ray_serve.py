@@ -80,7 +80,7 @@ def ray_service(model_folder):
         serve.shutdown()
         ray.shutdown()
         os.environ.pop(ray_deploy.PROXY_CALLBACK_ENV, None)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while started & ray_pids() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert started, "ray.init started no raylet/gcs_server?"
@@ -159,27 +159,36 @@ def test_past_the_queues_429_in_our_shape(ray_service):
 
 
 def test_a_killed_replica_is_replaced(ray_service):
-    """A replica killed during a request: that request fails cleanly (a 5xx, not a hang), and the
-    service answers again once Ray has restarted the replica."""
+    """4 slow requests spread over the 2 replicas (2 each, their max_ongoing_requests), one replica
+    killed while they run: its running requests get a clean 5xx in our error shape, the others' images arrive,
+    and Ray starts a new replica, after which the service answers again."""
     import ray
     from ray import serve
 
     from omnigen.serve import ray_deploy
 
     url, _ = ray_service
-    body = {"prompt": "a red square", "seed": 2, "num_inference_steps": 60, "response_format": "png"}
+    body = {"prompt": "a red square", "seed": 2, "num_inference_steps": 100, "response_format": "png"}
     actors = [
         a for a in ray.util.list_named_actors(all_namespaces=True) if ray_deploy.DEPLOYMENT_NAME in a["name"]
     ]
     assert len(actors) == 2, actors
     victim = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
     with ThreadPoolExecutor(4) as pool:
-        slow = [pool.submit(post_once, url, body) for _ in range(4)]
+        slow = []
+        for _ in range(4):
+            slow.append(pool.submit(post_once, url, body))
+            time.sleep(0.3)  # one at a time: the proxy's own queue (max_queued_requests=1) never fills
         time.sleep(1.0)
         ray.kill(victim, no_restart=True)
-        answers = [f.result(timeout=120) for f in slow]
-    assert all(a.status_code in (200, 500, 502, 503) for a in answers), [a.status_code for a in answers]
-    assert any(a.status_code == 200 for a in answers)
+        answers = [f.result(timeout=300) for f in slow]
+    codes = [a.status_code for a in answers]
+    assert 200 in codes and set(codes) <= {200, 500, 503}, codes
+    # Which replica ran which request is Ray's choice (it may also retry one that had not started), so
+    # the killed replica's share is not asserted; any failure must be a clean 5xx in our shape.
+    for answer in answers:
+        if answer.status_code != 200:
+            assert answer.json()["error"]["type"] == "server_error", answer.text
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         status = serve.status().applications[ray_deploy.APP_NAME]
@@ -191,6 +200,8 @@ def test_a_killed_replica_is_replaced(ray_service):
         time.sleep(1)
     else:
         pytest.fail(f"the service did not recover: {serve.status()}")
+    replicas = [a for a in ray.util.list_named_actors(True) if ray_deploy.DEPLOYMENT_NAME in a["name"]]
+    assert len(replicas) == 2 and actors[0]["name"] not in {a["name"] for a in replicas}
 
 
 def post_once(url: str, body: dict):

@@ -33,7 +33,7 @@ DEPLOYMENT_NAME = "OmniGenReplica"
 PROXY_CALLBACK = "omnigen.serve.ray_deploy:proxy_middlewares"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 # Ray's own rejections (proxy queue full, no replica) -> our error code, by HTTP status.
-RAY_ERROR_CODES = {429: "queue_full", 503: "service_unavailable", 408: "timeout"}
+RAY_ERROR_CODES = {408: "timeout", 429: "queue_full", 500: "server_error", 503: "service_unavailable"}
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ def serializable_options(args: argparse.Namespace, drop: tuple[str, ...]) -> dic
 
 
 class RayErrorShape:
-    """Pure ASGI, in Ray's proxy: Ray's plain-text 408/429/503 answers (its queue full, no replica)
+    """Pure ASGI, in Ray's proxy: Ray's plain-text 408/429/500/503 answers (its queue full, a replica
+    that died during the request, no replica)
     become our JSON error shape, headers (Retry-After) kept. The app's own answers are JSON already."""
 
     def __init__(self, app: Any) -> None:
@@ -171,12 +172,14 @@ class RayErrorShape:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        held: dict[str, Any] = {}
+        held: dict[str, Any] = {"sent": False}
 
         async def rewrite(message: dict) -> None:
-            if message["type"] == "http.response.start" and _is_ray_error(message):
-                held["start"], held["body"] = message, b""
-                return
+            if message["type"] == "http.response.start":
+                held["sent"] = True
+                if _is_ray_error(message):
+                    held["start"], held["body"] = message, b""
+                    return
             if "start" in held and message["type"] == "http.response.body":
                 held["body"] += message.get("body", b"")
                 if message.get("more_body"):
@@ -186,7 +189,14 @@ class RayErrorShape:
                 return
             await send(message)
 
-        await self.app(scope, receive, rewrite)
+        try:
+            await self.app(scope, receive, rewrite)
+        except Exception:
+            logger.exception("Ray's proxy failed a request")
+        if not held["sent"]:  # e.g. the replica died mid-request: uvicorn would answer a bare 500
+            start = {"type": "http.response.start", "status": 500, "headers": []}
+            for out in _our_shape(start, "the replica serving this request failed; retry"):
+                await send(out)
 
 
 def _is_ray_error(start: dict) -> bool:
