@@ -44,8 +44,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def options_for(model_folder, **extra) -> dict:
-    return {"model": str(model_folder), "device": "cpu", "api_key": KEY, "queue_size": 1, **extra}
+def spec_for(model_folder) -> dict:
+    """What `omnigen serve --model FOLDER --api-key KEY --queue-size 1` gives every replica."""
+    from omnigen.cli.main import build_parser
+    from omnigen.serve.cli import service_spec
+
+    flags = ["--model", str(model_folder), "--device", "cpu", "--api-key", KEY, "--queue-size", "1"]
+    return service_spec(build_parser().parse_args(["serve", *flags]))
 
 
 def auth(key: str = KEY) -> dict:
@@ -70,12 +75,12 @@ def ray_service(model_folder):
     )
     started = ray_pids() - before
     port = free_port()
-    options = options_for(model_folder)
+    spec = spec_for(model_folder)
     plan = ray_deploy.ReplicaPlan(replicas=2, max_ongoing_requests=2, max_queued_requests=1, retry_after_s=2)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(ray_deploy.application(options, plan), name=ray_deploy.APP_NAME, route_prefix="/")
-        yield f"http://127.0.0.1:{port}", options
+        serve.run(ray_deploy.application(spec, plan), name=ray_deploy.APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}", spec
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -94,7 +99,7 @@ def single(model_folder):
 
     from omnigen.serve.ray_deploy import load_app
 
-    with TestClient(load_app(options_for(model_folder))) as client:
+    with TestClient(load_app(spec_for(model_folder))) as client:
         yield client
 
 
@@ -189,19 +194,18 @@ def test_a_killed_replica_is_replaced(ray_service):
     for answer in answers:
         if answer.status_code != 200:
             assert answer.json()["error"]["type"] == "server_error", answer.text
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        status = serve.status().applications[ray_deploy.APP_NAME]
-        if (
-            status.status == "RUNNING"
-            and post_once(url, {**body, "num_inference_steps": 2}).status_code == 200
-        ):
+        names = {
+            a["name"] for a in ray.util.list_named_actors(True) if ray_deploy.DEPLOYMENT_NAME in a["name"]
+        }
+        running = serve.status().applications[ray_deploy.APP_NAME].status == "RUNNING"
+        if running and len(names) == 2 and actors[0]["name"] not in names:
             break
         time.sleep(1)
     else:
-        pytest.fail(f"the service did not recover: {serve.status()}")
-    replicas = [a for a in ray.util.list_named_actors(True) if ray_deploy.DEPLOYMENT_NAME in a["name"]]
-    assert len(replicas) == 2 and actors[0]["name"] not in {a["name"] for a in replicas}
+        pytest.fail(f"the killed replica was not replaced: {serve.status()}")
+    assert post_once(url, {**body, "num_inference_steps": 2}).status_code == 200
 
 
 def post_once(url: str, body: dict):
@@ -242,9 +246,10 @@ def test_write_serve_config(tmp_path, model_folder):
     assert deployment["num_replicas"] == 2 and deployment["max_ongoing_requests"] == 4
     assert deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0.5}
     assert deployment["backpressure_config"]["status_code"] == 429
-    assert app["args"]["options"]["model"] == str(model_folder)
-    assert app["args"]["options"]["device"] == "cuda"  # a replica with a GPU uses it
-    assert "replicas" not in app["args"]["options"]
+    spec = app["args"]["spec"]
+    assert spec["args"]["model"] == str(model_folder) and "replicas" not in spec["args"]
+    assert spec["args"]["device"] == "cuda"  # a replica with a GPU uses it
+    assert spec["settings"]["queue_size"] == 3 and spec["settings"]["api_key"] is None
     # ray's own schema accepts it
     from ray.serve.schema import ServeDeploySchema
 

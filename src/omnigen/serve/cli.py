@@ -9,7 +9,7 @@ import argparse
 import os
 
 from omnigen import generation
-from omnigen.cli.args import add_generation_args, add_model_args
+from omnigen.cli.args import add_generation_args, add_model_args, generation_overrides
 from omnigen.serve.settings import ServeSettings
 
 API_KEY_ENV = "OMNIGEN_API_KEY"
@@ -117,12 +117,25 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 
 def build_app(args: argparse.Namespace):
     """The app of these flags: the settings, the operator's modes, the loaded pipeline."""
-    from omnigen.cli.args import generation_overrides, load_pipeline
-    from omnigen.serve.app import create_app
+    from omnigen.serve.app import load_service
 
-    settings = settings_from_args(args)
-    modes = generation_overrides(args, generation.names("operator"))
-    return create_app(load_pipeline(args).with_defaults(**modes), settings)
+    return load_service(
+        args, settings_from_args(args), generation_overrides(args, generation.names("operator"))
+    )
+
+
+def service_spec(args: argparse.Namespace) -> dict:
+    """What a Ray replica needs to build ``build_app(args)``'s app, as JSON-able values: the model flags,
+    the settings (checked here, once) and the operator's modes."""
+    from dataclasses import asdict
+
+    model_args = {k: v for k, v in vars(args).items() if k not in ("func", *RAY_FLAGS)}
+    settings = asdict(settings_from_args(args))  # OMNIGEN_API_KEY is read here, not in the replica
+    return {
+        "args": model_args,
+        "settings": settings,
+        "modes": generation_overrides(args, generation.names("operator")),
+    }
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -146,7 +159,6 @@ def _run_ray(args: argparse.Namespace) -> int:
         raise ImportError(
             f"omnigen serve --replicas needs {err.name}: pip install 'omnigen-unified[ray]'"
         ) from err
-    settings = settings_from_args(args)  # bad settings fail here, not in every replica
     plan = ray_deploy.ReplicaPlan(
         replicas=args.replicas or 1,
         min_replicas=args.min_replicas,
@@ -156,13 +168,12 @@ def _run_ray(args: argparse.Namespace) -> int:
         max_ongoing_requests=args.max_ongoing_requests or args.queue_size + 1,
         max_queued_requests=args.max_queued_requests,
     )
-    options = ray_deploy.serializable_options(args, RAY_FLAGS)
-    options["api_key"] = settings.api_key  # OMNIGEN_API_KEY is this process's environment, not the replica's
-    if args.gpus_per_replica > 0 and not str(options["device"]).startswith("cuda"):
-        options["device"] = "cuda"  # the replica's own GPU (Ray sets its CUDA_VISIBLE_DEVICES)
+    spec = service_spec(args)  # bad settings or modes fail here, not in every replica
+    if args.gpus_per_replica > 0 and not str(args.device).startswith("cuda"):
+        spec["args"]["device"] = "cuda"  # the replica's own GPU (Ray sets its CUDA_VISIBLE_DEVICES)
     if args.write_serve_config:
-        config = ray_deploy.serve_config(options, plan, args.host, args.port)
+        config = ray_deploy.serve_config(spec, plan, args.host, args.port)
         ray_deploy.write_config(args.write_serve_config, config)
         return 0
-    ray_deploy.run(options, plan, args.ray_address, args.host, args.port)
+    ray_deploy.run(spec, plan, args.ray_address, args.host, args.port)
     return 0

@@ -2,21 +2,20 @@
 
 Each replica is one Ray actor that loads its own pipeline and serves ``create_app``'s app through
 ``@serve.ingress`` (every route, the API key, the error shape are the single process's). The replica is
-built from the ``omnigen serve`` options (``options``: a dict of the parsed flags), so the same options
-drive the CLI, the tests and a Serve config file (``serve_config``) for ``serve deploy`` or KubeRay, whose
-``import_path`` is ``omnigen.serve.ray_deploy:build``.
+built from ``serve.cli.service_spec``'s spec (the parsed flags, the settings, the modes, as JSON-able
+values), so the same spec drives the CLI, the tests and a Serve config file (``serve_config``) for
+``serve deploy`` or KubeRay, whose ``import_path`` is ``omnigen.serve.ray_deploy:build``.
 
 Backpressure: a replica takes at most ``max_ongoing_requests`` requests (by default the running job plus
 its worker's queue, ``queue_size + 1``); Ray's proxy holds at most ``max_queued_requests`` more, and
 answers the rest 429 with ``Retry-After`` (``BackpressureConfig``). Ray writes that answer as plain text;
 ``proxy_middlewares`` (imported by the proxy through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, which
-``start`` sets for a cluster it starts) rewrites Ray's own 429/503 answers into our error shape.
+``start_ray`` sets for a cluster it starts) rewrites Ray's own plain-text errors into our error shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -86,16 +85,15 @@ class ReplicaPlan:
         return options
 
 
-def load_app(options: dict[str, Any]) -> Any:
-    """The FastAPI app of ``omnigen serve`` with these parsed flags (``serve.cli.build_app``)."""
+def load_app(spec: dict[str, Any]) -> Any:
+    """The app of ``serve.cli.service_spec``'s spec: ``{"args", "settings", "modes"}``."""
     from omnigen.cli.args import resolve_device
-    from omnigen.cli.main import build_parser
-    from omnigen.serve.cli import build_app
+    from omnigen.serve.app import load_service
+    from omnigen.serve.settings import ServeSettings
 
-    args = build_parser().parse_args(["serve"])
-    vars(args).update(options)
+    args = argparse.Namespace(**spec["args"])
     args.device = resolve_device(args.device)
-    return build_app(args)
+    return load_service(args, ServeSettings(**spec["settings"]), dict(spec.get("modes", {})))
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -103,17 +101,17 @@ def load_app(options: dict[str, Any]) -> Any:
 class OmniGenReplica:
     """One pipeline and its app, in one Ray actor; ``threads`` torch threads."""
 
-    def __init__(self, options: dict[str, Any], threads: int = 1) -> None:
+    def __init__(self, spec: dict[str, Any], threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self._app = load_app(options)
+        self._app = load_app(spec)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app
 
 
-def application(options: dict[str, Any], plan: ReplicaPlan) -> Any:
+def application(spec: dict[str, Any], plan: ReplicaPlan) -> Any:
     """The bound Ray Serve application."""
     deployment_options = plan.deployment_options()
     deployment_options["backpressure_config"] = BackpressureConfig(
@@ -123,17 +121,17 @@ def application(options: dict[str, Any], plan: ReplicaPlan) -> Any:
         deployment_options["autoscaling_config"] = AutoscalingConfig(
             **deployment_options["autoscaling_config"]
         )
-    return OmniGenReplica.options(**deployment_options).bind(options, plan.threads_per_replica)
+    return OmniGenReplica.options(**deployment_options).bind(spec, plan.threads_per_replica)
 
 
 def build(args: dict[str, Any]) -> Any:
-    """The application builder of a Serve config file: ``args`` is ``{"options": ..., "threads": ...}``;
+    """The application builder of a Serve config file: ``args`` is ``{"spec": ..., "threads": ...}``;
     the replica counts and resources are the config file's ``deployments`` entry."""
-    return OmniGenReplica.bind(dict(args.get("options", {})), int(args.get("threads", 1)))
+    return OmniGenReplica.bind(dict(args["spec"]), int(args.get("threads", 1)))
 
 
-def serve_config(options: dict[str, Any], plan: ReplicaPlan, host: str, port: int) -> dict[str, Any]:
-    """A Serve config file (``serve deploy FILE``, KubeRay's ``serveConfigV2``) for these options."""
+def serve_config(spec: dict[str, Any], plan: ReplicaPlan, host: str, port: int) -> dict[str, Any]:
+    """A Serve config file (``serve deploy FILE``, KubeRay's ``serveConfigV2``) for this spec and plan."""
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": host, "port": port},
@@ -142,19 +140,12 @@ def serve_config(options: dict[str, Any], plan: ReplicaPlan, host: str, port: in
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": "omnigen.serve.ray_deploy:build",
-                "args": {"options": options, "threads": plan.threads_per_replica},
+                "args": {"spec": spec, "threads": plan.threads_per_replica},
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(plan.threads_per_replica)}},
                 "deployments": [{"name": DEPLOYMENT_NAME, **plan.deployment_options()}],
             }
         ],
     }
-
-
-def serializable_options(args: argparse.Namespace, drop: tuple[str, ...]) -> dict[str, Any]:
-    """The parsed ``omnigen serve`` flags a replica needs, as JSON-able values (no ``func``)."""
-    options = {k: v for k, v in vars(args).items() if k not in ("func", *drop)}
-    json.dumps(options)  # a flag whose value is not JSON-able is a bug here, not at the replica
-    return options
 
 
 # ----------------------------------------------------------------------------- Ray's own answers
@@ -263,16 +254,20 @@ def stop_ray(started: bool) -> None:
         ray.shutdown()
 
 
-def run(options: dict[str, Any], plan: ReplicaPlan, address: str | None, host: str, port: int) -> None:
+def run(spec: dict[str, Any], plan: ReplicaPlan, address: str | None, host: str, port: int) -> None:
     """Deploy and serve until SIGINT/SIGTERM, then stop what was started."""
     import signal
     import threading
 
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     started = start_ray(address, host, port)
+    previous = {}
     try:
-        serve.run(application(options, plan), name=APP_NAME, route_prefix="/")
+        serve.run(application(spec, plan), name=APP_NAME, route_prefix="/")
+        # after ray.init and serve.run, which install their own handlers (the process would die or abort
+        # with the cluster still up)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
         logger.info("serving %s on http://%s:%d (%s)", APP_NAME, host, port, plan)
         stop.wait()
         logger.info("shutting down")
