@@ -263,6 +263,15 @@ def test_write_serve_config(tmp_path, model_folder):
     assert "num_replicas" not in deployment
 
 
+@pytest.mark.parametrize("flag", [["--gpus-per-replica", "1"], ["--max-ongoing-requests", "3"]])
+def test_replica_flags_without_replicas_are_refused(flag):
+    from omnigen.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", *flag])
+    with pytest.raises(ValueError, match=f"{flag[0]} only apply with --replicas N"):
+        args.func(args)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

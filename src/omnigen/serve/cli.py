@@ -79,6 +79,7 @@ RAY_FLAGS = (
     "max_queued_requests",
     "write_serve_config",
 )
+RAY_DEFAULTS = {"gpus_per_replica": 0.0, "threads_per_replica": 1, "max_queued_requests": 8}
 RAY_MODE_FLAGS = ("replicas", "min_replicas", "max_replicas", "ray_address", "write_serve_config")
 
 
@@ -87,8 +88,19 @@ def _add_ray_args(g: argparse._ArgumentGroup, d: ServeSettings) -> None:
     g.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas")
     g.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    g.add_argument("--gpus-per-replica", type=float, default=0.0, help="fractions allowed (default: 0)")
-    g.add_argument("--threads-per-replica", type=int, default=1, help="torch threads/CPUs each (default: 1)")
+    d_ray = RAY_DEFAULTS
+    g.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=d_ray["gpus_per_replica"],
+        help="fractions allowed (default: 0)",
+    )
+    g.add_argument(
+        "--threads-per-replica",
+        type=int,
+        default=d_ray["threads_per_replica"],
+        help="torch threads/CPUs each (default: 1)",
+    )
     g.add_argument(
         "--max-ongoing-requests",
         type=int,
@@ -96,7 +108,10 @@ def _add_ray_args(g: argparse._ArgumentGroup, d: ServeSettings) -> None:
         help=f"per replica (default: --queue-size + 1 = {d.queue_size + 1})",
     )
     g.add_argument(
-        "--max-queued-requests", type=int, default=8, help="waiting at Ray's proxy, more get 429 (default: 8)"
+        "--max-queued-requests",
+        type=int,
+        default=d_ray["max_queued_requests"],
+        help="waiting at Ray's proxy, more get 429 (default: 8)",
     )
     g.add_argument(
         "--write-serve-config",
@@ -141,6 +156,10 @@ def service_spec(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     if any(getattr(args, name) is not None for name in RAY_MODE_FLAGS):
         return _run_ray(args)
+    given = [name for name in RAY_FLAGS if getattr(args, name) != RAY_DEFAULTS.get(name)]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} only apply with --replicas N (or --min-replicas/--max-replicas)")
     try:
         import fastapi  # noqa: F401  (the message below names what is missing)
 
