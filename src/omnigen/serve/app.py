@@ -114,6 +114,14 @@ def create_app(pipeline: Any, settings: ServeSettings | None = None) -> FastAPI:
     return app
 
 
+def load_service(args: Any, settings: ServeSettings, modes: dict[str, Any]) -> FastAPI:
+    """The app of ``omnigen serve``'s model flags (``args``: ``cli.args.load_pipeline``'s), the operator's
+    generation modes and the settings: how the single process and every Ray replica build it."""
+    from omnigen.cli.args import load_pipeline
+
+    return create_app(load_pipeline(args).with_defaults(**modes), settings)
+
+
 def openapi_schema(app: FastAPI, keyed: bool) -> dict[str, Any]:
     """FastAPI's schema, plus the HTTP bearer security scheme and, with an API key, its requirement and
     the 401 answer on every route but OPEN_PATHS. Built once."""
