@@ -96,6 +96,19 @@ def test_withheld_pairs_only_in_compositional(train_200: list[mw.Sample]) -> Non
     assert any(p in s.instruction for s in compositional for p in phrases)
 
 
+def test_all_split_draws_the_withheld_pairs_over_represented_but_not_only(train_200: list[mw.Sample]) -> None:
+    samples = mw.generate(300, seed=0, split="all")
+    pairs = [mw.meta_pairs(s.meta) for s in samples]
+    with_withheld = sum(bool(p & tasks.WITHHELD_PAIRS) for p in pairs)
+    assert 0.4 * len(samples) < with_withheld < 0.9 * len(samples)  # measured 0.64 on 500 rows
+    assert tasks.WITHHELD_PAIRS <= set().union(*pairs)
+    objects = [(o["colour"], o["shape"]) for s in samples for o in s.meta["scene"]["objects"]]
+    share = sum(pair in tasks.WITHHELD_PAIRS for pair in objects) / len(objects)
+    assert share > 3 / 18 + 0.1  # above the uniform share of 3 pairs out of 18
+    assert {s.id for s in samples}.isdisjoint(s.id for s in train_200)
+    assert mw.generate(5, seed=0, split="all")[0].id.startswith("all-")
+
+
 def test_weights_change_the_task_mix() -> None:
     samples = mw.generate(300, 1, weights={"t2i/relation": 20, "cv": 0})
     kinds = [s.meta["task"] for s in samples]

@@ -1,7 +1,7 @@
 """Task builders of the miniature X2I world: instruction, input images, output image and metadata.
 
-This module owns the split policy for drawing objects (`WITHHELD_PAIRS` only in "compositional"), one
-builder per task kind and the weighted task deck. Scenes and rendering come from `miniworld_scene`, the
+This module owns the split policy for drawing objects (`WITHHELD_PAIRS` only in "compositional" and
+"all"), one builder per task kind and the weighted task deck. Scenes and rendering come from `miniworld_scene`, the
 wording from `miniworld_text`; it must not do file I/O or seeding of its own: every random choice comes
 from the `numpy.random.Generator` it is handed.
 
@@ -24,12 +24,15 @@ from omnigen.miniworld import text as mt
 from omnigen.miniworld.text import tag
 
 RELATIONS = ("left of", "right of", "above", "below")
-# (colour, shape) pairs never drawn in "train"/"heldout"/"phrasing"; every "compositional" sample holds one.
+# (colour, shape) pairs never drawn in "train"/"heldout"/"phrasing"; every "compositional" sample holds one;
+# "all" (the shipped weights' last stage) draws every pair, these over-represented (`WITHHELD_BIAS`).
 WITHHELD_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("green", "triangle"), ("blue", "circle"), ("yellow", "square")}
 )
 # Only ever seen inside few-shot samples (an in-context example followed by the query).
 FEW_SHOT_ONLY_TASKS = ("few_shot/invert", "few_shot/mirror")
+# Per split allowed to draw WITHHELD_PAIRS: the chance an object takes one of them where one is free.
+WITHHELD_BIAS = {"compositional": 0.5, "all": 0.25}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,12 +41,12 @@ FEW_SHOT_ONLY_TASKS = ("few_shot/invert", "few_shot/mirror")
 
 
 class Draw:
-    """Random choices for one sample; outside "compositional" no WITHHELD_PAIRS pair is ever drawn.
+    """Random choices for one sample; outside "compositional" and "all" no WITHHELD_PAIRS pair is drawn.
     ``say`` words the instructions (held-out phrasings only in the "phrasing" split)."""
 
     def __init__(self, rng: np.random.Generator, split: str) -> None:
         self.rng = rng
-        self.compositional = split == "compositional"
+        self.withheld_bias = WITHHELD_BIAS.get(split)
         self.say = mt.Phrasing(rng, held_out=split == "phrasing")
 
     def pick(self, options: Iterable[Any]) -> Any:
@@ -53,7 +56,7 @@ class Draw:
         return options[int(self.rng.integers(len(options)))]
 
     def allowed(self, colour: str, shape: str) -> bool:
-        return self.compositional or (colour, shape) not in WITHHELD_PAIRS
+        return self.withheld_bias is not None or (colour, shape) not in WITHHELD_PAIRS
 
     def new_object(
         self,
@@ -63,7 +66,8 @@ class Draw:
         cell: int | None = None,
     ) -> ms.SceneObject:
         """A fresh object in a free cell with a (colour, shape) pair (or colour, if `distinct`) unused by
-        `others`. In "compositional" half of the objects take a withheld pair where one is free."""
+        `others`. Where one is free, a withheld pair is taken with the split's `WITHHELD_BIAS` chance (half
+        of the objects in "compositional", a quarter in "all"; the rest draw uniformly)."""
         others = list(others)
         used = {o.colour if distinct else o.pair for o in others}
         options = [
@@ -73,7 +77,8 @@ class Draw:
             if self.allowed(colour, shape) and (colour if distinct else (colour, shape)) not in used
         ]
         withheld = [pair for pair in options if pair in WITHHELD_PAIRS]
-        colour, shape = self.pick(withheld if withheld and self.rng.random() < 0.5 else options)
+        biased = withheld and self.withheld_bias is not None and self.rng.random() < self.withheld_bias
+        colour, shape = self.pick(withheld if biased else options)
         if cell is None:
             cell = self.pick(sorted(set(range(9)) - {o.cell for o in others}))
         dot = self.pick(c for c in ms.OBJECT_COLOURS if c != colour) if self.rng.random() < dot_p else None

@@ -8,7 +8,8 @@ except `write_dataset` and `save_tokenizer`.
 
 Splits: "train"; "heldout" (another seed stream of the training distribution); "compositional" (every
 sample holds a (colour, shape) pair of `WITHHELD_PAIRS`, never drawn elsewhere); "phrasing" (the
-training distribution worded only with the held-out phrasings of `miniworld_text`).
+training distribution worded only with the held-out phrasings of `miniworld_text`); "all" (every pair
+allowed, the withheld ones over-represented: the shipped weights' last stage, for users, not science).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "heldout", "compositional", "phrasing")
-_SPLIT_STREAMS = {"train": 0, "heldout": 1, "compositional": 2, "phrasing": 3}
+SPLITS = ("train", "heldout", "compositional", "phrasing", "all")
+_SPLIT_STREAMS = {"train": 0, "heldout": 1, "compositional": 2, "phrasing": 3, "all": 4}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +184,8 @@ def iter_samples(
 
     Task kinds are dealt from a weighted deck reshuffled every round, so every selected kind appears
     once `n` reaches the deck size. Each split has its own seed stream (module docstring);
-    "compositional" redraws a sample until it holds a WITHHELD_PAIRS pair, the others until it holds none.
+    "compositional" redraws a sample until it holds a WITHHELD_PAIRS pair, "all" never redraws, the others
+    redraw until it holds none.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -208,7 +210,7 @@ def _make_sample(kind: str, wrapped: bool, seed: int, split: str, index: int, si
         rng = np.random.default_rng([seed, stream, index, attempt])
         sample = build_sample(kind, wrapped, rng, split, size)
         pairs = meta_pairs(sample.meta)
-        if (split == "compositional") == bool(pairs & WITHHELD_PAIRS):
+        if split == "all" or (split == "compositional") == bool(pairs & WITHHELD_PAIRS):
             sample.id = f"{split}-{seed}-{index:06d}"
             return sample
     raise RuntimeError(f"no valid {split} sample for task {kind!r} after 100 attempts")
