@@ -60,6 +60,10 @@ def _weights_size(folder: Path | None) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
 
 
+STORED = "stored"  # the weights' dtype as the file holds them (``from_pretrained(dtype=None)``)
+LOADER_DTYPES = [*DTYPE_CHOICES, STORED]
+
+
 class OmniGenLoader:
     """Load an OmniGen model folder (ours, the official OmniGen-v1 layout or diffusers'), or a hub id."""
 
@@ -67,7 +71,10 @@ class OmniGenLoader:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "dtype": (list(DTYPE_CHOICES), {"default": AUTO, "tooltip": AUTO_HELP}),
+                "dtype": (
+                    LOADER_DTYPES,
+                    {"default": AUTO, "tooltip": f"{AUTO_HELP}; stored: as the file holds them"},
+                ),
                 "device": (DEVICES, {"default": "auto", "tooltip": "auto: ComfyUI's device"}),
             },
             "optional": {  # optional: a workflow that names only model_path (or nothing) still runs
@@ -108,8 +115,8 @@ class OmniGenLoader:
     ) -> tuple[LoadedOmniGen]:
         from omnigen.pipeline import OmniGenPipeline
 
-        if dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {dtype!r}")
+        if dtype not in LOADER_DTYPES:
+            raise ValueError(f"dtype must be one of {LOADER_DTYPES}, got {dtype!r}")
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
@@ -123,7 +130,7 @@ class OmniGenLoader:
         folder = _model_folder(model, model_path)
         free_memory(_weights_size(folder), target)
         pipeline = OmniGenPipeline.from_pretrained(
-            folder, device=target, dtype=dtype, vae_path=vae_path.strip() or None
+            folder, device=target, dtype=None if dtype == STORED else dtype, vae_path=vae_path.strip() or None
         )
         try:
             pipeline.defaults.replace(**settings)  # refuse bad settings at load time

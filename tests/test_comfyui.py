@@ -160,7 +160,7 @@ def test_widgets_follow_generation_config(package):
     assert floats and all(float(value).is_integer() for value in floats.values()), floats
     loader = package.NODE_CLASS_MAPPINGS["OmniGenLoader"].INPUT_TYPES()
     assert set(generation.names("operator")) <= set(loader["optional"])
-    assert loader["required"]["dtype"][0] == ["auto", "float32", "bfloat16", "float16"]
+    assert loader["required"]["dtype"][0] == ["auto", "float32", "bfloat16", "float16", "stored"]
 
 
 def test_the_mapping_check_rejects_a_broken_node():
@@ -277,6 +277,18 @@ def test_a_loader_without_a_model_input_loads_the_shipped_model(package, folders
     assert image.shape == (1, 16, 16, 3) and pipeline.defaults.height == 16
     nodes["1"]["inputs"]["model_path"] = ""
     assert torch.equal(run_image(runner, nodes)[0], image)
+
+
+def test_the_loader_keeps_the_stored_dtype_on_request(package, folders):
+    """dtype "auto" means what it means everywhere (float32 for the shipped model on a CPU); "stored"
+    keeps the file's own dtype (float16 for the shipped model), as ``from_pretrained(dtype=None)``."""
+    runner = Executor({**core_nodes(*folders), **package.NODE_CLASS_MAPPINGS})
+    nodes = graph("a red square", steps=2)
+    dtypes = {}
+    for choice in ("auto", "stored"):
+        nodes["1"] = {**LOADER, "inputs": {**LOADER["inputs"], "dtype": choice, "device": "cpu"}}
+        dtypes[choice] = next(run_image(runner, nodes)[1].model.parameters()).dtype
+    assert dtypes == {"auto": torch.float32, "stored": torch.float16}
 
 
 def test_the_loader_runs_once_for_several_prompts(executor):
