@@ -206,3 +206,14 @@ def test_stored_latents_replace_the_encoding(tmp_path, monkeypatch):
     stored = _streamed_run(tmp_path, "stored", latents=True, steps=2)
     assert calls == []  # every image's latent came from the shards
     assert stored == plain
+
+
+def test_a_reader_whose_shards_are_all_empty_is_named(tmp_path):
+    urls = write_shards(tmp_path, "e", 2, 3)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()  # a shard whose rows were all skipped
+    fine = SampleStream([ShardSource((*urls, str(empty)))], seed=0, buffer_size=2)
+    assert len({next(iter(fine))[1] for _ in range(12)}) == 6
+    stream = SampleStream([ShardSource((str(empty),))], buffer_size=2)
+    with pytest.raises(ValueError, match="reader 0 of 1 hold no sample"):
+        stream.next_ref()

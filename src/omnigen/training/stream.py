@@ -211,6 +211,7 @@ class SourceCursor:
         self.epoch, self.position, self.last_offset, self.ordinal = 0, 0, -1, 0
         self._refs: Iterator[tuple[Ref, dict[str, bytes]]] | None = None
         self._peeked: tuple[Ref, int] | None = None
+        self._empty = 0  # shards in a row that held no sample
 
     def state_dict(self) -> dict[str, Any]:
         keys = ("epoch", "position", "last_offset", "ordinal")
@@ -255,15 +256,21 @@ class SourceCursor:
                     len(self.source.shards), self.seed, self.epoch, self.reader, self.readers
                 )
                 if self.position >= len(shards):
+                    if self._empty >= len(shards):  # a whole epoch of empty shards: it would never end
+                        raise ValueError(
+                            f"the shards of reader {self.reader} of {self.readers} hold no sample (a shard whose "
+                            f"rows were all skipped is an empty tar): {[self.source.shards[k] for k in shards]}"
+                        )
                     self.epoch, self.position, self.last_offset, self.ordinal = self.epoch + 1, 0, -1, 0
                     continue
                 self._refs = self._open(shards[self.position])
             found = next(self._refs, None)
             if found is not None:
-                ref = found[0]
+                ref, self._empty = found[0], 0
                 self.last_offset, self.ordinal = ref.offset, ref.ordinal + 1
                 return ref
             self._refs = None
+            self._empty = self._empty + 1 if self.ordinal == 0 else 0
             self.position, self.last_offset, self.ordinal = self.position + 1, -1, 0
 
 
