@@ -189,6 +189,10 @@ def test_latents_are_stored_per_image_with_their_codec_and_resolution(world, tmp
         text=True,
     )
     assert out.returncode == 0, out.stderr
+    two = command + ["--out", str(tmp_path / "lat2"), "--latents", "identity", "--resolution", "8"]
+    out = subprocess.run(two + ["--max-side", "64", "--workers", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert files_of(tmp_path / "lat2") == files_of(tmp_path / "lat")  # byte for byte, in other processes
     samples = samples_of(tmp_path / "lat")
     for files, row in zip([samples[k] for k in sorted(samples)], rows, strict=True):
         tensors, info = read_sample(files["latents.safetensors"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,21 +49,32 @@ class Row:
         return names
 
 
-def read_rows(jsonl: Sequence[str | Path]) -> Iterator[Row]:
-    """Every non-blank line of the files, in order, as a ``Row`` (``error`` set when it is not a valid
-    X2I row: not JSON, not an object, a required key missing or of the wrong type)."""
+def _lines(jsonl: Sequence[str | Path]) -> Iterator[tuple[int, str, str]]:
+    """(row index, "file:line", text) of every row: each non-blank line of the files, in order."""
     index = 0
     for file in jsonl:
         with open(file, encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                key, source = f"{index:09d}", f"{file}:{number}"
-                index += 1
-                try:
-                    yield Row(key, source, _parse(line))
-                except ValueError as err:
-                    yield Row(key, source, {}, str(err))
+                if line.strip():
+                    yield index, f"{file}:{number}", line
+                    index += 1
+
+
+def count_rows(jsonl: Sequence[str | Path]) -> int:
+    return sum(1 for _ in _lines(jsonl))
+
+
+def read_rows(jsonl: Sequence[str | Path], keep: Callable[[int], bool] | None = None) -> Iterator[Row]:
+    """Every row of the files, in order, as a ``Row`` (``error`` set when it is not a valid X2I row: not
+    JSON, not an object, a required key missing or of the wrong type). ``keep(index)``: only the rows it
+    keeps are parsed and yielded."""
+    for index, source, line in _lines(jsonl):
+        if keep is not None and not keep(index):
+            continue
+        try:
+            yield Row(f"{index:09d}", source, _parse(line))
+        except ValueError as err:
+            yield Row(f"{index:09d}", source, {}, str(err))
 
 
 def _parse(line: str) -> dict[str, Any]:

@@ -25,10 +25,10 @@ skipped, per reason, with examples) are summed from the sidecars in shard order.
 carry no time or owner; KEY is the row's index) and resumable: a rerun keeps every finished shard and
 writes the others.
 
-Processes. With ``workers`` N > 1 the shards still to write are dealt to N processes (``spawn``), shard k
-to process ``k % N``; each reads the rows and their images itself (an archive: every process reads the
-whole stream, keeping only its own rows' members) and writes whole shards, so the output is the same
-bytes whatever N is.
+Processes. With ``workers`` N > 1 the shards still to write are dealt to N processes (forked from a
+``forkserver`` that imported this module once), shard k to process ``k % N``; each reads the rows and
+their images itself (an archive: every process reads the whole stream, keeping only its own rows'
+members) and writes whole shards, so the output is the same bytes whatever N is.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omnigen.data.rows import Row, Skip, read_rows, sample_files
+from omnigen.data.rows import Row, Skip, count_rows, read_rows, sample_files
 from omnigen.data.sources import open_images
 from omnigen.training.shard_latents import LatentSpec
 from omnigen.util.atomic import atomic_write
@@ -52,6 +52,7 @@ from omnigen.util.atomic import atomic_write
 logger = logging.getLogger(__name__)
 
 EXAMPLES_PER_REASON = 5
+PIL_FIRST_FORMATS = ("Bmp", "Gif", "Jpeg", "Ppm", "Png")  # what PIL.Image.preinit imports
 
 
 @dataclass
@@ -100,9 +101,9 @@ class ShardJob:
     shards: tuple[int, ...]
 
 
-def shard_of(row: Row, samples_per_shard: int) -> int:
-    """The plan: the shard a row's sample goes to."""
-    return int(row.key) // samples_per_shard
+def shard_of(row: int, samples_per_shard: int) -> int:
+    """The plan: the shard a row (its index over all JSONL files) goes to."""
+    return row // samples_per_shard
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -136,11 +137,13 @@ def _write_shard(out: Path, index: int, rows: list[Row], samples: list, report: 
 def write_part(job: ShardJob) -> None:
     """Write the job's shards (one process's share; also the whole plan with one process)."""
     wanted = set(job.shards)
-    rows = [r for r in read_rows(job.jsonl) if shard_of(r, job.samples_per_shard) in wanted]
+    rows = list(read_rows(job.jsonl, keep=lambda index: shard_of(index, job.samples_per_shard) in wanted))
     out = Path(job.out)
     with open_images(job.images) as source:
         pairs = source.rows_with_images(rows)
-        for index, group in itertools.groupby(pairs, lambda pair: shard_of(pair[0], job.samples_per_shard)):
+        for index, group in itertools.groupby(
+            pairs, lambda pair: shard_of(int(pair[0].key), job.samples_per_shard)
+        ):
             report, samples, covered = ShardReport(), [], []
             for row, images in group:
                 covered.append(row)
@@ -191,7 +194,7 @@ def write_shards(
         pass
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    count = sum(1 for _ in read_rows(jsonl))
+    count = count_rows(jsonl)
     plan = [(k, min(k + samples_per_shard, count)) for k in range(0, count, samples_per_shard)]
     todo = [k for k, rows in enumerate(plan) if _finished(out, k, rows) is None]
     if len(todo) < len(plan):
@@ -222,7 +225,10 @@ def _run_processes(jobs: list[ShardJob]) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    context = multiprocessing.get_context("spawn")
+    # a fresh server process imports this module (torch with it) and the image formats PIL's first open
+    # would import, once; each writer is forked from it
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, *(f"PIL.{name}ImagePlugin" for name in PIL_FIRST_FORMATS)])
     with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
         for done in [pool.submit(write_part, job) for job in jobs]:
             done.result()  # a process's error is raised here
