@@ -189,14 +189,19 @@ def load(url: str, ref: Ref) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------- streams
 
 
+def check_readers(count: int, readers: int) -> None:
+    """Every reader needs a shard of its own in every epoch: ValueError when a source has fewer."""
+    if count < readers:
+        raise ValueError(
+            f"{count} shard(s) cannot feed {readers} readers (ranks x data_workers): write more, smaller shards "
+            "(omnigen data shards --samples-per-shard) or use fewer data_workers"
+        )
+
+
 def reader_shards(count: int, seed: int, epoch: int, reader: int, readers: int) -> list[int]:
     """This reader's shards in epoch ``epoch``: a permutation by (seed, epoch), shared by all readers,
     of which it takes every ``readers``-th from ``reader``."""
-    if count < readers:
-        raise ValueError(
-            f"{count} shard(s) cannot feed {readers} readers (ranks x workers): write more, smaller shards "
-            "(omnigen data shards --samples-per-shard)"
-        )
+    check_readers(count, readers)
     order = list(range(count))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order[reader::readers]
