@@ -106,6 +106,11 @@ def shard_of(row: int, samples_per_shard: int) -> int:
     return row // samples_per_shard
 
 
+def plan_shards(rows: int, samples_per_shard: int) -> list[tuple[int, int]]:
+    """The plan, shard by shard: the rows [start, stop) of each (those ``shard_of`` sends to it)."""
+    return [(k, min(k + samples_per_shard, rows)) for k in range(0, rows, samples_per_shard)]
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -194,8 +199,7 @@ def write_shards(
         pass
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    count = count_rows(jsonl)
-    plan = [(k, min(k + samples_per_shard, count)) for k in range(0, count, samples_per_shard)]
+    plan = plan_shards(count_rows(jsonl), samples_per_shard)
     todo = [k for k, rows in enumerate(plan) if _finished(out, k, rows) is None]
     if len(todo) < len(plan):
         logger.info("resuming: %d of %d shard(s) finished", len(plan) - len(todo), len(plan))
