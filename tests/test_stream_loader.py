@@ -54,22 +54,30 @@ def test_too_few_shards_and_another_worker_count_are_refused(tmp_path):
 
 
 RANK_SCRIPT = """
-import sys, torch.distributed as dist
+import json, sys, torch.distributed as dist
 from omnigen.training.stream import ShardSource
 from omnigen.training.stream_loader import LoaderStream
 rank, store, urls = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-stream = LoaderStream([ShardSource(tuple(urls))], seed=3, rank=rank, world=2, workers=2, buffer_size=8)
-mine = [next(stream)[1] for _ in range(len(urls) // 2 * 5)]
+options = dict(seed=3, rank=rank, world=2, workers=2, buffer_size=8, snapshot_every=4)
+sources = [ShardSource(tuple(urls))]
+mine = [next(stream)[1] for stream in [LoaderStream(sources, **options)] for _ in range(len(urls) // 2 * 5)]
+first = LoaderStream(sources, **options)
+head = [next(first)[1] for _ in range(7)]
+states = [None, None]
+dist.all_gather_object(states, first.state_dict())  # as the trainer's checkpoint gathers them
+del first
+resumed = LoaderStream(sources, state=json.loads(json.dumps(states))[rank], **options)
+again = head + [next(resumed)[1] for _ in range(len(mine) - 7)]
 keys = [None, None]
-dist.all_gather_object(keys, mine)
+dist.all_gather_object(keys, [mine, again])
 if rank == 0:
     print("KEYS", repr(keys))
 dist.destroy_process_group()
 """
 
 
-def test_two_gloo_ranks_of_two_loader_workers_share_one_pass(tmp_path):
+def test_two_gloo_ranks_of_two_loader_workers_share_one_pass_and_resume(tmp_path):
     urls = write_shards(tmp_path, "g", 8, 5)  # 40 samples, 2 shards per reader
     ranks = [
         subprocess.Popen(
@@ -81,6 +89,7 @@ def test_two_gloo_ranks_of_two_loader_workers_share_one_pass(tmp_path):
     ]
     outputs = [p.communicate(timeout=120)[0] for p in ranks]
     assert all(p.returncode == 0 for p in ranks)
-    found = eval(outputs[0].split("KEYS", 1)[1])
-    assert len(found[0]) == len(found[1]) == 20
-    assert len(set(found[0]) | set(found[1])) == 40
+    (mine0, again0), (mine1, again1) = eval(outputs[0].split("KEYS", 1)[1])
+    assert len(mine0) == len(mine1) == 20
+    assert len(set(mine0) | set(mine1)) == 40  # one pass, no sample twice
+    assert again0 == mine0 and again1 == mine1  # killed after 7 samples and resumed: the same samples
