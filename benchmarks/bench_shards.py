@@ -79,7 +79,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch / OMP threads per process (default 1)")
     parser.add_argument("--latents", action="store_true", help="also time --latents identity")
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long check: 24 samples, 16 px, 1 round")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a seconds-long check: 24 samples, 16 px, 1 round"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.samples, args.size, args.per_shard, args.rounds = 24, 16, 4, 1
