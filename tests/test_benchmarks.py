@@ -50,3 +50,17 @@ def test_bench_gpu_rejects_unknown_contenders():
 def test_cpu_benchmarks_parse_their_arguments(script):
     out = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_bench_shards_smoke_times_one_and_two_processes_writing_the_same_bytes():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_shards.py"), "--smoke", "--latents"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for label in ("images", "latents"):
+        median = next(line for line in out.stdout.splitlines() if line.startswith(f"{label} median:"))
+        assert "2/1 = " in median and "identical output" in median, out.stdout
+    assert out.stdout.count("workers 2:") == 3  # the warm-up and a round of each contest

@@ -64,6 +64,11 @@ SUBSTITUTIONS = (
         "python -m pytest -q\n", "python -m pytest -q --collect-only\n", "the suite itself: collected only"
     ),
     Substitution("--n 200000", "--n 16", "the training set's size"),
+    Substitution(
+        "bench_shards.py --samples 3000 --size 64 --rounds 3",
+        "bench_shards.py --smoke",
+        "minutes of shard writing: the seconds-long smoke mode",
+    ),
     Substitution("--n 512", "--n 4", "the validation set's size"),
     Substitution("--n 600", "--n 4", "the evaluation's sample count"),
     Substitution("--n 112", "--n 4", "the evaluation's sample count"),

@@ -68,7 +68,8 @@ def check_shards(out: Path, world_folder: Path, rows: list[dict]) -> None:
     assert report["written"] == len(rows)
     assert report["skipped"] == {"bad_row": 1, "missing": 1, "oversized": 1, "tags": 1, "undecodable": 1}
     index = json.loads((out / "index.json").read_text())
-    assert [s["samples"] for s in index["shards"]] == [3, 3, 2]
+    # 3 rows per shard, less the skipped: rows 4-7 and 12 are bad; the last shard's row is skipped
+    assert [s["samples"] for s in index["shards"]] == [3, 1, 1, 3, 0]
 
 
 def test_folder_source_writes_every_good_row_and_counts_every_bad_one(world, tmp_path):
@@ -95,22 +96,47 @@ def test_split_tar_gz_gives_the_same_shards_and_is_deterministic(world, tmp_path
     write_shards([meta], tmp_path / "images.tar.gz.aa", tmp_path / "split", samples_per_shard=3, max_side=64)
     check_shards(tmp_path / "split", folder, rows)
     write_shards([meta], folder, tmp_path / "folder", samples_per_shard=3, max_side=64)
-    for shard in ("000000.tar", "000001.tar", "000002.tar"):
+    for shard in (f"{k:06d}.tar" for k in range(5)):
         assert (tmp_path / "split" / shard).read_bytes() == (tmp_path / "folder" / shard).read_bytes()
+
+
+def files_of(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
 def test_resume_keeps_finished_shards_and_completes_the_rest(world, tmp_path):
     folder, meta, rows = world
     out = tmp_path / "out"
     write_shards([meta], folder, out, samples_per_shard=3, max_side=64)
-    whole = {p.name: p.read_bytes() for p in out.glob("*.tar")}
-    (out / "000002.tar").unlink()  # as if killed before the last shard
+    whole = files_of(out)
+    (out / "000002.tar").unlink()  # as if killed before the shard's tar was renamed into place
+    (out / "000004.json").unlink()  # ... or before its sidecar was
     (out / "000001.tar").write_bytes(b"kept")  # a finished shard is not rewritten
     write_shards([meta], folder, out, samples_per_shard=3, max_side=64)
     assert (out / "000001.tar").read_bytes() == b"kept"
-    assert (out / "000002.tar").read_bytes() == whole["000002.tar"]
+    assert files_of(out) == {**whole, "000001.tar": b"kept"}  # report.json counts the kept shards too
     report = json.loads((out / "report.json").read_text())
     assert report["written"] == len(rows) and sum(report["skipped"].values()) == 5
+    with pytest.raises(ValueError, match="000000.json covers rows \\[0, 3\\], the plan says \\[0, 4\\]"):
+        write_shards([meta], folder, out, samples_per_shard=4, max_side=64)
+
+
+def test_two_processes_write_the_same_bytes_and_resume_a_partial_output(world, tmp_path):
+    folder, meta, _ = world
+    one, two = tmp_path / "one", tmp_path / "two"
+    write_shards([meta], folder, one, samples_per_shard=2, max_side=64)
+    write_shards([meta], folder, two, samples_per_shard=2, max_side=64, workers=2)
+    assert len(files_of(one)) == 2 * 7 + 2  # 7 shards with their sidecars, index.json, report.json
+    assert files_of(two) == files_of(one)
+    for name in (
+        "000001.tar",
+        "000004.json",
+        "000006.tar",
+        "report.json",
+    ):  # killed: shards of both processes
+        (two / name).unlink()
+    write_shards([meta], folder, two, samples_per_shard=2, max_side=64, workers=2)
+    assert files_of(two) == files_of(one)
 
 
 def test_cli_prints_the_counts(world, tmp_path):
@@ -122,13 +148,15 @@ def test_cli_prints_the_counts(world, tmp_path):
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert "wrote 8 samples in 2 shard(s)" in out.stdout and "undecodable 1" in out.stdout
+    assert "wrote 8 samples in 4 shard(s)" in out.stdout and "undecodable 1" in out.stdout
 
 
 def test_bad_arguments_are_named(world, tmp_path):
     folder, meta, _ = world
     with pytest.raises(ValueError, match="samples_per_shard must be a positive int"):
         write_shards([meta], folder, tmp_path, samples_per_shard=0)
+    with pytest.raises(ValueError, match="workers must be a positive int, got 0"):
+        write_shards([meta], folder, tmp_path, workers=0)
     with pytest.raises(ValueError, match="must be an image folder"):
         write_shards([meta], meta, tmp_path)
 
@@ -161,6 +189,10 @@ def test_latents_are_stored_per_image_with_their_codec_and_resolution(world, tmp
         text=True,
     )
     assert out.returncode == 0, out.stderr
+    two = command + ["--out", str(tmp_path / "lat2"), "--latents", "identity", "--resolution", "8"]
+    out = subprocess.run(two + ["--max-side", "64", "--workers", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert files_of(tmp_path / "lat2") == files_of(tmp_path / "lat")  # byte for byte, in other processes
     samples = samples_of(tmp_path / "lat")
     for files, row in zip([samples[k] for k in sorted(samples)], rows, strict=True):
         tensors, info = read_sample(files["latents.safetensors"])

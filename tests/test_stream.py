@@ -126,7 +126,7 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path):
     from omnigen.training.stream_batches import ShardBatchStream
 
     urls = tuple(write_shards(tmp_path, "c", 2, 2))
-    config = SimpleNamespace(keep_raw_resolution=False, seed=0, codec="identity")
+    config = SimpleNamespace(keep_raw_resolution=False, seed=0, codec="identity", data_workers=0)
     builder = SimpleNamespace(codec=IdentityCodec())
     runtime = SimpleNamespace(rank=0, world=1)
     saved = [SampleStream([ShardSource(urls)]).state_dict()] * 2
@@ -168,7 +168,7 @@ def test_two_ranks_share_one_pass_without_a_repeat(tmp_path):
     assert len(set(keys[0]) | set(keys[1])) == 30
 
 
-def _streamed_run(tmp_path, out, stop_after=None, latents=False, steps=5):
+def _streamed_run(tmp_path, out, stop_after=None, latents=False, steps=5, **options):
     from omnigen.data.shards import write_shards as pack
     from omnigen.miniworld.world import save_tokenizer, write_dataset
     from omnigen.training.shard_latents import load_codec
@@ -183,7 +183,9 @@ def _streamed_run(tmp_path, out, stop_after=None, latents=False, steps=5):
         pack([jsonl], world, tmp_path / "latents", samples_per_shard=3, latents=load_codec("identity", 16))
     pattern = str(tmp_path / ("latents" if latents else "shards") / "{000000..000002}.tar")
     stages = [{"resolution": 16, "steps": steps, "batch_size": 2, "lr": 3e-3}]
-    config = make_config(world, tmp_path / out, steps, data=[pattern], stages=stages, drop_text=0.3)
+    config = make_config(
+        world, tmp_path / out, steps, data=[pattern], stages=stages, drop_text=0.3, **options
+    )
     train(config, device="cpu", stop_after=stop_after)
     return [json.loads(x)["loss"] for x in (tmp_path / out / "loss.jsonl").read_text().splitlines()]
 
@@ -196,6 +198,16 @@ def test_training_streams_from_shards_and_resumes_mid_epoch_exactly(tmp_path):
     assert len(set(straight)) == 5
 
 
+def test_training_with_data_loader_workers_resumes_exactly(tmp_path):
+    straight = _streamed_run(tmp_path, "a", data_workers=2)
+    _streamed_run(tmp_path, "b", stop_after=3, data_workers=2)  # 6 samples: each worker mid-way
+    with pytest.raises(ValueError, match="read by 2 data workers, this run has none"):
+        _streamed_run(tmp_path, "b")
+    resumed = _streamed_run(tmp_path, "b", data_workers=2)
+    assert len(straight) == 5 and resumed == straight
+    assert straight != _streamed_run(tmp_path, "c")  # two readers of 3 shards: another order than one
+
+
 def test_stored_latents_replace_the_encoding(tmp_path, monkeypatch):
     from omnigen.model.vae import IdentityCodec
 
@@ -206,3 +218,14 @@ def test_stored_latents_replace_the_encoding(tmp_path, monkeypatch):
     stored = _streamed_run(tmp_path, "stored", latents=True, steps=2)
     assert calls == []  # every image's latent came from the shards
     assert stored == plain
+
+
+def test_a_reader_whose_shards_are_all_empty_is_named(tmp_path):
+    urls = write_shards(tmp_path, "e", 2, 3)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()  # a shard whose rows were all skipped
+    fine = SampleStream([ShardSource((*urls, str(empty)))], seed=0, buffer_size=2)
+    assert len({next(iter(fine))[1] for _ in range(12)}) == 6
+    stream = SampleStream([ShardSource((str(empty),))], buffer_size=2)
+    with pytest.raises(ValueError, match="reader 0 of 1 hold no sample"):
+        stream.next_ref()

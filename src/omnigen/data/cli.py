@@ -1,6 +1,6 @@
 """``omnigen data miniworld --out DIR --n N --seed S [--split ...] [--size S] [--weight TASK=N ...]`` and
 ``omnigen data shards --jsonl META.jsonl [--jsonl ...] --images SRC --out DIR [--samples-per-shard N]
-[--latents CODEC --resolution R]``."""
+[--latents CODEC --resolution R] [--workers N]``."""
 
 from __future__ import annotations
 
@@ -34,11 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--images", required=True, help="image folder, .tar / .tar.gz, or first part of a split archive"
     )
-    s.add_argument("--out", required=True, help="output folder (a rerun resumes after its finished shards)")
-    s.add_argument("--samples-per-shard", type=int, default=1000, help="(default: 1000)")
+    s.add_argument("--out", required=True, help="output folder (a rerun keeps its finished shards)")
+    s.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        help="rows per shard, less the skipped ones (default: 1000)",
+    )
     s.add_argument("--max-side", type=int, default=4096, help="skip larger images (default: 4096)")
     s.add_argument("--latents", metavar="CODEC", help="also store latents: 'identity' or a VAE folder")
     s.add_argument("--resolution", type=int, help="with --latents: the training resolution they are made at")
+    s.add_argument(
+        "--workers", type=int, default=1, help="processes writing shards; the output is the same (default: 1)"
+    )
     s.set_defaults(func=_run_shards)
 
 
@@ -66,7 +74,9 @@ def _run_shards(args: argparse.Namespace) -> int:
     if (args.latents is None) != (args.resolution is None):
         raise ValueError("--latents CODEC and --resolution R go together")
     latents = load_codec(args.latents, args.resolution) if args.latents else None
-    report = write_shards(args.jsonl, args.images, args.out, args.samples_per_shard, args.max_side, latents)
+    report = write_shards(
+        args.jsonl, args.images, args.out, args.samples_per_shard, args.max_side, latents, args.workers
+    )
     skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(report.skipped.items())) or "none"
     print(
         f"wrote {report.written} samples in {len(report.shards)} shard(s) to {args.out}; skipped: {skipped}"

@@ -13,50 +13,51 @@ up to the first dot)::
     KEY.out.EXT       the output image's bytes as they were
     KEY.shot_in0.png, KEY.shot_out.EXT   a few-shot example's images, when the row has one
 
-Shards are ``DIR/000000.tar``, ... of ``samples_per_shard`` samples, with ``DIR/index.json`` (samples per
-shard) and ``DIR/report.json`` (rows written and skipped, per reason, with examples). Nothing is lost
-silently: a bad row, a missing, undecodable or oversized image, or an instruction whose image tags do not
-match its input images skips the row under that reason.
+Plan. Shard k (``DIR/{k:06d}.tar``) holds the rows ``k * samples_per_shard`` up to the next shard's first
+row (rows counted over all JSONL files, blank lines left out), less the rows skipped: a shard's content
+depends on its own rows only. Nothing is lost silently: a bad row, a missing, undecodable or oversized
+image, or an instruction whose image tags do not match its input images skips the row under that reason
+(``omnigen.data.rows``); a shard whose rows are all skipped is an empty tar, so the numbering has no gaps.
 
-Deterministic (members carry no time or owner; KEY is the row's index over all JSONL files) and
-resumable: a shard appears atomically with a ``.json`` sidecar naming the rows it covered, so a rerun
-keeps the finished shards and starts after the last one.
+Each shard appears atomically with a ``{k:06d}.json`` sidecar: its rows, samples, skips per reason and
+the first examples. ``DIR/index.json`` (samples per shard) and ``DIR/report.json`` (rows written and
+skipped, per reason, with examples) are summed from the sidecars in shard order. Deterministic (members
+carry no time or owner; KEY is the row's index) and resumable: a rerun keeps every finished shard and
+writes the others.
+
+Processes. With ``workers`` N > 1 the shards still to write are dealt to N processes (forked from a
+``forkserver`` that imported this module once), shard k to process ``k % N``; each reads the rows and
+their images itself (an archive: every process reads the whole stream, keeping only its own rows'
+members) and writes whole shards, so the output is the same bytes whatever N is.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from omnigen.data.sources import ImageSource, open_images
-from omnigen.text.tags import validate_image_tags
-from omnigen.training.shard_latents import LatentSpec, encode_sample
+from omnigen.data.rows import Row, Skip, count_rows, read_rows, sample_files
+from omnigen.data.sources import open_images
+from omnigen.training.shard_latents import LatentSpec
 from omnigen.util.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
 EXAMPLES_PER_REASON = 5
-REASONS = ("bad_row", "missing", "undecodable", "oversized", "tags")
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+PIL_FIRST_FORMATS = ("Bmp", "Gif", "Jpeg", "Ppm", "Png")  # what PIL.Image.preinit imports
 
 
 @dataclass
 class ShardReport:
-    """What ``write_shards`` did: samples written, rows skipped per reason (with a few examples)."""
+    """Samples written and rows skipped per reason (with the first examples), of one shard or all."""
 
     written: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)  # {"name", "samples"} per shard
@@ -69,6 +70,15 @@ class ShardReport:
         if len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append(detail)
 
+    def add_shard(self, name: str, side: dict[str, Any]) -> None:
+        """Count one finished shard, from its sidecar."""
+        self.written += side["samples"]
+        self.shards.append({"name": name, "samples": side["samples"]})
+        self.skipped.update(side["skipped"])
+        for reason, examples in side["examples"].items():
+            kept = self.examples.setdefault(reason, [])
+            kept += examples[: EXAMPLES_PER_REASON - len(kept)]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "written": self.written,
@@ -79,112 +89,26 @@ class ShardReport:
 
 
 @dataclass(frozen=True)
-class Row:
-    key: str  # the row's index over all JSONL files, zero padded
-    source: str  # file:line
-    data: dict[str, Any]  # the parsed row (empty when it did not parse)
-    error: str | None = None
+class ShardJob:
+    """What one process writes: the shards ``shards`` of the plan, from these rows and images."""
 
-    def images(self) -> list[tuple[str, str]]:
-        """(name, relative path) of every image the sample stores, in order."""
-        names = [(f"in{k}", p) for k, p in enumerate(self.data.get("input_images") or [])]
-        names.append(("out", self.data["output_image"]))
-        shot = self.data.get("few_shot")
-        if shot:
-            names += [(f"shot_in{k}", p) for k, p in enumerate(shot.get("input_images") or [])]
-            names.append(("shot_out", shot["output_image"]))
-        return names
+    jsonl: tuple[str, ...]
+    images: str
+    out: str
+    samples_per_shard: int
+    max_side: int
+    latents: LatentSpec | None
+    shards: tuple[int, ...]
 
 
-def read_rows(jsonl: Sequence[str | Path]) -> Iterator[Row]:
-    """Every non-blank line of the files, in order, as a ``Row`` (``error`` set when it is not a valid
-    X2I row: not JSON, not an object, a required key missing or of the wrong type)."""
-    index = 0
-    for file in jsonl:
-        with open(file, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                key, source = f"{index:09d}", f"{file}:{number}"
-                index += 1
-                try:
-                    yield Row(key, source, _parse(line))
-                except ValueError as err:
-                    yield Row(key, source, {}, str(err))
+def shard_of(row: int, samples_per_shard: int) -> int:
+    """The plan: the shard a row (its index over all JSONL files) goes to."""
+    return row // samples_per_shard
 
 
-def _parse(line: str) -> dict[str, Any]:
-    data = json.loads(line)
-    if not isinstance(data, dict):
-        raise ValueError(f"a row must be a JSON object, got {type(data).__name__}")
-    if not isinstance(data.get("instruction"), str) or not isinstance(data.get("output_image"), str):
-        raise ValueError("a row needs `instruction` and `output_image` strings")
-    inputs = data.get("input_images") or []
-    if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
-        raise ValueError(f"input_images must be a list of paths or null, got {inputs!r:.80}")
-    shot = data.get("few_shot")
-    if shot is not None and not (isinstance(shot, dict) and isinstance(shot.get("output_image"), str)):
-        raise ValueError(f"few_shot must be an object with an output_image, got {shot!r:.80}")
-    return data
-
-
-def check_image(data: bytes, name: str, max_side: int) -> tuple[int, int]:
-    """(height, width) of a decodable image no larger than ``max_side``; ``_Skip`` otherwise."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            size = (image.height, image.width)
-            if max(size) > max_side:
-                raise _Skip("oversized", f"{name} is {size[1]}x{size[0]}, over --max-side {max_side}")
-            image.load()
-    except _Skip:
-        raise
-    except Exception as err:  # PIL raises many kinds for a broken file
-        raise _Skip("undecodable", f"{name}: {err}") from None
-    return size
-
-
-def to_png(data: bytes) -> bytes:
-    with Image.open(io.BytesIO(data)) as image:
-        out = io.BytesIO()
-        image.convert("RGB").save(out, format="PNG")
-        return out.getvalue()
-
-
-def sample_files(
-    row: Row, images: dict[str, bytes], max_side: int, latents: LatentSpec | None = None
-) -> dict[str, bytes]:
-    """The files of one sample (name -> bytes, KEY left out), or ``_Skip`` with the reason."""
-    if row.error is not None:
-        raise _Skip("bad_row", row.error)
-    data = row.data
-    try:
-        validate_image_tags(data["instruction"], len(data.get("input_images") or []))
-        if data.get("few_shot"):
-            shot = data["few_shot"]
-            validate_image_tags(shot.get("instruction", ""), len(shot.get("input_images") or []))
-    except (ValueError, TypeError) as err:
-        raise _Skip("tags", str(err)) from None
-    files: dict[str, bytes] = {}
-    sizes: dict[str, list[int]] = {}
-    for name, path in row.images():
-        if path not in images:
-            raise _Skip("missing", f"{path} is not in the image source")
-        sizes[name] = list(check_image(images[path], path, max_side))
-        if name.endswith("out"):
-            files[f"{name}{Path(path).suffix.lower() or '.png'}"] = images[path]
-        else:
-            files[f"{name}.png"] = to_png(images[path])
-    meta = {k: v for k, v in data.items() if k not in ("input_images", "output_image")}
-    meta["task_type"] = data.get("task_type")
-    meta["input_sizes"] = [sizes[f"in{k}"] for k in range(len(data.get("input_images") or []))]
-    meta["output_size"] = sizes["out"]
-    meta["images"] = {"input_images": data.get("input_images") or [], "output_image": data["output_image"]}
-    meta["source"] = row.source
-    if latents is not None:
-        files["latents.safetensors"] = encode_sample(
-            {name: images[path] for name, path in row.images()}, latents
-        )
-    return {"json": json.dumps(meta, sort_keys=True).encode(), **files}
+def plan_shards(rows: int, samples_per_shard: int) -> list[tuple[int, int]]:
+    """The plan, shard by shard: the rows [start, stop) of each (those ``shard_of`` sends to it)."""
+    return [(k, min(k + samples_per_shard, rows)) for k in range(0, rows, samples_per_shard)]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -195,50 +119,67 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class ShardWriter:
-    """Writes ``DIR/NNNNNN.tar`` shards atomically (a temp file renamed when complete), each with a
-    ``NNNNNN.json`` sidecar: samples, the row keys it covers, the skips among them."""
+def _write_shard(out: Path, index: int, rows: list[Row], samples: list, report: ShardReport) -> None:
+    """``{index}.tar`` with the samples ((key, files) pairs), then its sidecar (both atomic)."""
 
-    def __init__(self, out: Path, samples_per_shard: int) -> None:
-        self.out, self.per_shard = out, samples_per_shard
-        self.index, self.pending, self.skipped = 0, [], Counter()
-
-    def resume(self, report: ShardReport) -> str | None:
-        """Adopt the finished shards (in order from 0); returns the last row key they cover, or None."""
-        last = None
-        while (self.out / f"{self.index:06d}.tar").is_file() and (
-            self.out / f"{self.index:06d}.json"
-        ).is_file():
-            side = json.loads((self.out / f"{self.index:06d}.json").read_text())
-            report.written += side["samples"]
-            report.skipped.update(side["skipped"])
-            report.shards.append({"name": f"{self.index:06d}.tar", "samples": side["samples"]})
-            last, self.index = side["last_row"], self.index + 1
-        return last
-
-    def add(self, key: str, files: dict[str, bytes], report: ShardReport) -> None:
-        self.pending.append((key, files))
-        if len(self.pending) == self.per_shard:
-            self.flush(report, key)
-
-    def _write_tar(self, path: Path) -> None:
+    def write_tar(path: Path) -> None:
         with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-            for key, files in self.pending:
+            for key, files in samples:
                 for suffix, data in files.items():
                     _add(tar, f"{key}.{suffix}", data)
 
-    def flush(self, report: ShardReport, last_row: str) -> None:
-        if not self.pending:
-            return
-        name = f"{self.index:06d}"
-        atomic_write(self.out / f"{name}.tar", self._write_tar)
-        side = {"samples": len(self.pending), "last_row": last_row, "skipped": dict(self.skipped)}
-        atomic_write(
-            self.out / f"{name}.json", lambda path: path.write_text(json.dumps(side, sort_keys=True))
+    atomic_write(out / f"{index:06d}.tar", write_tar)
+    side = {
+        "rows": [int(rows[0].key), int(rows[-1].key) + 1],
+        "samples": len(samples),
+        "skipped": dict(sorted(report.skipped.items())),
+        "examples": report.examples,
+    }
+    text = json.dumps(side, sort_keys=True)
+    atomic_write(out / f"{index:06d}.json", lambda path: path.write_text(text))
+
+
+def write_part(job: ShardJob) -> None:
+    """Write the job's shards (one process's share; also the whole plan with one process)."""
+    wanted = set(job.shards)
+    rows = list(read_rows(job.jsonl, keep=lambda index: shard_of(index, job.samples_per_shard) in wanted))
+    out = Path(job.out)
+    with open_images(job.images) as source:
+        pairs = source.rows_with_images(rows)
+        for index, group in itertools.groupby(
+            pairs, lambda pair: shard_of(int(pair[0].key), job.samples_per_shard)
+        ):
+            report, samples, covered = ShardReport(), [], []
+            for row, images in group:
+                covered.append(row)
+                try:
+                    samples.append((row.key, sample_files(row, images, job.max_side, job.latents)))
+                except Skip as skip:
+                    report.skip(skip.reason, f"{row.source}: {skip}")
+            _write_shard(out, index, covered, samples, report)
+
+
+def _finished(out: Path, index: int, rows: tuple[int, int]) -> dict[str, Any] | None:
+    """Shard ``index``'s sidecar when the shard is finished (tar and sidecar present), else None."""
+    tar, sidecar = out / f"{index:06d}.tar", out / f"{index:06d}.json"
+    if not (tar.is_file() and sidecar.is_file()):
+        return None
+    side = json.loads(sidecar.read_text())
+    if tuple(side.get("rows", ())) != rows:
+        raise ValueError(
+            f"{sidecar} covers rows {side.get('rows')}, the plan says {list(rows)}: {out} was written from "
+            "other JSONL files or with another --samples-per-shard; write to a new --out"
         )
-        report.written += len(self.pending)
-        report.shards.append({"name": f"{name}.tar", "samples": len(self.pending)})
-        self.index, self.pending, self.skipped = self.index + 1, [], Counter()
+    return side
+
+
+def _check(jsonl: Sequence[str | Path], samples_per_shard: int, workers: int) -> None:
+    for name, value in (("samples_per_shard", samples_per_shard), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for file in jsonl:
+        if not Path(file).is_file():
+            raise ValueError(f"--jsonl {file} is not a file")
 
 
 def write_shards(
@@ -248,24 +189,35 @@ def write_shards(
     samples_per_shard: int = 1000,
     max_side: int = 4096,
     latents: LatentSpec | None = None,
+    workers: int = 1,
 ) -> ShardReport:
     """Write the shards, ``index.json`` and ``report.json`` under ``out``; returns the report.
-    ``latents``: also store each sample's latents (``omnigen.training.shard_latents``)."""
-    if isinstance(samples_per_shard, bool) or not isinstance(samples_per_shard, int) or samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be a positive int, got {samples_per_shard!r}")
-    for file in jsonl:
-        if not Path(file).is_file():
-            raise ValueError(f"--jsonl {file} is not a file")
+    ``latents``: also store each sample's latents (``omnigen.training.shard_latents``). ``workers``:
+    processes writing shards (the output is the same for any number)."""
+    _check(jsonl, samples_per_shard, workers)
+    with open_images(images):  # a bad --images is named before any process starts
+        pass
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report, writer = ShardReport(), ShardWriter(out, samples_per_shard)
-    done = writer.resume(report)
-    rows = [r for r in read_rows(jsonl) if done is None or r.key > done]
-    if done is not None:
-        logger.info("resuming after %d finished shard(s), row %s", writer.index, done)
-    with open_images(images) as source:
-        _write_rows(rows, source, writer, report, max_side, latents)
-    writer.flush(report, rows[-1].key if rows else "")
+    plan = plan_shards(count_rows(jsonl), samples_per_shard)
+    todo = [k for k, rows in enumerate(plan) if _finished(out, k, rows) is None]
+    if len(todo) < len(plan):
+        logger.info("resuming: %d of %d shard(s) finished", len(plan) - len(todo), len(plan))
+    jobs = [
+        ShardJob(
+            tuple(map(str, jsonl)), str(images), str(out), samples_per_shard, max_side, latents, tuple(part)
+        )
+        for part in (todo[w::workers] for w in range(workers))
+        if part
+    ]
+    if len(jobs) > 1:
+        _run_processes(jobs)
+    else:
+        for job in jobs:
+            write_part(job)
+    report = ShardReport()
+    for k, rows in enumerate(plan):
+        report.add_shard(f"{k:06d}.tar", _finished(out, k, rows))
     (out / "index.json").write_text(
         json.dumps({"shards": report.shards, "samples": report.written}, indent=1)
     )
@@ -273,19 +225,14 @@ def write_shards(
     return report
 
 
-def _write_rows(
-    rows: list[Row],
-    source: ImageSource,
-    writer: ShardWriter,
-    report: ShardReport,
-    max_side: int,
-    latents: LatentSpec | None,
-) -> None:
-    for row, images in source.rows_with_images(rows):
-        try:
-            files = sample_files(row, images, max_side, latents)
-        except _Skip as skip:
-            report.skip(skip.reason, f"{row.source}: {skip}")
-            writer.skipped[skip.reason] += 1
-            continue
-        writer.add(row.key, files, report)
+def _run_processes(jobs: list[ShardJob]) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # a fresh server process imports this module (torch with it) and the image formats PIL's first open
+    # would import, once; each writer is forked from it
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, *(f"PIL.{name}ImagePlugin" for name in PIL_FIRST_FORMATS)])
+    with ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
+        for done in [pool.submit(write_part, job) for job in jobs]:
+            done.result()  # a process's error is raised here

@@ -98,6 +98,12 @@ class TrainConfig:
         "zero output weights: omnigen.training.grow)",
         low=1,
     )
+    data_workers: int = option(
+        0,
+        "with shards: each rank reads them in this many DataLoader worker processes (0: in the training "
+        "process); every source needs >= ranks x data_workers shards",
+        low=0,
+    )
     tokenizer: str | None = option(None, "tokenizer.json (default: init_from's)")
     add_words: list[str] = option(
         help="new words for the tokenizer (omnigen.training.vocabulary)", factory=list

@@ -46,7 +46,19 @@ def encode_sample(images: dict[str, bytes], spec: LatentSpec) -> bytes:
         name: spec.codec.encode(fill_pixels(load_image(data), size, size)[None])[0].contiguous()
         for name, data in images.items()
     }
-    return save_tensors(latents, metadata={"codec": spec.fingerprint, "resolution": str(size)})
+    return _sorted_header(
+        save_tensors(latents, metadata={"codec": spec.fingerprint, "resolution": str(size)})
+    )
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes the metadata in a hash map's
+    order, which differs from process to process, and shards are byte for byte deterministic."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + length]), separators=(",", ":"), sort_keys=True).encode()
+    if len(header) > length:
+        raise ValueError(f"a sorted safetensors header grew from {length} to {len(header)} bytes")
+    return data[:8] + header.ljust(length) + data[8 + length :]
 
 
 def read_sample(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

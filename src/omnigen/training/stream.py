@@ -189,14 +189,19 @@ def load(url: str, ref: Ref) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------- streams
 
 
+def check_readers(count: int, readers: int) -> None:
+    """Every reader needs a shard of its own in every epoch: ValueError when a source has fewer."""
+    if count < readers:
+        raise ValueError(
+            f"{count} shard(s) cannot feed {readers} readers (ranks x data_workers): write more, smaller shards "
+            "(omnigen data shards --samples-per-shard) or use fewer data_workers"
+        )
+
+
 def reader_shards(count: int, seed: int, epoch: int, reader: int, readers: int) -> list[int]:
     """This reader's shards in epoch ``epoch``: a permutation by (seed, epoch), shared by all readers,
     of which it takes every ``readers``-th from ``reader``."""
-    if count < readers:
-        raise ValueError(
-            f"{count} shard(s) cannot feed {readers} readers (ranks x workers): write more, smaller shards "
-            "(omnigen data shards --samples-per-shard)"
-        )
+    check_readers(count, readers)
     order = list(range(count))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return order[reader::readers]
@@ -211,6 +216,7 @@ class SourceCursor:
         self.epoch, self.position, self.last_offset, self.ordinal = 0, 0, -1, 0
         self._refs: Iterator[tuple[Ref, dict[str, bytes]]] | None = None
         self._peeked: tuple[Ref, int] | None = None
+        self._empty = 0  # shards in a row that held no sample
 
     def state_dict(self) -> dict[str, Any]:
         keys = ("epoch", "position", "last_offset", "ordinal")
@@ -255,15 +261,21 @@ class SourceCursor:
                     len(self.source.shards), self.seed, self.epoch, self.reader, self.readers
                 )
                 if self.position >= len(shards):
+                    if self._empty >= len(shards):  # a whole epoch of empty shards: it would never end
+                        raise ValueError(
+                            f"the shards of reader {self.reader} of {self.readers} hold no sample (a shard whose "
+                            f"rows were all skipped is an empty tar): {[self.source.shards[k] for k in shards]}"
+                        )
                     self.epoch, self.position, self.last_offset, self.ordinal = self.epoch + 1, 0, -1, 0
                     continue
                 self._refs = self._open(shards[self.position])
             found = next(self._refs, None)
             if found is not None:
-                ref = found[0]
+                ref, self._empty = found[0], 0
                 self.last_offset, self.ordinal = ref.offset, ref.ordinal + 1
                 return ref
             self._refs = None
+            self._empty = self._empty + 1 if self.ordinal == 0 else 0
             self.position, self.last_offset, self.ordinal = self.position + 1, -1, 0
 
 

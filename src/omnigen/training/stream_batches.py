@@ -2,7 +2,8 @@
 ``schedule.BatchStream`` (same ``next_step`` / ``state`` interface).
 
 Each rank reads its own ``SampleStream`` (its shards, its shuffle buffer, ``omnigen.training.stream``),
-so ranks never share a sample within a pass. A step takes ``grad_accum`` x stage batch_size samples from
+so ranks never share a sample within a pass; with ``data_workers: W`` it is read by W DataLoader worker
+processes instead, each its share of the rank's shards (``omnigen.training.stream_loader``). A step takes ``grad_accum`` x stage batch_size samples from
 it; their images are written to a small per-rank spool folder (a local temporary folder, emptied every
 step, removed with the stream)
 and handed to the usual ``BatchBuilder`` as X2I samples, so dropout, the processor, the codec and the
@@ -14,8 +15,8 @@ The builder sees a global batch of world x batch_size entries in which this rank
 same as the global weighted mean when every rank's samples weigh the same, e.g. all 1).
 
 Resume: ``state()`` gathers every rank's stream state (position in its shards, RNG, buffered
-references), so a checkpoint holds them all and each rank continues exactly where it stopped; the run
-must resume with the same world size. Square outputs only (``keep_raw_resolution`` needs per-bucket
+references; with loader workers, each worker's), so a checkpoint holds them all and each rank continues
+exactly where it stopped; the run must resume with the same world size and ``data_workers``. Square outputs only (``keep_raw_resolution`` needs per-bucket
 pools, not built yet).
 """
 
@@ -38,6 +39,7 @@ from omnigen.training.latent_cache import codec_fingerprint
 from omnigen.training.schedule import stage_of
 from omnigen.training.shard_latents import read_sample
 from omnigen.training.stream import SampleStream, ShardSource
+from omnigen.training.stream_loader import LoaderStream
 from omnigen.training.x2i import FewShot, X2ISample
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,31 @@ def spool_sample(folder: Path, name: str, files: dict[str, bytes]) -> tuple[X2IS
     return sample, paths
 
 
+def _sample_stream(
+    config: TrainConfig,
+    sources: list[ShardSource],
+    runtime: distributed.Runtime,
+    buffer_size: int,
+    state: dict[str, Any] | None,
+) -> SampleStream | LoaderStream:
+    """This rank's samples: read in this process (``data_workers: 0``) or by loader workers."""
+    if config.data_workers:
+        options = {"rank": runtime.rank, "world": runtime.world, "workers": config.data_workers}
+        options["buffer_size"] = buffer_size
+        return LoaderStream(sources, config.seed, state=state, **options)
+    stream = SampleStream(
+        sources, seed=config.seed, rank=runtime.rank, world=runtime.world, buffer_size=buffer_size
+    )
+    if state is not None:
+        if "workers" in state:
+            raise ValueError(
+                f"the checkpoint's stream was read by {state['workers']} data workers, this run has none: resume "
+                "with the data_workers it was saved with"
+            )
+        stream.load_state_dict(state)
+    return stream
+
+
 class ShardBatchStream:
     def __init__(
         self,
@@ -115,9 +142,6 @@ class ShardBatchStream:
             spool = Path(tempfile.mkdtemp(prefix=f"omnigen-stream-rank{runtime.rank}-"))
             weakref.finalize(self, shutil.rmtree, spool, True)
         self.spool = spool / f"rank{runtime.rank}"
-        self.stream = SampleStream(
-            sources, seed=config.seed, rank=runtime.rank, world=runtime.world, buffer_size=buffer_size
-        )
         self.stage_index = -1
         self.fingerprint = codec_fingerprint(builder.codec, config.codec)
         self.latents, self._warned = StepLatents(), False
@@ -128,7 +152,13 @@ class ShardBatchStream:
                     f"the checkpoint holds {saved} stream states but the run has {runtime.world} ranks: resume a "
                     "shard-streaming run with the world size it was saved with"
                 )
-            self.stream.load_state_dict(sampler_state[runtime.rank])
+        self.stream = _sample_stream(
+            config,
+            sources,
+            runtime,
+            buffer_size,
+            None if sampler_state is None else sampler_state[runtime.rank],
+        )
 
     def next_step(self, step: int) -> tuple[Stage, list[list[int]]]:
         """Step ``step``'s stage and its ``grad_accum`` global batches over the builder's fresh samples."""
