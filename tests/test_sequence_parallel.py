@@ -167,3 +167,34 @@ def test_cli_two_ranks_match_one_process(single, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["edit.png"]
     reference = to_uint8(single["pipe"].codec.decode(single["edit"]))[0].numpy()
     assert np.array_equal(np.asarray(Image.open(out)), reference)
+
+
+def test_clear_error_without_a_process_group(single):
+    with pytest.raises(ValueError, match="parallel='sequence' needs an initialized torch.distributed"):
+        single["pipe"](T2I, num_inference_steps=1, progress=False, parallel="sequence")
+
+
+def test_batch_two_ranks_match_one_process(tmp_path):
+    """`omnigen batch --parallel sequence` on 2 ranks: the image equals a one-process batch run's, and
+    rank 0 is the only writer."""
+    import json
+
+    from omnigen.cli.main import main
+
+    image = edit_input(tmp_path)
+    row = {"id": "e", "prompt": EDIT, "input_images": [str(image)], "num_inference_steps": STEPS}
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps(row) + "\n")
+    args = ["batch", str(requests), "--no-progress"]
+    done = _torchrun(2, [*args, "--out", str(tmp_path / "two"), "--parallel", "sequence"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two, one = (np.asarray(Image.open(tmp_path / run / "e" / "0.png")) for run in ("two", "one"))
+    assert np.array_equal(two, one)
+    assert not (tmp_path / "two" / "results.rank1.jsonl").exists()
+    assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
