@@ -2,9 +2,10 @@
 each step's tokens and the attention heads (all-to-all), and produce what one process does.
 
 Measured here (torch 2.13, CPU, one thread per process): the latents of 2 ranks equal one process's bit
-for bit, on the shipped model and on the tiny grouped-query model below; the tests allow 1e-5 on
-latents (the per-token matmuls run on fewer rows per rank, which a BLAS may sum in another order) and
-no difference in the uint8 images."""
+for bit on the shipped model (every call below) and on the tiny grouped-query model, and on the medium
+model of ``benchmarks/bench_cfg_parallel.py``; its ``--quick`` model (2 heads, 5 tokens a step) differs by
+up to 3.6e-7: the per-token matmuls run on fewer rows per rank, which a BLAS may sum in another order.
+So the tests allow 1e-5 on latents, and no difference in the uint8 images."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ CALLS = {  # name -> (prompt, with the input image, extra options)
     "t2i": (T2I, False, {}),
     "edit": (EDIT, True, {}),
     "edit_one_batch": (EDIT, True, {"separate_cfg_infer": False}),  # padded rows: a masked step
+    "t2i_offloaded_cache": (T2I, False, {"offload_kv_cache": True}),
 }
 
 
