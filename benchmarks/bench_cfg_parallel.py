@@ -1,18 +1,22 @@
-"""CFG-parallel sampling (``parallel="cfg"``) against one process: seconds per image on CPU.
+"""One image over several processes (``parallel="cfg"`` and ``"sequence"``) against one: seconds per image on CPU.
 
     python benchmarks/bench_cfg_parallel.py [--hidden 512] [--layers 8] [--size 128] [--steps 10] [--quick]
+        [--contenders "1 proc x 1 thread,2 ranks x 1 thread sequence"]
 
 Contenders, each in fresh processes (torch.multiprocessing, gloo on 127.0.0.1):
 - ``1 proc x 1 thread`` and ``1 proc x 2 threads``: one process, ``separate_cfg_infer`` (the default);
-- ``2 ranks x 1 thread`` and ``3 ranks x 1 thread``: ``parallel="cfg"``, one thread per rank.
+- ``2 ranks x 1 thread`` and ``3 ranks x 1 thread``: ``parallel="cfg"``, one thread per rank;
+- ``2 ranks x 1 thread sequence``: ``parallel="sequence"`` (``omnigen.model.ulysses``), one thread per rank.
 
 Tasks: text-to-image (2 guidance branches; 3 ranks is refused: more ranks than branches) and a 1-image
 edit (3 branches), at ``--size`` input and output. The model is random (the script builds it: OmniGen-v1's
 layout at ``--hidden`` width and ``--layers`` depth, a small 8x VAE), the same in every process. Each
 contender runs one warm-up call, then ``--repeats`` timed calls; the table gives the median seconds per
-image, the ratio to one single-thread process, and whether the image is byte-equal to that process's.
-The load average is printed: on a shared machine the ranks compete for cores and the ratios suffer.
-``--quick``: a tiny model at 32x32, 2 steps, without the 2-thread process (checks the script runs).
+image, the ratio to one single-thread process, whether the image is byte-equal to that process's and the
+largest difference of the final latents from its. The script fails when a parallel image differs from it
+by more than one uint8 level. The load average is printed: on a shared machine the ranks compete for
+cores and the ratios suffer. ``--quick``: a tiny model at 32x32, 2 steps, without the 2-thread process
+(checks the script runs). ``--contenders``: a comma-separated subset (the baseline always runs).
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_fullsize import build_pipeline, build_random_model, full_config, input_images
 from bench_pipeline import TASKS
 
-CONTENDERS = {  # name -> (processes, threads per process)
-    "1 proc x 1 thread": (1, 1),
-    "1 proc x 2 threads": (1, 2),
-    "2 ranks x 1 thread": (2, 1),
-    "3 ranks x 1 thread": (3, 1),
+CONTENDERS = {  # name -> (processes, threads per process, parallel mode)
+    "1 proc x 1 thread": (1, 1, None),
+    "1 proc x 2 threads": (1, 2, None),
+    "2 ranks x 1 thread": (2, 1, "cfg"),
+    "3 ranks x 1 thread": (3, 1, "cfg"),
+    "2 ranks x 1 thread sequence": (2, 1, "sequence"),
 }
 BASELINE = "1 proc x 1 thread"
 
@@ -55,16 +60,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="tiny model, 32x32, 2 steps, 1 repeat, no 2-thread process"
     )
+    p.add_argument("--contenders", default=None, help="comma-separated names (default: all)")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.size, args.steps, args.repeats = 64, 2, 32, 2, 1
-    args.contenders = [name for name in CONTENDERS if not (args.quick and CONTENDERS[name] == (1, 2))]
+    chosen = set(CONTENDERS) if args.contenders is None else {*args.contenders.split(","), BASELINE}
+    if chosen - set(CONTENDERS):
+        p.error(f"unknown contenders {sorted(chosen - set(CONTENDERS))}; known: {list(CONTENDERS)}")
+    skip = "1 proc x 2 threads" if args.quick else None
+    args.contenders = [name for name in CONTENDERS if name in chosen and name != skip]
     return args
 
 
 def model_config(hidden: int, layers: int):
     config = full_config(layers)
-    heads = max(1, hidden // 64)
+    heads = max(2, hidden // 64)  # at least 2: sequence parallel splits the heads
     transformer = dataclasses.replace(
         config.transformer,
         hidden_size=hidden,
@@ -76,8 +86,10 @@ def model_config(hidden: int, layers: int):
     return dataclasses.replace(config, transformer=transformer)
 
 
-def _worker(rank: int, world_size: int, port: int, threads: int, args: dict, out: str) -> None:
-    """One process of a contender: times every task it can run; rank 0 writes times and images."""
+def _worker(
+    rank: int, world_size: int, port: int, threads: int, parallel: str | None, args: dict, out: str
+) -> None:
+    """One process of a contender: times every task it can run; rank 0 writes times, images, latents."""
     logging.getLogger("omnigen").setLevel(logging.ERROR)  # the random tokenizer's unknown-word warnings
     torch.set_num_threads(threads)
     if world_size > 1:
@@ -86,17 +98,17 @@ def _worker(rank: int, world_size: int, port: int, threads: int, args: dict, out
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-    parallel = "cfg" if world_size > 1 else None
     pipe = build_pipeline(
         build_random_model(model_config(args["hidden"], args["layers"]), torch.float32), args["size"]
     )
-    results = {}
+    results, final = {}, {}  # final: the last step's latents of the last call
     for task in ("t2i", "edit"):
         prompt, count = TASKS[task]
-        if world_size > 2 + (count > 0):
+        if parallel == "cfg" and world_size > 2 + (count > 0):
             results[task] = None  # more ranks than guidance branches
             continue
         kw = {"input_images": input_images(args["size"], count) or None, "seed": 0, "progress": False}
+        kw["callback_on_step_end"] = lambda pipe, i, t, latents: final.update(z=latents.clone())
         pipe(prompt, num_inference_steps=1, parallel=parallel, **kw)  # warm-up
         seconds = []
         for _ in range(args["repeats"]):
@@ -105,7 +117,8 @@ def _worker(rank: int, world_size: int, port: int, threads: int, args: dict, out
             seconds.append(time.perf_counter() - start)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        results[task] = {"seconds": statistics.median(seconds), "png": buffer.getvalue().hex()}
+        latents = final["z"].flatten().tolist()
+        results[task] = {"seconds": statistics.median(seconds), "png": buffer.getvalue().hex(), "z": latents}
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     if world_size > 1:
@@ -125,9 +138,10 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.contenders:
-            processes, threads = CONTENDERS[name]
+            processes, threads, parallel = CONTENDERS[name]
             out = str(Path(tmp) / "result.json")
-            mp.spawn(_worker, args=(processes, free_port(), threads, settings, out), nprocs=processes)
+            spawn_args = (processes, free_port(), threads, parallel, settings, out)
+            mp.spawn(_worker, args=spawn_args, nprocs=processes)
             results[name] = json.loads(Path(out).read_text())
             print(f"# ran {name}", file=sys.stderr, flush=True)
     return results
@@ -147,23 +161,36 @@ def main(argv: list[str] | None = None) -> None:
             *load_before, *load_after
         )
     )
-    print(f"| task | contender | s/image | vs {BASELINE} | image equal to it |")
-    print("|---|---|---|---|---|")
+    print(f"| task | contender | s/image | vs {BASELINE} | image equal to it | max latent difference |")
+    print("|---|---|---|---|---|---|")
     differs = []
     for task in ("t2i", "edit"):
         base = results[BASELINE][task]
         for name in args.contenders:
             row = results[name][task]
             if row is None:
-                print(f"| {task} | {name} | refused: more ranks than branches | | |")
+                print(f"| {task} | {name} | refused: more ranks than branches | | | |")
                 continue
             ratio = row["seconds"] / base["seconds"]
-            equal = "yes" if row["png"] == base["png"] else "no"
-            if equal == "no" and CONTENDERS[name][0] > 1:
+            levels = pixel_difference(row["png"], base["png"])
+            equal = "yes" if levels == 0 else f"no (up to {levels} levels)"
+            latent = max(abs(a - b) for a, b in zip(row["z"], base["z"]))
+            # cfg must reproduce the single-thread image exactly, sequence within one uint8 level
+            mode = CONTENDERS[name][2]
+            if (mode == "cfg" and levels) or (mode == "sequence" and levels > 1):
                 differs.append(f"{task}: {name}")
-            print(f"| {task} | {name} | {row['seconds']:.2f} | {ratio:.2f}x | {equal} |")
-    if differs:  # CFG-parallel must reproduce the single-thread process's image exactly
-        sys.exit(f"CFG-parallel images differ from one process's: {differs}")
+            print(f"| {task} | {name} | {row['seconds']:.2f} | {ratio:.2f}x | {equal} | {latent:.2e} |")
+    if differs:
+        sys.exit(f"parallel images differ from one process's: {differs}")
+
+
+def pixel_difference(png: str, other: str) -> int:
+    """The largest difference of two hex-encoded PNGs' pixels, in uint8 levels."""
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(io.BytesIO(bytes.fromhex(x)))).astype(int) for x in (png, other))
+    return int(np.abs(a - b).max())
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_clear_errors_without_a_process_group():
     pipe = OmniGenPipeline.from_pretrained()
     with pytest.raises(ValueError, match="needs an initialized torch.distributed process group"):
         pipe(T2I, num_inference_steps=1, progress=False, parallel="cfg")
-    with pytest.raises(ValueError, match=r"parallel must be None or one of \('cfg',\), got 'tensor'"):
+    with pytest.raises(
+        ValueError, match=r"parallel must be None or one of \('cfg', 'sequence'\), got 'tensor'"
+    ):
         pipe(T2I, num_inference_steps=1, progress=False, parallel="tensor")
 
 

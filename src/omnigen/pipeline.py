@@ -16,7 +16,7 @@ Speed and memory options (each measured by ``benchmarks/bench_pipeline.py --opti
 - fp16 guard (on, ``pipe.runner.fp16_guard``): fp16 weights run with an fp32 residual stream.
 - ``vae_tiling`` (off): decode large images tile by tile (diffusers' tiled decode).
 - ``pipe.place_layers(devices)``: decoder layers split over several devices, held by ``pipe.runner``.
-- ``parallel="cfg"`` (``omnigen.sampling.parallel``): the guidance branches of one image over 2-3 ranks.
+- ``parallel="cfg"`` or ``"sequence"`` (``omnigen.sampling.parallel``): one image over several ranks.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from omnigen.sampling import img2img
 from omnigen.sampling.euler import draw_noise, noise_generators
 from omnigen.sampling.guidance import branch_rows, guided_velocity
 from omnigen.sampling.inpaint import CanvasMask, MaskedEdit, MaskLike
-from omnigen.sampling.parallel import CfgGroup, check_parallel
+from omnigen.sampling.parallel import CfgGroup, join
 from omnigen.sampling.solvers import solve
 from omnigen.sampling.step_cache import StepCache
 from omnigen.text.collate import collate
@@ -161,9 +161,9 @@ class OmniGenPipeline:
 
         ``parallel="cfg"`` (``omnigen.sampling.parallel``), inside an initialized process group of 2 or 3
         ranks that all make the same call: each rank runs its own guidance branches; every rank returns
-        the images, equal to one process's.
+        the images, equal to one process's. ``"sequence"`` (``omnigen.model.ulysses``): each rank runs
+        a share of every step's output tokens and attention heads.
         """
-        check_parallel(parallel)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(
                 f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}"
@@ -178,9 +178,8 @@ class OmniGenPipeline:
                 f"({sorted(set(sizes))}); use output_type='pil', or call once per size"
             )
         processed, branches = self._prompt_rows(call)
-        group = CfgGroup.join(parallel, 2 + (branches[0].img_cond is not None), cfg.step_cache_threshold)
-        seed = call.seed if group is None or cfg.seed is not None else group.agree(call.seed)  # same noise
-        generators = noise_generators(generator, seed, call.num_images)
+        ranks = join(parallel, 2 + (branches[0].img_cond is not None), self.model.config, cfg, call.seed)
+        generators = noise_generators(generator, ranks.seed, call.num_images)  # the same on every rank
         self.runner = place_model(self.model, self.device, self.runner, offload_layers=cfg.offload_model)
         per_prompt = cfg.num_images_per_prompt
         outputs: list = [None] * len(call.prompts)
@@ -192,9 +191,10 @@ class OmniGenPipeline:
                 size,
                 [g for i in rows for g in generators[i * per_prompt : (i + 1) * per_prompt]],
                 call,
-                (callback_on_step_end, progress, output_type != "latent"),
+                (callback_on_step_end, progress and ranks.lead, output_type != "latent"),
                 [call.masks[i] for i in rows],
-                group,
+                ranks.group,
+                replace(self.runner, sequence=ranks.shard),
             )
             for i, images_of_prompt in zip(rows, result):
                 outputs[i] = images_of_prompt
@@ -203,7 +203,7 @@ class OmniGenPipeline:
             flat,
             [m for m in call.masks for _ in range(per_prompt)],
             output_type,
-            None if generator is not None else seed,
+            None if generator is not None else ranks.seed,
         )
 
     def _prompt_rows(self, call: CallPlan) -> tuple[list[ProcessedPrompt], list]:
@@ -252,12 +252,13 @@ class OmniGenPipeline:
         generators: list[torch.Generator],
         call: CallPlan,
         hooks: tuple[StepEndCallback | None, bool, bool],
-        masks: Sequence[CanvasMask | None] = (),
-        group: CfgGroup | None = None,
+        masks: Sequence[CanvasMask | None],
+        group: CfgGroup | None,
+        runner: Runner,
     ) -> list[list[torch.Tensor]]:
         """Sample the prompts of one output size; returns, per prompt, its images (or latents).
         ``generators``: one per image (the noise); ``hooks``: (step-end callback, progress bar, decode).
-        ``group``: CFG-parallel, this rank's branches."""
+        ``group``: CFG-parallel, this rank's branches; ``runner``: the call's (sequence parallel's)."""
         callback, progress, decode = hooks
         cfg = call.config
         config, per_prompt = self.model.config, cfg.num_images_per_prompt
@@ -287,10 +288,9 @@ class OmniGenPipeline:
             config.num_image_tokens(*size),
             cfg,
             step_cache,
-            self.runner,
+            runner,
             group,
         )
-        progress = progress and (group is None or group.rank == 0)
         step_callback = None if callback is None else (lambda i, t, latent: callback(self, i, t, latent))
         schedule = call.schedule
         z = noise

@@ -3,8 +3,9 @@
 Scale out with ``torchrun --nproc_per_node N -m omnigen batch ...`` (add ``--nnodes``/``--node_rank``/
 ``--rdzv-endpoint`` across nodes; DIR must be a folder every node sees). Each rank loads the model on its
 own device (``cuda:LOCAL_RANK`` when CUDA is used) and generates its slice of the pending images.
-With ``--parallel cfg`` the ranks instead make every image together (``omnigen.sampling.parallel``: each
-rank runs its own guidance branches): rank 0 plans, writes and records; the others follow its calls.
+With ``--parallel cfg`` or ``sequence`` the ranks instead make every image together
+(``omnigen.sampling.parallel``: each rank runs its own guidance branches, or its share of every step's
+tokens and heads): rank 0 plans, writes and records; the others follow its calls.
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_batch_args(p)
     p.add_argument(
         "--parallel",
-        choices=["cfg"],
+        choices=["cfg", "sequence"],
         default=None,
-        help="cfg: all 2-3 ranks make each image together, each running its own guidance branches; "
-        "rank 0 writes everything (default: each rank generates its own slice)",
+        help="all ranks make each image together, rank 0 writes everything (default: each rank generates "
+        "its own slice). cfg: each of 2-3 ranks runs its own guidance branches; sequence: each runs a "
+        "share of every step's output tokens and attention heads",
     )
     p.set_defaults(func=_run)
 
@@ -129,11 +131,11 @@ def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
         check_parallel(parallel)
         pipe = load_pipeline(args, ctx.device)
         if parallel is not None and ctx.rank > 0:
-            follow(pipe)
+            follow(pipe, parallel)
             return BatchReport(0, 0, 0, 0, rank=ctx.rank, world_size=ctx.world_size)
         alone = parallel is not None  # rank 0 is the only writer
         return run_batch(
-            _Leader(pipe) if alone else pipe,
+            _Leader(pipe, parallel) if alone else pipe,
             requests,
             out,
             batch_size=args.batch_size,
@@ -152,27 +154,27 @@ def generate_requests(args: argparse.Namespace, requests: list, out, **kwargs):
 
 
 class _Leader:
-    """Rank 0's pipeline under ``--parallel cfg``: each call's arguments go to the other ranks first."""
+    """Rank 0's pipeline under ``--parallel``: each call's arguments go to the other ranks first."""
 
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
+    def __init__(self, pipe, parallel: str) -> None:
+        self.pipe, self.parallel = pipe, parallel
 
     def __getattr__(self, name: str):
         return getattr(self.pipe, name)
 
     def __call__(self, *args, **kwargs):
         _broadcast((args, kwargs))
-        return self.pipe(*args, parallel="cfg", **kwargs)
+        return self.pipe(*args, parallel=self.parallel, **kwargs)
 
 
-def follow(pipe) -> int:
-    """Ranks > 0 under ``--parallel cfg``: make every call rank 0 makes, until it sends None; returns
-    the number of calls. A failing call fails on rank 0 too, which records it."""
+def follow(pipe, parallel: str) -> int:
+    """Ranks > 0 under ``--parallel``: make every call rank 0 makes, until it sends None; returns the
+    number of calls. A failing call fails on rank 0 too, which records it."""
     calls = 0
     while (message := _broadcast(None)) is not None:
         args, kwargs = message
         try:
-            pipe(*args, parallel="cfg", **kwargs)
+            pipe(*args, parallel=parallel, **kwargs)
         except Exception as err:
             logger.debug("followed call failed: %s", err)
         calls += 1
@@ -244,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--actors and --ray-address need --engine ray")
     if args.engine == "ray" and args.parallel is not None:
         raise ValueError(
-            "--parallel cfg runs under torchrun; with --engine ray each actor makes whole images"
+            f"--parallel {args.parallel} runs under torchrun; with --engine ray each actor makes whole images"
         )
     run = _generate_with_ray if args.engine == "ray" else generate_requests
     report = run(args, requests, args.out, on_error=args.on_error, bad_lines=bad)

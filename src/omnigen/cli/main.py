@@ -38,10 +38,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--parallel",
-        choices=["cfg"],
+        choices=["cfg", "sequence"],
         default=None,
-        help="cfg: one image over the processes of `torchrun --nproc-per-node 2|3`, each running its own "
-        "guidance branches (gloo on CPU, NCCL on cuda:LOCAL_RANK); rank 0 writes the output",
+        help="one image over the processes of `torchrun --nproc-per-node N` (gloo on CPU, NCCL on "
+        "cuda:LOCAL_RANK); rank 0 writes the output. cfg: each rank runs its own guidance branches (N = 2 "
+        "or 3); sequence: each rank runs a share of every step's output tokens and attention heads (N "
+        "divides the heads)",
     )
     add_model_args(p)
     add_generation_args(p, skip=("seed",))
@@ -108,7 +110,7 @@ def check_mask_args(mask: str | None, pads: str | None, images: list[str]) -> tu
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    """One process, or with ``--parallel cfg`` one rank of torchrun's (only rank 0 writes)."""
+    """One process, or with ``--parallel`` one rank of torchrun's (only rank 0 writes)."""
     import os
 
     from omnigen.batch.cli import init_distributed

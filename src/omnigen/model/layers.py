@@ -12,12 +12,16 @@ is cast down to the weights' dtype after its RMSNorm and its output is added in 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omnigen.config import TransformerConfig
+
+if TYPE_CHECKING:
+    from omnigen.model.ulysses import TokenSplit
 
 KV = tuple[torch.Tensor, torch.Tensor]
 FP16_MAX = torch.finfo(torch.float16).max
@@ -125,6 +129,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         past: KV | None = None,
+        split: TokenSplit | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """x (B, L, D); mask (B, L, S) bool with S = past length + L. Returns output and this call's (k, v).
 
@@ -133,6 +138,9 @@ class Attention(nn.Module):
         ``mask=None`` is a sampling step without padding: the first query (the time token) sees the cached
         keys and itself, every other query (the output tokens) sees every key. That is two mask-free SDPA
         calls (one query, then L - 1 queries), which fused kernels (flash attention) can take.
+
+        ``split`` (sequence parallel, ``omnigen.model.ulysses``): x is this rank's slice of the step's
+        tokens, ``past`` this rank's heads; the attention runs on every token for this rank's heads.
         """
         batch, length, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -142,17 +150,21 @@ class Attention(nn.Module):
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         new_kv = (k, v)
+        if split is not None:
+            q, k, v = split.to_heads(q, k, v)  # every token, this rank's heads
         if past is not None:
             k, v = _prepend(past[0], k), _prepend(past[1], v)  # (B, K, S, E)
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if mask is None:
-            visible = k.shape[2] - length + 1  # the cached keys and the time token's own
+            visible = k.shape[2] - q.shape[2] + 1  # the cached keys and the time token's own
             first = F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :visible], v[:, :, :visible])
             out = torch.cat([first, F.scaled_dot_product_attention(q[:, :, 1:], k, v)], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # (B, H, L, E)
+        if split is not None:
+            out = split.to_tokens(out)  # this rank's tokens, every head
         out = out.transpose(1, 2).reshape(batch, length, q_size)
         return self.o_proj(out), new_kv
 
@@ -200,10 +212,12 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         past: KV | None = None,
+        split: TokenSplit | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        """x (B, L, D) in the weights' dtype or wider (an fp32 residual stream); returned in x's dtype."""
+        """x (B, L, D) in the weights' dtype or wider (an fp32 residual stream); returned in x's dtype.
+        ``split``: a sequence-parallel step (``Attention.forward``)."""
         dtype = self.input_layernorm.weight.dtype
-        attn, kv = self.self_attn(self.input_layernorm(x).to(dtype), rope, mask, past)
+        attn, kv = self.self_attn(self.input_layernorm(x).to(dtype), rope, mask, past, split)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x).to(dtype))
         return x, kv

@@ -36,6 +36,7 @@ from omnigen.model.embeddings import (
 )
 from omnigen.model.runner import PLAIN, ForwardInputs, Runner
 from omnigen.model.transformer import Transformer
+from omnigen.model.ulysses import TokenSplit
 from omnigen.sampling.step_cache import StepCache
 from omnigen.types import Condition
 
@@ -117,9 +118,21 @@ class OmniGenModel(nn.Module):
         time_token = self.time_token(t, dtype)[:, None]  # (B, 1, D)
         return torch.cat([time_token, x_tokens], dim=1), self.t_embedder(t, dtype)
 
-    def _velocity(self, hidden: torch.Tensor, t_emb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def _velocity(
+        self,
+        hidden: torch.Tensor,
+        t_emb: torch.Tensor,
+        height: int,
+        width: int,
+        split: TokenSplit | None = None,
+    ) -> torch.Tensor:
+        """The velocity of the last N tokens of ``hidden``; with a sequence-parallel ``split`` hidden is this
+        rank's slice of the step, and the final layer's outputs of every rank are gathered."""
         n = (height // self.config.patch_size) * (width // self.config.patch_size)
-        out = self.final_layer(hidden[:, -n:], t_emb)  # (B, N, P*P*C)
+        if split is None:
+            out = self.final_layer(hidden[:, -n:], t_emb)  # (B, N, P*P*C)
+        else:
+            out = split.gather(self.final_layer(hidden, t_emb))[:, -n:]
         return unpatchify(out, height, width, self.config.patch_size)  # (B, C, H, W)
 
     # ------------------------------------------------------------------ passes
@@ -162,7 +175,8 @@ class OmniGenModel(nn.Module):
         fewer rows than x (Bc dividing B): each of its rows then serves B // Bc consecutive rows of x
         (several images of one prompt), broadcast rather than stored once per image. A cached step uses
         the cache's stored step inputs when its caller stored them (``step_inputs``), else builds them.
-        ``runner``: how the decoder layers run (``omnigen.model.runner``).
+        ``runner``: how the decoder layers run (``omnigen.model.runner``); with its ``sequence`` shard a
+        cached step runs only this rank's slice of the tokens (``omnigen.model.ulysses``).
         ``step_cache`` (with this call's CFG ``branch``): may skip every layer after the first and reuse
         their residual from an earlier step (``omnigen.sampling.step_cache``).
         ``max_tokens`` (with ``condition``, one row per sample): pack the samples into rows of at most this
@@ -182,6 +196,10 @@ class OmniGenModel(nn.Module):
             stored = cache.step_inputs.get((n, x.shape[0]))
             inputs = self.step_inputs(cache, n, x.shape[0]) if stored is None else stored
             inputs = replace(inputs, past=cache)
+            if runner.sequence is not None:  # this rank's tokens only (``omnigen.model.ulysses``)
+                if step_cache is not None:
+                    raise ValueError("a step cache cannot be used with a sequence-parallel runner")
+                sequence, inputs = runner.sequence.shard(sequence, inputs)
         else:
             copies = copies_per_row(x.shape[0], condition.batch_size)
             token_mask = condition.token_mask.repeat_interleave(copies, dim=0)  # (B, Lc)
@@ -195,7 +213,7 @@ class OmniGenModel(nn.Module):
             hidden = run(sequence)  # (B, L, D)
         else:
             hidden = self._layers_with_step_cache(run, sequence, n, step_cache, branch)  # (B, N, D)
-        return self._velocity(hidden, t_emb, height, width)
+        return self._velocity(hidden, t_emb, height, width, inputs.split)
 
     def _packed_pass(
         self, condition: Condition | None, step: torch.Tensor, max_tokens: int, runner: Runner

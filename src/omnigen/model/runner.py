@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from omnigen.model.cache import ConditionCache
 from omnigen.model.offload import OffloadedWeights, Streamer, stream_layers
+
+if TYPE_CHECKING:
+    from omnigen.model.ulysses import SequenceShard, TokenSplit
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -39,6 +43,7 @@ class ForwardInputs:
     mask: torch.Tensor | None  # (B, L, Lc + L) bool, or None for a mask-free step (``Attention``)
     past: ConditionCache | None = None  # a filled cache whose keys/values every layer prepends
     collect: ConditionCache | None = None  # an empty cache that receives this call's keys/values
+    split: TokenSplit | None = None  # a sequence-parallel step: its tokens over the ranks (``ulysses``)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class Runner:
     # With fp16 weights, carry the residual stream in fp32: Phi-3's residual activations can exceed
     # fp16's 65504 and then become inf, and NaN after the next RMSNorm. Costs only elementwise work.
     fp16_guard: bool = True
+    # Sequence parallel (``omnigen.model.ulysses``): a cached step runs this rank's slice of the tokens,
+    # its attention exchanging heads with the other ranks; a prefill keeps this rank's heads of the cache.
+    sequence: SequenceShard | None = None
 
     def layer_devices(self, layers: Sequence[nn.Module], home: torch.device) -> list[torch.device]:
         """The device each layer computes on for an input on ``home``; checks this runner fits ``layers``."""
@@ -87,8 +95,9 @@ class Runner:
                 if self.checkpoint and torch.is_grad_enabled():
                     x, kv = checkpoint(layer, x, rope, mask, layer_past, use_reentrant=False)
                 else:
-                    x, kv = layer(x, rope, mask, layer_past)
+                    x, kv = layer(x, rope, mask, layer_past, inputs.split)
                 if collect is not None:
+                    kv = kv if self.sequence is None else self.sequence.own_heads(kv)
                     collect.append(streamer.to_host(kv) if collect.offload else kv)
         if collect is not None and collect.offload:
             streamer.finish()  # the host copies are complete before anyone reads them

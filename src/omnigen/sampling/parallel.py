@@ -1,4 +1,11 @@
-"""CFG-parallel sampling: one image over 2 or 3 processes, each running only its own guidance branches.
+"""One image over the ranks of a process group: the modes of ``parallel=``, and CFG-parallel sampling.
+
+``PARALLEL_MODES``: "cfg" (below: each rank runs its own guidance branches) and "sequence" (every rank
+runs every branch, each cached step's output tokens split over the ranks with an all-to-all over heads:
+``omnigen.model.ulysses``, which owns it). Both need an initialized process group (``check_parallel``)
+and start from rank 0's seed when none is given (``agree``).
+
+CFG-parallel sampling: one image over 2 or 3 processes, each running only its own guidance branches.
 
 The CFG branches ([cond | uncond | img_cond], ``omnigen.sampling.guidance.branch_rows``) are independent
 until ``guidance.combine``. With ``parallel="cfg"`` inside an initialized ``torch.distributed`` process
@@ -19,11 +26,34 @@ gloo (CPU) and NCCL (CUDA, one device per rank) both work; nothing here starts a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-PARALLEL_MODES = ("cfg",)
+from omnigen.model.ulysses import SequenceShard
+
+PARALLEL_MODES = ("cfg", "sequence")
+
+
+class Ranks(NamedTuple):
+    """A call's place in its process group (``join``)."""
+
+    group: CfgGroup | None  # parallel="cfg": this rank's guidance branches
+    shard: SequenceShard | None  # parallel="sequence": this rank's share of each step (the runner's)
+    seed: int  # the call's seed, the same on every rank
+    lead: bool  # rank 0 (or one process): the one that shows progress
+
+
+def join(parallel: str | None, num_branches: int, model_config: Any, config: Any, seed: int) -> Ranks:
+    """A call's ranks, its options checked against ``parallel``: ``num_branches`` guidance branches,
+    ``model_config`` the ``OmniGenConfig``, ``config`` the call's ``GenerationConfig`` and ``seed`` its
+    seed (drawn at random when ``config.seed`` is None: rank 0's is used)."""
+    check_parallel(parallel)
+    group = CfgGroup.join(parallel, num_branches, config.step_cache_threshold)
+    shard = SequenceShard.join(parallel, model_config.transformer, config)
+    seed = seed if parallel is None or config.seed is not None else agree(seed)
+    place = group or shard
+    return Ranks(group, shard, seed, place is None or place.rank == 0)
 
 
 def split_branches(num_branches: int, world_size: int) -> tuple[tuple[int, ...], ...]:
@@ -42,7 +72,8 @@ def split_branches(num_branches: int, world_size: int) -> tuple[tuple[int, ...],
 
 
 def check_parallel(parallel: str | None) -> None:
-    """``parallel`` is None (one process) or "cfg" (then a process group must be initialized)."""
+    """``parallel`` is None (one process) or one of ``PARALLEL_MODES`` (then a process group must be
+    initialized)."""
     if parallel is None:
         return
     if parallel not in PARALLEL_MODES:
@@ -51,10 +82,19 @@ def check_parallel(parallel: str | None) -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
-            "parallel='cfg' needs an initialized torch.distributed process group: launch with "
-            "`torchrun --nproc-per-node 2` (or 3) and call torch.distributed.init_process_group first "
+            f"parallel={parallel!r} needs an initialized torch.distributed process group: launch with "
+            "`torchrun --nproc-per-node 2` (or more) and call torch.distributed.init_process_group first "
             "(the omnigen CLI does this itself)"
         )
+
+
+def agree(value: Any, group: Any = None) -> Any:
+    """Rank 0's ``value`` (any picklable object), on every rank: e.g. a seed drawn at random."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 @dataclass(frozen=True)
@@ -69,9 +109,9 @@ class CfgGroup:
     def join(
         cls, parallel: str | None, num_branches: int, step_cache_threshold: float | None = None
     ) -> CfgGroup | None:
-        """None for ``parallel=None``; otherwise checks the process group, its size and the options."""
+        """None unless ``parallel == "cfg"``; then checks the process group, its size and the options."""
         check_parallel(parallel)
-        if parallel is None:
+        if parallel != "cfg":
             return None
         import torch.distributed as dist
 
@@ -85,14 +125,6 @@ class CfgGroup:
     @property
     def branches(self) -> tuple[int, ...]:
         return self.assignment[self.rank]
-
-    def agree(self, value: Any) -> Any:
-        """Rank 0's ``value`` (any picklable object), on every rank: e.g. a seed drawn at random."""
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
 
     def mine(self, rows: list) -> list:
         """The entries of a per-branch list that belong to this rank."""
