@@ -250,6 +250,46 @@ def test_examples_cover_every_family_and_match_the_generator(tmp_path):
     assert json.loads((tmp_path / "examples.json").read_text())[0]["family"] == "text-to-image"
 
 
+def test_pick_examples_keeps_what_the_model_still_gets_right():
+    """scripts/pick_example_seeds.py's rule: an example stays (sample and images) when it is right at its
+    documented seed or one of seeds 0..keep_seeds - 1; only the wrong ones are re-picked."""
+    import dataclasses
+
+    from omnigen.demo.examples import Pick, pick_examples
+
+    shipped = load_examples()
+    pair, move = 6, 3  # pair: right only at seed 9; move: never right, re-picked at sample 3 + 207, seed 1
+    changed = [dataclasses.replace(shipped[0], prompt="a red square")] + shipped[1:]  # no longer drawn
+    calls = []
+
+    def check(n, example, seed):
+        calls.append((n, example.sample, seed))
+        if n == pair:
+            return seed == 9
+        if n == move:
+            return example.sample == 7 + move + 200 and seed == 1
+        return example.sample in (None, shipped[n].sample) and seed == shipped[n].seed
+
+    picks = pick_examples(check, changed, samples=4, seeds=4, keep_seeds=16)
+    others = [n for n in range(len(shipped)) if n not in (0, pair, move)]
+    assert [picks[n] for n in others] == [
+        Pick(shipped[n].sample, shipped[n].seed, True, [True]) for n in others
+    ]
+    seeds = list(dict.fromkeys([shipped[pair].seed, *range(16)]))  # the documented seed first
+    assert picks[pair] == Pick(shipped[pair].sample, 9, True, [s == 9 for s in seeds[: seeds.index(9) + 1]])
+    assert [c[2] for c in calls if c[0] == pair] == seeds[: seeds.index(9) + 1]
+    assert (picks[move].sample, picks[move].seed, picks[move].kept) == (210, 1, False)
+    assert len(picks[move].tried) == 16 + 4 + 4 + 2
+    # Example 0's prompt was changed, so write_examples no longer draws it: re-picked from sample 7 on.
+    assert picks[0] == Pick(
+        7, shipped[0].seed, False, [s == shipped[0].seed for s in range(shipped[0].seed + 1)]
+    )
+    assert all(pick.sample is not None for pick in picks)
+    # With nothing to keep, every example is re-picked from the first sample.
+    fresh = pick_examples(lambda n, example, seed: True)
+    assert [(p.sample, p.seed, p.kept) for p in fresh] == [(7 + n, 0, False) for n in range(len(shipped))]
+
+
 def test_every_example_runs(pipeline):
     from PIL import Image
 

@@ -64,7 +64,7 @@ def test_the_compositional_splits_withheld_pairs_are_drawn_right_at_most_seeds(s
 
 
 def test_gallery_examples_are_right_at_their_documented_seeds(shipped):
-    """scripts/pick_example_seeds.py --samples 8 found a right (sample, seed) pair for all 16 kinds."""
+    """scripts/pick_example_seeds.py --samples 9 kept or found a right (sample, seed) pair for all 16 kinds."""
     wrong = [ex.label for n, ex in enumerate(load_examples()) if not check_example(shipped, n, ex)]
     assert wrong == [], wrong
 
