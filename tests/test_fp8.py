@@ -205,9 +205,9 @@ def test_formats_doc_commands_run(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         if "bench_formats" in command:
-            for fmt in ("bf16", "fp32", "int8", "fp8"):
+            for fmt in ("bf16", "fp32", "int8", "fp8", "q8_0", "q4_0"):
                 assert f"| {fmt} |" in proc.stdout
-    assert (tmp_path / "fp8.png").is_file()
+    assert (tmp_path / "fp8.png").is_file() and (tmp_path / "q8.png").is_file()
 
 
 def test_torchao_float8_path_where_fp8_matmuls_exist(shipped_fp8, monkeypatch):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from omnigen.weights import ggml
 
@@ -71,6 +72,10 @@ def read_header(file: Path) -> dict[str, GgufTensor]:
     tensor, for a GGML type omnigen cannot dequantize (before anything is loaded)."""
     gguf = _gguf()
     reader = gguf.GGUFReader(str(file))
+    if reader.byte_order != "I":  # tensors are read by offset, as stored: the host's byte order only
+        raise ValueError(
+            f"{file} is a GGUF file of the other byte order ({reader.endianess.name}); not supported"
+        )
     arch = _string_field(reader, "general.architecture")
     if arch not in (None, ARCH):
         logger.warning(
@@ -134,6 +139,19 @@ def read_dense(t: GgufTensor) -> torch.Tensor:
     return ggml.dequantize(raw, t.qtype, t.shape)
 
 
+def pack(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A 2-D float tensor quantized to ``qtype`` (one of ``WRITE_TYPES``) by the gguf package: uint8 blocks."""
+    gguf = _gguf()
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    return torch.from_numpy(gguf.quants.quantize(weight.detach().float().cpu().numpy(), kind))
+
+
+def packed_linear(linear: nn.Linear, qtype: str) -> ggml.GgufLinear:
+    """``linear`` with its weight quantized to ``qtype`` and kept packed (for measurements and tests)."""
+    packed = pack(linear.weight, qtype).to(linear.weight.device)
+    return ggml.GgufLinear(packed, qtype.upper(), linear.in_features, linear.bias)
+
+
 def write(path: Path, state: dict[str, torch.Tensor], quantized: set[str], qtype: str) -> None:
     """A GGUF file of ``state``: the 2-D ``quantized`` keys whose rows hold whole blocks in ``qtype``
     (one of ``WRITE_TYPES``), every other tensor in its own float type (F32, F16 or BF16)."""
@@ -149,7 +167,7 @@ def write(path: Path, state: dict[str, torch.Tensor], quantized: set[str], qtype
     for key, value in state.items():
         value = value.detach().cpu().contiguous()
         if key in quantized and value.dim() == 2 and value.shape[1] % block == 0:
-            writer.add_tensor(key, gguf.quants.quantize(value.float().numpy(), kind), raw_dtype=kind)
+            writer.add_tensor(key, pack(value, qtype).numpy(), raw_dtype=kind)
         elif value.dtype == torch.bfloat16:
             raw = value.view(torch.int16).numpy().view("uint8").reshape(*value.shape[:-1], -1)
             writer.add_tensor(key, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
