@@ -75,6 +75,24 @@ def test_torch_dequantization_equals_gguf_numpy_bit_for_bit(qtype):
     assert want.abs().max() > 0
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_a_layer_dequantizes_to_bf16_in_chunks_with_one_rounding(qtype, monkeypatch):
+    """In bf16 a CPU layer dequantizes a few rows at a time: the same values as the float32 reference,
+    rounded once, whatever the chunk (here 3 rows of 256 per chunk, 7 rows)."""
+    block, size = ggml.BLOCKS[qtype]
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (7, size), dtype=np.uint8)
+    for at in F16_AT[qtype]:
+        data[:, at : at + 2] = rng.normal(0, 0.01, (7, 1)).astype(np.float16).view(np.uint8)
+    layer = ggml.GgufLinear(torch.from_numpy(data), qtype, block, None)
+    want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]))
+    monkeypatch.setattr(ggml, "CHUNK", 3 * block)
+    assert torch.equal(layer.dequantized_weight(torch.bfloat16), want.to(torch.bfloat16))
+    assert torch.equal(layer.dequantized_weight(torch.float32), want)
+    x = torch.randn(2, block, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, want.to(torch.bfloat16)))
+
+
 def test_q8_0_export_loads_packed_at_about_1_06_bytes_per_weight(exported, pipe):
     folder = exported["q8_0"]
     assert (folder / gguf_file.WEIGHTS).is_file() and not (folder / "model.safetensors").exists()

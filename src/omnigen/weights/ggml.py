@@ -43,6 +43,7 @@ FLOATS: dict[str, torch.dtype] = {
     "F64": torch.float64,
 }
 SUPPORTED = (*FLOATS, *BLOCKS)
+CHUNK = 2**20  # weights dequantized at a time (a 4 MB float32 buffer) by ``GgufLinear``
 
 
 def check_type(qtype: str, what: str) -> None:
@@ -55,8 +56,9 @@ def check_type(qtype: str, what: str) -> None:
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The float16 at bytes ``start:start+2`` of each block, as float32 (n, 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+    """The float16 at bytes ``start:start+2`` of each block, as float32 (n, 1). (Every block size and
+    scale offset is even, so the strided bytes view as float16 in place.)"""
+    return blocks[:, start : start + 2].view(torch.float16).float()
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -70,26 +72,28 @@ def _bits(mask: torch.Tensor) -> torch.Tensor:
     return ((mask[:, :, None] >> shifts) & 1).reshape(mask.shape[0], -1)
 
 
+# In place where the math allows (one float32 buffer per call: large allocations cost page faults), in
+# the reference's order of operations, so the results stay bit for bit the reference's.
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+    return _nibbles(b[:, 2:]).float().sub_(8).mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+    return _nibbles(b[:, 4:]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 6:]) | (_bits(b[:, 2:6]) << 4)
-    return _f16(b, 0) * (q.to(torch.int8) - 16).float()
+    return q.float().sub_(16).mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 8:]) | (_bits(b[:, 4:8]) << 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _k_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +115,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     sc, mins = _k_scales(b[:, 4:16])
     d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
     dm = (_f16(b, 2) * mins.float()).reshape(n, 8, 1)
-    return (d * _k_nibbles(b[:, 16:]).float() - dm).reshape(n, 256)
+    return _k_nibbles(b[:, 16:]).float().mul_(d).sub_(dm).reshape(n, 256)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -122,7 +126,7 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 1, 8, 1)
     high = ((b[:, 16:48].reshape(n, 1, 1, 32) >> shifts) & 1).reshape(n, 8, 32)
     q = _k_nibbles(b[:, 48:]) | (high << 4)
-    return (d * q.float() - dm).reshape(n, 256)
+    return q.float().mul_(d).sub_(dm).reshape(n, 256)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -133,8 +137,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     ql = torch.cat([ql & 0x0F, ql >> 4], dim=2).reshape(n, 8, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     qh = ((b[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 0x03).reshape(n, 8, 32)
-    q = ((ql | (qh << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
-    return (d * q).reshape(n, 256)
+    return (ql | (qh << 4)).reshape(n, 16, 16).float().sub_(32).mul_(d).reshape(n, 256)
 
 
 DEQUANTIZE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -183,7 +186,17 @@ class GgufLinear(PackedLinear):
         self.out_features, self.in_features = weight.shape[0], in_features
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.weight, self.qtype, (self.out_features, self.in_features)).to(dtype)
+        shape = (self.out_features, self.in_features)
+        if dtype == torch.float32 or self.weight.device.type != "cpu":
+            return dequantize(self.weight, self.qtype, shape).to(dtype)
+        # On a CPU, through float32 (the reference's values, then one rounding) a few rows at a time into
+        # the output: a small float32 buffer, reused, instead of one of the whole matrix (about 2x faster).
+        out = torch.empty(shape, dtype=dtype, device=self.weight.device)
+        rows = max(1, CHUNK // self.in_features)
+        for start in range(0, self.out_features, rows):
+            part = self.weight[start : start + rows]
+            out[start : start + rows] = dequantize(part, self.qtype, (part.shape[0], self.in_features))
+        return out
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qtype={self.qtype}"
