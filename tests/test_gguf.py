@@ -13,7 +13,7 @@ from omnigen.cli.main import main
 from omnigen.generation import GenerationConfig
 from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
-from omnigen.weights import ggml, gguf_file, lora
+from omnigen.weights import ggml, gguf_file, lora, packed
 from omnigen.weights.checkpoint import build_model, load_model, resolve_layout
 from omnigen.weights.keymap import ours_to_diffusers
 from omnigen.weights.packed import dequantized_state
@@ -86,11 +86,29 @@ def test_a_layer_dequantizes_to_bf16_in_chunks_with_one_rounding(qtype, monkeypa
         data[:, at : at + 2] = rng.normal(0, 0.01, (7, 1)).astype(np.float16).view(np.uint8)
     layer = ggml.GgufLinear(torch.from_numpy(data), qtype, block, None)
     want = torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]))
-    monkeypatch.setattr(ggml, "CHUNK", 3 * block)
+    monkeypatch.setattr(packed, "CHUNK", 3 * block)
     assert torch.equal(layer.dequantized_weight(torch.bfloat16), want.to(torch.bfloat16))
     assert torch.equal(layer.dequantized_weight(torch.float32), want)
     x = torch.randn(2, block, dtype=torch.bfloat16)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, want.to(torch.bfloat16)))
+
+
+def test_every_packed_linear_dequantizes_in_chunks_as_a_whole(monkeypatch):
+    """fp8 (a scale per row), native int8 and GGUF layers: chunks of 3 rows give the whole matrix's values."""
+    from omnigen.weights.fp8 import Fp8Linear
+    from omnigen.weights.quantize import Int8Linear
+
+    dense = nn.Linear(64, 7, bias=True)
+    fp8 = Fp8Linear(dense.weight.to(torch.float8_e4m3fn), torch.rand(7, 1) + 0.5, dense.bias)
+    layers = [fp8, Int8Linear.from_linear(dense), gguf_file.packed_linear(dense, "q4_1")]
+    x = torch.randn(2, 64)
+    for layer in layers:
+        whole = {d: layer.dequantized_weight(d) for d in (torch.float32, torch.bfloat16)}
+        with monkeypatch.context() as patch:
+            patch.setattr(packed, "CHUNK", 3 * 64)
+            for dtype, want in whole.items():
+                assert torch.equal(layer.dequantized_weight(dtype), want), (type(layer), dtype)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, whole[torch.float32], layer.bias))
 
 
 def test_q8_0_export_loads_packed_at_about_1_06_bytes_per_weight(exported, pipe):

@@ -53,8 +53,9 @@ class Fp8Linear(PackedLinear):
         weight, scale = quantize_tensor(linear.weight.detach())
         return cls(weight, scale, linear.bias)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.weight_scale if self.weight_scale.dim() == 0 else self.weight_scale[start:stop]
+        return self.weight[start:stop].to(dtype) * scale.to(dtype)
 
 
 def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,6 @@ FLOATS: dict[str, torch.dtype] = {
     "F64": torch.float64,
 }
 SUPPORTED = (*FLOATS, *BLOCKS)
-CHUNK = 2**20  # weights dequantized at a time (a 4 MB float32 buffer) by ``GgufLinear``
 
 
 def check_type(qtype: str, what: str) -> None:
@@ -185,18 +184,10 @@ class GgufLinear(PackedLinear):
         self.qtype = qtype
         self.out_features, self.in_features = weight.shape[0], in_features
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        shape = (self.out_features, self.in_features)
-        if dtype == torch.float32 or self.weight.device.type != "cpu":
-            return dequantize(self.weight, self.qtype, shape).to(dtype)
-        # On a CPU, through float32 (the reference's values, then one rounding) a few rows at a time into
-        # the output: a small float32 buffer, reused, instead of one of the whole matrix (about 2x faster).
-        out = torch.empty(shape, dtype=dtype, device=self.weight.device)
-        rows = max(1, CHUNK // self.in_features)
-        for start in range(0, self.out_features, rows):
-            part = self.weight[start : start + rows]
-            out[start : start + rows] = dequantize(part, self.qtype, (part.shape[0], self.in_features))
-        return out
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        # through float32: the reference's values, then one rounding to ``dtype``
+        part = self.weight[start:stop]
+        return dequantize(part, self.qtype, (part.shape[0], self.in_features)).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qtype={self.qtype}"

@@ -109,8 +109,8 @@ class Int8Linear(PackedLinear):
         quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(quantized, scale.to(weight.dtype), linear.bias)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[start:stop].to(dtype) * self.weight_scale[start:stop].to(dtype)[:, None]
 
 
 def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
