@@ -267,8 +267,9 @@ def _pos_embed(config: OmniGenConfig) -> torch.Tensor:
 def tensor_plan(layout: Layout, config: OmniGenConfig) -> dict[str, tuple[StoredTensor, ...]]:
     """Our key -> the stored tensor(s) it is read from (renamed and fused for the diffusers layout)."""
     stored = read_headers(weight_files(layout.weights_dir, layout.weights_name))
-    renamed = layout.kind == "diffusers" or not any(k.startswith("llm.") for k in stored)
-    if not renamed:  # a GGUF file in an official folder may hold diffusers' names
+    # a GGUF file in an official folder may hold diffusers' names (a community conversion)
+    foreign = layout.weights_name.endswith(gguf_file.SUFFIX) and not any(k.startswith("llm.") for k in stored)
+    if layout.kind != "diffusers" and not foreign:
         return {key: (tensor,) for key, tensor in stored.items()}
     return {ours: tuple(stored[k] for k in keys) for ours, keys in diffusers_sources(stored, config).items()}
 
