@@ -1,4 +1,5 @@
-"""Weight formats side by side: bf16, fp32, int8 (weight-only), fp8 (float8_e4m3fn, weight-only).
+"""Weight formats side by side: bf16, fp32, int8 (weight-only), fp8 (float8_e4m3fn, weight-only), GGUF's
+q8_0 and q4_0 (weight-only, GGML blocks).
 
     python benchmarks/bench_formats.py [--quick] [--threads 1] [--rounds 3] [--steps 4] [--tokens 64]
         [--hidden 3072] [--json out.json]
@@ -8,16 +9,20 @@ reported, so a burst of load from other processes hits every format alike):
 
 - the shipped miniature model (``omnigen.pipeline.default_model_path()``): bf16 and fp32 as loaded; int8 =
   the bf16 model with ``quantize(model, "int8")``; fp8 = the model exported with ``--dtype float8_e4m3fn``
-  and loaded from that file (compute in bf16). Seconds per sampling step (text-to-image, 16x16), and the
+  and loaded from that file (compute in bf16); q8_0 / q4_0 = the model exported with ``--dtype q8_0`` /
+  ``q4_0`` and loaded from its model.gguf (compute in bf16). Seconds per sampling step (text-to-image, 16x16), and the
   output's PSNR and largest difference to the bf16 output (pixels in [0, 1]).
 - one full-size OmniGen-v1 decoder layer's linears with random weights (hidden 3072: qkv 3072->9216, o
   3072->3072, gate_up 3072->16384, down 8192->3072; an MLP-shaped stack, no attention) on ``--tokens``
-  tokens: seconds per forward, PSNR (peak = the bf16 output's largest magnitude) and largest difference.
+  tokens (q8_0 / q4_0: each Linear quantized by the gguf package, kept packed): seconds per forward, PSNR
+  (peak = the bf16 output's largest magnitude) and largest difference.
+
+Each output is also compared with the fp32 output (PSNR to fp32), the full-precision reference.
 
 "resident MB" is the bytes of every parameter and buffer after load (torchao's wrapped int8 tensors
 counted by their inner tensors), not the process RSS. Threads are pinned (``--threads``) and the load
-average is recorded before and after. On CPUs these formats buy memory, not speed: int8 and fp8 are
-dequantized at each matmul. ``--quick`` is a smoke run (1 round, 2 steps, hidden 768).
+average is recorded before and after. On CPUs these formats buy memory, not speed: int8, fp8 and the GGUF
+types are dequantized at each matmul. ``--quick`` is a smoke run (1 round, 2 steps, hidden 768).
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnigen.pipeline import OmniGenPipeline, default_model_path
-from omnigen.weights import fp8
+from omnigen.weights import fp8, gguf_file
 from omnigen.weights.quantize import quantize, tensor_bytes
 
-FORMATS = ("bf16", "fp32", "int8", "fp8")
+FORMATS = ("bf16", "fp32", "int8", "fp8", "q8_0", "q4_0")
+FILE_FORMATS = {"fp8": fp8.FP8, "q8_0": "q8_0", "q4_0": "q4_0"}  # exported, then loaded from the file
 
 
 def resident_bytes(module: nn.Module) -> int:
@@ -81,28 +87,33 @@ def build_stack(kind: str, hidden: int) -> LayerStack:
     stack = stack.to(torch.float32 if kind == "fp32" else torch.bfloat16).eval()
     if kind in ("int8", "fp8"):
         quantize(stack, kind)
+    if kind in ("q8_0", "q4_0"):
+        block = stack.llm.layers[0]
+        for name, linear in list(block.named_children()):
+            setattr(block, name, gguf_file.packed_linear(linear, kind))
     return stack
 
 
-def build_pipeline(kind: str, fp8_folder: Path) -> OmniGenPipeline:
-    if kind == "fp8":
-        return OmniGenPipeline.from_pretrained(fp8_folder, dtype=torch.bfloat16)
+def build_pipeline(kind: str, folders: dict[str, Path]) -> OmniGenPipeline:
+    if kind in folders:
+        return OmniGenPipeline.from_pretrained(folders[kind], dtype=torch.bfloat16)
     pipe = OmniGenPipeline.from_pretrained(None, dtype=torch.float32 if kind == "fp32" else torch.bfloat16)
     if kind == "int8":
         quantize(pipe.model, "int8")
     return pipe
 
 
-def run_shipped(args: argparse.Namespace, fp8_folder: Path) -> dict[str, dict]:
-    pipes = {kind: build_pipeline(kind, fp8_folder) for kind in FORMATS}
+def run_shipped(args: argparse.Namespace, folders: dict[str, Path]) -> dict[str, dict]:
+    pipes = {kind: build_pipeline(kind, folders) for kind in FORMATS}
     times: dict[str, list[float]] = {kind: [] for kind in FORMATS}
     outputs = {}
     for _ in range(args.rounds):
         for kind, pipe in pipes.items():
             start = time.perf_counter()
-            outputs[kind] = pipe(
+            pixels = pipe(
                 "a red square", num_inference_steps=args.steps, seed=0, output_type="pt", progress=False
             )
+            outputs[kind] = (pixels.float() + 1) / 2  # "pt" is [-1, 1]; the table's pixels are [0, 1]
             times[kind].append((time.perf_counter() - start) / args.steps)
     return summarize(pipes, times, outputs, peak=1.0, model=lambda p: p.model)
 
@@ -130,6 +141,7 @@ def summarize(contenders, times, outputs, peak, model) -> dict[str, dict]:
             "resident_mb": resident_bytes(model(c)) / 2**20,
             "seconds": statistics.median(times[kind]),
             "psnr_db": psnr(outputs[kind], ref, peak),
+            "psnr_fp32_db": psnr(outputs[kind], outputs["fp32"], peak),
             "max_diff": (outputs[kind].float() - ref.float()).abs().max().item(),
         }
         for kind, c in contenders.items()
@@ -139,12 +151,13 @@ def summarize(contenders, times, outputs, peak, model) -> dict[str, dict]:
 def table(title: str, rows: dict[str, dict], unit: str) -> str:
     lines = [
         title,
-        f"| format | resident MB | {unit} | PSNR to bf16 (dB) | max diff to bf16 |",
-        "|---|---|---|---|---|",
+        f"| format | resident MB | {unit} | PSNR to bf16 (dB) | max diff to bf16 | PSNR to fp32 (dB) |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, r in rows.items():
         lines.append(
-            f"| {kind} | {r['resident_mb']:.2f} | {r['seconds']:.4f} | {r['psnr_db']:.1f} | {r['max_diff']:.4f} |"
+            f"| {kind} | {r['resident_mb']:.2f} | {r['seconds']:.4f} | {r['psnr_db']:.1f} | {r['max_diff']:.4f} "
+            f"| {r['psnr_fp32_db']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -177,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         from omnigen.cli.export import export
 
-        folder = export(Path(tmp) / "fp8", model=default_model_path(), dtype=fp8.FP8)
-        shipped = run_shipped(args, folder)
+        folders = {
+            kind: export(Path(tmp) / kind, model=default_model_path(), dtype=dtype)
+            for kind, dtype in FILE_FORMATS.items()
+        }
+        shipped = run_shipped(args, folders)
     stack = run_stack(args)
     load_after = os.getloadavg()
     print(

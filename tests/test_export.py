@@ -26,6 +26,7 @@ from omnigen.text.collate import collate
 from omnigen.text.tokenizer import Tokenizer
 from omnigen.util.atomic import atomic_folder
 from omnigen.weights.keymap import diffusers_to_ours, ours_to_diffusers
+from omnigen.weights.packed import dequantized_state
 from omnigen.weights.quantize import quantize_int8
 from test_reference import PROMPT, build_rows, encode, reference_row_velocity
 from torchvision_shim import Transforms
@@ -137,9 +138,7 @@ def test_fp8_export_in_the_diffusers_layout_loads_fp8_and_computes_its_dequantiz
     back = OmniGenPipeline.from_pretrained(folder, dtype=torch.float32)
     qkv = back.model.llm.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, fp8.Fp8Linear) and qkv.weight.dtype == fp8.FP8
-    dense = build_model(
-        back.model.config, {k: v.float() for k, v in fp8.dequantized_state(back.model).items()}
-    )
+    dense = build_model(back.model.config, {k: v.float() for k, v in dequantized_state(back.model).items()})
     want = latents(OmniGenPipeline(dense, back.codec, back.tokenizer, back.defaults))
     torch.testing.assert_close(latents(back), want, atol=1e-5, rtol=0)
     original = pipe.model.state_dict()

@@ -16,6 +16,7 @@ from omnigen.pipeline import OmniGenPipeline, default_model_path
 from omnigen.weights import fp8
 from omnigen.weights.checkpoint import WEIGHTS, build_model, load_model
 from omnigen.weights.keymap import ours_to_diffusers
+from omnigen.weights.packed import dequantized_state
 from omnigen.weights.quantize import linear_weight_bytes
 
 
@@ -71,7 +72,7 @@ def test_fp8_file_loads_at_one_byte_per_linear_weight(shipped_fp8):
 def test_outputs_match_the_dequantized_model(shipped_fp8):
     """The fp8 model computes exactly what a float32 model built from its dequantized weights computes."""
     pipe = OmniGenPipeline.from_pretrained(shipped_fp8, dtype=torch.float32)
-    state = fp8.dequantized_state(pipe.model)
+    state = dequantized_state(pipe.model)
     dense = build_model(pipe.model.config, {k: v.float() for k, v in state.items()})
     assert not any(isinstance(m, fp8.Fp8Linear) for m in dense.modules())
     got = generate(pipe)
@@ -95,7 +96,7 @@ def test_round_trip_fp8_export_load_export(shipped_fp8, tmp_path):
     loaded, _ = load_model(dense)
     assert not any(isinstance(m, fp8.Fp8Linear) for m in loaded.modules())
     reference, _ = load_model(shipped_fp8, dtype=torch.float32)
-    for key, value in fp8.dequantized_state(reference).items():
+    for key, value in dequantized_state(reference).items():
         assert torch.equal(loaded.state_dict()[key], value.float()), key
 
 
@@ -204,9 +205,9 @@ def test_formats_doc_commands_run(tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         if "bench_formats" in command:
-            for fmt in ("bf16", "fp32", "int8", "fp8"):
+            for fmt in ("bf16", "fp32", "int8", "fp8", "q8_0", "q4_0"):
                 assert f"| {fmt} |" in proc.stdout
-    assert (tmp_path / "fp8.png").is_file()
+    assert (tmp_path / "fp8.png").is_file() and (tmp_path / "q8.png").is_file()
 
 
 def test_torchao_float8_path_where_fp8_matmuls_exist(shipped_fp8, monkeypatch):

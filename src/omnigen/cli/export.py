@@ -28,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=sorted(EXPORT_DTYPES),
         default=None,
         help="weight dtype to write (default: as stored); float8_e4m3fn writes a scaled-fp8 file "
-        "(Linear weights at one byte with a per-tensor scale, the rest bfloat16; ComfyUI's convention)",
+        "(Linear weights at one byte with a per-tensor scale, the rest bfloat16; ComfyUI's convention); "
+        "q8_0, q4_0, q4_1, q5_0, q5_1 write model.gguf (Linear weights in GGML blocks, the rest as stored; "
+        "original layout; needs the gguf package). The model then loads at fewer bytes per weight; on "
+        "CPUs these formats buy memory, not speed",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.set_defaults(func=_run)
@@ -55,18 +58,19 @@ def export(
     lora: str | Path | None = None,
     lora_scale: float = 1.0,
     vae: str | Path | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Load ``model`` (with ``lora`` merged at ``lora_scale``: merged in fp32, written in the stored dtype
-    unless ``dtype`` is given) and write it to ``out`` in ``layout``."""
+    unless ``dtype`` is given: a torch dtype or a GGUF type name) and write it to ``out`` in ``layout``."""
     from omnigen.pipeline import OmniGenPipeline
     from omnigen.weights import lora as lora_lib
+    from omnigen.weights.fp8 import compute_dtype
 
     if layout not in LAYOUTS:  # before loading anything
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=None)  # as stored
-    stored = next(pipe.model.parameters()).dtype
+    stored = compute_dtype(pipe.model)  # a packed (fp8, GGUF) model: its float tensors' dtype
     if lora is not None:
         if stored != torch.float32:  # merge at full precision
             pipe = OmniGenPipeline.from_pretrained(model, vae_path=vae, dtype=torch.float32)

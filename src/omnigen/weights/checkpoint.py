@@ -18,6 +18,11 @@ the whole file and the pages it touched stay resident until it is closed.
 FP8 files (plain casts or ComfyUI's scaled fp8, in either layout): Linear weights stored as float8 stay
 float8 (``omnigen.weights.fp8.Fp8Linear``, at one byte per weight; torchao's float8 tensors on GPUs with
 FP8 matmuls); other float8 tensors are dequantized to the target dtype. ``dtype`` is then the compute dtype.
+
+GGUF files (``omnigen.weights.gguf_file``; a folder's one ``*.gguf`` in place of the safetensors file, or
+a ``.gguf`` file path beside config.json and the tokenizer files): quantized Linear weights stay in their
+GGML blocks (``omnigen.weights.ggml.GgufLinear``), other quantized tensors are dequantized to the target
+dtype, F32/F16/BF16 tensors load as usual; tensor names in our layout or diffusers'.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.util.atomic import atomic_write
-from omnigen.weights import fp8
+from omnigen.weights import fp8, ggml, gguf_file
 from omnigen.weights.keymap import diffusers_sources
 
 logger = logging.getLogger(__name__)
@@ -59,25 +64,33 @@ class Layout:
 
 
 def resolve_layout(folder: str | Path) -> Layout:
-    root = Path(folder)
+    """A model folder, or a ``.gguf`` file in one (beside its config.json and tokenizer files)."""
+    root, chosen = Path(folder), None
+    if root.is_file() and root.suffix == gguf_file.SUFFIX:
+        root, chosen = root.parent, root.name
     if not root.is_dir():
         raise ValueError(f"model folder not found: {root}")
-    if (root / "config.json").is_file() and _has_weights(root, WEIGHTS):
-        return Layout("official", root, root / "config.json", root, WEIGHTS, root)
     transformer = root / "transformer"
-    if (transformer / "config.json").is_file() and _has_weights(transformer, DIFFUSERS_WEIGHTS):
+    if (root / "config.json").is_file() and (name := chosen or _weights_name(root, WEIGHTS)):
+        return Layout("official", root, root / "config.json", root, name, root)
+    if (transformer / "config.json").is_file() and (name := _weights_name(transformer, DIFFUSERS_WEIGHTS)):
         tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else root
-        return Layout(
-            "diffusers", root, transformer / "config.json", transformer, DIFFUSERS_WEIGHTS, tokenizer
-        )
+        return Layout("diffusers", root, transformer / "config.json", transformer, name, tokenizer)
     raise ValueError(
-        f"{root} is neither an OmniGen folder (config.json + {WEIGHTS}) nor a diffusers folder "
-        f"(transformer/config.json + {DIFFUSERS_WEIGHTS}); found {sorted(p.name for p in root.iterdir())}"
+        f"{root} is neither an OmniGen folder (config.json + {WEIGHTS} or one .gguf file) nor a diffusers "
+        f"folder (transformer/config.json + {DIFFUSERS_WEIGHTS} or one .gguf file); found "
+        f"{sorted(p.name for p in root.iterdir())}"
     )
 
 
-def _has_weights(folder: Path, name: str) -> bool:
-    return (folder / name).is_file() or (folder / f"{name}.index.json").is_file()
+def _weights_name(folder: Path, name: str) -> str | None:
+    """``name`` if it (or its shard index) is in ``folder``, else the folder's one ``.gguf`` file."""
+    if (folder / name).is_file() or (folder / f"{name}.index.json").is_file():
+        return name
+    found = sorted(p.name for p in folder.glob(f"*{gguf_file.SUFFIX}"))
+    if len(found) > 1:
+        raise ValueError(f"{folder} holds several GGUF files ({', '.join(found)}): pass the one to load")
+    return found[0] if found else None
 
 
 def weight_files(folder: Path, name: str) -> list[Path]:
@@ -106,9 +119,12 @@ class StoredTensor:
     shape: tuple[int, ...]
 
 
-def read_headers(files: list[Path]) -> dict[str, StoredTensor]:
-    stored: dict[str, StoredTensor] = {}
+def read_headers(files: list[Path]) -> dict[str, StoredTensor | gguf_file.GgufTensor]:
+    stored: dict[str, StoredTensor | gguf_file.GgufTensor] = {}
     for file in files:
+        if file.suffix == gguf_file.SUFFIX:
+            stored.update(gguf_file.read_header(file))
+            continue
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 stored[key] = StoredTensor(file, key, tuple(handle.get_slice(key).get_shape()))
@@ -124,8 +140,11 @@ def read_tensor(
     its file, if it holds NaN or infinite values (or overflows ``dtype``): such weights render black."""
     out = []
     for part in parts:
-        with safe_open(str(part.file), framework="pt") as handle:
-            tensor = handle.get_tensor(part.key)
+        if isinstance(part, gguf_file.GgufTensor):  # quantized types dequantized to float32
+            tensor = gguf_file.read_dense(part)
+        else:
+            with safe_open(str(part.file), framework="pt") as handle:
+                tensor = handle.get_tensor(part.key)
         cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         if tensor.dtype in fp8.FP8_DTYPES:  # kept at one byte; load_model scales or dequantizes it
             cast = tensor.dtype
@@ -248,7 +267,9 @@ def _pos_embed(config: OmniGenConfig) -> torch.Tensor:
 def tensor_plan(layout: Layout, config: OmniGenConfig) -> dict[str, tuple[StoredTensor, ...]]:
     """Our key -> the stored tensor(s) it is read from (renamed and fused for the diffusers layout)."""
     stored = read_headers(weight_files(layout.weights_dir, layout.weights_name))
-    if layout.kind != "diffusers":
+    # a GGUF file in an official folder may hold diffusers' names (a community conversion)
+    foreign = layout.weights_name.endswith(gguf_file.SUFFIX) and not any(k.startswith("llm.") for k in stored)
+    if layout.kind != "diffusers" and not foreign:
         return {key: (tensor,) for key, tensor in stored.items()}
     return {ours: tuple(stored[k] for k in keys) for ours, keys in diffusers_sources(stored, config).items()}
 
@@ -315,9 +336,11 @@ def _assign_streamed(
     dtype: torch.dtype | None,
 ) -> None:
     """Assign every planned tensor; fp8 Linear weights stay fp8 (``fp8.Fp8Linear``), other fp8 tensors are
-    dequantized to ``dtype`` (bfloat16 when None)."""
+    dequantized to ``dtype`` (bfloat16 when None); GGUF's quantized Linear weights stay packed
+    (``ggml.GgufLinear``), its other quantized tensors are dequantized to ``dtype``."""
     linear_keys, kept = fp8.linear_weight_keys(model), {}
-    for name, tensor in stream_tensors(plan, device, dtype):
+    packed = {k for k, parts in plan.items() if k in linear_keys and gguf_file.is_packable(parts)}
+    for name, tensor in stream_tensors({k: v for k, v in plan.items() if k not in packed}, device, dtype):
         if tensor.dtype in fp8.FP8_DTYPES:
             scale = fp8.part_scale(plan[name], scales, lambda s: read_tensor((s,), device, None))
             if name in linear_keys and tensor.dim() == 2:
@@ -327,6 +350,10 @@ def _assign_streamed(
             tensor = tensor.to(compute) * scale.to(device, compute)
         model.load_state_dict({name: tensor}, strict=False, assign=True)
     fp8.install(model, kept)
+    for name in packed:  # after their biases were assigned
+        ggml.install(model, name, *gguf_file.read_packed(plan[name], device))
+    if packed:
+        logger.info("%d Linear weights kept in GGUF blocks", len(packed))
     if kept:
         logger.info("%d Linear weights kept in fp8 (%s)", len(kept), fp8.accelerate(model))
 

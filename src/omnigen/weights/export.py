@@ -18,8 +18,9 @@ Both layouts also get our ``omnigen_generation.json`` (ignored by the other load
 with safetensors only, the whole folder atomically (``omnigen.util.atomic.atomic_folder``). A LoRA adapter must be
 merged first (``pipe.merge_lora()``; it is folded into the plain weights); an int8-quantized model is refused.
 ``dtype=torch.float8_e4m3fn`` writes a scaled-fp8 checkpoint (``omnigen.weights.fp8.scaled_state``: Linear
-weights in fp8 with a per-tensor scale, the rest in bfloat16) in either layout; a model loaded from fp8
-is written from its dequantized weights.
+weights in fp8 with a per-tensor scale, the rest in bfloat16) in either layout; a GGUF type name ("q8_0",
+"q4_0", ...) writes ``model.gguf`` (``omnigen.weights.gguf_file.write``) in the original layout. A model
+loaded from fp8 or GGUF is written from its dequantized weights.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from omnigen.config import OmniGenConfig
 from omnigen.model import OmniGenModel
 from omnigen.util.atomic import atomic_folder
 from omnigen.util.dtypes import DTYPES
-from omnigen.weights import fp8
+from omnigen.weights import fp8, gguf_file
 from omnigen.weights.checkpoint import DIFFUSERS_WEIGHTS, WEIGHTS, check_state_dict
 from omnigen.weights.keymap import ours_to_diffusers
+from omnigen.weights.packed import dequantized_state
 
 if TYPE_CHECKING:
     from omnigen.pipeline import OmniGenPipeline
@@ -55,7 +57,12 @@ ORIGINAL_GEOMETRY = {
     "pos_embed_max_size": 192,
     "time_embed_dim": 256,
 }
-EXPORT_DTYPES = {**DTYPES, "float8_e4m3fn": fp8.FP8}  # the names ``omnigen export --dtype`` takes
+# the names ``omnigen export --dtype`` takes: torch dtypes, and GGUF quantization types (kept as names)
+EXPORT_DTYPES: dict[str, torch.dtype | str] = {
+    **DTYPES,
+    "float8_e4m3fn": fp8.FP8,
+    **{name: name for name in gguf_file.WRITE_TYPES},
+}
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
@@ -63,21 +70,27 @@ def save_pretrained(
     pipe: OmniGenPipeline,
     folder: str | Path,
     layout: str = "original",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``pipe`` to ``folder`` in ``layout`` ("original" or "diffusers"); returns the folder.
 
-    ``dtype`` casts the transformer's floating-point weights (default: as they are); the VAE is written
-    as it is. An existing non-empty ``folder`` is replaced only with ``overwrite``.
+    ``dtype`` casts the transformer's floating-point weights (default: as they are); a GGUF type name
+    ("q8_0", "q4_0", ...: ``gguf_file.WRITE_TYPES``) writes ``model.gguf`` instead of model.safetensors,
+    Linear weights quantized, the rest as they are (original layout only). The VAE is written as it is.
+    An existing non-empty ``folder`` is replaced only with ``overwrite``.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if dtype is not None and dtype not in EXPORT_DTYPES.values():
         raise ValueError(
-            f"dtype must be one of {sorted(EXPORT_DTYPES)} (torch dtypes) or None, got {dtype!r}"
+            f"dtype must be one of {sorted(EXPORT_DTYPES)} (torch dtypes, or GGUF type names) or None, got {dtype!r}"
         )
-    scaled = dtype == fp8.FP8
+    scaled, gguf_type = dtype == fp8.FP8, dtype if isinstance(dtype, str) else None
+    if gguf_type is not None and layout != "original":
+        raise ValueError(
+            f"a GGUF export ({gguf_type}) is written in the original layout only, not {layout!r}"
+        )
     config = pipe.model.config
     if layout == "diffusers":
         transformer_config = diffusers_transformer_config(config)  # refuses what diffusers cannot hold
@@ -89,15 +102,20 @@ def save_pretrained(
             )
     else:
         _warn_if_not_original(config, pipe.codec)
-    state = plain_state_dict(pipe.model, None if scaled else dtype)
+    state = plain_state_dict(pipe.model, None if scaled or gguf_type else dtype)
     linear_keys = (
-        {k.replace(".base_layer.", ".") for k in fp8.linear_weight_keys(pipe.model)} if scaled else None
+        {k.replace(".base_layer.", ".") for k in fp8.linear_weight_keys(pipe.model)}
+        if scaled or gguf_type
+        else None
     )
     with atomic_folder(folder, overwrite=overwrite) as tmp:
-        if layout == "original":
+        if gguf_type is not None:
+            gguf_file.write(tmp / gguf_file.WEIGHTS, state, linear_keys, gguf_type)
+        elif layout == "original":
             if linear_keys is not None:
                 state = fp8.scaled_state(state, linear_keys)
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if layout == "original":
             config.save(tmp / "config.json")
             pipe.tokenizer.save(tmp)
         else:
@@ -115,7 +133,7 @@ def plain_state_dict(model: OmniGenModel, dtype: torch.dtype | None = None) -> d
     if any(not layer.merged for layer in lora.lora_layers(model).values()):
         raise ValueError("the model has an unmerged LoRA adapter: call merge_lora() first (or unload_lora())")
     state = {}
-    for key, value in fp8.dequantized_state(model).items():
+    for key, value in dequantized_state(model).items():
         if ".lora_" in key:
             continue  # a merged adapter's own tensors; its effect is in base_layer
         if type(value) is not torch.Tensor or not value.is_floating_point():

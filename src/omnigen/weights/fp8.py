@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from omnigen.weights.packed import PackedLinear, loaded_bias, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -35,28 +36,26 @@ SCALE_INPUT = "scale_input"
 FP8_CAPABILITY = (8, 9)
 
 
-class Fp8Linear(nn.Linear):
+class Fp8Linear(PackedLinear):
     """A Linear with an fp8 weight (out, in) and a float32 scale: a scalar or one per row (out, 1)."""
 
+    packed_buffers = ("weight_scale",)
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
         if weight.dtype not in FP8_DTYPES or weight.dim() != 2:
             raise TypeError(f"Fp8Linear needs a 2-D fp8 weight, got {weight.dtype} {tuple(weight.shape)}")
+        super().__init__(weight, bias)
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale.float())
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         weight, scale = quantize_tensor(linear.weight.detach())
         return cls(weight, scale, linear.bias)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        scale = self.weight_scale if self.weight_scale.dim() == 0 else self.weight_scale[start:stop]
+        return self.weight[start:stop].to(dtype) * scale.to(dtype)
 
 
 def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +74,8 @@ def quantize_fp8(model: nn.Module) -> str:
     layers = model.llm.layers
     targets = [(name, m) for name, m in layers.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
-        _replace(layers, name, Fp8Linear.from_linear(linear))
+        replace_module(layers, name, Fp8Linear.from_linear(linear))
     return accelerate(model)
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def has_fp8_matmul(device: torch.device | str) -> bool:
@@ -109,7 +103,7 @@ def accelerate(model: nn.Module) -> str:
             plain.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
         holder = nn.Sequential(plain)
         quantize_(holder, Float8WeightOnlyConfig(set_inductor_config=False))
-        _replace(model, name, holder[0])
+        replace_module(model, name, holder[0])
     logger.info("%d fp8 linears run through torchao's float8 tensors", len(layers))
     return "torchao"
 
@@ -159,19 +153,8 @@ def install(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tenso
     """Swap each named Linear for an ``Fp8Linear`` of (fp8 weight, scale), keeping its loaded bias."""
     for key, (weight, scale) in weights.items():
         name = key.removesuffix(".weight")
-        linear = model.get_submodule(name)
-        bias = linear.bias if linear.bias is not None and not linear.bias.is_meta else None
-        _replace(model, name, Fp8Linear(weight, scale.to(weight.device), bias))
-
-
-def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every ``Fp8Linear`` weight dequantized to float32 (its scale dropped)."""
-    state = model.state_dict()
-    for name, m in model.named_modules():
-        if isinstance(m, Fp8Linear):
-            state[f"{name}.weight"] = m.dequantized_weight(torch.float32)
-            del state[f"{name}.weight_scale"]
-    return state
+        bias = loaded_bias(model.get_submodule(name))
+        replace_module(model, name, Fp8Linear(weight, scale.to(weight.device), bias))
 
 
 def scaled_state(state: dict[str, torch.Tensor], linear_keys: set[str]) -> dict[str, torch.Tensor]:

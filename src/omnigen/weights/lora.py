@@ -9,6 +9,9 @@ service's per-request adapter use. ``apply_loras`` records the stack it applied,
 stack again costs nothing and a different one unloads the old adapters first (the base weights are never
 changed: unmerged adapters come off exactly).
 
+On packed weights (an fp8 or GGUF file, ``omnigen.weights.packed.PackedLinear``) an adapter runs unmerged:
+it adds its output to the layer's, whose weight stays packed; merging into such a weight is refused.
+
 Our projection names are the original OmniGen's (``llm.layers.N.self_attn.qkv_proj``, ``.o_proj``,
 ``llm.layers.N.mlp.gate_up_proj``, ``.down_proj``), so a folder written by the original training code
 (``PeftModel.save_pretrained``: ``adapter_config.json`` + ``adapter_model.safetensors`` with keys like
@@ -212,11 +215,25 @@ def set_lora_scale(model: torch.nn.Module, scale: float, adapter: str = ADAPTER_
             layer.set_scale(adapter, scale)
 
 
+def _check_mergeable(layers: dict[str, torch.nn.Module]) -> None:
+    from omnigen.weights.packed import PackedLinear
+
+    for name, layer in layers.items():
+        base = layer.get_base_layer()
+        if isinstance(base, PackedLinear) and not layer.merged:
+            raise ValueError(
+                f"cannot merge a LoRA adapter into {name}: its weight is packed ({type(base).__name__}, from "
+                "an fp8 or GGUF file or int8 quantization); use the adapter unmerged (it adds to the layer's "
+                "output), or load a dense copy of the model (omnigen export --dtype float32) to merge"
+            )
+
+
 def merge_lora(model: torch.nn.Module) -> None:
     """Add the adapter into the base weights (faster inference); ``unmerge_lora`` subtracts it again."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapter to merge")
+    _check_mergeable(layers)
     for layer in layers.values():
         if not layer.merged:
             layer.merge(adapter_names=[a for a in layer.active_adapters if a in layer.lora_A])
@@ -231,6 +248,8 @@ def unmerge_lora(model: torch.nn.Module) -> None:
 def unload_lora(model: torch.nn.Module, merge: bool = False) -> None:
     """Remove the adapter layers. ``merge=False``: back to the base weights (unmerging first if merged);
     ``merge=True``: the base weights keep the adapter merged in (a plain model with the LoRA applied)."""
+    if merge:
+        _check_mergeable(lora_layers(model))
     for name, layer in lora_layers(model).items():
         if merge and not layer.merged:
             layer.merge(adapter_names=[a for a in layer.active_adapters if a in layer.lora_A])

@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from omnigen.weights.packed import PackedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,16 @@ def quantize_nf4(model: nn.Module) -> str:
     return "bitsandbytes"
 
 
-class Int8Linear(nn.Linear):
+class Int8Linear(PackedLinear):
     """A Linear with an int8 weight (out, in) and an fp scale per output row."""
 
+    packed_buffers = ("weight_scale",)
+    exportable = False  # a runtime quantization: export the model before quantizing
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
-        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
+        super().__init__(weight, bias)  # int8
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)  # int8
         self.register_buffer("weight_scale", scale)  # (out,)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -107,12 +109,8 @@ class Int8Linear(nn.Linear):
         quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(quantized, scale.to(weight.dtype), linear.bias)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype) * self.weight_scale.to(dtype)[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Dequantize first: (x @ q^T) * scale would be the same math but can overflow in fp16.
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[start:stop].to(dtype) * self.weight_scale[start:stop].to(dtype)[:, None]
 
 
 def quantize_int8(model: nn.Module, backend: str = "auto") -> str:
