@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OMNIGEN_TEST_THREADS", "2")))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, restored after.
+
+    CPU kernels are not batch-invariant across threads: PyTorch's CPU flash attention (2.13, AVX512)
+    gives a (row, head) a result that depends on which thread computed it (last-bit differences at some
+    key lengths, e.g. 15 or 17), and a batch of 1 row splits its heads over the threads differently than
+    a batch of 3. So outputs of different batch layouts are equal bit for bit only at one thread.
+    Test modules that set the thread count at import change it for the whole session, so a test that
+    needs one thread says so with this (or the ``one_thread`` fixture) instead of relying on that."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs at one intra-op thread (``torch_threads``): bit-for-bit comparisons across batch
+    layouts need it."""
+    with torch_threads(1):
+        yield
+
 
 WORDS = (
     "generate an image according to the following instructions a red blue green circle square cat dog "

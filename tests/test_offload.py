@@ -70,9 +70,11 @@ def test_cache_bytes_do_not_depend_on_images_per_prompt(pipeline, cache_bytes, r
 
 
 @pytest.mark.parametrize("mode", [*MODES, NO_CACHE], ids=mode_id)
-def test_images_per_prompt_equal_repeated_rows_bit_for_bit(pipeline, rgb_image, mode):
+def test_images_per_prompt_equal_repeated_rows_bit_for_bit(pipeline, rgb_image, mode, one_thread):
     """k images of a prompt from one broadcast row equal what a row per image gives (the previous layout:
-    the prompt repeated k times, image j seeded seed + j), exactly."""
+    the prompt repeated k times, image j seeded seed + j), exactly. At one thread: with separate CFG the
+    broadcast layout prefills a batch of 1 row, the repeated one 3 rows, and CPU attention is batch-
+    invariant only single-threaded (``conftest.torch_threads``)."""
     for prompt, images in (("a red cat", None), (EDIT, [rgb_image()])):
         got = run(pipeline, prompt, images, num_images_per_prompt=3, **mode)
         rows = run(pipeline, [prompt] * 3, None if images is None else [images] * 3, **mode)

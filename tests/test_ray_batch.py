@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import torch_threads
 from omnigen.batch import read_requests, run_batch
 from omnigen.batch.ray_engine import GroupWorker, _task, run_batch_ray
 from omnigen.batch.runner import _validate, consecutive_batches, expected_record, plan
@@ -84,12 +84,8 @@ def test_ray_outputs_equal_the_torchrun_runner(local_ray, model_folder, tmp_path
     load = functools.partial(OmniGenPipeline.from_pretrained, str(model_folder), device="cpu")
     planner = load()
     common = {"batch_size": 2, "model": "tiny", "bad_lines": bad}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as an actor of num_cpus=1 (Ray sets its OMP_NUM_THREADS): bytes need it
-    try:
+    with torch_threads(1):  # as an actor of num_cpus=1 (Ray sets its OMP_NUM_THREADS): bytes need it
         report = run_batch(planner, requests, tmp_path / "torchrun", progress=False, **common)
-    finally:
-        torch.set_num_threads(threads)
     ray_report = run_batch_ray(load, requests, tmp_path / "ray", actors=2, planner=planner, **common)
     assert (ray_report.generated, ray_report.failed, ray_report.world_size) == (report.generated, 0, 2)
     assert report.generated == 8
