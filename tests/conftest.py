@@ -110,6 +110,28 @@ def random_model(config, seed: int = 0, scale: float = 0.2):
     return model.eval()
 
 
+def randomize_adapter(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Non-zero LoRA A and B (B starts at zero), so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def save_random_adapters(make_model, folder, names) -> list:
+    """One random rank-2 adapter (alpha 2, scale 0.3, seeded by its index) per name, saved at
+    ``folder / name``, each on a fresh ``make_model()``. Returns their paths."""
+    from omnigen.weights import lora
+
+    for seed, name in enumerate(names):
+        model = make_model()
+        lora.add_lora(model, rank=2, alpha=2)
+        randomize_adapter(model, seed, scale=0.3)
+        lora.save_lora(model, folder / name)
+    return [folder / name for name in names]
+
+
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 

@@ -295,13 +295,12 @@ def test_demo_subcommand_wiring(model_folder, monkeypatch):
 @pytest.mark.slow
 def test_omnigen_demo_command_serves_the_page(model_folder, tmp_path):
     import os
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from live import free_port
+
+    port = free_port()
     log = (tmp_path / "demo.log").open("w")
     command = ["omnigen", "demo", "--model", str(model_folder), "--port", str(port)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}

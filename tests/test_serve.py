@@ -10,7 +10,6 @@ import asyncio
 import base64
 import importlib.util
 import io
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from live import free_port, live_server  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
 from omnigen.serve.worker import JobQueue, QueueFull, Worker, WorkerStopped  # noqa: E402
@@ -69,24 +69,10 @@ class GatedPipeline:
 
 @contextmanager
 def serving(app):
-    """A real uvicorn server for `app` on 127.0.0.1:<free port>, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
+    """A plain uvicorn server for `app` (``live.live_server``): yields its base URL."""
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    with live_server(lambda _port: uvicorn.Server(config)) as (base, _server, _thread):
+        yield base
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
@@ -545,9 +531,7 @@ def test_omnigen_serve_command(model_folder, tmp_path):
     import os
     import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMNIGEN_API_KEY": "from-env"}
     command = ["omnigen", "serve", "--model", str(model_folder), "--port", str(port), "--queue-size", "2"]
     log = (tmp_path / "serve.log").open("w")
@@ -583,18 +567,10 @@ def lora_service(model, tokenizer, tmp_path_factory):
     pytest.importorskip("peft")
     import copy
 
-    from omnigen.weights import lora
+    from conftest import save_random_adapters
 
     folder = tmp_path_factory.mktemp("loras")
-    for seed, name in enumerate(("style", "ink")):
-        donor = copy.deepcopy(model)
-        lora.add_lora(donor, rank=2, alpha=2)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for key, p in donor.named_parameters():
-                if ".lora_" in key:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        lora.save_lora(donor, folder / name)
+    save_random_adapters(lambda: copy.deepcopy(model), folder, ("style", "ink"))
     (folder / "not-an-adapter").mkdir()
     return folder
 

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ openai = pytest.importorskip("openai")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from live import free_port  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.openai import tagged_prompt  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
@@ -65,9 +65,7 @@ def decoded_png(b64_json: str) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`omnigen serve` with the shipped model: key KEY, queue of 1, at most 256 output pixels (16x16)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "omnigen", "serve", "--port", str(port), "--api-key", KEY]
     command += ["--queue-size", "1", "--max-steps", "999", "--max-pixels", "256", "--max-outputs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
