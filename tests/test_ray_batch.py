@@ -15,7 +15,7 @@ import pytest
 from conftest import torch_threads
 from omnigen.batch import read_requests, run_batch
 from omnigen.batch.ray_engine import GroupWorker, _task, run_batch_ray
-from omnigen.batch.runner import _validate, consecutive_batches, expected_record, plan
+from omnigen.batch.runner import consecutive_batches, expected_record, plan, validate_requests
 from omnigen.pipeline import OmniGenPipeline
 
 ray = pytest.importorskip("ray")
@@ -144,7 +144,7 @@ def test_a_retried_group_writes_nothing_twice(pipeline, tmp_path):
     """Ray reruns the group of a dead actor: what its records show done is skipped, the rest generated."""
     rows = [{"id": "a", "prompt": "a red circle", "n": 3}, {"id": "b", "prompt": "a blue square"}]
     requests, _ = read_requests(write_jsonl(tmp_path / "r.jsonl", rows))
-    params, _ = _validate(pipeline, requests, "skip", None)
+    params, _ = validate_requests(pipeline, requests, "skip", None)
     expected = {
         (r.id, k): expected_record(r, k, params[i], None, f"{r.id}/{k}.png")
         for i, r in enumerate(requests)
@@ -184,7 +184,7 @@ def test_a_failed_group_returns_its_error_rows(pipeline, tmp_path):
             raise RuntimeError("out of memory")
 
     requests, _ = read_requests(write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "a cat", "n": 2}]))
-    params, _ = _validate(pipeline, requests, "skip", None)
+    params, _ = validate_requests(pipeline, requests, "skip", None)
     expected = {("a", k): expected_record(requests[0], k, params[0], None, f"a/{k}.png") for k in range(2)}
     (group,) = consecutive_batches(plan(requests, params, {}, 0, 1), 4)
     worker = GroupWorker(Broken, str(tmp_path / "out"), "skip")
