@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageFilter, UnidentifiedImageError
 
+from omnigen.generation import MAX_MASK_BLUR
 from omnigen.model.vae import LatentCodec
 from omnigen.sampling.flow import interpolate
 from omnigen.text.processor import IMAGE_FORMATS, load_image, resize_and_crop, to_tensor
@@ -126,13 +127,9 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> Non
         )
 
 
-MAX_MASK_BLUR = (
-    1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (GenerationConfig's range)
-)
-
-
 def check_blur(mask_blur: float) -> float:
-    """A blur radius in pixels within [0, MAX_MASK_BLUR], as a float."""
+    """A blur radius in pixels within [0, MAX_MASK_BLUR] (``GenerationConfig.mask_blur``'s range), as a
+    float."""
     return check_float("mask_blur", mask_blur, 0, MAX_MASK_BLUR)
 
 
