@@ -1,12 +1,15 @@
-"""Live-server helpers for the service tests: a free port, and a uvicorn server running in a thread."""
+"""Live-server helpers for the service tests: a free port, a uvicorn server running in a thread, and a
+server process (``omnigen serve`` / ``omnigen demo``) waited for until it answers."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +42,42 @@ def live_server(make_server: Callable[[int], Any], start_s: float = 20) -> Itera
         thread.join(15)
         sock.close()
         assert not thread.is_alive(), "server did not stop"
+
+
+@contextmanager
+def live_process(
+    command: list[str],
+    log_path: Path,
+    ready: Callable[[], Any],
+    not_yet: tuple[type[BaseException], ...] = (OSError,),
+    env: dict[str, str] | None = None,
+    start_s: float = 60,
+) -> Iterator[Any]:
+    """``command`` run as a server process (stdout and stderr to ``log_path``) until ``ready()`` returns a
+    truthy value, which it yields; ``not_yet`` are the errors ``ready`` raises while the server is not up
+    (a refused connection). Fails, with the log's tail, if the process exits or ``start_s`` pass first.
+    On exit the process is terminated (killed if it does not stop)."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + start_s
+            while True:
+                assert process.poll() is None, f"{command} exited:\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, (
+                    f"{command} did not come up:\n{log_path.read_text()[-3000:]}"
+                )
+                try:
+                    value = ready()
+                except not_yet:
+                    value = None
+                if value:
+                    break
+                time.sleep(0.2)
+            yield value
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)

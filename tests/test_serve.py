@@ -26,7 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from live import free_port, live_server  # noqa: E402
+from live import free_port, live_process, live_server  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
 from omnigen.serve.worker import JobQueue, QueueFull, Worker, WorkerStopped  # noqa: E402
@@ -529,33 +529,21 @@ def test_serve_subcommand_wiring(model_folder, monkeypatch):
 def test_omnigen_serve_command(model_folder, tmp_path):
     """The console script end to end: model folder, port, queue size and the API key from the env."""
     import os
-    import subprocess
 
     port = free_port()
     env = {**os.environ, "OMNIGEN_API_KEY": "from-env"}
     command = ["omnigen", "serve", "--model", str(model_folder), "--port", str(port), "--queue-size", "2"]
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "omnigen serve did not come up"
-            try:
-                if httpx.get(base + "/health", timeout=1).json()["queue_size"] == 2:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+
+    def ready():
+        return httpx.get(base + "/health", timeout=1).json()["queue_size"] == 2
+
+    with live_process(command, tmp_path / "serve.log", ready, (httpx.HTTPError,), env):
         assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
         key = {"Authorization": "Bearer from-env"}
         body = {"prompt": "a cat", "seed": 0, "response_format": "png"}
         response = httpx.post(base + URL, json=body, headers=key, timeout=30)
         assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (32, 32)
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 # ------------------------------------------------------------------------------------------ per-request LoRA

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import io
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ openai = pytest.importorskip("openai")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from live import free_port  # noqa: E402
+from live import free_port, live_process  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.openai import tagged_prompt  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
@@ -70,30 +69,13 @@ def server(tmp_path_factory):
     command += ["--queue-size", "1", "--max-steps", "999", "--max-pixels", "256", "--max-outputs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, (
-                "omnigen serve did not come up:\n" + log_path.read_text()[-3000:]
-            )
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+
+    def ready():
+        return httpx.get(base + "/health", timeout=2).status_code == 200
+
+    with live_process(command, log_path, ready, (httpx.HTTPError,), env, SERVER_START_S):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")
