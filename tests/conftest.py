@@ -159,20 +159,20 @@ def model(config):
     return random_model(config)
 
 
-@pytest.fixture(scope="session")
-def pipeline(model, tokenizer):
+def tiny_pipeline(model, tokenizer, **defaults):
+    """An ``OmniGenPipeline`` over ``model`` with ``tiny_vae()``; its ``GenerationConfig`` is 32x32, 2 steps,
+    inputs of at most 32 pixels, with ``defaults`` overriding any field."""
     from omnigen.generation import GenerationConfig
     from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
 
-    defaults = GenerationConfig(
-        height=32,
-        width=32,
-        num_inference_steps=3,
-        max_input_image_size=32,
-        negative_prompt="low quality , blurry",
-    )
-    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+    fields = dict(height=32, width=32, num_inference_steps=2, max_input_image_size=32) | defaults
+    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, GenerationConfig(**fields))
+
+
+@pytest.fixture(scope="session")
+def pipeline(model, tokenizer):
+    return tiny_pipeline(model, tokenizer, num_inference_steps=3, negative_prompt="low quality , blurry")
 
 
 @pytest.fixture

@@ -567,13 +567,9 @@ def lora_pipeline(model, tokenizer):
     """Its own pipeline (a copy of the model), so the shared one never gets adapters."""
     import copy
 
-    from conftest import tiny_vae
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
+    from conftest import tiny_pipeline
 
-    defaults = GenerationConfig(height=32, width=32, num_inference_steps=3, max_input_image_size=32)
-    return OmniGenPipeline(copy.deepcopy(model), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+    return tiny_pipeline(copy.deepcopy(model), tokenizer, num_inference_steps=3)
 
 
 def test_lora_requests_interleaved_equal_sequential_runs(model, tokenizer, lora_service):
