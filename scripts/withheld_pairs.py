@@ -4,7 +4,8 @@
 - "plain": "a blue circle" (no cell, no background): right when exactly one object is drawn, with
   that colour and shape;
 - "placed": "a blue circle in the <cell> on a <background> background", the cell and background
-  turning with the seed: right when the miniworld scorer finds the whole scene right (`scene_ok`).
+  turning with the seed (`omnigen.miniworld.text.placed_prompt`): right when the miniworld scorer finds
+  the whole scene right (`scene_ok`).
 
     python scripts/withheld_pairs.py [--model FOLDER] [--seeds 8] [--out pairs.json]
 """
@@ -20,26 +21,6 @@ from omnigen.miniworld import text as mt
 from omnigen.miniworld.score import decode_scene, scene_scores
 from omnigen.miniworld.tasks import WITHHELD_PAIRS
 from omnigen.pipeline import OmniGenPipeline
-
-CELLS = (
-    "top left",
-    "center",
-    "bottom right",
-    "top right",
-    "bottom left",
-    "middle left",
-    "top center",
-    "middle right",
-)
-BACKGROUNDS = ("white", "gray", "black", "beige")
-
-
-def placed(colour: str, shape: str, seed: int) -> tuple[str, dict]:
-    """The placed prompt for `seed` and the scene it asks for (the scorer's dict)."""
-    cell, background = CELLS[seed % len(CELLS)], BACKGROUNDS[seed % len(BACKGROUNDS)]
-    want = {"shape": shape, "colour": colour, "size": mt.DEFAULT_SIZE, "cell": cell, "dot": None}
-    scene = {"background": background, "objects": [want | {"size_named": False}]}
-    return f"a {colour} {shape} in the {cell} on a {background} background", scene
 
 
 def plain_ok(image: np.ndarray, colour: str, shape: str) -> bool:
@@ -65,7 +46,7 @@ def main() -> None:
         plain = sum(plain_ok(draw(f"a {colour} {shape}", s), colour, shape) for s in range(args.seeds))
         right = 0
         for s in range(args.seeds):
-            prompt, scene = placed(colour, shape, s)
+            prompt, scene = mt.placed_prompt(colour, shape, s)
             right += bool(scene_scores(scene, draw(prompt, s))["scene_ok"])
         results[f"{colour} {shape}"] = {"plain": plain, "placed": right, "seeds": args.seeds}
         print(f"{colour} {shape}: plain {plain}/{args.seeds}, placed {right}/{args.seeds}")

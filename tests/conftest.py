@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("OMNIGEN_TEST_THREADS", "2")))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, restored after.
+
+    CPU kernels are not batch-invariant across threads: PyTorch's CPU flash attention (2.13, AVX512)
+    gives a (row, head) a result that depends on which thread computed it (last-bit differences at some
+    key lengths, e.g. 15 or 17), and a batch of 1 row splits its heads over the threads differently than
+    a batch of 3. So outputs of different batch layouts are equal bit for bit only at one thread.
+    Test modules that set the thread count at import change it for the whole session, so a test that
+    needs one thread says so with this (or the ``one_thread`` fixture) instead of relying on that."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs at one intra-op thread (``torch_threads``): bit-for-bit comparisons across batch
+    layouts need it."""
+    with torch_threads(1):
+        yield
+
 
 WORDS = (
     "generate an image according to the following instructions a red blue green circle square cat dog "
@@ -82,6 +110,28 @@ def random_model(config, seed: int = 0, scale: float = 0.2):
     return model.eval()
 
 
+def randomize_adapter(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Non-zero LoRA A and B (B starts at zero), so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def save_random_adapters(make_model, folder, names) -> list:
+    """One random rank-2 adapter (alpha 2, scale 0.3, seeded by its index) per name, saved at
+    ``folder / name``, each on a fresh ``make_model()``. Returns their paths."""
+    from omnigen.weights import lora
+
+    for seed, name in enumerate(names):
+        model = make_model()
+        lora.add_lora(model, rank=2, alpha=2)
+        randomize_adapter(model, seed, scale=0.3)
+        lora.save_lora(model, folder / name)
+    return [folder / name for name in names]
+
+
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
@@ -109,20 +159,20 @@ def model(config):
     return random_model(config)
 
 
-@pytest.fixture(scope="session")
-def pipeline(model, tokenizer):
+def tiny_pipeline(model, tokenizer, **defaults):
+    """An ``OmniGenPipeline`` over ``model`` with ``tiny_vae()``; its ``GenerationConfig`` is 32x32, 2 steps,
+    inputs of at most 32 pixels, with ``defaults`` overriding any field."""
     from omnigen.generation import GenerationConfig
     from omnigen.model.vae import AutoencoderKLCodec
     from omnigen.pipeline import OmniGenPipeline
 
-    defaults = GenerationConfig(
-        height=32,
-        width=32,
-        num_inference_steps=3,
-        max_input_image_size=32,
-        negative_prompt="low quality , blurry",
-    )
-    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+    fields = dict(height=32, width=32, num_inference_steps=2, max_input_image_size=32) | defaults
+    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, GenerationConfig(**fields))
+
+
+@pytest.fixture(scope="session")
+def pipeline(model, tokenizer):
+    return tiny_pipeline(model, tokenizer, num_inference_steps=3, negative_prompt="low quality , blurry")
 
 
 @pytest.fixture

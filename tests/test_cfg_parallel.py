@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import torch_threads
 from omnigen.sampling.parallel import CfgGroup, split_branches
 
 STEPS = 3
@@ -81,14 +82,10 @@ def single(tmp_path_factory) -> dict[str, bytes]:
     """One process, one thread (the ranks' setting): the reference images."""
     from omnigen.pipeline import OmniGenPipeline
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         folder = tmp_path_factory.mktemp("single")
         edit_input(folder)
         return generate(OmniGenPipeline.from_pretrained(), folder, None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -181,12 +178,8 @@ def test_batch_two_ranks_match_one_process(tmp_path):
     args = ["batch", str(requests), "--no-progress", "--batch-size", "2"]
     done = _torchrun(2, [*args, "--out", str(tmp_path / "two"), "--parallel", "cfg"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     files = ["t/0.png", "t/1.png", "e/0.png"]
     for file in files:
         two = np.asarray(Image.open(tmp_path / "two" / file))

@@ -611,21 +611,14 @@ def test_requirements_are_the_library_dependencies():
 def adapters(tmp_path_factory):
     """Two adapters that fit the shipped model (random, non-zero)."""
     pytest.importorskip("peft")
+    from conftest import save_random_adapters
     from omnigen.pipeline import default_model_path
-    from omnigen.weights import lora
     from omnigen.weights.checkpoint import load_model
 
-    folder = tmp_path_factory.mktemp("loras")
-    for seed, name in enumerate(("a", "b")):
-        model, _ = load_model(default_model_path())
-        lora.add_lora(model, rank=2, alpha=2)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for key, p in model.named_parameters():
-                if ".lora_" in key:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        lora.save_lora(model, folder / name)
-    return folder / "a", folder / "b"
+    def shipped():
+        return load_model(default_model_path())[0]
+
+    return tuple(save_random_adapters(shipped, tmp_path_factory.mktemp("loras"), ("a", "b")))
 
 
 def test_lora_nodes_chain_and_leave_other_branches_alone(executor, adapters):

@@ -335,34 +335,21 @@ def test_demo_subcommand_wiring(model_folder, monkeypatch):
 @pytest.mark.slow
 def test_omnigen_demo_command_serves_the_page(model_folder, tmp_path):
     import os
-    import socket
-    import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (tmp_path / "demo.log").open("w")
+    from live import free_port, live_process
+
+    port = free_port()
     command = ["omnigen", "demo", "--model", str(model_folder), "--port", str(port)]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "demo.log").read_text()
-            assert time.monotonic() < deadline, "omnigen demo did not come up"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
-                    config = json.loads(response.read())
-                break
-            except OSError:
-                time.sleep(0.3)
+
+    def ready():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2) as response:
+            return json.loads(response.read())
+
+    with live_process(command, tmp_path / "demo.log", ready, env=env) as config:
         assert config["title"] == "OmniGen"
         assert any(c["props"].get("elem_id") == demo_module.ELEM_GENERATE for c in config["components"])
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 def editor_value(image, box=None, size=None):

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from live import free_port
 
 torch.set_num_threads(1)
 
@@ -41,12 +42,6 @@ pytestmark = [
 ]
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
 pytest.importorskip("gradio")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _shoot(page, name: str, full_page: bool = True) -> None:
@@ -87,7 +82,7 @@ def demo_url(demo_pipeline):
     from omnigen.demo.app import build_demo, launch_demo
 
     demo = build_demo(SlowSteps(demo_pipeline, STEP_DELAY_S))
-    port = _free_port()
+    port = free_port()
     launch_demo(demo, port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()

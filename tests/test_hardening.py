@@ -33,6 +33,7 @@ pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from live import live_server  # noqa: E402
 from omnigen import GenerationConfig, generation  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
@@ -288,28 +289,11 @@ def test_nullable_form_fields_accept_null(pipeline, rgb_image):
 # ------------------------------------------------------------------------------------------ live servers
 
 
-@contextmanager
 def serving(app, settings: ServeSettings):
-    """``make_server``'s server for ``app`` on 127.0.0.1:<free port>, in a thread: (base URL, server)."""
+    """``make_server``'s server for ``app`` (``live.live_server``): yields (base URL, server, thread)."""
     from omnigen.serve.server import make_server
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, settings, "127.0.0.1", port, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", server, thread
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
+    return live_server(lambda port: make_server(app, settings, "127.0.0.1", port, log_level="warning"))
 
 
 def in_thread(fn, *args, **kwargs) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import random_model, tiny_config, tiny_vae
+from conftest import random_model, tiny_config, tiny_pipeline
 from omnigen.generation import GenerationConfig
 from omnigen.sampling.guidance import combine, guided_velocity
 
@@ -16,13 +16,9 @@ EDIT = "make it blue <img><|image_1|></img>"
 
 @pytest.fixture(scope="module")
 def pipe(tokenizer):
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
-
-    defaults = GenerationConfig(
-        height=32, width=32, num_inference_steps=4, max_input_image_size=32, negative_prompt="blurry"
+    return tiny_pipeline(
+        random_model(tiny_config()), tokenizer, num_inference_steps=4, negative_prompt="blurry"
     )
-    return OmniGenPipeline(random_model(tiny_config()), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
 
 
 @pytest.fixture(scope="module")

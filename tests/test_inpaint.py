@@ -336,9 +336,8 @@ def test_outpaint_pads_and_masks_the_new_area(rgb_image):
     "kw, message",
     [
         ({}, "needs some padding"),
-        ({"left": -1}, "left must be an int >= 0"),
-        ({"top": 1.5}, "top must be an int >= 0"),
-        ({"left": 2, "multiple": 0}, "multiple must be an int >= 1"),
+        ({"left": -1}, "left must be an int >= 0, got -1"),
+        ({"left": 2, "multiple": 0}, "multiple must be an int >= 1, got 0"),
         ({"left": 2, "fill": "no-such-colour"}, "fill must be an RGB triple"),
         ({"left": 2, "fill": (300, 0, 0)}, "fill must be an RGB triple"),
     ],
@@ -346,6 +345,11 @@ def test_outpaint_pads_and_masks_the_new_area(rgb_image):
 def test_outpaint_bad_arguments(rgb_image, kw, message):
     with pytest.raises(ValueError, match=message):
         outpaint(rgb_image(8, 8), **kw)
+
+
+def test_outpaint_refuses_a_fractional_pad(rgb_image):
+    with pytest.raises(TypeError, match="top must be an int >= 0, got 1.5"):
+        outpaint(rgb_image(8, 8), top=1.5)
 
 
 def test_outpainted_edit_keeps_the_original_exactly(pipeline, rgb_image):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import random_model, tiny_config, tiny_vae
+from conftest import random_model, randomize_adapter, tiny_config, tiny_pipeline
 from omnigen.text.collate import collate
 from omnigen.text.processor import OmniGenProcessor
 from omnigen.weights import lora
@@ -18,15 +18,6 @@ from test_training import PIXEL_MODEL, make_config, world  # noqa: F401 - `world
 
 peft = pytest.importorskip("peft")
 EDIT = "make it blue <img><|image_1|></img>"
-
-
-def randomize_adapter(model, seed=0, scale=0.2):
-    """Non-zero A and B (B starts at zero), so the adapter changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +37,7 @@ def velocity(model, inputs):
 
 
 def make_pipeline(tokenizer, seed=0):
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
-
-    defaults = GenerationConfig(
-        height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
-    )
-    return OmniGenPipeline(
-        random_model(tiny_config(), seed), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults
-    )
+    return tiny_pipeline(random_model(tiny_config(), seed), tokenizer, negative_prompt="blurry")
 
 
 def generate(pipe):

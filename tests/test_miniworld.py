@@ -442,3 +442,24 @@ def test_unnamed_sizes_are_drawn_at_the_default_and_scored_as_either_size() -> N
         if s.meta["task"] == "edit/add":
             continue  # its untouched-pixel check would also see the change
         assert score.score_sample(s.meta, image, s.output_image)["correct"] == (o.get("size_named") is False)
+
+
+def test_placed_prompt_asks_for_the_scene_it_returns() -> None:
+    """Rendering the returned scene scores right against it; seeds turn through 8 cells and 4
+    backgrounds; unknown names are refused."""
+    seen = set()
+    for seed in range(8):
+        prompt, want = wording.placed_prompt("blue", "circle", seed)
+        obj = want["objects"][0]
+        assert prompt == f"a blue circle in the {obj['cell']} on a {want['background']} background"
+        image = world.render_scene(world.Scene.from_dict(want), 16)
+        assert score.scene_scores(want, image)["scene_ok"], prompt
+        _, other = wording.placed_prompt("blue", "circle", seed + 1)
+        assert not score.scene_scores(other, image)["scene_ok"]
+        seen.add((obj["cell"], want["background"]))
+    assert len({cell for cell, _ in seen}) == 8 and len({bg for _, bg in seen}) == 4
+    assert (
+        wording.placed_prompt("red", "circle", 0)[0] == "a red circle in the top left on a white background"
+    )
+    with pytest.raises(ValueError, match="colour must be one of"):
+        wording.placed_prompt("pink", "circle", 0)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import random_model, tiny_config, tiny_vae
+from conftest import random_model, tiny_config, tiny_pipeline
 from omnigen.model import offload
 from omnigen.model.layers import Block
 from omnigen.model.runner import Runner
@@ -28,17 +28,6 @@ def run(pipeline, prompt, images=None, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("output_type", "latent")
     return pipeline(prompt, images, **kw)
-
-
-def make_pipeline(model, tokenizer):
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
-
-    defaults = GenerationConfig(
-        height=32, width=32, num_inference_steps=2, max_input_image_size=32, negative_prompt="blurry"
-    )
-    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
 
 
 @pytest.fixture
@@ -70,9 +59,11 @@ def test_cache_bytes_do_not_depend_on_images_per_prompt(pipeline, cache_bytes, r
 
 
 @pytest.mark.parametrize("mode", [*MODES, NO_CACHE], ids=mode_id)
-def test_images_per_prompt_equal_repeated_rows_bit_for_bit(pipeline, rgb_image, mode):
+def test_images_per_prompt_equal_repeated_rows_bit_for_bit(pipeline, rgb_image, mode, one_thread):
     """k images of a prompt from one broadcast row equal what a row per image gives (the previous layout:
-    the prompt repeated k times, image j seeded seed + j), exactly."""
+    the prompt repeated k times, image j seeded seed + j), exactly. At one thread: with separate CFG the
+    broadcast layout prefills a batch of 1 row, the repeated one 3 rows, and CPU attention is batch-
+    invariant only single-threaded (``conftest.torch_threads``)."""
     for prompt, images in (("a red cat", None), (EDIT, [rgb_image()])):
         got = run(pipeline, prompt, images, num_images_per_prompt=3, **mode)
         rows = run(pipeline, [prompt] * 3, None if images is None else [images] * 3, **mode)
@@ -104,7 +95,7 @@ def test_one_cache_row_serves_several_step_rows(model, tokenizer, rgb_image):
 # ---------------------------------------------------------------------------------- streaming offload
 def test_offload_model_equals_resident_and_copies_nothing_back(tokenizer, monkeypatch):
     model = random_model(tiny_config())
-    pipe = make_pipeline(model, tokenizer)
+    pipe = tiny_pipeline(model, tokenizer, negative_prompt="blurry")
     base = run(pipe, "a red cat")
     moved: list[str] = []
     module_to = torch.nn.Module.to
@@ -134,7 +125,7 @@ def test_layers_stream_with_prefetch_and_drop_their_copies(tokenizer, monkeypatc
     config = tiny_config()
     config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, num_layers=3))
     model = random_model(config)
-    pipe = make_pipeline(model, tokenizer)
+    pipe = tiny_pipeline(model, tokenizer, negative_prompt="blurry")
     base = run(pipe, "a red cat", offload_kv_cache=True)
     events: list[tuple[str, int]] = []
     owner: dict[int, int] = {}  # host data_ptr -> layer index
@@ -222,7 +213,7 @@ def test_no_streams_or_pinning_without_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (side streams, pinned masters)")
 def test_cuda_offload_streams_equal_resident(tokenizer):
     model = random_model(tiny_config())
-    pipe = make_pipeline(model, tokenizer).to("cuda")
+    pipe = tiny_pipeline(model, tokenizer, negative_prompt="blurry").to("cuda")
     base = run(pipe, "a red cat", offload_kv_cache=False)
     got = run(pipe, "a red cat", offload_model=True, offload_kv_cache=True)
     assert all(m.is_pinned() for layer in pipe.runner.offloaded.masters for m in layer)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import random_model, tiny_config, tiny_vae
+from conftest import random_model, tiny_config, tiny_pipeline
 from omnigen.model.placement import place_layers, plan_layers
 from omnigen.sampling.step_cache import StepCache
 from omnigen.text.collate import collate
@@ -21,18 +21,10 @@ EDIT = "make it blue <img><|image_1|></img>"
 
 
 def make_pipeline(model, tokenizer, steps: int = 3, size: int = 32):
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
-
-    defaults = GenerationConfig(
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        max_input_image_size=32,
-        negative_prompt="low quality , blurry",
+    defaults = dict(
+        height=size, width=size, num_inference_steps=steps, negative_prompt="low quality , blurry"
     )
-    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+    return tiny_pipeline(model, tokenizer, **defaults)
 
 
 def run(pipeline, prompt, images=None, **kw):

@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import torch_threads
 from omnigen.batch import read_requests, run_batch
 from omnigen.batch.ray_engine import GroupWorker, _task, run_batch_ray
-from omnigen.batch.runner import _validate, consecutive_batches, expected_record, plan
+from omnigen.batch.runner import consecutive_batches, expected_record, plan, validate_requests
 from omnigen.pipeline import OmniGenPipeline
 
 ray = pytest.importorskip("ray")
@@ -84,12 +84,8 @@ def test_ray_outputs_equal_the_torchrun_runner(local_ray, model_folder, tmp_path
     load = functools.partial(OmniGenPipeline.from_pretrained, str(model_folder), device="cpu")
     planner = load()
     common = {"batch_size": 2, "model": "tiny", "bad_lines": bad}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as an actor of num_cpus=1 (Ray sets its OMP_NUM_THREADS): bytes need it
-    try:
+    with torch_threads(1):  # as an actor of num_cpus=1 (Ray sets its OMP_NUM_THREADS): bytes need it
         report = run_batch(planner, requests, tmp_path / "torchrun", progress=False, **common)
-    finally:
-        torch.set_num_threads(threads)
     ray_report = run_batch_ray(load, requests, tmp_path / "ray", actors=2, planner=planner, **common)
     assert (ray_report.generated, ray_report.failed, ray_report.world_size) == (report.generated, 0, 2)
     assert report.generated == 8
@@ -148,7 +144,7 @@ def test_a_retried_group_writes_nothing_twice(pipeline, tmp_path):
     """Ray reruns the group of a dead actor: what its records show done is skipped, the rest generated."""
     rows = [{"id": "a", "prompt": "a red circle", "n": 3}, {"id": "b", "prompt": "a blue square"}]
     requests, _ = read_requests(write_jsonl(tmp_path / "r.jsonl", rows))
-    params, _ = _validate(pipeline, requests, "skip", None)
+    params, _ = validate_requests(pipeline, requests, "skip", None)
     expected = {
         (r.id, k): expected_record(r, k, params[i], None, f"{r.id}/{k}.png")
         for i, r in enumerate(requests)
@@ -188,7 +184,7 @@ def test_a_failed_group_returns_its_error_rows(pipeline, tmp_path):
             raise RuntimeError("out of memory")
 
     requests, _ = read_requests(write_jsonl(tmp_path / "r.jsonl", [{"id": "a", "prompt": "a cat", "n": 2}]))
-    params, _ = _validate(pipeline, requests, "skip", None)
+    params, _ = validate_requests(pipeline, requests, "skip", None)
     expected = {("a", k): expected_record(requests[0], k, params[0], None, f"a/{k}.png") for k in range(2)}
     (group,) = consecutive_batches(plan(requests, params, {}, 0, 1), 4)
     worker = GroupWorker(Broken, str(tmp_path / "out"), "skip")

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import random_model, tiny_config, tiny_vae
+from conftest import random_model, tiny_config, tiny_pipeline
 from omnigen.model.layers import GatedMLP
 from omnigen.model.offload import offload_layers
 from omnigen.model.placement import place_layers, place_model
@@ -30,15 +30,6 @@ def module_state(model: torch.nn.Module) -> dict:
     return state
 
 
-def make_pipeline(model, tokenizer):
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
-
-    defaults = GenerationConfig(height=32, width=32, num_inference_steps=2, max_input_image_size=32)
-    return OmniGenPipeline(model, AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
-
-
 def edit_condition(model, tokenizer, rgb_image):
     processor = OmniGenProcessor(tokenizer, model.config, 32)
     latents = [[torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(1))]]
@@ -47,7 +38,7 @@ def edit_condition(model, tokenizer, rgb_image):
 
 def test_placing_and_offloading_leave_no_attributes_on_the_modules(tokenizer):
     model = random_model(tiny_config())
-    pipe = make_pipeline(model, tokenizer)
+    pipe = tiny_pipeline(model, tokenizer)
     before = module_state(model)
     runner = place_model(model, torch.device("cpu"), PLAIN, offload_layers=True)
     assert runner.offloaded is not None
@@ -143,7 +134,7 @@ def test_the_sampler_stores_the_step_inputs_and_the_model_only_reads_them(
 
 def test_pipeline_runner_keeps_the_split_and_the_fp16_guard(tokenizer):
     model = random_model(tiny_config())
-    pipe = make_pipeline(model, tokenizer)
+    pipe = tiny_pipeline(model, tokenizer)
     pipe.runner = dataclasses.replace(pipe.runner, fp16_guard=False)
     pipe.place_layers(["cpu", "cpu"])
     pipe("a red cat", progress=False, output_type="latent", offload_model=True)

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import importlib.util
 import io
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from live import free_port, live_process, live_server  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
 from omnigen.serve.worker import JobQueue, QueueFull, Worker, WorkerStopped  # noqa: E402
@@ -69,24 +69,10 @@ class GatedPipeline:
 
 @contextmanager
 def serving(app):
-    """A real uvicorn server for `app` on 127.0.0.1:<free port>, in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        assert not thread.is_alive(), "server did not stop"
+    """A plain uvicorn server for `app` (``live.live_server``): yields its base URL."""
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    with live_server(lambda _port: uvicorn.Server(config)) as (base, _server, _thread):
+        yield base
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
@@ -543,35 +529,21 @@ def test_serve_subcommand_wiring(model_folder, monkeypatch):
 def test_omnigen_serve_command(model_folder, tmp_path):
     """The console script end to end: model folder, port, queue size and the API key from the env."""
     import os
-    import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMNIGEN_API_KEY": "from-env"}
     command = ["omnigen", "serve", "--model", str(model_folder), "--port", str(port), "--queue-size", "2"]
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "omnigen serve did not come up"
-            try:
-                if httpx.get(base + "/health", timeout=1).json()["queue_size"] == 2:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+
+    def ready():
+        return httpx.get(base + "/health", timeout=1).json()["queue_size"] == 2
+
+    with live_process(command, tmp_path / "serve.log", ready, (httpx.HTTPError,), env):
         assert httpx.get(base + "/v1/models", timeout=5).status_code == 401
         key = {"Authorization": "Bearer from-env"}
         body = {"prompt": "a cat", "seed": 0, "response_format": "png"}
         response = httpx.post(base + URL, json=body, headers=key, timeout=30)
         assert response.status_code == 200 and Image.open(io.BytesIO(response.content)).size == (32, 32)
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 # ------------------------------------------------------------------------------------------ per-request LoRA
@@ -583,18 +555,10 @@ def lora_service(model, tokenizer, tmp_path_factory):
     pytest.importorskip("peft")
     import copy
 
-    from omnigen.weights import lora
+    from conftest import save_random_adapters
 
     folder = tmp_path_factory.mktemp("loras")
-    for seed, name in enumerate(("style", "ink")):
-        donor = copy.deepcopy(model)
-        lora.add_lora(donor, rank=2, alpha=2)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for key, p in donor.named_parameters():
-                if ".lora_" in key:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        lora.save_lora(donor, folder / name)
+    save_random_adapters(lambda: copy.deepcopy(model), folder, ("style", "ink"))
     (folder / "not-an-adapter").mkdir()
     return folder
 
@@ -603,13 +567,9 @@ def lora_pipeline(model, tokenizer):
     """Its own pipeline (a copy of the model), so the shared one never gets adapters."""
     import copy
 
-    from conftest import tiny_vae
-    from omnigen.generation import GenerationConfig
-    from omnigen.model.vae import AutoencoderKLCodec
-    from omnigen.pipeline import OmniGenPipeline
+    from conftest import tiny_pipeline
 
-    defaults = GenerationConfig(height=32, width=32, num_inference_steps=3, max_input_image_size=32)
-    return OmniGenPipeline(copy.deepcopy(model), AutoencoderKLCodec(tiny_vae()), tokenizer, defaults)
+    return tiny_pipeline(copy.deepcopy(model), tokenizer, num_inference_steps=3)
 
 
 def test_lora_requests_interleaved_equal_sequential_runs(model, tokenizer, lora_service):

@@ -12,8 +12,6 @@ import asyncio
 import base64
 import io
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ openai = pytest.importorskip("openai")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from live import free_port, live_process  # noqa: E402
 from omnigen.serve.app import create_app  # noqa: E402
 from omnigen.serve.openai import tagged_prompt  # noqa: E402
 from omnigen.serve.settings import ServeSettings  # noqa: E402
@@ -65,37 +64,18 @@ def decoded_png(b64_json: str) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`omnigen serve` with the shipped model: key KEY, queue of 1, at most 256 output pixels (16x16)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "omnigen", "serve", "--port", str(port), "--api-key", KEY]
     command += ["--queue-size", "1", "--max-steps", "999", "--max-pixels", "256", "--max-outputs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, (
-                "omnigen serve did not come up:\n" + log_path.read_text()[-3000:]
-            )
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+
+    def ready():
+        return httpx.get(base + "/health", timeout=2).status_code == 200
+
+    with live_process(command, log_path, ready, (httpx.HTTPError,), env, SERVER_START_S):
         yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")

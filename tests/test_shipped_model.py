@@ -23,13 +23,8 @@ def shipped():
 
 def test_readme_prompt_is_drawn_right_at_seeds_0_to_7(shipped):
     """Measured on the shipped weights: right at every seed 0-15 (README); here 0-7."""
-    want = {
-        "background": "white",
-        "objects": [
-            {"shape": "circle", "colour": "red", "size": mt.DEFAULT_SIZE, "cell": "top left", "dot": None}
-            | {"size_named": False}
-        ],
-    }
+    prompt, want = mt.placed_prompt("red", "circle", 0)
+    assert prompt == README_PROMPT
     results = []
     for seed in range(8):
         image = np.asarray(shipped(README_PROMPT, seed=seed, progress=False)[0].convert("RGB"))
@@ -41,24 +36,10 @@ def test_readme_prompt_is_drawn_right_at_seeds_0_to_7(shipped):
 def test_the_compositional_splits_withheld_pairs_are_drawn_right_at_most_seeds(shipped, colour, shape):
     """The shipped weights' last stage (configs/miniworld_v5_all.yaml) also learnt the pairs the
     compositional split holds out (stage 6 drew "a blue circle ..." right at 1 of these 8 seeds)."""
-    cells = (
-        "top left",
-        "center",
-        "bottom right",
-        "top right",
-        "bottom left",
-        "middle left",
-        "top center",
-        "middle right",
-    )
-    backgrounds = ("white", "gray", "black", "beige")
     results = []
     for seed in range(8):
-        cell, background = cells[seed], backgrounds[seed % 4]
-        want = {"shape": shape, "colour": colour, "size": mt.DEFAULT_SIZE, "cell": cell, "dot": None}
-        prompt = f"a {colour} {shape} in the {cell} on a {background} background"
+        prompt, scene = mt.placed_prompt(colour, shape, seed)
         image = np.asarray(shipped(prompt, seed=seed, progress=False)[0].convert("RGB"))
-        scene = {"background": background, "objects": [want | {"size_named": False}]}
         results.append(scene_scores(scene, image)["scene_ok"])
     assert sum(results) >= 6, results
 

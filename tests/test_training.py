@@ -763,11 +763,15 @@ def test_validation_loss_is_the_exported_ema_models_loss_at_fixed_draws(world, t
         make_config(root, tmp_path / "x", 1, val_samples=0)
 
 
-def test_extending_the_tokenizer_gives_new_words_their_own_ids_and_trained_rows(world, tmp_path, caplog):
+def test_extending_the_tokenizer_gives_new_words_their_own_ids_and_trained_rows(
+    world, tmp_path, caplog, monkeypatch
+):
     """A base model whose tokenizer lacks some of the data's words, fine-tuned with extend_tokenizer and
     add_words: each new word gets its own id (known ids unchanged), its embedding row starts at the mean
-    of the old rows, the rows of words in the data train, and the export reads them with its tokenizer."""
+    of the old rows, the rows of words in the data train, and the export reads them with its tokenizer.
+    The JSONL is read once (for the new words and the batches)."""
     import logging
+    from collections import Counter
 
     from safetensors.torch import load_file
 
@@ -809,8 +813,14 @@ def test_extending_the_tokenizer_gives_new_words_their_own_ids_and_trained_rows(
         add_words=["Zorblax"],
         warmup_steps=0,
     )
+    from omnigen.training import x2i
+
+    reads: Counter = Counter()
+    iter_rows = x2i._iter_rows
+    monkeypatch.setattr(x2i, "_iter_rows", lambda file: (reads.update([file.name]), iter_rows(file))[1])
     with caplog.at_level(logging.WARNING, logger="omnigen.text.tokenizer"):
         final = train(run, device="cpu")
+    assert reads["train.jsonl"] == 1, reads
     assert "does not know" not in caplog.text  # every word of the data has an id now
     tuned = Tokenizer.from_file(final)
     old_size = small.backend.get_vocab_size()

@@ -21,7 +21,6 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from omnigen.sampling.inpaint import MAX_MASK_BLUR
 from omnigen.sampling.solvers import SOLVERS
 from omnigen.util.checks import RULE, Rule, validate
 
@@ -37,6 +36,7 @@ MAX_CONDITION_TOKENS = 16384
 # Pillow a value that overflows (a blur radius of 2**31 crashed Pillow) or degenerates (guidance 1e308,
 # time shift 5e-324). MAX_SIDE bounds pixel sides; the model's own largest size is usually smaller.
 MAX_SIDE = 16384
+MAX_MASK_BLUR = 1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (sampling.inpaint too)
 DEFAULT_NEGATIVE_PROMPT = (
     "low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, "
     "poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, "

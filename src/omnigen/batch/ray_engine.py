@@ -4,7 +4,7 @@ The driver checks and plans exactly as ``runner.run_batch`` does (one rank holdi
 ``runner.plan`` and ``runner.consecutive_batches``, so groups share output size and parameters and hold
 consecutive seeds), then hands the groups to ``map_batches`` over a pool of actors, each holding one
 pipeline (one actor per GPU, or per CPU slice). An actor writes a group's PNGs then its records with the
-runner's ``_run_one`` into its own ``results.rank-ray-<host>-<pid>.jsonl``, which ``runner.read_records``
+runner's ``run_one_batch`` into its own ``results.rank-ray-<host>-<pid>.jsonl``, which ``runner.read_records``
 reads like any rank's file; the driver merges (``runner.merge``). Same seeds, same bytes, same records.
 
 Ray retries the group of an actor that died. Its records may already be written (the actor died after
@@ -26,14 +26,11 @@ from typing import Any
 
 from omnigen.batch.requests import BadLine, Request
 from omnigen.batch.runner import (
+    AppendLog,
     BatchReport,
     Job,
     Layout,
     OnError,
-    _AppendLog,
-    _remove_stale_temporaries,
-    _run_one,
-    _validate,
     consecutive_batches,
     default_layout,
     expected_record,
@@ -41,6 +38,9 @@ from omnigen.batch.runner import (
     merge,
     plan,
     rank_file,
+    remove_stale_temporaries,
+    run_one_batch,
+    validate_requests,
 )
 from omnigen.generation import MAX_CONDITION_TOKENS
 
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Collected:
-    """The error rows of ``_run_one``, returned to the driver (which writes errors.jsonl)."""
+    """The error rows of ``run_one_batch``, returned to the driver (which writes errors.jsonl)."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -71,7 +71,7 @@ class GroupWorker:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.on_error = on_error
-        self.results = _AppendLog(rank_file(self.out_dir, worker_rank()))
+        self.results = AppendLog(rank_file(self.out_dir, worker_rank()))
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list]:
         out: dict[str, list] = {"generated": [], "failed": [], "skipped": [], "errors": []}
@@ -93,7 +93,7 @@ class GroupWorker:
         errors, generated = _Collected(), 0
         for batch in consecutive_batches(jobs, max(len(jobs), 1)):
             records = [by_job[job] for job in batch]
-            generated += _run_one(
+            generated += run_one_batch(
                 self.pipe,
                 task["requests"],
                 batch,
@@ -139,7 +139,7 @@ def run_batch_ray(
         raise ValueError(f"actors must be an integer >= 1, got {actors!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    params, invalid = _validate(planner or load(), requests, on_error, max_condition_tokens)
+    params, invalid = validate_requests(planner or load(), requests, on_error, max_condition_tokens)
     expected = {
         (requests[i].id, k): expected_record(requests[i], k, p, model, layout(requests[i], k))
         for i, p in params.items()
@@ -148,7 +148,7 @@ def run_batch_ray(
     done = finished(out_dir, expected)
     batches = consecutive_batches(plan(requests, params, done, 0, 1), batch_size)
     tasks = [_task(requests, params, expected, batch) for batch in batches]
-    _remove_stale_temporaries(out_dir, [r["file"] for task in tasks for r in task["records"]])
+    remove_stale_temporaries(out_dir, [r["file"] for task in tasks for r in task["records"]])
     logger.info(
         "ray: %d requests, %d images (%d done); %d images in %d groups over %d actors",
         len(params),
@@ -160,7 +160,7 @@ def run_batch_ray(
     )
     generated = failed = 0
     rank_file(out_dir, 0, "errors").unlink(missing_ok=True)  # this run's errors only, as a rank's file
-    errors = _AppendLog(rank_file(out_dir, 0, "errors"))
+    errors = AppendLog(rank_file(out_dir, 0, "errors"))
     try:
         if tasks:
             rows = ray.data.from_items(

@@ -136,7 +136,7 @@ def readable_at(path: Path, params: dict[str, Any]) -> bool:
         return False
 
 
-class _AppendLog:
+class AppendLog:
     """A JSONL file appended one fsync'ed line at a time; a torn last line is cut on open."""
 
     def __init__(self, path: Path) -> None:
@@ -188,9 +188,12 @@ def consecutive_batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]
     return batches
 
 
-def _validate(
+def validate_requests(
     pipe: Any, requests: Sequence[Request], on_error: OnError, max_condition_tokens: int | None
 ) -> tuple[dict[int, dict[str, Any]], list[BadLine]]:
+    """Each request's generation parameters, checked against ``pipe`` before anything runs: (params by
+    request index, the bad lines). A bad request raises ``RequestError`` with ``on_error="fatal"``, else
+    it becomes a ``BadLine`` and is skipped."""
     params, bad = {}, []
     for index, request in enumerate(requests):
         try:
@@ -235,7 +238,7 @@ def run_batch(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sync = barrier or (lambda: None)
-    params, invalid = _validate(pipe, requests, on_error, max_condition_tokens)
+    params, invalid = validate_requests(pipe, requests, on_error, max_condition_tokens)
     bad = [*bad_lines, *invalid]
     expected = {
         (requests[i].id, k): expected_record(requests[i], k, p, model, layout(requests[i], k))
@@ -259,13 +262,13 @@ def run_batch(
         len(batches),
     )
     files = [[expected[(requests[j.request].id, j.k)] for j in batch] for batch in batches]
-    _remove_stale_temporaries(out_dir, [record["file"] for group in files for record in group])
+    remove_stale_temporaries(out_dir, [record["file"] for group in files for record in group])
     bar = tqdm(total=len(mine), unit="img", desc="batch", disable=not progress or rank != 0, smoothing=0.1)
-    results, errors = _AppendLog(rank_file(out_dir, rank)), _AppendLog(rank_file(out_dir, rank, "errors"))
+    results, errors = AppendLog(rank_file(out_dir, rank)), AppendLog(rank_file(out_dir, rank, "errors"))
     generated = failed = 0
     try:
         for batch, records in zip(batches, files):
-            ok = _run_one(
+            ok = run_one_batch(
                 pipe, requests, batch, records, params[batch[0].request], out_dir, results, errors, on_error
             )
             generated, failed = generated + ok, failed + len(batch) - ok
@@ -302,18 +305,20 @@ def plan(
     return pending[start:end]
 
 
-def _run_one(
+def run_one_batch(
     pipe: Any,
     requests: Sequence[Request],
     batch: list[Job],
     records: list[dict],
     params: dict[str, Any],
     out_dir: Path,
-    results: _AppendLog,
-    errors: _AppendLog,
+    results: AppendLog,
+    errors: AppendLog,
     on_error: OnError,
 ) -> int:
-    """Generate one batch, write its PNGs then its records; returns the number of images written."""
+    """Generate one batch, write its PNGs then its records; returns the number of images written.
+    A failed batch raises with ``on_error="fatal"``, else writes an error row per image to ``errors``
+    and returns 0. Used by ``run_batch`` and by ``omnigen.batch.ray_engine``'s actors."""
     try:
         images = _generate(pipe, requests, batch, params)
     except Exception as err:
@@ -359,8 +364,9 @@ def _save_png(image: Any, path: Path, seed: int) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def _remove_stale_temporaries(out_dir: Path, files: list[str]) -> None:
-    """Temporary files a killed run left next to this rank's targets (atomic_write's naming)."""
+def remove_stale_temporaries(out_dir: Path, files: list[str]) -> None:
+    """Delete the temporary files a killed run left next to the target ``files`` under ``out_dir``
+    (atomic_write's naming), before a run writes them again."""
     for file in files:
         target = out_dir / file
         if target.parent.is_dir():

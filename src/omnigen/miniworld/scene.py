@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from omnigen.util.checks import check_int
+
 Colour = tuple[int, int, int]
 
 OBJECT_COLOURS: dict[str, Colour] = {
@@ -79,12 +81,10 @@ class SceneObject:
     dot: str | None = None  # identity: colour of the centre dot, or None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "cell", int(self.cell))
+        object.__setattr__(self, "cell", check_int("cell", int(self.cell), 0, 8))  # a numpy int too
         _check_choice("shape", self.shape, SHAPES)
         _check_choice("colour", self.colour, tuple(OBJECT_COLOURS))
         _check_choice("size", self.size, SIZES)
-        if not 0 <= self.cell < 9:
-            raise ValueError(f"cell must be in 0..8, got {self.cell}")
         if self.dot is not None and (self.dot == self.colour or self.dot not in OBJECT_COLOURS):
             raise ValueError(f"dot must be an object colour other than {self.colour!r}, got {self.dot!r}")
 
@@ -129,8 +129,7 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def check_image_size(image_size: int) -> None:
-    if not isinstance(image_size, int) or image_size < 16:
-        raise ValueError(f"image size must be an int >= 16, got {image_size!r}")
+    check_int("image size", image_size, 16)
 
 
 # --------------------------------------------------------------------------------------------------

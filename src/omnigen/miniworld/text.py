@@ -247,6 +247,26 @@ class Phrasing:
         return text + "." if self.rng.random() < P_FULL_STOP else text
 
 
+# The cells and backgrounds a placed prompt turns through with its seed (`placed_prompt`).
+PLACED_CELLS = (
+    "top left", "center", "bottom right", "top right",
+    "bottom left", "middle left", "top center", "middle right",
+)  # fmt: skip
+PLACED_BACKGROUNDS = ("white", "gray", "black", "beige")
+
+
+def placed_prompt(colour: str, shape: str, seed: int) -> tuple[str, dict[str, Any]]:
+    """ "a {colour} {shape} in the {cell} on a {background} background" for ``seed`` (cell
+    ``PLACED_CELLS[seed % 8]``, background ``PLACED_BACKGROUNDS[seed % 4]``) and the scene it asks for,
+    as ``score.scene_scores`` takes it (no size named: the world's `DEFAULT_SIZE`). Seed 0 gives the
+    README's prompt; scripts/withheld_pairs.py and tests/test_shipped_model.py measure with these."""
+    cell = PLACED_CELLS[seed % len(PLACED_CELLS)]
+    background = PLACED_BACKGROUNDS[seed % len(PLACED_BACKGROUNDS)]
+    want = ms.SceneObject(shape, colour, DEFAULT_SIZE, ms.CELL_NAMES.index(cell))  # checks the names
+    scene = {"background": background, "objects": [want.to_dict() | {"size_named": False}]}
+    return f"a {colour} {shape} in the {cell} on a {background} background", scene
+
+
 def vocabulary_texts() -> list[str]:
     """Every text fragment an instruction or its wrapper can contain ({placeholders} dropped)."""
     names = [*ms.OBJECT_COLOURS, *ms.BACKGROUND_COLOURS, *ms.SHAPES, *ms.SIZES, *ms.CELL_NAMES]

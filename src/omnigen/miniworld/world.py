@@ -43,6 +43,7 @@ from omnigen.miniworld.tasks import (
     t2i_relation,
 )
 from omnigen.util.atomic import atomic_write
+from omnigen.util.checks import check_int
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -115,8 +116,7 @@ def task_deck(
         raise ValueError("tasks selects no task kinds")
     counts = dict(DECK_WEIGHTS)
     for name, weight in (weights or {}).items():
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-            raise ValueError(f"the weight of {name!r} must be an int >= 0, got {weight!r}")
+        weight = check_int(f"the weight of {name!r}", weight, 0)
         counts.update(dict.fromkeys(_deck_kinds(name), weight))
     deck = []
     for kind, weight in counts.items():
@@ -187,10 +187,7 @@ def iter_samples(
     "compositional" redraws a sample until it holds a WITHHELD_PAIRS pair, "all" never redraws, the others
     redraw until it holds none.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    n, seed = check_int("n", n, 0), check_int("seed", seed, 0)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     ms.check_image_size(size)

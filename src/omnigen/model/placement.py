@@ -23,6 +23,7 @@ from torch import nn
 
 from omnigen.model.offload import offload_layers as offload_layers_to_host
 from omnigen.model.runner import Runner
+from omnigen.util.checks import check_int
 from omnigen.weights.quantize import tensor_bytes
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ def place_layers(
     if memory is not None:
         if len(memory) != len(targets):
             raise ValueError(f"memory has {len(memory)} entries but {len(targets)} devices were given")
-        if any(isinstance(m, bool) or not isinstance(m, int) or m <= 0 for m in memory):
-            raise ValueError(f"memory must be positive byte counts, got {list(memory)!r}")
+        memory = [check_int(f"memory[{k}] (bytes)", m, 1) for k, m in enumerate(memory)]
     llm = model.llm
     sizes = [module_bytes(layer) for layer in llm.layers]
     extra = module_bytes(model) - sum(sizes)

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from omnigen.util.checks import check_float, check_int
+
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t for t of shape (B,)."""
@@ -57,9 +59,7 @@ def sample_t(
 
 def check_shift(shift: float) -> float:
     """A time shift must be a finite number > 0 (1 = no shift); returns it as a float."""
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 < shift < math.inf:
-        raise ValueError(f"time_shift must be a finite number > 0 (1 = no shift), got {shift!r}")
-    return float(shift)
+    return check_float("time_shift", shift, 0, low_open=True)
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -86,6 +86,5 @@ def time_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     as t / (t + 1 - t), so a few of its interior points sit 1 float32 ulp (6e-8) away from i / n; we keep
     it for bit-equality with the reference and with every sampler run before solvers existed.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
+    num_steps = check_int("num_inference_steps", num_steps, 1)
     return shift_time(torch.linspace(0, 1, num_steps + 1), check_shift(shift))

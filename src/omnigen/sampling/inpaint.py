@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageColor, ImageFilter, UnidentifiedImageError
 
+from omnigen.generation import MAX_MASK_BLUR
 from omnigen.model.vae import LatentCodec
 from omnigen.sampling.flow import interpolate
 from omnigen.text.processor import IMAGE_FORMATS, load_image, resize_and_crop, to_tensor
-from omnigen.util.checks import check_float
+from omnigen.util.checks import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +127,9 @@ def check_aspect(mask_size: tuple[int, int], image_size: tuple[int, int]) -> Non
         )
 
 
-MAX_MASK_BLUR = (
-    1024  # pixels; Pillow's blur crashes the process on radii near 2**31 (GenerationConfig's range)
-)
-
-
 def check_blur(mask_blur: float) -> float:
-    """A blur radius in pixels within [0, MAX_MASK_BLUR], as a float."""
+    """A blur radius in pixels within [0, MAX_MASK_BLUR] (``GenerationConfig.mask_blur``'s range), as a
+    float."""
     return check_float("mask_blur", mask_blur, 0, MAX_MASK_BLUR)
 
 
@@ -314,11 +311,9 @@ def outpaint(
     OmniGen-v1, ``model.config.image_multiple``). The padded canvas is resized like any input image, so
     give the call a ``max_input_image_size`` that holds it to keep its resolution."""
     picture = load_image(image)
-    pads = {"left": left, "right": right, "top": top, "bottom": bottom, "multiple": multiple}
-    for name, value in pads.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "multiple" else 0):
-            low = 1 if name == "multiple" else 0
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    pads = {"left": left, "right": right, "top": top, "bottom": bottom}
+    left, right, top, bottom = (check_int(name, value, 0) for name, value in pads.items())
+    multiple = check_int("multiple", multiple, 1)
     if left + right + top + bottom == 0:
         raise ValueError("outpaint needs some padding: left, right, top and bottom are all 0")
     try:

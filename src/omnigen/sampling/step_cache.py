@@ -27,23 +27,15 @@ from __future__ import annotations
 
 import torch
 
+from omnigen.util.checks import check_float, check_int
+
 
 class StepCache:
     def __init__(self, threshold: float, num_steps: int, warmup_steps: int = 1, final_steps: int = 1) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-            raise ValueError(f"step cache threshold must be a number >= 0, got {threshold!r}")
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(
-                f"warmup_steps must be an int >= 1 (step 0 fills the cache), got {warmup_steps!r}"
-            )
-        if not isinstance(final_steps, int) or final_steps < 0:
-            raise ValueError(f"final_steps must be an int >= 0, got {final_steps!r}")
-        self.threshold = float(threshold)
-        self.num_steps = num_steps
-        self.warmup_steps = warmup_steps
-        self.final_steps = final_steps
+        self.threshold = check_float("step cache threshold", threshold, 0)
+        self.num_steps = check_int("num_steps", num_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 1)  # step 0 fills the cache
+        self.final_steps = check_int("final_steps", final_steps, 0)
         self.step = -1
         self.accumulated = 0.0
         self.computed: list[bool] = []  # per step: did it run all layers

@@ -22,6 +22,7 @@ from omnigen.config import OmniGenConfig
 from omnigen.text.tags import BARE_TAG_PATTERN, image_tag, validate_image_tags
 from omnigen.text.tokenizer import TextTokenizer
 from omnigen.types import ProcessedPrompt
+from omnigen.util.checks import check_int
 
 USER = "<|user|>\n"
 PREAMBLE = "Generate an image according to the following instructions\n"
@@ -143,16 +144,8 @@ class OmniGenProcessor:
         self.max_input_image_size = self.check_max_input_image_size(max_input_image_size)
 
     def check_max_input_image_size(self, value: int) -> int:
-        if (
-            not isinstance(value, int)
-            or value < self.config.image_multiple
-            or value > self.config.max_image_size
-        ):
-            raise ValueError(
-                f"max_input_image_size must be an int in [{self.config.image_multiple}, "
-                f"{self.config.max_image_size}], got {value!r}"
-            )
-        return value
+        config = self.config
+        return check_int("max_input_image_size", value, config.image_multiple, config.max_image_size)
 
     def prepare_image(
         self, image: Image.Image | str | Path | np.ndarray, max_size: int | None = None

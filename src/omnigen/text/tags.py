@@ -11,6 +11,8 @@ import re
 from collections.abc import Sequence
 from typing import TypeVar
 
+from omnigen.util.checks import check_int, check_str
+
 _T = TypeVar("_T")
 
 IMAGE_TAG_PATTERN = re.compile(r"<img><\|image_(\d+)\|></img>")
@@ -29,10 +31,8 @@ def validate_image_tags(text: str, num_images: int) -> list[int]:
     leading zeros. Returns the tag numbers in order of appearance. Raises ValueError naming the tags
     found and the tags allowed.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"num_images must be an int >= 0, got {num_images!r}")
+    check_str("text", text)
+    num_images = check_int("num_images", num_images, 0)
     raw_numbers = IMAGE_TAG_PATTERN.findall(text)
     stray = BARE_TAG_PATTERN.findall(IMAGE_TAG_PATTERN.sub(" ", text))
     allowed = _allowed_tags_text(num_images)

@@ -8,12 +8,18 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omnigen.config import OmniGenConfig
 from omnigen.text.tokenizer import Tokenizer, embedding_rows
 from omnigen.training import vocabulary
+from omnigen.training.batches import read_samples
 from omnigen.training.config import TrainConfig
+from omnigen.training.stream import parse_sources
 from omnigen.weights.checkpoint import Layout, load_config, resolve_layout
+
+if TYPE_CHECKING:
+    from omnigen.training.x2i import X2ISample
 
 Vocabularies = tuple[dict[str, int], dict[str, int]]
 
@@ -33,23 +39,36 @@ class BaseModel:
     # remaps the token embedding from one to the other (omnigen.training.grow); else None (also when the
     # base folder has no tokenizer: its ids are then taken as ``tokenizer``'s)
     vocabulary_change: Vocabularies | None = None
+    # the run's JSONL samples when reading the tokenizer's new words read them (``extend_tokenizer``):
+    # the batch builder takes these instead of reading the data again; else None (it reads them)
+    samples: list[X2ISample] | None = None
 
 
 def resolve_base(config: TrainConfig) -> BaseModel:
-    """Read ``init_from`` (layout, config.json, tokenizer) and the run's tokenizer once; ValueError, before
-    any model is built, when the tokenizer has ids the model's token embedding lacks."""
+    """Read ``init_from`` (layout, config.json, tokenizer), the run's tokenizer and, with
+    ``extend_tokenizer``, the JSONL samples once; ValueError, before any model is built, when the
+    tokenizer has ids the model's token embedding lacks."""
+    samples = None
+    if config.extend_tokenizer:
+        if parse_sources(config.data)[1]:
+            raise ValueError(
+                "extend_tokenizer reads the words of JSONL data; list new words in add_words instead"
+            )
+        samples = read_samples(config)
     if not config.init_from:
         if config.tokenizer is None:
             raise ValueError("a new model needs `tokenizer` (a tokenizer.json)")
-        tokenizer = vocabulary.extend(Tokenizer.from_file(config.tokenizer), config, config.tokenizer)
-        base = BaseModel(OmniGenConfig.from_dict(config.model), tokenizer, config.tokenizer)
+        tokenizer = vocabulary.extend(
+            Tokenizer.from_file(config.tokenizer), config, config.tokenizer, samples or ()
+        )
+        base = BaseModel(OmniGenConfig.from_dict(config.model), tokenizer, config.tokenizer, samples=samples)
     else:
         layout = resolve_layout(config.init_from)
         folder_config = load_config(layout)
         base_file = layout.tokenizer_dir / "tokenizer.json"
         tokenizer_file = config.tokenizer or str(base_file)
         read = Tokenizer.from_file(tokenizer_file)
-        tokenizer = vocabulary.extend(read, config, tokenizer_file)
+        tokenizer = vocabulary.extend(read, config, tokenizer_file, samples or ())
         change = None
         if base_file.is_file():  # the base's ids -> the run's (another tokenizer, or new words)
             same = config.tokenizer is None or _same_file(config.tokenizer, base_file)
@@ -57,7 +76,7 @@ def resolve_base(config: TrainConfig) -> BaseModel:
             new = tokenizer.backend.get_vocab()
             change = None if new == old else (old, new)
         model_config = _trained_config(folder_config, config, change)
-        base = BaseModel(model_config, tokenizer, tokenizer_file, layout, folder_config, change)
+        base = BaseModel(model_config, tokenizer, tokenizer_file, layout, folder_config, change, samples)
     needed = embedding_rows(base.tokenizer.backend.get_vocab())
     rows = base.model_config.transformer.vocab_size
     if needed > rows:
@@ -86,8 +105,6 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
 def check_paths(config: TrainConfig) -> None:
     """ValueError if a ``data``, ``val_data`` or ``tokenizer`` file (or glob) is not there, saying how to
     make it; called before a run starts, so a missing data set fails before any model is built."""
-    from omnigen.training.stream import parse_sources
-
     jsonl = parse_sources(config.data)[0]  # a shard pattern that matches nothing fails here
     named = [("data", p) for p in jsonl] + [("val_data", p) for p in config.val_data or []]
     if config.tokenizer is not None:

@@ -77,6 +77,25 @@ def fill_pixels(image: Image.Image, height: int, width: int) -> torch.Tensor:
     return to_tensor(image.crop((left, top, left + width, top + height)))
 
 
+def read_samples(config: TrainConfig) -> list[X2ISample]:
+    """The run's JSONL samples, read once per run (the run's tokenizer words come from them too, with
+    ``extend_tokenizer``); none when ``data`` names tar shards (the stream brings those,
+    ``ShardBatchStream``). ValueError when ``data`` mixes the two."""
+    jsonl, shards = parse_sources(config.data)
+    if jsonl and shards:
+        raise ValueError(
+            f"data mixes JSONL files {jsonl} with tar shards: write the JSONL into shards too "
+            "(omnigen data shards --jsonl ... --images ... --out DIR) and list DIR's shards"
+        )
+    if shards and config.latent_cache is not None:
+        raise ValueError("latent_cache reads images from files: set it to null when data names shards")
+    if not jsonl:
+        return []
+    return read_x2i(
+        jsonl, image_root=config.image_root, on_bad_row=config.on_bad_row, check_images=config.check_images
+    ).samples
+
+
 class BatchBuilder:
     def __init__(
         self,
@@ -111,25 +130,12 @@ class BatchBuilder:
         model_config: OmniGenConfig,
         device: torch.device,
         rank: int = 0,
+        samples: list[X2ISample] | None = None,
     ) -> BatchBuilder:
-        """The trainer's builder: its samples (none yet when ``data`` names shards: the stream brings
-        them, ``ShardBatchStream``), processor, dropout and (per-rank writer) latent cache."""
-        jsonl, shards = parse_sources(config.data)
-        if jsonl and shards:
-            raise ValueError(
-                f"data mixes JSONL files {jsonl} with tar shards: write the JSONL into shards too "
-                "(omnigen data shards --jsonl ... --images ... --out DIR) and list DIR's shards"
-            )
-        if shards and config.latent_cache is not None:
-            raise ValueError("latent_cache reads images from files: set it to null when data names shards")
-        samples = []
-        if jsonl:
-            samples = read_x2i(
-                jsonl,
-                image_root=config.image_root,
-                on_bad_row=config.on_bad_row,
-                check_images=config.check_images,
-            ).samples
+        """The trainer's builder: its samples (``samples`` when the run has read them already, else
+        ``read_samples(config)``), processor, dropout and (per-rank writer) latent cache."""
+        if samples is None:
+            samples = read_samples(config)
         processor = OmniGenProcessor(
             tokenizer, model_config, max_input_image_size=max(s.resolution for s in config.stages)
         )

@@ -16,6 +16,7 @@ from omnigen.text.tokenizer import Tokenizer
 from omnigen.training import distributed
 from omnigen.training.batches import BatchBuilder
 from omnigen.training.config import TrainConfig
+from omnigen.training.x2i import X2ISample
 
 
 @dataclass
@@ -59,8 +60,10 @@ def start_run(
     tokenizer: Tokenizer,
     codec: object,
     base_reference: str | None,
+    samples: list[X2ISample] | None = None,
 ) -> Run:
-    """Everything around ``model`` that training needs (module docstring); no weights are loaded here."""
+    """Everything around ``model`` that training needs (module docstring); no weights are loaded here.
+    ``samples``: the run's JSONL samples when already read (``BaseModel.samples``), else read here."""
     device = runtime.device
     if config.lora is not None:
         from omnigen.weights.lora import add_lora
@@ -76,7 +79,7 @@ def start_run(
     # fp16 autocast: scale the loss so small gradients do not flush to zero in half precision; a step
     # whose gradients overflowed is skipped and the scale backs off (a no-op for fp32 and bf16)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank)
+    builder = BatchBuilder.from_config(config, tokenizer, codec, model.config, device, runtime.rank, samples)
     return Run(
         config=config,
         runtime=runtime,

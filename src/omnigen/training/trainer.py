@@ -84,7 +84,9 @@ def precompute_latents(config: TrainConfig, device: str | None = None, rank: int
     base = resolve_base(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     codec = _make_codec(config, base.model_config, device)
-    builder = BatchBuilder.from_config(config, base.tokenizer, codec, base.model_config, device, rank)
+    builder = BatchBuilder.from_config(
+        config, base.tokenizer, codec, base.model_config, device, rank, base.samples
+    )
     indices = range(rank, len(builder.samples), world)
     return sum(builder.precompute(indices, r) for r in sorted({s.resolution for s in config.stages}))
 
@@ -106,7 +108,7 @@ def train(config: TrainConfig, device: str | None = None, stop_after: int | None
     base_reference = (
         _base_reference(config, model, tokenizer, codec, out, runtime.is_main) if config.lora else None
     )
-    run = start_run(config, runtime, model, tokenizer, codec, base_reference)
+    run = start_run(config, runtime, model, tokenizer, codec, base_reference, base.samples)
     validator = Validator(config, run.builder, runtime) if config.val_data else None
     point = checkpointing.resume(run)
     step = point.step

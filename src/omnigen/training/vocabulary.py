@@ -9,6 +9,7 @@ exported folder carries the extended tokenizer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from omnigen.text.tags import BARE_TAG_PATTERN
@@ -16,28 +17,19 @@ from omnigen.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from omnigen.training.config import TrainConfig
+    from omnigen.training.x2i import X2ISample
 
 logger = logging.getLogger(__name__)
 
 
-def extend(tokenizer: Tokenizer, config: TrainConfig, source: str) -> Tokenizer:
+def extend(
+    tokenizer: Tokenizer, config: TrainConfig, source: str, samples: Sequence[X2ISample] = ()
+) -> Tokenizer:
     """``tokenizer`` (read from ``source``) with the run's ``add_words`` and, with ``extend_tokenizer``,
-    every word of its JSONL data the tokenizer does not know; itself when there are none."""
-    data: list[str] = []
-    if config.extend_tokenizer:
-        from omnigen.training.stream import parse_sources
-
-        jsonl, shards = parse_sources(config.data)
-        if shards:
-            raise ValueError(
-                "extend_tokenizer reads the words of JSONL data; list new words in add_words instead"
-            )
-        data = list(jsonl)
-    words = list(
-        dict.fromkeys(
-            list(config.add_words) + (unknown_words(tokenizer, data, config.image_root) if data else [])
-        )
-    )
+    every word of ``samples`` (the run's JSONL data, read once: ``batches.read_samples``) the tokenizer
+    does not know; itself when there are none."""
+    new_words = unknown_words(tokenizer, samples) if config.extend_tokenizer else []
+    words = list(dict.fromkeys([*config.add_words, *new_words]))
     if not words:
         return tokenizer
     extended = tokenizer.with_words(words)
@@ -46,12 +38,11 @@ def extend(tokenizer: Tokenizer, config: TrainConfig, source: str) -> Tokenizer:
     return extended
 
 
-def unknown_words(tokenizer: Tokenizer, data: list[str], image_root: str | None) -> list[str]:
-    """The words of the data's instructions (few-shot examples included) ``tokenizer`` does not know."""
+def unknown_words(tokenizer: Tokenizer, samples: Sequence[X2ISample]) -> list[str]:
+    """The words of the samples' instructions (few-shot examples included) ``tokenizer`` does not know."""
     from omnigen.text.processor import apply_template
-    from omnigen.training.x2i import compose_instruction, read_x2i
+    from omnigen.training.x2i import compose_instruction
 
-    samples = read_x2i(data, image_root, on_bad_row="skip", check_images=False).samples
     words: dict[str, None] = {}
     for sample in samples:  # the text chunks the processor encodes
         text = apply_template(compose_instruction(sample)[0])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import sys
 import warnings
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omnigen.util.atomic import atomic_write
+from omnigen.util.checks import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module names
 STACK_ATTRIBUTE = "_omnigen_lora_stack"  # the ((folder, scale), ...) that apply_loras last applied
-MAX_SCALE = 100.0
+MAX_SCALE = 100  # |scale| of one adapter in a stack
 
 
 def _peft():
@@ -90,12 +90,9 @@ def add_lora(
     ``target_modules``: projection names (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``);
     each matches the modules whose name ends with it. Only the adapter's parameters require grad after.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    rank = check_int("rank", rank, 1)
+    check_float("alpha", alpha, 0, low_open=True)  # kept as given (an int stays an int in the saved config)
+    check_float("dropout", dropout, 0, 1, high_open=True)
     if isinstance(target_modules, str) or not target_modules:
         raise ValueError(f"target_modules must be a non-empty list of names, got {target_modules!r}")
     peft = _peft()
@@ -265,11 +262,7 @@ def unload_lora(model: torch.nn.Module, merge: bool = False) -> None:
 
 # ---------------------------------------------------------------------- stacks of adapters (inference)
 def check_scale(scale: float, name: str = "LoRA scale") -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{name} must be a finite number, got {scale!r:.60}")
-    if abs(scale) > MAX_SCALE:
-        raise ValueError(f"{name} must be between -{MAX_SCALE:g} and {MAX_SCALE:g}, got {scale!r}")
-    return float(scale)
+    return check_float(name, scale, -MAX_SCALE, MAX_SCALE)
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
