@@ -54,6 +54,7 @@ def test_generate_fast_equals_the_presets_settings(model_folder, tmp_path):
     explicit = ["--sampler", fast["sampler"], "--steps", str(fast["num_inference_steps"])]
     if fast["time_shift"] is not None:
         explicit += ["--time-shift", str(fast["time_shift"])]
+    explicit += ["--guidance-start", str(fast.get("guidance_start", 0.0))]
     assert main([*common, *explicit, "-o", str(tmp_path / "explicit.png")]) == 0
     assert main([*common, "-o", str(tmp_path / "default.png")]) == 0
     pixels = {

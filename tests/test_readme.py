@@ -71,7 +71,7 @@ SUBSTITUTIONS = (
     ),
     Substitution("--n 512", "--n 4", "the validation set's size"),
     Substitution("--n 600", "--n 4", "the evaluation's sample count"),
-    Substitution("--n 112", "--n 4", "the evaluation's sample count"),
+    Substitution("--n 560", "--n 4", "the evaluation's sample count"),
     Substitution(
         "omnigen train --config configs/miniworld_v2.yaml ",
         "omnigen train --config configs/miniworld_v2.yaml "
