@@ -57,7 +57,7 @@ class LoadedOmniGen:
 def _weights_size(folder: Path | None) -> int:
     if folder is None or not folder.is_dir():
         return 0
-    return sum(f.stat().st_size for f in folder.rglob("*.safetensors"))
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in folder.rglob(pattern))
 
 
 STORED = "stored"  # the weights' dtype as the file holds them (``from_pretrained(dtype=None)``)

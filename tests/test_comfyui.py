@@ -597,12 +597,14 @@ def test_the_root_file_does_nothing_outside_comfyui():
 
 def test_requirements_are_the_library_dependencies():
     """ComfyUI-Manager installs requirements.txt; it must be what pyproject.toml says the library needs,
-    and the "lora" extra the LoRA node needs (a ComfyUI without peft refused every LoRA)."""
+    the "lora" extra the LoRA node needs (a ComfyUI without peft refused every LoRA) and the "gguf" extra
+    (GGUF model files)."""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    wanted = project["dependencies"] + project["optional-dependencies"]["lora"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["lora"] + extras["gguf"]
     assert [line for line in lines if line and not line.startswith("#")] == wanted
 
 
