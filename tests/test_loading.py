@@ -141,7 +141,10 @@ def test_streaming_load_peaks_far_below_the_file(tmp_path):
     ).stdout
     growth, model_bytes = (int(x) for x in out.split("GROWTH")[1].split())
     assert model_bytes == pytest.approx(file_bytes / 2, rel=0.01)
-    assert growth < 0.75 * file_bytes, (growth / 2**20, file_bytes / 2**20)
+    # a loader that reads the whole file first grows by the file plus the bf16 copy (1.5x the file); this
+    # one by the copy (0.5x) plus the modules the load imports on first use, which vary by 10-25 MB between
+    # runs (61-79 MB measured on this 102 MB file): the bound sits between the two
+    assert growth < file_bytes, (growth / 2**20, file_bytes / 2**20)
 
 
 def test_a_config_that_does_not_describe_its_weights_fails_before_the_model_is_built(tmp_path, monkeypatch):
