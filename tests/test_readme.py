@@ -73,6 +73,11 @@ SUBSTITUTIONS = (
     Substitution("--n 600", "--n 4", "the evaluation's sample count"),
     Substitution("--n 560", "--n 4", "the evaluation's sample count"),
     Substitution(
+        "--json docs/guidance_interval.json",
+        "--json guidance_interval.json",
+        "the committed results stay as they are",
+    ),
+    Substitution(
         "omnigen train --config configs/miniworld_v2.yaml ",
         "omnigen train --config configs/miniworld_v2.yaml "
         "'stages=[{{resolution: 16, steps: 2, batch_size: 4, lr: 5.0e-4}}]' val_samples=4 ",
