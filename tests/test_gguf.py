@@ -10,8 +10,6 @@ import torch
 from torch import nn
 
 from omnigen.cli.main import main
-from omnigen.generation import GenerationConfig
-from omnigen.model.vae import AutoencoderKLCodec
 from omnigen.pipeline import OmniGenPipeline
 from omnigen.weights import ggml, gguf_file, lora, packed
 from omnigen.weights.checkpoint import build_model, load_model, resolve_layout
@@ -21,15 +19,8 @@ from omnigen.weights.quantize import linear_weight_bytes
 
 gguf = pytest.importorskip("gguf")
 
-from conftest import random_model, tiny_config, tiny_vae  # noqa: E402
+from conftest import random_model, tiny_config, tiny_pipeline  # noqa: E402
 
-DEFAULTS = GenerationConfig(
-    height=32,
-    width=32,
-    num_inference_steps=2,
-    max_input_image_size=32,
-    negative_prompt="low quality , blurry",
-)
 # where each block type keeps its float16 scale(s), to make random blocks finite
 F16_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2)}
 F16_AT.update({"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)})
@@ -43,7 +34,7 @@ def psnr(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def pipe(tokenizer):
-    return OmniGenPipeline(random_model(tiny_config()), AutoencoderKLCodec(tiny_vae()), tokenizer, DEFAULTS)
+    return tiny_pipeline(random_model(tiny_config()), tokenizer, negative_prompt="low quality , blurry")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +129,7 @@ def test_outputs_equal_own_dequantization_and_approach_the_original(
     dense = build_model(loaded.model.config, state)
     assert not any(isinstance(m, ggml.GgufLinear) for m in dense.modules())
     got = latents(loaded)
-    assert torch.equal(got, latents(OmniGenPipeline(dense, loaded.codec, loaded.tokenizer, DEFAULTS)))
+    assert torch.equal(got, latents(OmniGenPipeline(dense, loaded.codec, loaded.tokenizer, loaded.defaults)))
     original = pipe.model.state_dict()
     worst = min(psnr(state[k], original[k]) for k in state if k.endswith("proj.weight"))
     assert min_state_psnr < worst < 80  # quantized, and close
