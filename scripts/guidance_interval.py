@@ -133,13 +133,14 @@ def main() -> None:
     meta = {"n": args.n, "model": args.model, "threads": args.threads}
     saved = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
     runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if saved.get("meta") == meta else {}
-    pipe = OmniGenPipeline.from_pretrained(args.model)
-    for name, overrides in SETTINGS.items():
-        for seed in args.data_seeds:
-            if str(seed) not in runs.setdefault(name, {}):
-                runs[name][str(seed)] = run(pipe, overrides, args.n, seed)
-                if args.json:
-                    args.json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+    todo = [
+        (name, seed) for name in SETTINGS for seed in args.data_seeds if str(seed) not in runs.get(name, {})
+    ]
+    pipe = OmniGenPipeline.from_pretrained(args.model) if todo else None  # none to load for a finished file
+    for name, seed in todo:
+        runs.setdefault(name, {})[str(seed)] = run(pipe, SETTINGS[name], args.n, seed)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
     rows = summarize(runs, args.data_seeds)
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1) + "\n")

@@ -172,9 +172,7 @@ class Pick:
     sample: int | None = None
     seed: int | None = None
     kept: bool = False
-    tried: list[bool] = field(
-        default_factory=list
-    )  # the outcome of every (sample, seed) pair tried, in order
+    tried: list[bool] = field(default_factory=list)  # every (sample, seed) pair's outcome, in order
 
 
 def _still_drawn(keep: list[DemoExample], folder: Path) -> list[bool]:
@@ -213,7 +211,7 @@ def pick_examples(check, keep=(), samples: int = 4, seeds: int = 4, keep_seeds: 
             for seed in dict.fromkeys([example.seed, *range(keep_seeds)]):
                 picks[number].tried.append(check(number, example, seed))
                 if picks[number].tried[-1]:
-                    picks[number] = Pick(example.sample, seed, True, picks[number].tried)
+                    picks[number].sample, picks[number].seed, picks[number].kept = example.sample, seed, True
                     break
     for j in range(samples):
         todo = [n for n, pick in enumerate(picks) if pick.sample is None]

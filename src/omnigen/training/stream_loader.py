@@ -26,6 +26,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from omnigen.training.stream import SampleStream, ShardSource, check_readers, load
+from omnigen.util.checks import check_int
 
 SNAPSHOT_EVERY = 64
 
@@ -98,8 +99,7 @@ class LoaderStream:
         state: dict[str, Any] | None = None,
         snapshot_every: int = SNAPSHOT_EVERY,
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"a LoaderStream needs workers >= 1, got {workers!r}")
+        workers = check_int("data workers", workers, 1)
         for source in sources:
             check_readers(len(source.shards), world * workers)
         if state is None:
